@@ -1,0 +1,376 @@
+"""The workspace and its config (``newsletter.toml``), as frozen dataclasses.
+
+Defaults live here and nowhere else. Secrets are never read from the file: they
+come from environment variables, and only through :class:`Secrets`, whose
+``repr`` hides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+CONFIG_NAME = "newsletter.toml"
+STATE_DIR = ".newsletter"
+
+# Environment variables that carry secrets. Only names appear in files and logs.
+ENV_SMTP_PASSWORD = "NEWSLETTER_SMTP_PASSWORD"
+ENV_SECRET_KEY = "NEWSLETTER_SECRET_KEY"
+ENV_DKIM_KEY_FILE = "NEWSLETTER_DKIM_KEY_FILE"
+ENV_IMAP_PASSWORD = "NEWSLETTER_IMAP_PASSWORD"
+ENV_DB = "NEWSLETTER_DB"
+
+_KEY_CHARS = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class NewsletterSettings:
+    """Who the newsletter is and how it presents itself."""
+
+    name: str = "My Newsletter"
+    tagline: str = ""
+    sender: str = "My Newsletter <newsletter@example.org>"
+    reply_to: str = ""
+    base_url: str = "https://example.org/newsletter"
+    list_id: str = ""
+    locale: str = "en"
+    date_format: str = "{month}/{day}/{yy}"
+    issue_date_format: str = "{month_name} {day}, {year}"
+    postal_address: str = ""
+    subject_max_length: int = 100
+    precedence_bulk: bool = True
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """How to reach the mail server. The password comes from the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8025
+    security: str = "none"  # starttls | ssl | none
+    username: str = ""
+    timeout: float = 30.0
+    max_per_connection: int = 100
+    helo_name: str = ""
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """How fast, how parallel and how patient a send is."""
+
+    rate: float = 0.0  # messages per second; 0 means no limit
+    connections: int = 4
+    retries: int = 3
+    retry_backoff: float = 0.5
+    bounce_on_5xx: bool = False
+    outbox: bool = False  # also write every sent message to .newsletter/outbox/
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    """Optional DKIM signing; the private key is a file, never inline."""
+
+    selector: str = ""
+    domain: str = ""
+    key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.selector and self.domain)
+
+
+@dataclass(frozen=True)
+class UnsubscribeSettings:
+    """Where unsubscribe links point: an https endpoint and/or a mailto."""
+
+    url: str = ""  # e.g. https://example.org/newsletter/u  (token appended)
+    mailto: str = ""  # e.g. unsubscribe@example.org
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The subscription web service (`newsletter serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    confirm_ttl_hours: int = 48
+    resend_interval_minutes: int = 10
+
+
+@dataclass(frozen=True)
+class BounceSettings:
+    """Bounce processing: where to fetch bounces and when soft becomes hard."""
+
+    soft_limit: int = 3
+    imap_host: str = ""
+    imap_port: int = 993
+    imap_username: str = ""
+    imap_folder: str = "INBOX"
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secrets from the environment; ``repr`` never shows them."""
+
+    smtp_password: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    dkim_key_file: str | None = field(default=None, repr=False)
+    imap_password: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={'<set>' if getattr(self, f.name) else None}" for f in fields(self)
+        )
+        return f"Secrets({shown})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Secrets:
+        env = os.environ if environ is None else environ
+        return cls(
+            smtp_password=env.get(ENV_SMTP_PASSWORD) or None,
+            secret_key=env.get(ENV_SECRET_KEY) or None,
+            dkim_key_file=env.get(ENV_DKIM_KEY_FILE) or None,
+            imap_password=env.get(ENV_IMAP_PASSWORD) or None,
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the tool knows about one workspace."""
+
+    root: Path
+    newsletter: NewsletterSettings = NewsletterSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    dkim: DkimSettings = DkimSettings()
+    unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
+    server: ServerSettings = ServerSettings()
+    bounces: BounceSettings = BounceSettings()
+    secrets: Secrets = Secrets()
+    db_override: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def issues_dir(self) -> Path:
+        return self.root / "issues"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.root / "templates"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def build_dir(self) -> Path:
+        return self.state_dir / "build"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.state_dir / "outbox"
+
+    @property
+    def db_path(self) -> Path:
+        return self.db_override or self.state_dir / "newsletter.db"
+
+    @property
+    def sender_domain(self) -> str:
+        from email.utils import parseaddr
+
+        address = parseaddr(self.newsletter.sender)[1]
+        return address.rpartition("@")[2] or "localhost"
+
+    @property
+    def list_id(self) -> str:
+        """RFC 2919 List-Id value; defaults to the newsletter name on the sender's domain."""
+        if self.newsletter.list_id:
+            return self.newsletter.list_id
+        slug = re.sub(r"[^a-z0-9]+", "-", self.newsletter.name.lower()).strip("-") or "list"
+        return f"{self.newsletter.name} <{slug}.{self.sender_domain}>"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "newsletter": NewsletterSettings,
+    "smtp": SmtpSettings,
+    "delivery": DeliverySettings,
+    "dkim": DkimSettings,
+    "unsubscribe": UnsubscribeSettings,
+    "server": ServerSettings,
+    "bounces": BounceSettings,
+}
+
+# Keys that look like secrets are refused in the file, with a pointer to the env var.
+_SECRET_KEYS = {
+    "password": ENV_SMTP_PASSWORD,
+    "smtp_password": ENV_SMTP_PASSWORD,
+    "secret": ENV_SECRET_KEY,
+    "secret_key": ENV_SECRET_KEY,
+    "imap_password": ENV_IMAP_PASSWORD,
+    "private_key": ENV_DKIM_KEY_FILE,
+}
+
+T = TypeVar("T")
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` that holds ``newsletter.toml``."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    raise ConfigError(
+        f"no {CONFIG_NAME} here or in any parent folder",
+        where=str(here),
+        hint="run `newsletter init` to create a workspace, or cd into one",
+    )
+
+
+def load(
+    root: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    db: Path | None = None,
+) -> Config:
+    """Load and validate the workspace config at ``root`` (or found upward from cwd)."""
+    root = find_root() if root is None else root.resolve()
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"no {CONFIG_NAME} found",
+            where=str(root),
+            hint="run `newsletter init` to create a workspace",
+        )
+    text = _read_text(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None) or _toml_line(str(exc))
+        where = f"{path}:{line}" if line else str(path)
+        message = str(getattr(exc, "msg", exc)).split(" (at line")[0]
+        raise ConfigError(f"invalid TOML: {message}", where=where, hint="fix the syntax") from None
+    env = os.environ if environ is None else environ
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"unknown section [{name}]",
+                where=f"{path}:{_line_of(text, name, section=True)}",
+                hint=f"use one of: {', '.join(sorted(_SECTIONS))}",
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"'{name}' must be a [{name}] table",
+                where=f"{path}:{_line_of(text, name)}",
+                hint="see README.md for the config format",
+            )
+        sections[name] = _build(_SECTIONS[name], name, value, path, text)
+    db_env = env.get(ENV_DB)
+    config = Config(
+        root=root,
+        secrets=Secrets.from_env(env),
+        db_override=db or (Path(db_env) if db_env else None),
+        **sections,
+    )
+    _validate(config, path, text)
+    return config
+
+
+def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text: str) -> T:
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{path}:{_line_of(text, key)}"
+        if key in _SECRET_KEYS:
+            raise ConfigError(
+                f"[{section}] {key}: secrets never go in the config file",
+                where=where,
+                hint=f"remove it and set the environment variable {_SECRET_KEYS[key]}",
+            )
+        if key not in known:
+            raise ConfigError(
+                f"unknown key '{key}' in [{section}]",
+                where=where,
+                hint=f"use one of: {', '.join(sorted(known))}",
+            )
+        default = known[key].default
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"[{section}] {key} must be {expected.__name__}, not {type(value).__name__}",
+                where=where,
+                hint="fix the value",
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _validate(config: Config, path: Path, text: str) -> None:
+    from email.utils import parseaddr
+
+    def fail(key: str, message: str, hint: str) -> None:
+        raise ConfigError(message, where=f"{path}:{_line_of(text, key)}", hint=hint)
+
+    if "@" not in parseaddr(config.newsletter.sender)[1]:
+        fail("sender", "[newsletter] sender is not an email address", 'write it as "Name <addr@domain>"')
+    for key, value in (
+        ("name", config.newsletter.name),
+        ("sender", config.newsletter.sender),
+        ("reply_to", config.newsletter.reply_to),
+        ("list_id", config.newsletter.list_id),
+    ):
+        if "\r" in value or "\n" in value:
+            fail(key, f"[newsletter] {key} contains a line break", "put it on one line")
+    if config.smtp.security not in ("starttls", "ssl", "none"):
+        fail("security", f"[smtp] security '{config.smtp.security}' is not valid", "use starttls, ssl or none")
+    if not 0 < config.smtp.port < 65536:
+        fail("port", f"[smtp] port {config.smtp.port} is out of range", "use 1-65535")
+    if config.delivery.connections < 1:
+        fail("connections", "[delivery] connections must be at least 1", "set it to 1 or more")
+    if config.delivery.rate < 0:
+        fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
+    for key, value in (("selector", config.dkim.selector), ("domain", config.dkim.domain)):
+        if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            fail(key, f"[dkim] {key} '{value}' has illegal characters", "use letters, digits, dots and hyphens")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError("not UTF-8 text", where=f"{path}:{line}", hint="save it as UTF-8") from None
+
+
+def _toml_line(message: str) -> int | None:
+    match = re.search(r"at line (\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+def _line_of(text: str, key: str, *, section: bool = False) -> int:
+    """Best-effort line number of a key (or [section]) for error messages."""
+    pattern = (
+        rf"^\s*\[\s*{re.escape(key)}\s*\]" if section else rf"^\s*\"?{re.escape(key)}\"?\s*="
+    )
+    for number, line in enumerate(text.splitlines(), start=1):
+        if re.match(pattern, line):
+            return number
+    return 1
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """A copy of ``config`` with top-level fields changed (tests, CLI overrides)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,52 @@
+"""Errors a user can fix.
+
+Every module raises one of these for bad input; only ``cli`` turns them into
+``Error: ...`` lines and exit codes, so the library stays usable from Python.
+"""
+
+from __future__ import annotations
+
+
+class NewsletterError(Exception):
+    """A problem the user can fix: where it is, what is wrong, what to do."""
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text = f"{text}; {self.hint}"
+        # One line, always: the CLI prints this as-is.
+        return " ".join(text.split())
+
+
+class ConfigError(NewsletterError):
+    """The workspace config or the environment is wrong."""
+
+
+class ContentError(NewsletterError):
+    """An article or issue file is wrong."""
+
+
+class RenderError(NewsletterError):
+    """A template or the MJML it produced is wrong."""
+
+
+class StoreError(NewsletterError):
+    """The database or a subscriber file is wrong."""
+
+
+class TransportError(NewsletterError):
+    """The mail server or outbox could not be reached or refused us."""
+
+
+class DeliveryError(NewsletterError):
+    """A send cannot start or go on (another send running, nothing to send...)."""
+
+
+class ImportSourceError(NewsletterError):
+    """A URL, feed or draft could not be turned into an article."""
