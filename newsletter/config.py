@@ -325,7 +325,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
         raise ConfigError(message, where=f"{path}:{_line_of(text, key)}", hint=hint)
 
     if "@" not in parseaddr(config.newsletter.sender)[1]:
-        fail("sender", "[newsletter] sender is not an email address", 'write it as "Name <addr@domain>"')
+        fail(
+            "sender",
+            "[newsletter] sender is not an email address",
+            'write it as "Name <addr@domain>"',
+        )
     for key, value in (
         ("name", config.newsletter.name),
         ("sender", config.newsletter.sender),
@@ -335,7 +339,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
         if "\r" in value or "\n" in value:
             fail(key, f"[newsletter] {key} contains a line break", "put it on one line")
     if config.smtp.security not in ("starttls", "ssl", "none"):
-        fail("security", f"[smtp] security '{config.smtp.security}' is not valid", "use starttls, ssl or none")
+        fail(
+            "security",
+            f"[smtp] security '{config.smtp.security}' is not valid",
+            "use starttls, ssl or none",
+        )
     if not 0 < config.smtp.port < 65536:
         fail("port", f"[smtp] port {config.smtp.port} is out of range", "use 1-65535")
     if config.delivery.connections < 1:
@@ -344,7 +352,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
         fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
     for key, value in (("selector", config.dkim.selector), ("domain", config.dkim.domain)):
         if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
-            fail(key, f"[dkim] {key} '{value}' has illegal characters", "use letters, digits, dots and hyphens")
+            fail(
+                key,
+                f"[dkim] {key} '{value}' has illegal characters",
+                "use letters, digits, dots and hyphens",
+            )
 
 
 def _read_text(path: Path) -> str:
@@ -352,7 +364,9 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError("not UTF-8 text", where=f"{path}:{line}", hint="save it as UTF-8") from None
+        raise ConfigError(
+            "not UTF-8 text", where=f"{path}:{line}", hint="save it as UTF-8"
+        ) from None
 
 
 def _toml_line(message: str) -> int | None:
@@ -362,9 +376,7 @@ def _toml_line(message: str) -> int | None:
 
 def _line_of(text: str, key: str, *, section: bool = False) -> int:
     """Best-effort line number of a key (or [section]) for error messages."""
-    pattern = (
-        rf"^\s*\[\s*{re.escape(key)}\s*\]" if section else rf"^\s*\"?{re.escape(key)}\"?\s*="
-    )
+    pattern = rf"^\s*\[\s*{re.escape(key)}\s*\]" if section else rf"^\s*\"?{re.escape(key)}\"?\s*="
     for number, line in enumerate(text.splitlines(), start=1):
         if re.match(pattern, line):
             return number
