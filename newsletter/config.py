@@ -386,3 +386,58 @@ def _line_of(text: str, key: str, *, section: bool = False) -> int:
 def replace(config: Config, **changes: Any) -> Config:
     """A copy of ``config`` with top-level fields changed (tests, CLI overrides)."""
     return dataclasses.replace(config, **changes)
+
+
+DEFAULT_CONFIG = """\
+# newsletter workspace config. Secrets never go here: they come from environment
+# variables (NEWSLETTER_SMTP_PASSWORD, NEWSLETTER_SECRET_KEY, NEWSLETTER_DKIM_KEY_FILE).
+
+[newsletter]
+name = "{name}"
+tagline = ""
+sender = "{name} <newsletter@example.org>"
+reply_to = ""
+base_url = "https://example.org/newsletter"
+date_format = "{{month}}/{{day}}/{{yy}}"
+postal_address = ""
+
+[smtp]
+host = "127.0.0.1"
+port = 8025
+security = "none"      # starttls | ssl | none
+username = ""
+
+[unsubscribe]
+url = ""               # https endpoint of `newsletter serve`, e.g. https://example.org/newsletter/u
+mailto = ""            # e.g. unsubscribe@example.org
+"""
+
+
+def init_workspace(root: Path, *, name: str = "My Newsletter") -> list[Path]:
+    """Create a workspace: config, issues/, templates/, and a .gitignore for the state folder."""
+    from .files import atomic_write_text
+
+    if (root / CONFIG_NAME).exists():
+        raise ConfigError(
+            f"{CONFIG_NAME} already exists",
+            where=str(root / CONFIG_NAME),
+            hint="this folder is already a workspace; choose another folder",
+        )
+    if '"' in name or "\\" in name or "\n" in name:
+        raise ConfigError(
+            "the name may not contain quotes, backslashes or line breaks",
+            where=name,
+            hint="choose a plainer name",
+        )
+    created: list[Path] = []
+    for folder in (root / "issues", root / "templates"):
+        folder.mkdir(parents=True, exist_ok=True)
+        created.append(folder)
+    atomic_write_text(root / CONFIG_NAME, DEFAULT_CONFIG.format(name=name))
+    created.append(root / CONFIG_NAME)
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
+    if f"{STATE_DIR}/" not in lines:
+        atomic_write_text(gitignore, "\n".join([*lines, f"{STATE_DIR}/"]) + "\n")
+        created.append(gitignore)
+    return created
