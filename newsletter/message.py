@@ -277,11 +277,13 @@ def sample_recipient() -> Recipient:
     return Recipient(email="reader@example.org", name="Sam Example", subscriber_id="sample")
 
 
-def sample_message(rendered: RenderedIssue, config: Config) -> bytes:
+def sample_message(
+    rendered: RenderedIssue, config: Config, *, sign: Callable[[bytes], bytes] | None = None
+) -> bytes:
     """One complete message for an example subscriber (preview, check, spam score)."""
     if config.secrets.secret_key is None:
         config = _with_preview_key(config)
-    template = prepare(rendered, config, require_unsubscribe=False)
+    template = prepare(rendered, config, require_unsubscribe=False, sign=sign)
     data = template.personalise(sample_recipient()).data
     assert not find_placeholders(data.decode("ascii", "replace"))
     return data
