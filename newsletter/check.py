@@ -114,7 +114,7 @@ def check_issue(config: Config, issue: Issue, *, spam: bool = False) -> CheckRep
         *_check_html(rendered, issue, config.root),
         *_check_body(rendered, config),
         *_check_subject(rendered, config),
-        *_check_headers(sample, config),
+        *check_headers(sample, config),
     ]
     signed = _check_dkim(rendered, config, findings)
     result = None
@@ -445,8 +445,9 @@ def parse_message(data: bytes) -> EmailMessage:
     return parsed
 
 
-def _check_headers(sample: bytes, config: Config) -> Iterator[Finding]:
-    msg = parse_message(sample)
+def check_headers(data: bytes, config: Config) -> Iterator[Finding]:
+    """A complete message's headers against RFC 5322/2369/2919/8058 and the bulk-sender rules."""
+    msg = parse_message(data)
     where = "sample message"
     config_where = str(config.path)
     required = list(REQUIRED_HEADERS)

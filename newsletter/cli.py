@@ -314,3 +314,24 @@ def dkim_keygen(
         f'Then set [dkim] selector, domain and key_file = "{pair.private_path}" in newsletter.toml '
         "(or NEWSLETTER_DKIM_KEY_FILE), and run `newsletter check`."
     )
+
+
+@dkim_group.command("record")
+@pass_ctx
+@handle_errors
+def dkim_record(ctx: Context) -> None:
+    """Print the DNS TXT record for the configured DKIM key (reads the key, checks the config)."""
+    from . import dkim
+    from .errors import ConfigError
+
+    cfg = ctx.config()
+    signer = dkim.signer_from_config(cfg)
+    if signer is None:
+        raise ConfigError(
+            "DKIM is not configured",
+            where=str(cfg.path),
+            hint="set [dkim] selector, domain and key_file; `newsletter dkim keygen` makes a key",
+        )
+    click.echo(signer.zone_line)
+    for warning in signer.warnings:
+        click.echo(f"Warning: {warning}", err=True)

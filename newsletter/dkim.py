@@ -68,8 +68,7 @@ class KeyPair:
 
     @property
     def zone_line(self) -> str:
-        """The record as one zone-file line, its value split into 255-character strings."""
-        return f"{self.record_name} IN TXT {txt_strings(self.record_value)}"
+        return zone_line(self.record_name, self.record_value)
 
 
 class DkimSigner:
@@ -107,12 +106,16 @@ class DkimSigner:
         """The TXT record that publishes this key's public half."""
         return public_record(self._key)
 
+    @property
+    def zone_line(self) -> str:
+        return zone_line(self.record_name, self.record_value)
+
     def __call__(self, message: bytes) -> bytes:
         head, sep, body = message.partition(b"\r\n\r\n")
         if not sep:
             raise ValueError("message has no blank line between header and body")
         fields = [f for f in _FIELD_SPLIT.split(head) if f]
-        present = [f.split(b":", 1)[0].strip().lower().decode("ascii") for f in fields]
+        present = [f.split(b":", 1)[0].strip().lower().decode("ascii", "replace") for f in fields]
         names = [name for name in self._headers for _ in range(present.count(name))]
         names += [name for name in OVERSIGNED_HEADERS if name in present]
         body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode()
@@ -222,6 +225,11 @@ def public_record(key: rsa.RSAPrivateKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
+
+
+def zone_line(name: str, value: str) -> str:
+    """A TXT record as one zone-file line, its value split into 255-character strings."""
+    return f"{name} IN TXT {txt_strings(value)}"
 
 
 def txt_strings(value: str) -> str:
