@@ -148,7 +148,9 @@ def _select(fields: list[bytes], present: list[str], names: list[str]) -> list[b
 
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 3.4.4 relaxed body canonicalisation (same result as dkimpy's, faster)."""
-    body = _SPACE_RUN.sub(b" ", body.replace(b"\t", b" ")).replace(b" \r\n", b"\r\n")
+    if b"\t" in body:
+        body = body.replace(b"\t", b" ")
+    body = _SPACE_RUN.sub(b" ", body).replace(b" \r\n", b"\r\n")
     end = len(body)
     while end >= 2 and body[end - 2 : end] == b"\r\n":
         end -= 2
