@@ -37,6 +37,14 @@ _CHUNK = 64 * 1024
 # trafilatura's Markdown writes these as inline HTML; everything else is removed.
 _INLINE_TAGS = {"sub", "sup", "u"}
 READ_MORE = "Read the full article"
+MIN_WORDS = 20  # less than this is a login wall, a script-only page or an error page
+# Page furniture that trafilatura sometimes keeps when it sits inside the article.
+_CLASS_TOKENS = ("ad", "ads", "advert", "advertisement", "sponsored", "promo", "newsletter-signup")
+PRUNE_XPATH = [
+    *(f"//*[contains(concat(' ', normalize-space(@class), ' '), ' {t} ')]" for t in _CLASS_TOKENS),
+    "//*[@data-ad-slot]",
+    "//*[contains(@id, 'cookie')]",
+]
 
 
 @dataclass(frozen=True)
@@ -214,13 +222,14 @@ def _network_error(
     hint = "check the URL, your connection, or try again later"
     if isinstance(reason, urllib3.exceptions.NameResolutionError):
         message = "unknown host name"
+    elif isinstance(reason, urllib3.exceptions.NewConnectionError):
+        # (a subclass of ConnectTimeoutError in urllib3 2, so it comes first)
+        message = "could not connect (connection refused or unreachable)"
     elif isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
-        message = f"no connection after {settings.timeout:g} s"
+        message = f"no connection after {settings.timeout:g} s (timed out)"
     elif isinstance(reason, urllib3.exceptions.ReadTimeoutError):
         message = f"the server sent nothing for {settings.timeout:g} s (timed out)"
         hint = "try again later, or raise [fetch] timeout in newsletter.toml"
-    elif isinstance(reason, urllib3.exceptions.NewConnectionError):
-        message = "could not connect (connection refused or unreachable)"
     elif isinstance(reason, urllib3.exceptions.SSLError):
         message = "the secure connection failed (TLS certificate or protocol)"
     elif isinstance(exc, urllib3.exceptions.MaxRetryError) and "redirect" in str(reason):
@@ -274,6 +283,7 @@ def extract(
         include_formatting=True,
         include_tables=True,
         include_images=False,
+        prune_xpath=PRUNE_XPATH,
         # Dates only from markup and metadata: a date guessed from the text is worse
         # than none, because the editor is told about a missing one.
         date_extraction_params={
@@ -292,20 +302,20 @@ def extract(
     title = plain_text(doc.title or "")
     canonical = _http_url(doc.url or "", url) or url
     blocks = markdown_blocks(doc.body, title=title, base=url)
-    if not blocks:
+    words = sum(len(block.split()) for block in blocks)
+    if words < MIN_WORDS:
         raise ImportSourceError(
-            "could not find the article text on this page",
+            f"could not find the article text on this page (only {words} words)",
             where=where,
-            hint="copy the text into a .txt draft instead",
+            hint="the page may need JavaScript or a login; copy the text into a .txt draft",
         )
     if excerpt is not None:
         blocks = excerpt_blocks(blocks, excerpt, canonical)
     source = plain_text(doc.sitename or "")
-    if not source:
-        host = urllib.parse.urlsplit(canonical).hostname or ""
-        source = host.removeprefix("www.")
-        if source:
-            notes.append(f"source: the site has no name, used its host name '{source}'")
+    host = urllib.parse.urlsplit(canonical).netloc.lower().removeprefix("www.")
+    if not source or source.lower().removeprefix("www.") in (host, doc.hostname or ""):
+        source = host
+        notes.append(f"source: the site gives no name; used its host name '{host}'")
     image, image_alt = _lead_image(tree, doc.image or "", url)
     if image and not image_alt:
         notes.append(f"lead image {image} has no description; add image and image_alt by hand")
@@ -370,6 +380,7 @@ def markdown_blocks(body: _Element, *, title: str = "", base: str = "") -> list[
     from trafilatura.xml import xmltotxt
 
     _clean_links(body, base)
+    _collapse_whitespace(body)
     blocks: list[str] = []
     for child in body:
         tag = str(child.tag)
@@ -389,6 +400,17 @@ def markdown_blocks(body: _Element, *, title: str = "", base: str = "") -> list[
         else:
             blocks.append(sanitise_html(text))
     return blocks
+
+
+def _collapse_whitespace(body: _Element) -> None:
+    """Source line breaks and indentation are not content; <br> (``lb``) still is."""
+    for element in body.iter():
+        if element.tag == "code" or any(a.tag == "code" for a in element.iterancestors()):
+            continue
+        if element.text:
+            element.text = re.sub(r"\s+", " ", element.text)
+        if element.tail:
+            element.tail = re.sub(r"\s+", " ", element.tail)
 
 
 def _same_text(a: str, b: str) -> bool:
