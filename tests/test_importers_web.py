@@ -256,3 +256,11 @@ def test_cli_adds_a_web_page_and_names_missing_fields(server: LocalServer, tmp_p
     written = (cfg.issues_dir / "001-first" / "articles" / "01-bus-shelters-counted.md").read_text()
     assert written.startswith("---\ntitle: Bus shelters, counted\n")
     assert f"url: {server.url('/bare')}" in written
+
+
+def test_redirect_to_a_file_url_is_refused(server: LocalServer) -> None:
+    server.routes["/sneaky"] = Reply(302, headers={"Location": "file:///etc/passwd"})
+    with pytest.raises(
+        ImportSourceError, match="redirect led to an address that cannot be fetched"
+    ):
+        web.fetch(server.url("/sneaky"), _settings(), AGENT)
