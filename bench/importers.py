@@ -1,6 +1,6 @@
 """How long article import takes: extraction per page, fetch + extract, digest split, CLI.
 
-Run from the repo root:  PYTHONPATH=. python bench/bench_import.py
+Run from the repo root:  PYTHONPATH=. python bench/importers.py
 Prints figures; asserts nothing. Everything is served from 127.0.0.1.
 """
 
