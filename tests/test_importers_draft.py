@@ -321,3 +321,26 @@ def test_examples_draft_imports(tmp_path: Path) -> None:
         "The Civic Commute",
         dt.date(2026, 11, 4),
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Le maire a présenté à l'équipe réunie le nouveau tracé du tramway, très apprécié.",
+        "Die Fähre fährt künftig öfter über den Fluss, sagte der Bürgermeister am Dienstag.",
+    ],
+)
+def test_western_text_in_cp1252_is_read(text: str) -> None:
+    assert draft.decode(text.encode("cp1252"), "x.txt") == (text, "Windows-1252")
+
+
+@pytest.mark.parametrize(
+    ("codec", "text"),
+    [
+        ("cp1251", "Паром ходит чаще по новому расписанию"),
+        ("iso8859_7", "Το πλοίο θα εκτελεί περισσότερα δρομολόγια"),
+    ],
+)
+def test_other_scripts_are_not_guessed_as_cp1252(codec: str, text: str) -> None:
+    with pytest.raises(ImportSourceError, match="unknown text encoding"):
+        draft.decode(text.encode(codec), "x.txt")

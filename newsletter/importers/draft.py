@@ -20,9 +20,10 @@ headlines joined by " | " (the subject), articles found by their title-and-bylin
 pairs, ``***`` separators, and a closing tagline line.
 
 Encoding: UTF-8 (with or without a BOM), UTF-16 with a BOM, or else Windows-1252
-when it decodes cleanly and reads like Western text (no control characters, few
-non-ASCII letters). Anything else is refused with one error naming the first bad
-line, rather than guessed and imported as mojibake.
+when it decodes cleanly and reads like Western text (no control characters, at
+most a quarter of the letters non-ASCII: Cyrillic or Greek read as cp1252 is
+nearly all accented letters). Anything else is refused with one error naming the
+first bad line, rather than guessed and imported as mojibake.
 """
 
 from __future__ import annotations
@@ -111,9 +112,8 @@ class Digest:
 
 def decode(data: bytes, where: str) -> tuple[str, str]:
     """Bytes to text and the name of the encoding used, or one clear error."""
-    for bom, codec in ((codecs.BOM_UTF8, "utf-8-sig"),):
-        if data.startswith(bom):
-            return _decode_strict(data, codec, where), "UTF-8"
+    if data.startswith(codecs.BOM_UTF8):
+        return _decode_strict(data, "utf-8-sig", where), "UTF-8"
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return _decode_strict(data, "utf-16", where), "UTF-16"
     try:
@@ -129,7 +129,8 @@ def decode(data: bytes, where: str) -> tuple[str, str]:
         text = ""
     letters = [c for c in text if c.isalpha()]
     foreign = sum(1 for c in letters if ord(c) > 0x7F)
-    if text and not _has_controls(text) and foreign <= max(3, len(letters) // 20):
+    # Western text has a few accented letters; other scripts read as cp1252 are mostly them.
+    if text and not _has_controls(text) and foreign <= max(3, len(letters) // 4):
         return text, "Windows-1252"
     raise ImportSourceError(
         "unknown text encoding (not UTF-8, UTF-16 or Windows-1252)",
@@ -153,7 +154,7 @@ def _decode_strict(data: bytes, codec: str, where: str) -> str:
 
 
 def _has_controls(text: str) -> bool:
-    return any(ord(c) < 32 and c not in "\t\n\r\f" for c in text)
+    return any(ord(c) < 32 and c not in "\t\n\r\f\v" for c in text)
 
 
 def _check_controls(text: str, where: str) -> None:

@@ -153,7 +153,7 @@ def _read(
     content_types: tuple[str, ...] | None,
     what: str,
 ) -> FetchResult:
-    final_url = response.geturl() or url
+    final_url = response.url or url
     if final_url and not final_url.startswith(("http://", "https://")):
         final_url = urllib.parse.urljoin(url, final_url)
     result_headers = {k.lower(): v for k, v in response.headers.items()}
