@@ -1,6 +1,6 @@
 """Per-recipient cost of DKIM signing on the example issue: prints msgs/s, asserts nothing.
 
-    PYTHONPATH=. python bench/bench_dkim.py [N]
+    PYTHONPATH=. python bench/signing.py [N]
 
 Compares personalise alone, personalise + newsletter.dkim's signer, and personalise +
 dkimpy.sign() (the reference the signer replaces), all single-threaded.
