@@ -6,6 +6,7 @@ This is the only module that imports click, and the only place where a
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import sys
 from collections.abc import Callable
@@ -14,10 +15,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, content, render
 from . import config as config_module
 from .config import Config
+from .content import Issue
 from .errors import NewsletterError
+from .importers import feeds as feeds_module
+from .importers import sources as importing
 
 if TYPE_CHECKING:
     from . import store as store_module
@@ -83,6 +87,393 @@ pass_ctx = click.make_pass_decorator(Context)
 def main(ctx: click.Context, workspace: Path | None, db: Path | None) -> None:
     """Compose, render, preview and send a curated newsletter."""
     ctx.obj = Context(workspace, db)
+
+
+# --- workspace and issue commands ---
+
+
+def _issue(cfg: Config, ref: str) -> Issue:
+    return content.read_issue(content.find_issue(cfg.issues_dir, ref))
+
+
+def _kb(size: int) -> str:
+    return f"{size / 1024:.1f} KB"
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--name", default="My Newsletter", show_default=True, help="The newsletter's name.")
+@handle_errors
+def init(directory: Path, name: str) -> None:
+    """Create a newsletter workspace in DIRECTORY."""
+    created = config_module.init_workspace(directory, name=name)
+    for path in created:
+        click.echo(f"created {path}")
+    click.echo(f"Next: cd {directory} && newsletter issue new --title 'First issue'")
+
+
+@main.group()
+def issue() -> None:
+    """Create issues and choose their articles."""
+
+
+@issue.command("new")
+@click.option("--title", default="", help="The issue's title (default: 'Issue N').")
+@click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+@pass_ctx
+@handle_errors
+def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
+    """Create the next numbered issue; print its folder and number."""
+    cfg = ctx.config()
+    created = content.new_issue(cfg.issues_dir, title=title, date=date.date() if date else None)
+    click.echo(f"{created.path}")
+    click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
+
+
+@issue.command("add")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Add it even if an earlier issue has the same URL.")
+@click.option(
+    "--excerpt",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Web pages and feed items: keep the first N paragraphs and link to the rest.",
+)
+@pass_ctx
+@handle_errors
+def issue_add(
+    ctx: Context, issue_ref: str, sources: tuple[str, ...], force: bool, excerpt: int | None
+) -> None:
+    """Add articles to ISSUE in order: .md files, .txt drafts, http(s) URLs or feed:ID."""
+    cfg = ctx.config()
+    report = importing.add_sources(cfg, issue_ref, sources, force=force, excerpt=excerpt)
+    _print_added(report)
+
+
+@issue.command("remove")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.argument("article", metavar="ARTICLE")
+@pass_ctx
+@handle_errors
+def issue_remove(ctx: Context, issue_ref: str, article: str) -> None:
+    """Take ARTICLE (position or file name) out of ISSUE."""
+    cfg = ctx.config()
+    removed = content.remove_article(content.find_issue(cfg.issues_dir, issue_ref), article)
+    click.echo(f"removed {removed} (the file stays in articles/)")
+
+
+@issue.command("move")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.argument("article", metavar="ARTICLE")
+@click.argument("position", type=int)
+@pass_ctx
+@handle_errors
+def issue_move(ctx: Context, issue_ref: str, article: str, position: int) -> None:
+    """Move ARTICLE to POSITION (1 is first)."""
+    cfg = ctx.config()
+    order = content.move_article(content.find_issue(cfg.issues_dir, issue_ref), article, position)
+    for number, name in enumerate(order, start=1):
+        click.echo(f"{number:>3}. {name}")
+
+
+@issue.command("list")
+@pass_ctx
+@handle_errors
+def issue_list(ctx: Context) -> None:
+    """List the workspace's issues."""
+    cfg = ctx.config()
+    issues = content.list_issues(cfg.issues_dir)
+    if not issues:
+        click.echo("No issues yet. Create one with `newsletter issue new`.")
+    for item in issues:
+        click.echo(
+            f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  {item.slug}  {item.title}"
+        )
+
+
+@issue.command("show")
+@click.argument("issue_ref", metavar="ISSUE")
+@pass_ctx
+@handle_errors
+def issue_show(ctx: Context, issue_ref: str) -> None:
+    """Show ISSUE's articles in order, with word counts and the estimated HTML size."""
+    cfg = ctx.config()
+    item = _issue(cfg, issue_ref)
+    click.echo(f"Issue {item.number} · {item.date.isoformat()} · {item.title}")
+    click.echo(f"Folder:    {item.path}")
+    click.echo(f"Subject:   {item.subject(cfg.newsletter.subject_max_length)}")
+    click.echo(f"Preheader: {item.preheader or '(none)'}")
+    for number, article in enumerate(item.articles, start=1):
+        line = render.byline(article, cfg.newsletter.date_format)
+        click.echo(
+            f"{number:>3}. {article.title}  [{article.word_count} words]  {article.path.name}"
+        )
+        if line:
+            click.echo(f"     {line}")
+    words = sum(a.word_count for a in item.articles)
+    click.echo(f"Total: {len(item.articles)} articles, {words} words")
+    if item.articles:
+        rendered = render.render_issue(item, cfg)
+        note = "  (over Gmail's ~102 KB clip!)" if rendered.over_gmail_clip else ""
+        click.echo(f"Email HTML: {_kb(rendered.html_size)}{note}")
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: .newsletter/build/<issue>/).",
+)
+@pass_ctx
+@handle_errors
+def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
+    """Render ISSUE to email.html, email.txt and web.html."""
+    cfg = ctx.config()
+    result = render.build(_issue(cfg, issue_ref), cfg, out_dir)
+    rendered = result.rendered
+    click.echo(f"Subject: {rendered.subject}")
+    for name, size in result.files.items():
+        click.echo(f"  {result.out_dir / name}  {_kb(size)}")
+    for warning in rendered.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+# --- import commands ---
+
+
+def _print_added(report: importing.AddReport) -> None:
+    for added in report.added:
+        click.echo(f"added {added.path.name}  {added.title}  [{added.word_count} words]")
+        if added.origin != str(added.path) and not added.origin.endswith(".md"):
+            click.echo(f"      from {added.origin}")
+        byline = ", ".join(
+            part
+            for part in (added.author, added.source, added.date.isoformat() if added.date else "")
+            if part
+        )
+        if byline:
+            click.echo(f"      {byline}")
+        if added.missing:
+            click.echo(f"      not found: {', '.join(added.missing)} (fill in {added.path})")
+        for note in added.notes:
+            click.echo(f"      note: {note}")
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+@issue.command("import-digest")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--title", default="", help="The new issue's title (default: 'Issue N').")
+@click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+@pass_ctx
+@handle_errors
+def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime | None) -> None:
+    """Split a plain-text digest FILE into a new issue, one article per title and byline."""
+    cfg = ctx.config()
+    report = importing.import_digest(cfg, file, title=title, date=date.date() if date else None)
+    created, digest = report.issue, report.digest
+    click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
+    click.echo(f"Folder:  {created.path}")
+    click.echo(f"Subject: {digest.subject or '(none found: the lead titles will be used)'}")
+    if digest.intro:
+        click.echo(f"Intro:   {len(digest.intro.split())} words before the first article")
+    click.echo(f"Tagline: {digest.tagline or '(none found)'} (not an article)")
+    click.echo(f"Articles: {len(report.added.added)}")
+    for number, added in enumerate(report.added.added, start=1):
+        click.echo(f"{number:>3}. {added.title}  [{added.word_count} words]  {added.path.name}")
+        byline = ", ".join(
+            part
+            for part in (added.author, added.source, added.date.isoformat() if added.date else "")
+            if part
+        )
+        click.echo(f"     {byline or '(no byline)'}")
+        if added.missing:
+            click.echo(f"     not found: {', '.join(added.missing)}")
+        for note in added.notes:
+            click.echo(f"     note: {note}")
+    for note in digest.notes:
+        click.echo(f"note: {note}")
+
+
+@main.group()
+def feed() -> None:
+    """Keep a list of RSS/Atom feeds and pull new items from them."""
+
+
+@feed.command("add")
+@click.argument("name")
+@click.argument("url")
+@pass_ctx
+@handle_errors
+def feed_add(ctx: Context, name: str, url: str) -> None:
+    """Add the feed at URL under NAME (kept in feeds.toml)."""
+    cfg = ctx.config()
+    added = feeds_module.add_feed(cfg, name, url)
+    click.echo(f"added feed {added.name}: {added.url}")
+    click.echo("Next: newsletter feed pull")
+
+
+@feed.command("list")
+@pass_ctx
+@handle_errors
+def feed_list(ctx: Context) -> None:
+    """List the feeds."""
+    cfg = ctx.config()
+    listed = feeds_module.read_feeds(cfg)
+    if not listed:
+        click.echo("No feeds yet. Add one with `newsletter feed add NAME URL`.")
+    for item in listed:
+        click.echo(f"{item.name}  {item.url}")
+
+
+@feed.command("remove")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def feed_remove(ctx: Context, name: str) -> None:
+    """Remove the feed called NAME."""
+    cfg = ctx.config()
+    removed = feeds_module.remove_feed(cfg, name)
+    click.echo(f"removed feed {removed.name}: {removed.url}")
+
+
+@feed.command("pull")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@pass_ctx
+@handle_errors
+def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
+    """Fetch the feeds and list items that no issue has used yet, each with an id."""
+    cfg = ctx.config()
+    report = feeds_module.pull(cfg, names)
+    for result in report.results:
+        status = "not modified" if result.not_modified else f"{len(result.new_ids)} new"
+        used = f", {result.used} already in an issue" if result.used else ""
+        click.echo(f"{result.feed.name}: {status}, {len(result.items)} not used yet{used}")
+        for item in result.items:
+            date = item.published.isoformat() if item.published else "          "
+            mark = "  (new)" if item.id in result.new_ids else ""
+            click.echo(f"  {item.id}  {date}  {item.title}{mark}")
+            click.echo(f"           {item.url}")
+    if any(result.items for result in report.results):
+        click.echo("Add one with: newsletter issue add ISSUE feed:ID")
+    report.raise_for_errors()
+
+
+# --- deliverability commands ---
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option("--spam", is_flag=True, help="Also score a sample message with SpamAssassin (-L).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_ctx
+@handle_errors
+def check(ctx: Context, issue_ref: str, spam: bool, as_json: bool) -> None:
+    """Say what would hurt ISSUE's delivery; exit 1 when there are errors."""
+    import json
+
+    from . import check as check_module
+
+    cfg = ctx.config()
+    report = check_module.check_issue(cfg, _issue(cfg, issue_ref), spam=spam)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"Issue {report.issue_number}: {report.subject}")
+        for finding in report.findings:
+            where = f"  [{finding.where}]" if finding.where else ""
+            click.echo(f"{finding.level:<8}{finding.code:<26}{finding.message}{where}")
+        if report.spam is not None:
+            for rule in report.spam.rules:
+                click.echo(
+                    f"{'':8}{'spam rule':<26}{rule.score:+5.1f}  {rule.name}  {rule.description}"
+                )
+        click.echo(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """DKIM keys for signing outgoing mail."""
+
+
+@dkim_group.command("keygen")
+@click.option(
+    "--selector", default=None, help="DKIM selector (default: [dkim] selector, or 'newsletter')."
+)
+@click.option(
+    "--domain", default=None, help="Signing domain (default: [dkim] domain, or the sender's)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the key files (default: .newsletter/dkim/, which git ignores).",
+)
+@click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size (1024-4096).")
+@pass_ctx
+@handle_errors
+def dkim_keygen(
+    ctx: Context, selector: str | None, domain: str | None, out_dir: Path | None, bits: int
+) -> None:
+    """Write a DKIM key pair and print the DNS TXT record to publish."""
+    from . import dkim
+
+    cfg = ctx.config() if None in (selector, domain, out_dir) else None
+    pair = dkim.generate(
+        out_dir or (cfg.state_dir / "dkim" if cfg else Path(".")),
+        selector or (cfg.dkim.selector if cfg and cfg.dkim.selector else "newsletter"),
+        domain or (cfg.dkim.domain or cfg.sender_domain if cfg else ""),
+        bits=bits,
+    )
+    click.echo(f"private key: {pair.private_path}  (mode 600; keep it out of git)")
+    click.echo(f"public key:  {pair.public_path}")
+    click.echo("Publish this DNS record:")
+    click.echo(pair.zone_line)
+    click.echo(
+        f'Then set [dkim] selector, domain and key_file = "{pair.private_path}" in newsletter.toml '
+        "(or NEWSLETTER_DKIM_KEY_FILE), and run `newsletter check`."
+    )
+
+
+@dkim_group.command("record")
+@pass_ctx
+@handle_errors
+def dkim_record(ctx: Context) -> None:
+    """Print the DNS TXT record for the configured DKIM key (reads the key, checks the config)."""
+    from . import dkim
+    from .errors import ConfigError
+
+    cfg = ctx.config()
+    signer = dkim.signer_from_config(cfg)
+    if signer is None:
+        raise ConfigError(
+            "DKIM is not configured",
+            where=str(cfg.path),
+            hint="set [dkim] selector, domain and key_file; `newsletter dkim keygen` makes a key",
+        )
+    click.echo(signer.zone_line)
+    for warning in signer.warnings:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 # --- subscriber commands ---

@@ -55,6 +55,8 @@ class Status(StrEnum):
 
 
 INACTIVE = (Status.UNSUBSCRIBED, Status.BOUNCED, Status.COMPLAINED)
+# Words other tools write in a `status` column (Mailchimp: subscribed, cleaned).
+_STATUS_SYNONYMS = {"subscribed": "active", "cleaned": "bounced"}
 
 
 class DeliveryState(StrEnum):
@@ -747,8 +749,9 @@ class Store:
     ) -> ImportReport:
         """Import subscribers from a CSV file; all good rows land in one transaction.
 
-        Columns: ``email`` (required), ``name``, ``status`` (honoured only for new rows,
-        so an exported list keeps its unsubscribes), ``created_at``/``updated_at``/
+        Columns: ``email`` (required), ``name``, ``status`` (active or subscribed, pending,
+        unsubscribed, bounced or cleaned, complained; honoured only for new rows, so an
+        exported list keeps its unsubscribes), ``created_at``/``updated_at``/
         ``status_changed_at`` (ignored); any other column becomes a field. UTF-8 (with or
         without Excel's BOM), separated by ``,`` ``;`` or tabs. Duplicates merge (later
         non-empty cells win); existing subscribers get new names/fields but never a new
@@ -839,7 +842,7 @@ class Store:
             field_cols = [(i, header[i]) for i, key in enumerate(lowered)
                           if key and key not in ignored]
             width = len(header)
-            statuses = {s.value for s in Status}
+            statuses = {s.value: s.value for s in Status} | _STATUS_SYNONYMS
 
             errors: list[RowError] = []
             error_count = rows = good = 0
@@ -888,11 +891,12 @@ class Store:
                         continue
                 status = "active"
                 if status_i is not None and status_i < len(row):
-                    status = row[status_i].strip().lower() or "active"
-                    if status not in statuses:
+                    given = row[status_i].strip().lower()
+                    if given and given not in statuses:
                         bad(line, f"unknown status {row[status_i].strip()!r}"
                                   f" (use one of: {', '.join(sorted(statuses))})")
                         continue
+                    status = statuses.get(given, "active")
                 name = row[name_i].strip() if name_i is not None and name_i < len(row) else ""
                 fields_json = "{}"
                 if field_cols:

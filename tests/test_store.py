@@ -358,12 +358,29 @@ def test_import_never_reactivates(store: Store, tmp_path: Path) -> None:
 def test_status_column_keeps_suppressions_of_new_rows(store: Store, tmp_path: Path) -> None:
     csv_file = write(
         tmp_path / "list.csv",
-        "email,status\ngone@example.com,unsubscribed\nhere@example.com,\nodd@example.com,vip\n",
+        "email,status\ngone@example.com,unsubscribed\nhere@example.com,\nodd@example.com,vip\n"
+        "sub@example.com,Subscribed\nclean@example.com,cleaned\n",
     )
     report = store.import_csv(csv_file)
-    assert report.added == 2 and [e.line for e in report.errors] == [4]
-    gone = store.get_subscriber("gone@example.com")
-    assert gone is not None and gone.status == Status.UNSUBSCRIBED
+    assert report.added == 4 and [e.line for e in report.errors] == [4]
+    assert "unknown status 'vip'" in report.errors[0].message
+    statuses = {s.email: s.status for s in store.list_subscribers()}
+    assert statuses == {
+        "gone@example.com": Status.UNSUBSCRIBED,
+        "here@example.com": Status.ACTIVE,
+        "sub@example.com": Status.ACTIVE,
+        "clean@example.com": Status.BOUNCED,
+    }
+
+
+def test_the_example_list_imports(store: Store) -> None:
+    report = store.import_csv(ROOT / "examples" / "subscribers.csv")
+    assert (report.added, report.error_count) == (11, 0)
+    assert store.count(Status.ACTIVE) == 10
+    ines = store.get_subscriber("ines.moreau@example.net")
+    assert ines is not None and ines.status == Status.UNSUBSCRIBED
+    freya = store.get_subscriber("freya.lindgren@example.net")
+    assert freya is not None and freya.email == "Freya.Lindgren@example.net"
 
 
 def test_export_then_import_round_trips(store: Store, tmp_path: Path) -> None:
