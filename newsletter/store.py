@@ -1240,6 +1240,8 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[str], *, where: str) 
     database at once apply each step exactly once. Returns the final version.
     """
     target = len(migrations)
+    if conn.execute("PRAGMA user_version").fetchone()[0] == target:
+        return target  # the common case takes no write lock
     for version, script in enumerate(migrations, start=1):
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -654,3 +654,35 @@ def test_two_processes_never_claim_the_same_row(db_path: Path) -> None:
     with Store.open(db_path) as db:
         assert first | second == {s.id for s in db.list_subscribers()}
         assert db.ledger_counts(ISSUE)[DeliveryState.SENT] == 600
+
+
+OPEN_AND_ADD = """
+import sys
+from pathlib import Path
+from newsletter.store import Store
+print("ready", flush=True)
+sys.stdin.readline()
+with Store.open(Path(sys.argv[1])) as store:
+    store.add_subscriber(f"p{sys.argv[2]}@example.com")
+"""
+
+
+def test_processes_creating_one_database_at_once(db_path: Path) -> None:
+    procs = [child(OPEN_AND_ADD, str(db_path), str(i)) for i in range(4)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            proc.communicate(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
+    with Store.open(db_path) as db:
+        assert db.schema_version == len(MIGRATIONS)
+        assert db.count() == 4
