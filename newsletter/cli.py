@@ -9,17 +9,18 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import sys
+import webbrowser
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from . import __version__, content, render
+from . import __version__, content, preview, render
 from . import config as config_module
 from .config import Config
 from .content import Issue
-from .errors import NewsletterError
+from .errors import NewsletterError, PreviewError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -235,3 +236,64 @@ def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
         click.echo(f"  {result.out_dir / name}  {_kb(size)}")
     for warning in rendered.warnings:
         click.echo(f"Warning: {warning}", err=True)
+
+
+# --- preview command ---
+
+
+@main.command("preview")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help=f"Port to listen on; 0 picks a free one (default: {preview.DEFAULT_PORT}, or a free one if taken).",
+)
+@click.option(
+    "--host",
+    default=preview.DEFAULT_HOST,
+    show_default=True,
+    help="Address to listen on; anything but loopback lets other machines read the preview.",
+)
+@click.option("--no-open", is_flag=True, help="Do not open the page in a browser.")
+@pass_ctx
+@handle_errors
+def preview_command(
+    ctx: Context, issue_ref: str, port: int | None, host: str, no_open: bool
+) -> None:
+    """Preview ISSUE in a browser; it rebuilds and reloads on every save."""
+    cfg = ctx.config()
+    folder = content.find_issue(cfg.issues_dir, issue_ref)
+    warning = preview.host_warning(host)
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
+
+    def report(state: preview.PreviewState) -> None:
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        if state.problem is not None:
+            click.echo(f"{stamp} Build error: {state.problem.text}", err=True)
+        else:
+            click.echo(f"{stamp} Built {state.issue} in {state.seconds:.2f} s")
+            for text in state.warnings:
+                click.echo(f"{stamp} Warning: {text}", err=True)
+
+    server = preview.PreviewServer(
+        cfg, folder, host, preview.DEFAULT_PORT if port is None else port, on_build=report
+    )
+    try:
+        server.start()
+    except PreviewError:
+        if port is not None:
+            raise
+        click.echo(f"Port {preview.DEFAULT_PORT} is taken; using a free one.", err=True)
+        server = preview.PreviewServer(cfg, folder, host, 0, on_build=report)
+        server.start()
+    click.echo(f"Preview of {folder.name} at {server.url}  (Ctrl-C to stop)")
+    if not no_open:
+        webbrowser.open(server.url)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("\nPreview stopped.")
+    finally:
+        server.stop()
