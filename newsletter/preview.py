@@ -270,15 +270,19 @@ def build_preview(
     for name, data in files.items():
         atomic_write_bytes(out_dir / name, data)
     kept = set(files)
+    base = out_dir.resolve()
     for asset, relative in shown.assets:
         target = out_dir / relative
+        if not target.resolve().is_relative_to(base):
+            continue  # "images/../../x.png": never write outside the build folder
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(asset, tmp)
         tmp.replace(target)
         kept.add(relative)
     _prune(out_dir, kept)
-    head, _, _ = source.partition(b"\r\n\r\n")
+    raw_source = source.decode("utf-8", "replace").replace("\r\n", "\n")
+    head, _, _ = raw_source.partition("\n\n")
     return PreviewState(
         version=version,
         issue=issue.slug,
@@ -294,8 +298,8 @@ def build_preview(
         titles=tuple(article.title for article in issue.articles),
         warnings=sent.warnings,
         text=text,
-        headers=head.decode("utf-8", "replace").replace("\r\n", "\n"),
-        source=source.decode("utf-8", "replace").replace("\r\n", "\n"),
+        headers=head,
+        source=raw_source,
     )
 
 
@@ -412,14 +416,26 @@ class PreviewServer:
     # -- lifecycle
 
     def start(self) -> PreviewServer:
-        """Bind, build once, then serve and watch in background threads."""
+        """Bind, start watching, build once, then serve in background threads."""
         self._httpd = httpd = _bind(self.host, self.port, self)
         self.port = int(httpd.server_address[1])
+        try:
+            # Watches are live once made: made before the first build, no save is missed.
+            watches = (self._open_tree_watch(), self._open_root_watch()) if self._watch else None
+        except OSError as exc:
+            httpd.server_close()
+            raise PreviewError(
+                f"cannot watch files for changes: {exc}",
+                where=str(self.issue_path),
+                hint="raise the limit fs.inotify.max_user_watches, or close other watchers",
+            ) from None
+        except BaseException:
+            httpd.server_close()
+            raise
         self.rebuild()
         self._spawn("preview-http", lambda: httpd.serve_forever(poll_interval=0.1))
-        if self._watch:
-            # Watches are live once made, so a save right after start() is seen.
-            tree, root = self._open_tree_watch(), self._open_root_watch()
+        if watches is not None:
+            tree, root = watches
             self._spawn(
                 "preview-watch",
                 lambda: self._watch_loop(
