@@ -27,8 +27,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import formataddr, formatdate, make_msgid
-from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ import watchfiles
 from watchfiles._rust_notify import RustNotify  # documented backend; ready once constructed
 
 from . import config as config_module
-from . import content, render
+from . import content, message, render
 from .config import Config
 from .errors import NewsletterError, PreviewError
 from .files import atomic_write_bytes
@@ -74,19 +72,6 @@ BUILD_CSP = (
     "default-src 'none'; img-src 'self' data: https: http:; style-src 'unsafe-inline'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
 )
-
-
-@dataclass(frozen=True)
-class SampleSubscriber:
-    """The example reader whose values fill the placeholders in the preview."""
-
-    name: str = "Alex Example"
-    first_name: str = "Alex"
-    email: str = "alex@example.org"
-    token: str = "sample-token"
-
-
-SAMPLE = SampleSubscriber()
 
 
 @dataclass(frozen=True)
@@ -180,61 +165,6 @@ def preview_dir(config: Config, issue_path: Path) -> Path:
     return config.state_dir / PREVIEW_DIR / issue_path.name
 
 
-def sample_values(rendered: render.RenderedIssue, config: Config) -> dict[str, str]:
-    """Placeholder token -> the example subscriber's value (unknown free fields stay empty)."""
-    base = config.unsubscribe.url.rstrip("/")
-    unsubscribe = (
-        f"{base}/{SAMPLE.token}"
-        if base
-        else f"mailto:{config.unsubscribe.mailto}"
-        if config.unsubscribe.mailto
-        else ""
-    )
-    known = {
-        "name": SAMPLE.name,
-        "first_name": SAMPLE.first_name,
-        "email": SAMPLE.email,
-        "unsubscribe_url": unsubscribe,
-    }
-    return {token: known.get(key, "") for token, key in rendered.placeholders.items()}
-
-
-def _fill(text: str, values: dict[str, str], *, html: bool) -> str:
-    for token, value in values.items():
-        text = text.replace(token, escape(value) if html else value)
-    return text
-
-
-def _local_sample_message(rendered: render.RenderedIssue, config: Config) -> bytes:
-    """A stand-in for ``message.sample_message`` until that module exists."""
-    values = sample_values(rendered, config)
-    msg = EmailMessage(policy=email.policy.SMTP)
-    msg["From"] = config.newsletter.sender
-    msg["To"] = formataddr((SAMPLE.name, SAMPLE.email))
-    msg["Subject"] = rendered.subject
-    msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid(domain=config.sender_domain)
-    if config.newsletter.reply_to:
-        msg["Reply-To"] = config.newsletter.reply_to
-    msg["List-Id"] = config.list_id
-    links = [f"<{v}>" for k, v in values.items() if rendered.placeholders[k] == "unsubscribe_url"]
-    if links:
-        msg["List-Unsubscribe"] = links[0]
-    msg.set_content(_fill(rendered.text, values, html=False))
-    msg.add_alternative(_fill(rendered.html, values, html=True), subtype="html")
-    return msg.as_bytes()
-
-
-def sample_message(rendered: render.RenderedIssue, config: Config) -> bytes:
-    """The full message one example subscriber would get (the one place that makes it)."""
-    try:
-        from . import message  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return _local_sample_message(rendered, config)
-    made: bytes = message.sample_message(rendered, config)
-    return made
-
-
 def message_parts(data: bytes) -> tuple[str, str, EmailMessage]:
     """(HTML part, text part, parsed message) of a serialised message."""
     parsed = BytesParser(policy=email.policy.default).parsebytes(data)
@@ -258,8 +188,8 @@ def build_preview(
     # from the internet.
     sent = render.render_issue(issue, config)
     shown = render.render_issue(issue, config, asset_base="")
-    source = sample_message(sent, config)
-    html, text, _ = message_parts(sample_message(shown, config))
+    source = message.sample_message(sent, config)
+    html, text, _ = message_parts(message.sample_message(shown, config))
     _, _, parsed = message_parts(source)
     files = {
         EMAIL_FILE: html.encode("utf-8"),

@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from newsletter import config as config_module
-from newsletter import preview
+from newsletter import message, preview
 from newsletter.preview import PreviewServer
 
 ROOT = Path(__file__).parents[1]
@@ -136,6 +136,7 @@ def save(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+READER = message.sample_recipient()
 TITLES = ("The Harbour Wall Gets a Second Life", "Riding the Last Night Bus")
 
 
@@ -209,7 +210,7 @@ def test_page_shows_envelope_subject_titles_and_warnings(
     expect(page.locator("#env-subject")).to_have_text(state.envelope.subject)
     assert TITLES[0] in state.envelope.subject
     expect(page.locator("#env-from-name")).to_have_text("The Test Gazette")
-    expect(page.locator("#env-to")).to_contain_text("alex@example.org")
+    expect(page.locator("#env-to")).to_contain_text(READER.email)
     expect(page.locator("#env-preheader")).to_have_text(
         "Two short stories about water and waiting."
     )
@@ -222,7 +223,7 @@ def test_page_shows_envelope_subject_titles_and_warnings(
         for title in TITLES:
             expect(frame.locator("h2", has_text=title)).to_be_visible()
         # Placeholders are filled for the example subscriber.
-        expect(frame.locator("body")).to_contain_text("Hello Alex,")
+        expect(frame.locator("body")).to_contain_text(f"Hello {READER.first_name},")
         expect(frame.locator("body")).not_to_contain_text("%%nl:")
     desktop = page.locator("#frame-desktop").bounding_box()
     assert desktop is not None and desktop["width"] >= 600
@@ -272,12 +273,12 @@ def test_plain_text_and_source_views(browser: Browser, server: PreviewServer) ->
     assert shown == server.state.text
     assert "RIDING THE LAST NIGHT BUS" in shown.upper()
     assert "1. It waits for the last train." in shown
-    assert "subscribed as alex@example.org" in shown
+    assert f"subscribed as {READER.email}" in shown
     assert "%%nl:" not in shown
     page.get_by_role("tab", name="Headers & source").click()
     headers = page.locator("#headers")
     expect(headers).to_be_visible()
-    expect(headers).to_contain_text("To: Alex Example <alex@example.org>")
+    expect(headers).to_contain_text(f"To: {READER.name} <{READER.email}>")
     expect(headers).to_contain_text("From: The Test Gazette <editor@example.org>")
     expect(headers).to_contain_text("Subject: The Harbour Wall Gets a Second Life")
     page.locator("summary", has_text="Full source").click()
@@ -346,7 +347,7 @@ def test_an_email_over_gmails_clip_is_flagged(
     browser: Browser, server: PreviewServer, issue_dir: Path
 ) -> None:
     paragraph = "The night bus stops at every shelter on the coast road, and the driver knows most riders by name. "
-    save(issue_dir / "articles" / "02-night-bus.md", SECOND + ("\n" + paragraph * 3 + "\n") * 220)
+    save(issue_dir / "articles" / "02-night-bus.md", SECOND + ("\n" + paragraph * 3 + "\n") * 300)
     wait_until(
         server, lambda: server.state.envelope is not None and server.state.envelope.over_gmail_clip
     )
@@ -443,7 +444,7 @@ def wait_until(server: PreviewServer, condition: object, seconds: float = 8.0) -
 def test_template_and_config_changes_rebuild(server: PreviewServer, issue_dir: Path) -> None:
     root = issue_dir.parents[1]
     save(root / "templates" / "email.txt", "CUSTOM TEXT for {{ recipient.email }}\n")
-    wait_until(server, lambda: server.state.text == "CUSTOM TEXT for alex@example.org\n")
+    wait_until(server, lambda: server.state.text == f"CUSTOM TEXT for {READER.email}\n")
 
     config_text = (root / "newsletter.toml").read_text(encoding="utf-8")
     save(root / "newsletter.toml", config_text.replace("The Test Gazette", "The Renamed Gazette"))
@@ -472,9 +473,9 @@ def test_a_templates_folder_made_while_previewing_is_watched(
         staged.mkdir(parents=True)
         (staged / "email.txt").write_text("FIRST {{ recipient.first_name }}\n", encoding="utf-8")
         staged.rename(root / "templates")
-        wait_until(server, lambda: server.state.text == "FIRST Alex\n")
+        wait_until(server, lambda: server.state.text == f"FIRST {READER.first_name}\n")
         save(root / "templates" / "email.txt", "SECOND {{ recipient.first_name }}\n")
-        wait_until(server, lambda: server.state.text == "SECOND Alex\n")
+        wait_until(server, lambda: server.state.text == f"SECOND {READER.first_name}\n")
 
 
 def test_stop_ends_event_streams_and_frees_the_port(issue_dir: Path) -> None:
