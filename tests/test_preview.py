@@ -297,7 +297,6 @@ def test_editing_an_article_updates_the_page_without_a_reload(
     page, _ = open_page(browser, server, 1280)
     page.evaluate("() => { window.notReloaded = true; }")
     before = server.version
-    started = time.perf_counter()
     save(
         issue_dir / "articles" / "02-night-bus.md",
         SECOND.replace("quietest bus in town", "friendliest bus on the coast"),
@@ -307,7 +306,6 @@ def test_editing_an_article_updates_the_page_without_a_reload(
     expect(page.frame_locator("#frame-mobile").locator("body")).to_contain_text(
         "friendliest bus on the coast", timeout=WAIT_MS
     )
-    print(f"edit to visible: {time.perf_counter() - started:.2f} s")
     assert server.version > before
     assert page.evaluate("() => window.notReloaded") is True
     expect(page.locator("#text-part")).to_contain_text("friendliest bus on the coast")
