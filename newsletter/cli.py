@@ -80,3 +80,90 @@ pass_ctx = click.make_pass_decorator(Context)
 def main(ctx: click.Context, workspace: Path | None, db: Path | None) -> None:
     """Compose, render, preview and send a curated newsletter."""
     ctx.obj = Context(workspace, db)
+
+
+# --- smtp-sink command ---
+
+
+@main.command("smtp-sink")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default: [smtp] port of the workspace, else 8025; 0 picks a free one).",
+)
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Maildir to store messages in (default: .newsletter/sink/ in the workspace).",
+)
+@click.option(
+    "--outbox", is_flag=True, help="Also write each message as .eml into .newsletter/outbox/."
+)
+@click.option("--count-only", is_flag=True, help="Store nothing, only count (for benchmarks).")
+@click.option("--quiet", "-q", is_flag=True, help="No line per message.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a non-loopback --host (anyone who can reach it can drop mail in it).",
+)
+@pass_ctx
+@handle_errors
+def smtp_sink(
+    ctx: Context,
+    host: str,
+    port: int | None,
+    maildir: Path | None,
+    outbox: bool,
+    count_only: bool,
+    quiet: bool,
+    allow_remote: bool,
+) -> None:
+    """Run a local SMTP server that keeps every message it receives (Ctrl-C stops it)."""
+    from .errors import ConfigError
+    from .sink import SinkMessage, format_message_line, start_sink
+    from .transport import is_loopback
+
+    needs_workspace = outbox or (maildir is None and not count_only)
+    config: Config | None
+    try:
+        config = ctx.config()
+    except ConfigError:
+        if needs_workspace:
+            raise
+        config = None
+    if maildir is None and not count_only and config is not None:
+        maildir = config.state_dir / "sink"
+    if count_only:
+        maildir = None
+    if port is None:
+        port = config.smtp.port if config is not None else 8025
+    if not is_loopback(host) and allow_remote:
+        click.echo(
+            f"Warning: listening on {host}: anyone who can reach it can drop mail here.", err=True
+        )
+
+    def show(message: SinkMessage) -> None:
+        click.echo(format_message_line(message))
+
+    sink = start_sink(
+        maildir,
+        host=host,
+        port=port,
+        outbox=config.outbox_dir if outbox and config is not None else None,
+        on_message=None if quiet else show,
+        allow_remote=allow_remote,
+    )
+    stored = f"storing in {maildir}" if maildir else "counting only"
+    if outbox and config is not None:
+        stored += f" and {config.outbox_dir}"
+    click.echo(f"smtp-sink listening on {sink.host}:{sink.port}, {stored} (Ctrl-C to stop)")
+    try:
+        sink.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.stop()
+    click.echo(f"smtp-sink stopped after {sink.count} messages.")
