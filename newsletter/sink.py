@@ -15,6 +15,7 @@ import asyncio
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
@@ -41,14 +42,31 @@ __all__ = [
 
 DATA_SIZE_LIMIT = 32 * 1024 * 1024  # bytes, as aiosmtpd's default
 _TERMINATOR = b"\r\n.\r\n"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(
+    rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>\s*(.*)",
+    re.DOTALL,
+)
 
 
-class FastSMTP(SMTP):  # type: ignore[misc]
+class FastSMTP(SMTP):
     """aiosmtpd's SMTP with DATA read in one ``readuntil`` rather than line by line.
 
     Same replies and hooks as the original (``handle_DATA`` gets
     ``envelope.content`` as dot-unstuffed bytes); ``decode_data`` is not supported.
     """
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL/RCPT address with the email package's full
+        # RFC 5322 parser (~100 µs); a plain <local@domain> needs only a regex.
+        match = _PLAIN_ADDRESS.match(arg)
+        if match is None or (
+            self.local_part_limit and len(match.group(1).rpartition("@")[0]) > self.local_part_limit
+        ):
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+            return result
+        return match.group(1), match.group(2)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -124,7 +142,7 @@ class FastSMTP(SMTP):  # type: ignore[misc]
         return content.replace(b"\r\n.", b"\r\n")
 
 
-class LoopbackController(Controller):  # type: ignore[misc]
+class LoopbackController(Controller):
     """aiosmtpd's threaded Controller, able to bind port 0 and report the port it got."""
 
     def __init__(
@@ -139,11 +157,34 @@ class LoopbackController(Controller):  # type: ignore[misc]
         kwargs.setdefault("server_hostname", "localhost")  # avoids a DNS lookup per connection
         super().__init__(handler, hostname=hostname, port=port, **kwargs)
         self.smtp_class = smtp_class
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def factory(self) -> SMTP:
-        return self.smtp_class(self.handler, **self.SMTP_kwargs)
+        smtp = self.smtp_class(self.handler, **self.SMTP_kwargs)
+        self._sessions.add(smtp)
+        return smtp
+
+    def stop(self, no_assert: bool = False) -> None:
+        """Stop, hanging up on connected clients first (aiosmtpd leaves them open)."""
+
+        def hang_up() -> None:
+            for smtp in list(self._sessions):
+                if smtp.transport is not None:
+                    smtp.transport.close()
+
+        if self._thread is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(hang_up)
+        super().stop(no_assert)
+
+    def _run(self, ready_event: threading.Event) -> None:
+        try:
+            super()._run(ready_event)
+        finally:
+            ready_event.set()  # also when binding failed, so start() need not wait out a timeout
 
     def _trigger_server(self) -> None:
+        if self._thread_exception is not None:
+            raise self._thread_exception  # binding failed: say why, at once
         sockets = getattr(self.server, "sockets", None)
         if sockets:
             self.port = sockets[0].getsockname()[1]
@@ -220,23 +261,31 @@ class SinkHandler:
         mail_from: str = envelope.mail_from or ""
         recipients = tuple(envelope.rcpt_tos)
         paths: list[Path] = []
-        try:
-            for recipient in recipients:
-                if self.maildir is not None:
-                    self._names += 1
-                    name = f"{time.time_ns()}.S{id(self):x}Q{self._names}.newsletter-sink"
-                    copy = trace_headers(mail_from, recipient, data) + data
-                    paths.append(maildir_deliver(self.maildir, name, copy, fsync=False))
-                if self.outbox is not None:
-                    self.outbox.send(mail_from, recipient, data)
-        except (OSError, TransportError) as exc:
-            return f"451 4.3.0 cannot store the message: {exc}"
+        if self.maildir is not None or self.outbox is not None:
+            # Written on the event loop thread: ~0.1 ms per file here, and a
+            # writer thread measured slower (hand-offs and the GIL cost more).
+            try:
+                paths = self._store(mail_from, recipients, data)
+            except (OSError, TransportError) as exc:
+                return f"451 4.3.0 cannot store the message: {exc}"
         with self.changed:
             self.count += 1
             self.changed.notify_all()
         if self.on_message is not None:
             self.on_message(SinkMessage(mail_from, recipients, data, tuple(paths), time.time()))
         return "250 2.0.0 OK stored" if paths else "250 2.0.0 OK"
+
+    def _store(self, mail_from: str, recipients: tuple[str, ...], data: bytes) -> list[Path]:
+        paths = []
+        for recipient in recipients:
+            if self.maildir is not None:
+                self._names += 1
+                name = f"{time.time_ns()}.S{id(self):x}Q{self._names}.newsletter-sink"
+                copy = trace_headers(mail_from, recipient, data) + data
+                paths.append(maildir_deliver(self.maildir, name, copy, fsync=False))
+            if self.outbox is not None:
+                self.outbox.send(mail_from, recipient, data)
+        return paths
 
 
 class RunningSink:
