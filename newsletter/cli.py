@@ -6,6 +6,7 @@ This is the only module that imports click, and the only place where a
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import sys
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, content, render
 from . import config as config_module
 from .config import Config
+from .content import Issue
 from .errors import NewsletterError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,6 +82,159 @@ pass_ctx = click.make_pass_decorator(Context)
 def main(ctx: click.Context, workspace: Path | None, db: Path | None) -> None:
     """Compose, render, preview and send a curated newsletter."""
     ctx.obj = Context(workspace, db)
+
+
+# --- workspace and issue commands ---
+
+
+def _issue(cfg: Config, ref: str) -> Issue:
+    return content.read_issue(content.find_issue(cfg.issues_dir, ref))
+
+
+def _kb(size: int) -> str:
+    return f"{size / 1024:.1f} KB"
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--name", default="My Newsletter", show_default=True, help="The newsletter's name.")
+@handle_errors
+def init(directory: Path, name: str) -> None:
+    """Create a newsletter workspace in DIRECTORY."""
+    created = config_module.init_workspace(directory, name=name)
+    for path in created:
+        click.echo(f"created {path}")
+    click.echo(f"Next: cd {directory} && newsletter issue new --title 'First issue'")
+
+
+@main.group()
+def issue() -> None:
+    """Create issues and choose their articles."""
+
+
+@issue.command("new")
+@click.option("--title", default="", help="The issue's title (default: 'Issue N').")
+@click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+@pass_ctx
+@handle_errors
+def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
+    """Create the next numbered issue; print its folder and number."""
+    cfg = ctx.config()
+    created = content.new_issue(cfg.issues_dir, title=title, date=date.date() if date else None)
+    click.echo(f"{created.path}")
+    click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
+
+
+@issue.command("add")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.argument(
+    "sources", metavar="FILE...", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
+@pass_ctx
+@handle_errors
+def issue_add(ctx: Context, issue_ref: str, sources: tuple[Path, ...]) -> None:
+    """Add Markdown article files to ISSUE, in the order given."""
+    cfg = ctx.config()
+    folder = content.find_issue(cfg.issues_dir, issue_ref)
+    for path in content.add_articles(folder, sources):
+        click.echo(f"added {path.name}")
+
+
+@issue.command("remove")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.argument("article", metavar="ARTICLE")
+@pass_ctx
+@handle_errors
+def issue_remove(ctx: Context, issue_ref: str, article: str) -> None:
+    """Take ARTICLE (position or file name) out of ISSUE."""
+    cfg = ctx.config()
+    removed = content.remove_article(content.find_issue(cfg.issues_dir, issue_ref), article)
+    click.echo(f"removed {removed} (the file stays in articles/)")
+
+
+@issue.command("move")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.argument("article", metavar="ARTICLE")
+@click.argument("position", type=int)
+@pass_ctx
+@handle_errors
+def issue_move(ctx: Context, issue_ref: str, article: str, position: int) -> None:
+    """Move ARTICLE to POSITION (1 is first)."""
+    cfg = ctx.config()
+    order = content.move_article(content.find_issue(cfg.issues_dir, issue_ref), article, position)
+    for number, name in enumerate(order, start=1):
+        click.echo(f"{number:>3}. {name}")
+
+
+@issue.command("list")
+@pass_ctx
+@handle_errors
+def issue_list(ctx: Context) -> None:
+    """List the workspace's issues."""
+    cfg = ctx.config()
+    issues = content.list_issues(cfg.issues_dir)
+    if not issues:
+        click.echo("No issues yet. Create one with `newsletter issue new`.")
+    for item in issues:
+        click.echo(
+            f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  {item.slug}  {item.title}"
+        )
+
+
+@issue.command("show")
+@click.argument("issue_ref", metavar="ISSUE")
+@pass_ctx
+@handle_errors
+def issue_show(ctx: Context, issue_ref: str) -> None:
+    """Show ISSUE's articles in order, with word counts and the estimated HTML size."""
+    cfg = ctx.config()
+    item = _issue(cfg, issue_ref)
+    click.echo(f"Issue {item.number} · {item.date.isoformat()} · {item.title}")
+    click.echo(f"Folder:    {item.path}")
+    click.echo(f"Subject:   {item.subject(cfg.newsletter.subject_max_length)}")
+    click.echo(f"Preheader: {item.preheader or '(none)'}")
+    for number, article in enumerate(item.articles, start=1):
+        line = render.byline(article, cfg.newsletter.date_format)
+        click.echo(
+            f"{number:>3}. {article.title}  [{article.word_count} words]  {article.path.name}"
+        )
+        if line:
+            click.echo(f"     {line}")
+    words = sum(a.word_count for a in item.articles)
+    click.echo(f"Total: {len(item.articles)} articles, {words} words")
+    if item.articles:
+        rendered = render.render_issue(item, cfg)
+        note = "  (over Gmail's ~102 KB clip!)" if rendered.over_gmail_clip else ""
+        click.echo(f"Email HTML: {_kb(rendered.html_size)}{note}")
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: .newsletter/build/<issue>/).",
+)
+@pass_ctx
+@handle_errors
+def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
+    """Render ISSUE to email.html, email.txt and web.html."""
+    cfg = ctx.config()
+    result = render.build(_issue(cfg, issue_ref), cfg, out_dir)
+    rendered = result.rendered
+    click.echo(f"Subject: {rendered.subject}")
+    for name, size in result.files.items():
+        click.echo(f"  {result.out_dir / name}  {_kb(size)}")
+    for warning in rendered.warnings:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 # --- smtp-sink command ---

@@ -326,7 +326,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
         raise ConfigError(message, where=f"{path}:{_line_of(text, key)}", hint=hint)
 
     if "@" not in parseaddr(config.newsletter.sender)[1]:
-        fail("sender", "[newsletter] sender is not an email address", 'write it as "Name <addr@domain>"')
+        fail(
+            "sender",
+            "[newsletter] sender is not an email address",
+            'write it as "Name <addr@domain>"',
+        )
     for key, value in (
         ("name", config.newsletter.name),
         ("sender", config.newsletter.sender),
@@ -336,7 +340,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
         if "\r" in value or "\n" in value:
             fail(key, f"[newsletter] {key} contains a line break", "put it on one line")
     if config.smtp.security not in ("starttls", "ssl", "none"):
-        fail("security", f"[smtp] security '{config.smtp.security}' is not valid", "use starttls, ssl or none")
+        fail(
+            "security",
+            f"[smtp] security '{config.smtp.security}' is not valid",
+            "use starttls, ssl or none",
+        )
     if not 0 < config.smtp.port < 65536:
         fail("port", f"[smtp] port {config.smtp.port} is out of range", "use 1-65535")
     if config.delivery.connections < 1:
@@ -345,7 +353,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
         fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
     for key, value in (("selector", config.dkim.selector), ("domain", config.dkim.domain)):
         if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
-            fail(key, f"[dkim] {key} '{value}' has illegal characters", "use letters, digits, dots and hyphens")
+            fail(
+                key,
+                f"[dkim] {key} '{value}' has illegal characters",
+                "use letters, digits, dots and hyphens",
+            )
 
 
 def _read_text(path: Path) -> str:
@@ -353,7 +365,9 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError("not UTF-8 text", where=f"{path}:{line}", hint="save it as UTF-8") from None
+        raise ConfigError(
+            "not UTF-8 text", where=f"{path}:{line}", hint="save it as UTF-8"
+        ) from None
 
 
 def _toml_line(message: str) -> int | None:
@@ -363,9 +377,7 @@ def _toml_line(message: str) -> int | None:
 
 def _line_of(text: str, key: str, *, section: bool = False) -> int:
     """Best-effort line number of a key (or [section]) for error messages."""
-    pattern = (
-        rf"^\s*\[\s*{re.escape(key)}\s*\]" if section else rf"^\s*\"?{re.escape(key)}\"?\s*="
-    )
+    pattern = rf"^\s*\[\s*{re.escape(key)}\s*\]" if section else rf"^\s*\"?{re.escape(key)}\"?\s*="
     for number, line in enumerate(text.splitlines(), start=1):
         if re.match(pattern, line):
             return number
@@ -375,3 +387,58 @@ def _line_of(text: str, key: str, *, section: bool = False) -> int:
 def replace(config: Config, **changes: Any) -> Config:
     """A copy of ``config`` with top-level fields changed (tests, CLI overrides)."""
     return dataclasses.replace(config, **changes)
+
+
+DEFAULT_CONFIG = """\
+# newsletter workspace config. Secrets never go here: they come from environment
+# variables (NEWSLETTER_SMTP_PASSWORD, NEWSLETTER_SECRET_KEY, NEWSLETTER_DKIM_KEY_FILE).
+
+[newsletter]
+name = "{name}"
+tagline = ""
+sender = "{name} <newsletter@example.org>"
+reply_to = ""
+base_url = "https://example.org/newsletter"
+date_format = "{{month}}/{{day}}/{{yy}}"
+postal_address = ""
+
+[smtp]
+host = "127.0.0.1"
+port = 8025
+security = "none"      # starttls | ssl | none
+username = ""
+
+[unsubscribe]
+url = ""               # https endpoint of `newsletter serve`, e.g. https://example.org/newsletter/u
+mailto = ""            # e.g. unsubscribe@example.org
+"""
+
+
+def init_workspace(root: Path, *, name: str = "My Newsletter") -> list[Path]:
+    """Create a workspace: config, issues/, templates/, and a .gitignore for the state folder."""
+    from .files import atomic_write_text
+
+    if (root / CONFIG_NAME).exists():
+        raise ConfigError(
+            f"{CONFIG_NAME} already exists",
+            where=str(root / CONFIG_NAME),
+            hint="this folder is already a workspace; choose another folder",
+        )
+    if '"' in name or "\\" in name or "\n" in name:
+        raise ConfigError(
+            "the name may not contain quotes, backslashes or line breaks",
+            where=name,
+            hint="choose a plainer name",
+        )
+    created: list[Path] = []
+    for folder in (root / "issues", root / "templates"):
+        folder.mkdir(parents=True, exist_ok=True)
+        created.append(folder)
+    atomic_write_text(root / CONFIG_NAME, DEFAULT_CONFIG.format(name=name))
+    created.append(root / CONFIG_NAME)
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else []
+    if f"{STATE_DIR}/" not in lines:
+        atomic_write_text(gitignore, "\n".join([*lines, f"{STATE_DIR}/"]) + "\n")
+        created.append(gitignore)
+    return created

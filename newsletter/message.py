@@ -1,0 +1,296 @@
+"""The MIME message: serialised once per issue, then filled in per recipient.
+
+``prepare`` builds the headers and both quoted-printable parts once, split into
+byte segments around the placeholders. ``MessageTemplate.personalise`` only
+joins those segments with each recipient's encoded values: no Jinja, MJML,
+premailer or EmailMessage work happens per recipient.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.quoprimime
+import html
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from types import MappingProxyType
+from urllib.parse import quote
+
+from .config import Config
+from .errors import ConfigError, RenderError
+from .render import RenderedIssue, find_placeholders
+from .tokens import TokenSigner
+
+UNSUBSCRIBE_PURPOSE = "unsubscribe"
+_POLICY = email.policy.SMTP
+_CRLF = b"\r\n"
+_PLACEHOLDER_SPLIT = re.compile(r"(%%nl:[a-z0-9_.]+:[0-9a-f]{10}%%)")
+# Per-recipient parts of the header block get their own markers (never in editor text).
+_TO, _MESSAGE_ID, _LIST_UNSUB = "to", "message_id", "list_unsubscribe"
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Who one copy is for: the values placeholders are filled with."""
+
+    email: str
+    name: str = ""
+    fields: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    subscriber_id: int | str = ""
+
+    @property
+    def first_name(self) -> str:
+        return self.name.split()[0] if self.name.split() else "there"
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One personalised message, ready for the transport."""
+
+    recipient: str
+    message_id: str
+    data: bytes
+
+
+# A segment is literal bytes, or a (part, key) pair that is filled per recipient.
+Segment = bytes | tuple[str, str]
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    """An issue's message as bytes with holes, made once; ``personalise`` fills the holes."""
+
+    segments: tuple[Segment, ...]
+    envelope_from: str
+    subject: str
+    sender_domain: str
+    unsubscribe_url: str
+    unsubscribe_mailto: str
+    issue_key: str
+    signer: TokenSigner | None = field(default=None, repr=False)
+    sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Approximate size of one message (the holes count as empty)."""
+        return sum(len(s) for s in self.segments if isinstance(s, bytes))
+
+    def unsubscribe_link(self, recipient: Recipient) -> str:
+        """The link a reader clicks to leave: https with a signed token, else the mailto."""
+        token = self._token(recipient)
+        if self.unsubscribe_url:
+            return f"{self.unsubscribe_url.rstrip('/')}/{token}"
+        return f"mailto:{self.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}"
+
+    def _token(self, recipient: Recipient) -> str:
+        if self.signer is None:
+            return "preview"
+        return self.signer.make(
+            UNSUBSCRIBE_PURPOSE, str(recipient.subscriber_id or recipient.email), self.issue_key
+        )
+
+    def personalise(self, recipient: Recipient) -> OutgoingMessage:
+        """The finished message for one recipient: substitution, then signing if configured."""
+        for value in (recipient.email, recipient.name):
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"line break in recipient value for {recipient.email!r}")
+        message_id = make_msgid(domain=self.sender_domain)
+        unsubscribe = self.unsubscribe_link(recipient)
+        values = _values(recipient, unsubscribe)
+        out: list[bytes] = []
+        for segment in self.segments:
+            if isinstance(segment, bytes):
+                out.append(segment)
+                continue
+            part, key = segment
+            if part == "header":
+                out.append(self._header_value(key, recipient, message_id, unsubscribe))
+            else:
+                value = values.get(key, "")
+                if part == "html":
+                    value = html.escape(value, quote=True)
+                out.append(b"=\r\n" + _qp(value) + b"=\r\n" if value else b"")
+        data = b"".join(out)
+        if self.sign is not None:
+            data = self.sign(data)
+        return OutgoingMessage(recipient=recipient.email, message_id=message_id, data=data)
+
+    def _header_value(
+        self, key: str, recipient: Recipient, message_id: str, unsubscribe: str
+    ) -> bytes:
+        if key == _TO:
+            folded = _POLICY.fold_binary("To", formataddr((recipient.name, recipient.email)))
+            return folded[len(b"To: ") : -2]
+        if key == _MESSAGE_ID:
+            return message_id.encode("ascii")
+        links = []
+        if self.unsubscribe_url:
+            links.append(f"<{unsubscribe}>")
+        if self.unsubscribe_mailto:
+            token = self._token(recipient)
+            links.append(
+                f"<mailto:{self.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}>"
+            )
+        return ",\r\n ".join(links).encode("ascii")
+
+
+def _values(recipient: Recipient, unsubscribe_url: str) -> dict[str, str]:
+    values = {
+        "name": recipient.name,
+        "first_name": recipient.first_name,
+        "email": recipient.email,
+        "unsubscribe_url": unsubscribe_url,
+    }
+    for key, value in recipient.fields.items():
+        values[f"field.{key.lower()}"] = value
+    return values
+
+
+def _qp(text: str) -> bytes:
+    """Quoted-printable for UTF-8 text with CRLF line ends and lines of at most 76."""
+    latin = text.encode("utf-8").decode("latin-1")
+    return email.quoprimime.body_encode(latin, maxlinelen=76, eol="\r\n").encode("ascii")
+
+
+def _check_header(name: str, value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ConfigError(
+            f"{name} header value contains a line break",
+            where=name,
+            hint="put the value on one line",
+        )
+    return value
+
+
+def _header(name: str, value: str) -> bytes:
+    return _POLICY.fold_binary(name, _check_header(name, value))
+
+
+def _part_segments(part: str, text: str, placeholders: Mapping[str, str]) -> list[Segment]:
+    """Split a body on its placeholders and QP-encode each literal piece once."""
+    segments: list[Segment] = []
+    for index, piece in enumerate(_PLACEHOLDER_SPLIT.split(text)):
+        if index % 2:
+            key = placeholders.get(piece)
+            if key is None:
+                raise RenderError(
+                    f"unknown placeholder {piece}", where=part, hint="rebuild the issue"
+                )
+            segments.append((part, key))
+        elif piece:
+            segments.append(_qp(piece))
+    return segments
+
+
+def prepare(
+    rendered: RenderedIssue,
+    config: Config,
+    *,
+    subject_prefix: str = "",
+    sign: Callable[[bytes], bytes] | None = None,
+    require_unsubscribe: bool = True,
+) -> MessageTemplate:
+    """Serialise the issue's message once, with holes for per-recipient values."""
+    news = config.newsletter
+    unsub = config.unsubscribe
+    if require_unsubscribe and not (unsub.url or unsub.mailto):
+        raise ConfigError(
+            "no unsubscribe address is configured",
+            where=str(config.path),
+            hint="set [unsubscribe] url (https) and/or mailto before sending bulk mail",
+        )
+    if unsub.url and not unsub.url.startswith("https://"):
+        raise ConfigError(
+            f"[unsubscribe] url '{unsub.url}' is not https",
+            where=str(config.path),
+            hint="use an https URL (mail clients require it for one-click unsubscribe)",
+        )
+    signer = TokenSigner(config.secrets.secret_key) if (unsub.url or unsub.mailto) else None
+    subject = subject_prefix + rendered.subject
+    boundary = f"===============nl{secrets.token_hex(12)}=="
+    head: list[Segment] = [
+        _header("From", news.sender),
+        b"To: ",
+        ("header", _TO),
+        _CRLF,
+        _header("Subject", subject),
+        _header("Date", formatdate(time.time(), localtime=False, usegmt=True)),
+        b"Message-ID: ",
+        ("header", _MESSAGE_ID),
+        _CRLF,
+    ]
+    if news.reply_to:
+        head.append(_header("Reply-To", news.reply_to))
+    head.append(_header("List-Id", config.list_id))
+    if unsub.url or unsub.mailto:
+        head += [b"List-Unsubscribe: ", ("header", _LIST_UNSUB), _CRLF]
+    if unsub.url:
+        head.append(_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    if news.precedence_bulk:
+        head.append(_header("Precedence", "bulk"))
+    head += [
+        _header("X-Mailer", "newsletter"),
+        _header("MIME-Version", "1.0"),
+        _header("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
+        _CRLF,
+    ]
+    body: list[Segment] = []
+    for part, subtype, text in (("text", "plain", rendered.text), ("html", "html", rendered.html)):
+        body.append(
+            f"--{boundary}\r\n"
+            f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode("ascii")
+        )
+        body += _part_segments(part, text, rendered.placeholders)
+        body.append(_CRLF)
+    body.append(f"--{boundary}--\r\n".encode("ascii"))
+    return MessageTemplate(
+        segments=_merge_bytes([*head, *body]),
+        envelope_from=parseaddr(news.sender)[1],
+        subject=subject,
+        sender_domain=config.sender_domain,
+        unsubscribe_url=unsub.url,
+        unsubscribe_mailto=unsub.mailto,
+        issue_key=rendered.issue.key,
+        signer=signer,
+        sign=sign,
+    )
+
+
+def _merge_bytes(segments: Sequence[Segment]) -> tuple[Segment, ...]:
+    """Join neighbouring literal segments so personalise does as few joins as possible."""
+    merged: list[Segment] = []
+    for segment in segments:
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] = merged[-1] + segment
+        else:
+            merged.append(segment)
+    return tuple(merged)
+
+
+def sample_recipient() -> Recipient:
+    """An example subscriber for previews and `check`."""
+    return Recipient(email="reader@example.org", name="Sam Example", subscriber_id="sample")
+
+
+def sample_message(rendered: RenderedIssue, config: Config) -> bytes:
+    """One complete message for an example subscriber (preview, check, spam score)."""
+    if config.secrets.secret_key is None:
+        config = _with_preview_key(config)
+    template = prepare(rendered, config, require_unsubscribe=False)
+    data = template.personalise(sample_recipient()).data
+    assert not find_placeholders(data.decode("ascii", "replace"))
+    return data
+
+
+def _with_preview_key(config: Config) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(
+        config,
+        secrets=dataclasses.replace(config.secrets, secret_key="preview-only-key-not-secret"),
+    )

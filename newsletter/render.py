@@ -1,0 +1,639 @@
+"""Turn an issue into email HTML, a plain-text part and a web page.
+
+Jinja2 renders the theme to MJML, mjml-python turns MJML into responsive HTML,
+and premailer inlines the CSS. All of this runs once per issue: values that
+differ per recipient are left as placeholders that ``message`` fills in.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import html
+import logging
+import re
+import shutil
+import textwrap
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jinja2
+import mjml
+import premailer
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
+
+from .config import Config
+from .content import Article, Issue, check_issue
+from .errors import RenderError
+from .files import atomic_write_bytes
+
+GMAIL_CLIP_BYTES = 102 * 1024
+DEFAULT_THEME_PREFIX = "!default"
+EMAIL_TEMPLATE = "email.mjml"
+TEXT_TEMPLATE = "email.txt"
+TEXT_WIDTH = 72
+PLACEHOLDER_KEYS = ("name", "first_name", "email", "unsubscribe_url")
+_PLACEHOLDER_RE = re.compile(r"%%nl:([a-z0-9_.]+):([0-9a-f]{10})%%")
+_FIELD_KEY = re.compile(r"^[A-Za-z0-9_]+$")
+
+# cssutils (under premailer) logs every vendor property it does not know.
+logging.getLogger("CSSUTILS").setLevel(logging.CRITICAL)
+
+
+def default_theme_dir() -> Path:
+    """The packaged theme: inside the wheel, or the repository's top-level templates/."""
+    packaged = Path(__file__).parent / "_theme"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class RenderedIssue:
+    """The issue rendered once; ``html`` and ``text`` still hold placeholders.
+
+    ``placeholders`` maps each token to its key (``name``, ``email``,
+    ``unsubscribe_url``, ``first_name`` or ``field.<name>``). Values put into
+    ``html`` must be HTML-escaped; values put into ``text`` go in as they are.
+    """
+
+    issue: Issue
+    subject: str
+    preheader: str
+    html: str
+    text: str
+    web_html: str
+    placeholders: Mapping[str, str]
+    assets: tuple[tuple[Path, str], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def html_size(self) -> int:
+        return len(self.html.encode("utf-8"))
+
+    @property
+    def over_gmail_clip(self) -> bool:
+        return self.html_size > GMAIL_CLIP_BYTES
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What ``build`` wrote, and what the editor should know."""
+
+    rendered: RenderedIssue
+    out_dir: Path
+    files: Mapping[str, int] = field(default_factory=dict)  # file name -> size in bytes
+
+
+class Placeholders:
+    """Tokens for per-recipient values, unguessable from the editor's side.
+
+    The nonce is a hash of the issue's own text, so the editor cannot write a
+    token into the content (it would change the hash), and builds stay
+    reproducible for golden tests.
+    """
+
+    def __init__(self, nonce: str) -> None:
+        self.nonce = nonce
+        self.used: dict[str, str] = {}
+
+    def token(self, key: str) -> str:
+        token = f"%%nl:{key}:{self.nonce}%%"
+        self.used[token] = key
+        return token
+
+
+class Recipient:
+    """What templates see as ``recipient``: placeholders in the email, blanks on the web."""
+
+    def __init__(self, placeholders: Placeholders | None) -> None:
+        self._placeholders = placeholders
+
+    def _value(self, key: str) -> str:
+        return self._placeholders.token(key) if self._placeholders else ""
+
+    @property
+    def name(self) -> str:
+        return self._value("name")
+
+    @property
+    def first_name(self) -> str:
+        return self._value("first_name")
+
+    @property
+    def email(self) -> str:
+        return self._value("email")
+
+    @property
+    def unsubscribe_url(self) -> str:
+        return self._value("unsubscribe_url")
+
+    def field(self, key: str) -> str:
+        """A subscriber's free field (from the CSV import), e.g. ``recipient.field("city")``."""
+        if not _FIELD_KEY.match(key):
+            raise ValueError(f"field name {key!r} must be letters, digits and underscores")
+        return self._value(f"field.{key.lower()}")
+
+
+# --- Markdown ----------------------------------------------------------------------------
+
+
+@cache
+def _markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"typographer": True}).enable(["replacements", "smartquotes"])
+    md.enable("table")
+    md.enable("strikethrough")
+    return md
+
+
+def _rewrite_images(
+    tokens: Sequence[Token], asset_base: str, warnings: list[str], where: str
+) -> None:
+    for token in tokens:
+        for child in token.children or ():
+            if child.type == "image":
+                src = str(child.attrs.get("src", ""))
+                child.attrs["src"] = asset_url(src, asset_base)
+                alt = "".join(c.content for c in child.children or ())
+                if not alt.strip():
+                    warnings.append(f"{where}: image '{src}' has no alt text")
+
+
+def asset_url(src: str, asset_base: str) -> str:
+    """An image reference, relative to an article, as the reader's client will fetch it."""
+    if re.match(r"^[a-z][a-z0-9+.-]*:|^//", src, re.I):
+        return src
+    relative = src
+    while relative.startswith("../"):
+        relative = relative[3:]
+    relative = relative.removeprefix("./")
+    if not src.startswith("../"):
+        relative = f"articles/{relative}"
+    return f"{asset_base.rstrip('/')}/{relative}" if asset_base else relative
+
+
+def markdown_html(
+    text: str, *, asset_base: str = "", warnings: list[str] | None = None, where: str = ""
+) -> str:
+    """Markdown to HTML for an email body (images with a title become captioned figures)."""
+    md = _markdown()
+    tokens = md.parse(text)
+    _rewrite_images(tokens, asset_base, warnings if warnings is not None else [], where)
+    rendered = md.renderer.render(tokens, md.options, {})
+    return _captioned_images(str(rendered))
+
+
+_IMG_PARAGRAPH = re.compile(r"<p>\s*(<img [^>]*?)\s*/?>\s*</p>")
+
+
+def _captioned_images(body: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        tag = match.group(1)
+        title = re.search(r'title="([^"]*)"', tag)
+        tag = re.sub(r'\s*title="[^"]*"', "", tag)
+        image = f'{tag} class="body-image" width="552" />'
+        caption = f'<p class="caption">{title.group(1)}</p>' if title else ""
+        return f'<div class="figure">{image}{caption}</div>'
+
+    return _IMG_PARAGRAPH.sub(replace, body)
+
+
+# --- plain text --------------------------------------------------------------------------
+
+
+def markdown_text(text: str, width: int = TEXT_WIDTH) -> str:
+    """Markdown to readable plain text: lists numbered, quotes marked, links written out."""
+    return _TextWriter(width).render(_markdown().parse(text))
+
+
+class _TextWriter:
+    """Walks markdown-it block tokens and writes wrapped plain text."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def render(self, tokens: Sequence[Token]) -> str:
+        blocks: list[str] = []
+        quote_depth = 0
+        lists: list[list[int]] = []  # stack of [ordered, counter]
+        item_prefix: str | None = None
+        for token in tokens:
+            if token.type == "blockquote_open":
+                quote_depth += 1
+            elif token.type == "blockquote_close":
+                quote_depth -= 1
+            elif token.type in ("ordered_list_open", "bullet_list_open"):
+                start = int(token.attrs.get("start", 1) or 1)
+                lists.append([token.type == "ordered_list_open", start])
+            elif token.type in ("ordered_list_close", "bullet_list_close"):
+                lists.pop()
+            elif token.type == "list_item_open":
+                ordered, counter = lists[-1]
+                item_prefix = f"{counter}. " if ordered else "- "
+                lists[-1][1] = counter + 1
+            elif token.type == "inline":
+                content = self.inline(token.children or [])
+                indent = "   " * max(len(lists) - 1, 0)
+                prefix = "> " * quote_depth
+                if item_prefix is not None:
+                    first, rest = (
+                        prefix + indent + item_prefix,
+                        prefix + indent + " " * len(item_prefix),
+                    )
+                    item_prefix = None
+                    tight_join = bool(blocks) and lists and blocks[-1].startswith(prefix + indent)
+                    text = self.wrap(content, first, rest)
+                    if tight_join and _is_list_line(blocks[-1], prefix + indent):
+                        blocks[-1] = f"{blocks[-1]}\n{text}"
+                    else:
+                        blocks.append(text)
+                elif token.map is not None and _heading(tokens, token):
+                    blocks.append(content.upper() if _heading(tokens, token) == "h2" else content)
+                    blocks[-1] = blocks[-1] + "\n" + "-" * min(len(content), self.width)
+                else:
+                    blocks.append(self.wrap(content, prefix + indent, prefix + indent))
+            elif token.type == "hr":
+                blocks.append("* * *")
+            elif token.type in ("fence", "code_block"):
+                blocks.append(textwrap.indent(token.content.rstrip("\n"), "    "))
+        return "\n\n".join(b for b in blocks if b.strip())
+
+    def wrap(self, text: str, first: str, rest: str) -> str:
+        lines: list[str] = []
+        for index, paragraph_line in enumerate(text.split("\n")):
+            lines.extend(
+                textwrap.wrap(
+                    paragraph_line,
+                    width=self.width,
+                    initial_indent=first if index == 0 else rest,
+                    subsequent_indent=rest,
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+                or [first.rstrip()]
+            )
+        return "\n".join(lines)
+
+    def inline(self, children: Sequence[Token]) -> str:
+        out: list[str] = []
+        href_stack: list[str] = []
+        start_stack: list[int] = []
+        for child in children:
+            if child.type == "text" or child.type == "code_inline":
+                out.append(child.content)
+            elif child.type in ("softbreak",):
+                out.append(" ")
+            elif child.type == "hardbreak":
+                out.append("\n")
+            elif child.type == "link_open":
+                href_stack.append(str(child.attrs.get("href", "")))
+                start_stack.append(len(out))
+            elif child.type == "link_close":
+                href = href_stack.pop()
+                label = "".join(out[start_stack.pop() :])
+                if href and href != label and not href.startswith("#"):
+                    out.append(f" <{href}>")
+            elif child.type == "image":
+                alt = "".join(c.content for c in child.children or ())
+                title = str(child.attrs.get("title", "") or "")
+                out.append(f"[Image: {alt or title or 'picture'}]")
+                if title and title != alt:
+                    out.append(f" {title}")
+            elif child.type in ("em_open", "em_close"):
+                out.append("_")
+            elif child.type in ("strong_open", "strong_close"):
+                out.append("*")
+        return "".join(out).strip()
+
+
+def _is_list_line(block: str, prefix: str) -> bool:
+    last = block.rsplit("\n", 1)[-1][len(prefix) :]
+    return bool(re.match(r"(\d+\. |- )", last)) or last.startswith("   ")
+
+
+def _heading(tokens: Sequence[Token], inline: Token) -> str:
+    index = list(tokens).index(inline)
+    before = tokens[index - 1] if index else None
+    return before.tag if before is not None and before.type == "heading_open" else ""
+
+
+# --- the Jinja environment ---------------------------------------------------------------
+
+
+def template_environment(workspace_templates: Path | None) -> jinja2.Environment:
+    """Workspace templates override the packaged theme file by file; ``!default/`` reaches it."""
+    theme = str(default_theme_dir())
+    loaders: list[jinja2.BaseLoader] = [
+        jinja2.PrefixLoader({DEFAULT_THEME_PREFIX: jinja2.FileSystemLoader(theme)}, delimiter="/"),
+    ]
+    if workspace_templates is not None and workspace_templates.is_dir():
+        loaders.append(jinja2.FileSystemLoader(str(workspace_templates)))
+    loaders.append(jinja2.FileSystemLoader(theme))
+    env = jinja2.Environment(
+        loader=jinja2.ChoiceLoader(loaders),
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("mjml", "html", "xml"), default_for_string=True, default=False
+        ),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        auto_reload=True,
+    )
+    env.filters["markdown"] = lambda text: markdown_html(str(text))
+    return env
+
+
+@cache
+def _cached_environment(workspace_templates: Path | None) -> jinja2.Environment:
+    return template_environment(workspace_templates)
+
+
+def format_date(date: dt.date | None, pattern: str) -> str:
+    """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``)."""
+    if date is None:
+        return ""
+    return pattern.format(
+        day=date.day,
+        dd=f"{date.day:02d}",
+        month=date.month,
+        mm=f"{date.month:02d}",
+        month_name=date.strftime("%B"),
+        mon=date.strftime("%b"),
+        yy=f"{date.year % 100:02d}",
+        year=date.year,
+        weekday=date.strftime("%A"),
+    )
+
+
+def byline(article: Article, date_format: str) -> str:
+    """ "By Author, Source, 3/15/25", or "Source, 3/14/25" with no author."""
+    parts = [p for p in (article.source, format_date(article.date, date_format)) if p]
+    if article.author:
+        return ", ".join([f"By {article.author}", *parts])
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class _ArticleView:
+    """What the templates see of an article: text already turned into HTML and plain text."""
+
+    number: int
+    anchor: str
+    title: str
+    byline: str
+    url: str
+    image: str
+    image_alt: str
+    summary: str
+    body_html: str
+    body_text: str
+    bio_html: str
+    bio_text: str
+    author: str
+    source: str
+    word_count: int
+
+
+def _nonce(issue: Issue, config: Config) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{config.newsletter!r}{issue.title}{issue.preheader}{issue.intro}".encode())
+    for article in issue.articles:
+        digest.update(article.path.name.encode())
+        digest.update(article.body.encode())
+        digest.update(f"{article!r}".encode())
+    return digest.hexdigest()[:10]
+
+
+def _article_views(
+    issue: Issue, config: Config, asset_base: str, warnings: list[str]
+) -> list[_ArticleView]:
+    views = []
+    for number, article in enumerate(issue.articles, start=1):
+        where = str(article.path)
+        views.append(
+            _ArticleView(
+                number=number,
+                anchor=f"article-{number}",
+                title=article.title,
+                byline=byline(article, config.newsletter.date_format),
+                url=article.url,
+                image=asset_url(article.image, asset_base) if article.image else "",
+                image_alt=article.image_alt,
+                summary=article.summary,
+                body_html=markdown_html(
+                    article.body, asset_base=asset_base, warnings=warnings, where=where
+                ),
+                body_text=markdown_text(article.body),
+                bio_html=markdown_html(article.bio) if article.bio else "",
+                bio_text=markdown_text(article.bio) if article.bio else "",
+                author=article.author,
+                source=article.source,
+                word_count=article.word_count,
+            )
+        )
+        if article.url.startswith("http://"):
+            warnings.append(f"{where}: url uses http, not https")
+    return views
+
+
+def _context(
+    issue: Issue,
+    config: Config,
+    *,
+    subject: str,
+    recipient: Recipient,
+    web: bool,
+    asset_base: str,
+    warnings: list[str],
+) -> dict[str, Any]:
+    news = config.newsletter
+    return {
+        "newsletter": news,
+        "issue": issue,
+        "subject": subject,
+        "preheader": issue.preheader,
+        "issue_date": format_date(issue.date, news.issue_date_format),
+        "intro_html": markdown_html(
+            issue.intro, asset_base=asset_base, warnings=warnings, where=str(issue.path)
+        ),
+        "intro_text": markdown_text(issue.intro),
+        "articles": _article_views(issue, config, asset_base, warnings),
+        "recipient": recipient,
+        "web": web,
+        "web_url": f"{news.base_url.rstrip('/')}/{issue.slug}/",
+        "archive_url": news.base_url,
+        "locale": news.locale,
+    }
+
+
+def _render_template(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> str:
+    try:
+        return env.get_template(name).render(context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise RenderError(
+            f"template syntax error: {exc.message}",
+            where=f"{exc.filename or exc.name}:{exc.lineno}",
+            hint="fix the template",
+        ) from None
+    except jinja2.TemplateNotFound as exc:
+        raise RenderError(
+            f"template '{exc.name}' not found",
+            where=name,
+            hint="check the name, or use '!default/...' for the packaged theme",
+        ) from None
+    except jinja2.UndefinedError as exc:
+        raise RenderError(
+            f"unknown template variable: {exc.message}",
+            where=_template_location(exc) or name,
+            hint="fix the name, or use `| default(...)` in the template",
+        ) from None
+    except ValueError as exc:
+        raise RenderError(
+            str(exc), where=_template_location(exc) or name, hint="fix the template"
+        ) from None
+
+
+def _template_location(exc: BaseException) -> str | None:
+    """The innermost template file and line of an error raised while rendering."""
+    location = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        filename = frame.f_code.co_filename
+        if frame.f_globals.get("__jinja_template__") is not None or filename.endswith(
+            (".mjml", ".txt", ".html", ".css")
+        ):
+            location = f"{filename}:{line}"
+    return location
+
+
+def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = True) -> str:
+    """MJML to email HTML with CSS inlined; media queries stay in <style>."""
+    try:
+        raw = mjml.mjml2html(source, fonts={})
+    except ValueError as exc:
+        raise RenderError(
+            f"MJML error: {exc}", where=template, hint="check the MJML the template produces"
+        ) from None
+    if not inline:
+        return raw
+    inlined: str = premailer.transform(
+        raw,
+        allow_network=False,
+        strip_important=False,
+        keep_style_tags=True,
+        remove_classes=False,
+        disable_validation=True,
+        cssutils_logging_level=logging.CRITICAL,
+    )
+    if not inlined.lstrip().lower().startswith("<!doctype"):
+        inlined = "<!doctype html>\n" + inlined
+    return inlined
+
+
+def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None) -> RenderedIssue:
+    """Render an issue once: email HTML and text with placeholders, and the web page.
+
+    ``asset_base`` is where images are fetched from: by default the issue's web
+    address (``base_url/slug``), ``""`` for paths relative to the build folder.
+    """
+    check_issue(issue)
+    base = (
+        f"{config.newsletter.base_url.rstrip('/')}/{issue.slug}"
+        if asset_base is None
+        else asset_base
+    )
+    env = _cached_environment(config.templates_dir if config.templates_dir.is_dir() else None)
+    subject = issue.subject(config.newsletter.subject_max_length)
+    placeholders = Placeholders(_nonce(issue, config))
+    warnings: list[str] = []
+    email_ctx = _context(
+        issue,
+        config,
+        subject=subject,
+        recipient=Recipient(placeholders),
+        web=False,
+        asset_base=base,
+        warnings=warnings,
+    )
+    email_html = mjml_to_html(_render_template(env, EMAIL_TEMPLATE, email_ctx))
+    text = _tidy_text(_render_template(env, TEXT_TEMPLATE, email_ctx))
+    web_ctx = dict(email_ctx, recipient=Recipient(None), web=True)
+    web_ctx["articles"] = email_ctx["articles"]
+    # Browsers read <style> blocks, so the web page skips premailer's inlining.
+    web_html = mjml_to_html(_render_template(env, EMAIL_TEMPLATE, web_ctx), inline=False)
+    if not issue.preheader:
+        warnings.append(
+            f"{issue.path / 'issue.md'}: no preheader; the inbox will show the first words of the email instead"
+        )
+    rendered = RenderedIssue(
+        issue=issue,
+        subject=subject,
+        preheader=issue.preheader,
+        html=email_html,
+        text=text,
+        web_html=web_html,
+        placeholders=MappingProxyType(dict(placeholders.used)),
+        assets=tuple(_assets(issue)),
+        warnings=tuple(dict.fromkeys(warnings)),
+    )
+    if rendered.over_gmail_clip:
+        warnings.append(
+            f"email HTML is {rendered.html_size / 1024:.0f} KB, over Gmail's ~102 KB clipping size; shorten the issue or use excerpts"
+        )
+        rendered = RenderedIssue(
+            **{**rendered.__dict__, "warnings": tuple(dict.fromkeys(warnings))}
+        )
+    return rendered
+
+
+def _tidy_text(text: str) -> str:
+    """Collapse runs of blank lines the template leaves, and end with one newline."""
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def _assets(issue: Issue) -> Iterator[tuple[Path, str]]:
+    seen: set[str] = set()
+    for article in issue.articles:
+        for image, _ in article.image_paths():
+            source = (article.path.parent / image).resolve()
+            relative = asset_url(image, "")
+            if relative not in seen:
+                seen.add(relative)
+                yield source, relative
+
+
+def find_placeholders(text: str) -> list[str]:
+    """Every placeholder token left in ``text`` (a test and a safety check use this)."""
+    return [m.group(0) for m in _PLACEHOLDER_RE.finditer(text)]
+
+
+def visible_text(markup: str) -> str:
+    """The text a reader sees in an HTML document (for size comparisons and checks)."""
+    markup = re.sub(r"(?is)<(style|script|head)\b.*?</\1>", " ", markup)
+    markup = re.sub(r"(?is)<!--.*?-->", " ", markup)
+    markup = re.sub(r"(?s)<[^>]+>", " ", markup)
+    return " ".join(html.unescape(markup).split())
+
+
+def build(issue: Issue, config: Config, out_dir: Path | None = None) -> BuildResult:
+    """Render and write ``email.html``, ``email.txt``, ``web.html`` and the images."""
+    rendered = render_issue(issue, config)
+    out = out_dir or config.build_dir / issue.slug
+    files = {
+        "email.html": rendered.html.encode("utf-8"),
+        "email.txt": rendered.text.encode("utf-8"),
+        "web.html": rendered.web_html.encode("utf-8"),
+    }
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    for source, relative in rendered.assets:
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return BuildResult(rendered=rendered, out_dir=out, files={n: len(d) for n, d in files.items()})
