@@ -5,7 +5,7 @@ processes push realistic ~20 kB messages at it through SmtpTransport, one
 connection each. Compares aiosmtpd's stock line-by-line DATA with the sink's
 single-readuntil FastSMTP, counting only and writing a Maildir.
 
-    PYTHONPATH=. python bench/sink.py [--messages 6000] [--clients 2]
+    PYTHONPATH=. python bench/sink.py [--messages 6000] [--clients 2] [--size 20000]
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ def serve(kind: str, maildir: str | None, pipe: Connection) -> None:
     controller.stop()
 
 
-def client(port: int, count: int, ready: Barrier) -> None:
+def client(port: int, count: int, size: int, ready: Barrier) -> None:
     from newsletter.config import SmtpSettings
     from newsletter.transport import SmtpTransport
 
-    message = make_message()
+    message = make_message(size)
     smtp = SmtpTransport(SmtpSettings(port=port, timeout=30, max_per_connection=0))
     smtp.open()
     ready.wait()  # every client connected: the clock starts
@@ -70,7 +70,7 @@ def client(port: int, count: int, ready: Barrier) -> None:
     smtp.close()
 
 
-def run(kind: str, store: bool, messages: int, clients: int) -> tuple[float, float]:
+def run(kind: str, store: bool, messages: int, clients: int, size: int) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = ctx.Pipe()
@@ -79,7 +79,7 @@ def run(kind: str, store: bool, messages: int, clients: int) -> tuple[float, flo
         port = ours.recv()
         ready = ctx.Barrier(clients + 1)
         procs = [
-            ctx.Process(target=client, args=(port, messages // clients, ready))
+            ctx.Process(target=client, args=(port, messages // clients, size, ready))
             for _ in range(clients)
         ]
         for proc in procs:
@@ -103,15 +103,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--size", type=int, default=20_000, help="message size in bytes")
     args = parser.parse_args()
-    size = len(make_message())
+    size = len(make_message(args.size))
     print(f"{args.messages} messages of {size / 1024:.1f} kB, {args.clients} client processes")
     for kind, store, label in (
         ("stock", False, "aiosmtpd stock DATA, count only"),
         ("fast", False, "sink FastSMTP, count only"),
         ("fast", True, "sink FastSMTP, Maildir"),
     ):
-        rate, cpu_us = run(kind, store, args.messages, args.clients)
+        rate, cpu_us = run(kind, store, args.messages, args.clients, args.size)
         print(f"  {label:34s} {rate:8.0f} msgs/s   server CPU {cpu_us:6.0f} µs/msg")
 
 

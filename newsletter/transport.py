@@ -272,7 +272,11 @@ class CopyToOutbox:
     def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
         result = self.inner.send(envelope_from, recipient, message)
         if result.outcome == "sent":
-            self.outbox.send(envelope_from, recipient, message)
+            try:
+                self.outbox.send(envelope_from, recipient, message)
+            except TransportError as exc:
+                # The message did go out: a lost copy must not make it look unsent.
+                return replace(result, reply=f"{result.reply} (no outbox copy: {exc})")
         return result
 
     def close(self) -> None:
@@ -332,6 +336,12 @@ class SmtpTransport:
     dropped connection or a timeout before the end of the message makes it
     reconnect once and send that message once more; if the connection is lost
     after the final dot, the result is ``uncertain``, never a silent resend.
+    A 5xx to MAIL FROM raises: the sender is refused, so every message would be.
+
+    The connection is reused for ``max_per_connection`` messages (0: no limit).
+    RSET is sent only after a transaction that did not finish (a refused RCPT,
+    say): a finished DATA already resets the session (RFC 5321 4.1.1.4), and an
+    RSET per message would add a round trip to every message.
     """
 
     def __init__(

@@ -542,3 +542,13 @@ def test_factory_outbox_kind_and_relative_ca_file(tmp_path: Path) -> None:
     assert "pw-123" not in repr(smtp)
     with pytest.raises(ConfigError, match="ca_file"):
         smtp.open()  # the file does not exist: said before any connection
+
+
+def test_a_failed_outbox_copy_does_not_make_a_sent_message_unsent(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    memory = MemoryTransport()
+    transport = CopyToOutbox(memory, OutboxTransport(blocker / "outbox"))
+    result = transport.send(SENDER, "a@example.org", make_message())
+    assert result.outcome == "sent" and "no outbox copy" in result.reply
+    assert len(memory.messages) == 1
