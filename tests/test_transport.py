@@ -342,7 +342,7 @@ def test_drop_after_the_final_dot_is_uncertain_not_resent(smtp_server: ServerFac
 
 def test_stall_after_the_final_dot_is_uncertain(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(stall={"END": 1}))
-    smtp = SmtpTransport(server.settings(timeout=0.3))
+    smtp = SmtpTransport(server.settings(timeout=0.5))
     start = time.monotonic()
     result = smtp.send(SENDER, "a@example.org", make_message())
     took = time.monotonic() - start
@@ -355,7 +355,7 @@ def test_stall_after_the_final_dot_is_uncertain(smtp_server: ServerFactory) -> N
 
 def test_stall_before_the_message_times_out_and_retries(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(stall={"RCPT": 1}))
-    with SmtpTransport(server.settings(timeout=0.3)) as smtp:
+    with SmtpTransport(server.settings(timeout=0.5)) as smtp:
         result = smtp.send(SENDER, "a@example.org", make_message())
     assert result.outcome == "sent"
     assert len(server.messages) == 1
@@ -364,11 +364,11 @@ def test_stall_before_the_message_times_out_and_retries(smtp_server: ServerFacto
 
 def test_stalled_greeting_is_a_clear_error(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(stall={"greeting": ALWAYS}))
-    smtp = SmtpTransport(server.settings(timeout=0.3))
+    smtp = SmtpTransport(server.settings(timeout=0.5))
     with pytest.raises(TransportError) as caught:
         smtp.open()
     message = str(caught.value)
-    assert message.startswith(f"127.0.0.1:{server.port}: no answer within 0.3 s")
+    assert message.startswith(f"127.0.0.1:{server.port}: no answer within 0.5 s")
     assert "timeout" in message  # the hint
 
 
