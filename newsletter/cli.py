@@ -20,6 +20,8 @@ from . import config as config_module
 from .config import Config
 from .content import Issue
 from .errors import NewsletterError
+from .importers import feeds as feeds_module
+from .importers import sources as importing
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,17 +135,24 @@ def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
 
 @issue.command("add")
 @click.argument("issue_ref", metavar="ISSUE")
-@click.argument(
-    "sources", metavar="FILE...", nargs=-1, required=True, type=click.Path(path_type=Path)
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Add it even if an earlier issue has the same URL.")
+@click.option(
+    "--excerpt",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Web pages and feed items: keep the first N paragraphs and link to the rest.",
 )
 @pass_ctx
 @handle_errors
-def issue_add(ctx: Context, issue_ref: str, sources: tuple[Path, ...]) -> None:
-    """Add Markdown article files to ISSUE, in the order given."""
+def issue_add(
+    ctx: Context, issue_ref: str, sources: tuple[str, ...], force: bool, excerpt: int | None
+) -> None:
+    """Add articles to ISSUE in order: .md files, .txt drafts, http(s) URLs or feed:ID."""
     cfg = ctx.config()
-    folder = content.find_issue(cfg.issues_dir, issue_ref)
-    for path in content.add_articles(folder, sources):
-        click.echo(f"added {path.name}")
+    report = importing.add_sources(cfg, issue_ref, sources, force=force, excerpt=excerpt)
+    _print_added(report)
 
 
 @issue.command("remove")
@@ -235,6 +244,133 @@ def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
         click.echo(f"  {result.out_dir / name}  {_kb(size)}")
     for warning in rendered.warnings:
         click.echo(f"Warning: {warning}", err=True)
+
+
+# --- import commands ---
+
+
+def _print_added(report: importing.AddReport) -> None:
+    for added in report.added:
+        click.echo(f"added {added.path.name}  {added.title}  [{added.word_count} words]")
+        if added.origin != str(added.path) and not added.origin.endswith(".md"):
+            click.echo(f"      from {added.origin}")
+        byline = ", ".join(
+            part
+            for part in (added.author, added.source, added.date.isoformat() if added.date else "")
+            if part
+        )
+        if byline:
+            click.echo(f"      {byline}")
+        if added.missing:
+            click.echo(f"      not found: {', '.join(added.missing)} (fill in {added.path})")
+        for note in added.notes:
+            click.echo(f"      note: {note}")
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+@issue.command("import-digest")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--title", default="", help="The new issue's title (default: 'Issue N').")
+@click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+@pass_ctx
+@handle_errors
+def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime | None) -> None:
+    """Split a plain-text digest FILE into a new issue, one article per title and byline."""
+    cfg = ctx.config()
+    report = importing.import_digest(cfg, file, title=title, date=date.date() if date else None)
+    created, digest = report.issue, report.digest
+    click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
+    click.echo(f"Folder:  {created.path}")
+    click.echo(f"Subject: {digest.subject or '(none found: the lead titles will be used)'}")
+    if digest.intro:
+        click.echo(f"Intro:   {len(digest.intro.split())} words before the first article")
+    click.echo(f"Tagline: {digest.tagline or '(none found)'} (not an article)")
+    click.echo(f"Articles: {len(report.added.added)}")
+    for number, added in enumerate(report.added.added, start=1):
+        click.echo(f"{number:>3}. {added.title}  [{added.word_count} words]  {added.path.name}")
+        byline = ", ".join(
+            part
+            for part in (added.author, added.source, added.date.isoformat() if added.date else "")
+            if part
+        )
+        click.echo(f"     {byline or '(no byline)'}")
+        if added.missing:
+            click.echo(f"     not found: {', '.join(added.missing)}")
+        for note in added.notes:
+            click.echo(f"     note: {note}")
+    for note in digest.notes:
+        click.echo(f"note: {note}")
+
+
+@main.group()
+def feed() -> None:
+    """Keep a list of RSS/Atom feeds and pull new items from them."""
+
+
+@feed.command("add")
+@click.argument("name")
+@click.argument("url")
+@pass_ctx
+@handle_errors
+def feed_add(ctx: Context, name: str, url: str) -> None:
+    """Add the feed at URL under NAME (kept in feeds.toml)."""
+    cfg = ctx.config()
+    added = feeds_module.add_feed(cfg, name, url)
+    click.echo(f"added feed {added.name}: {added.url}")
+    click.echo("Next: newsletter feed pull")
+
+
+@feed.command("list")
+@pass_ctx
+@handle_errors
+def feed_list(ctx: Context) -> None:
+    """List the feeds."""
+    cfg = ctx.config()
+    listed = feeds_module.read_feeds(cfg)
+    if not listed:
+        click.echo("No feeds yet. Add one with `newsletter feed add NAME URL`.")
+    for item in listed:
+        click.echo(f"{item.name}  {item.url}")
+
+
+@feed.command("remove")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def feed_remove(ctx: Context, name: str) -> None:
+    """Remove the feed called NAME."""
+    cfg = ctx.config()
+    removed = feeds_module.remove_feed(cfg, name)
+    click.echo(f"removed feed {removed.name}: {removed.url}")
+
+
+@feed.command("pull")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@pass_ctx
+@handle_errors
+def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
+    """Fetch the feeds and list items that no issue has used yet, each with an id."""
+    cfg = ctx.config()
+    report = feeds_module.pull(cfg, names)
+    for result in report.results:
+        status = "not modified" if result.not_modified else f"{len(result.new_ids)} new"
+        used = f", {result.used} already in an issue" if result.used else ""
+        click.echo(f"{result.feed.name}: {status}, {len(result.items)} not used yet{used}")
+        for item in result.items:
+            date = item.published.isoformat() if item.published else "          "
+            mark = "  (new)" if item.id in result.new_ids else ""
+            click.echo(f"  {item.id}  {date}  {item.title}{mark}")
+            click.echo(f"           {item.url}")
+    if any(result.items for result in report.results):
+        click.echo("Add one with: newsletter issue add ISSUE feed:ID")
+    report.raise_for_errors()
 
 
 # --- smtp-sink command ---

@@ -118,6 +118,14 @@ class BounceSettings:
 
 
 @dataclass(frozen=True)
+class FetchSettings:
+    """How article import fetches web pages and feeds: patience and a size limit."""
+
+    timeout: float = 20.0  # seconds to connect, and to wait for each piece of the answer
+    max_bytes: int = 5_000_000  # a page or feed larger than this is refused
+
+
+@dataclass(frozen=True)
 class Secrets:
     """Secrets from the environment; ``repr`` never shows them."""
 
@@ -155,6 +163,7 @@ class Config:
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     server: ServerSettings = ServerSettings()
     bounces: BounceSettings = BounceSettings()
+    fetch: FetchSettings = FetchSettings()
     secrets: Secrets = Secrets()
     db_override: Path | None = None
 
@@ -181,6 +190,16 @@ class Config:
     @property
     def outbox_dir(self) -> Path:
         return self.state_dir / "outbox"
+
+    @property
+    def feeds_path(self) -> Path:
+        """The editor's feed list (content, kept in git)."""
+        return self.root / "feeds.toml"
+
+    @property
+    def feed_state_path(self) -> Path:
+        """What the tool remembers about feeds: ETags, Last-Modified, items seen."""
+        return self.state_dir / "feeds.json"
 
     @property
     def db_path(self) -> Path:
@@ -210,6 +229,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "unsubscribe": UnsubscribeSettings,
     "server": ServerSettings,
     "bounces": BounceSettings,
+    "fetch": FetchSettings,
 }
 
 # Keys that look like secrets are refused in the file, with a pointer to the env var.
@@ -358,6 +378,10 @@ def _validate(config: Config, path: Path, text: str) -> None:
                 f"[dkim] {key} '{value}' has illegal characters",
                 "use letters, digits, dots and hyphens",
             )
+    if config.fetch.timeout <= 0:
+        fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")
+    if config.fetch.max_bytes < 1:
+        fail("max_bytes", "[fetch] max_bytes must be at least 1", "set it to e.g. 5000000")
 
 
 def _read_text(path: Path) -> str:
