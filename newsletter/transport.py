@@ -52,6 +52,8 @@ __all__ = [
     "Transport",
     "TransportKind",
     "is_loopback",
+    "maildir_deliver",
+    "smtp_data_bytes",
     "trace_headers",
     "transport_from_config",
 ]
