@@ -374,6 +374,193 @@ def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
     report.raise_for_errors()
 
 
+# --- deliverability commands ---
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option("--spam", is_flag=True, help="Also score a sample message with SpamAssassin (-L).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_ctx
+@handle_errors
+def check(ctx: Context, issue_ref: str, spam: bool, as_json: bool) -> None:
+    """Say what would hurt ISSUE's delivery; exit 1 when there are errors."""
+    import json
+
+    from . import check as check_module
+
+    cfg = ctx.config()
+    report = check_module.check_issue(cfg, _issue(cfg, issue_ref), spam=spam)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"Issue {report.issue_number}: {report.subject}")
+        for finding in report.findings:
+            where = f"  [{finding.where}]" if finding.where else ""
+            click.echo(f"{finding.level:<8}{finding.code:<26}{finding.message}{where}")
+        if report.spam is not None:
+            for rule in report.spam.rules:
+                click.echo(
+                    f"{'':8}{'spam rule':<26}{rule.score:+5.1f}  {rule.name}  {rule.description}"
+                )
+        click.echo(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """DKIM keys for signing outgoing mail."""
+
+
+@dkim_group.command("keygen")
+@click.option(
+    "--selector", default=None, help="DKIM selector (default: [dkim] selector, or 'newsletter')."
+)
+@click.option(
+    "--domain", default=None, help="Signing domain (default: [dkim] domain, or the sender's)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the key files (default: .newsletter/dkim/, which git ignores).",
+)
+@click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size (1024-4096).")
+@pass_ctx
+@handle_errors
+def dkim_keygen(
+    ctx: Context, selector: str | None, domain: str | None, out_dir: Path | None, bits: int
+) -> None:
+    """Write a DKIM key pair and print the DNS TXT record to publish."""
+    from . import dkim
+
+    cfg = ctx.config() if None in (selector, domain, out_dir) else None
+    pair = dkim.generate(
+        out_dir or (cfg.state_dir / "dkim" if cfg else Path(".")),
+        selector or (cfg.dkim.selector if cfg and cfg.dkim.selector else "newsletter"),
+        domain or (cfg.dkim.domain or cfg.sender_domain if cfg else ""),
+        bits=bits,
+    )
+    click.echo(f"private key: {pair.private_path}  (mode 600; keep it out of git)")
+    click.echo(f"public key:  {pair.public_path}")
+    click.echo("Publish this DNS record:")
+    click.echo(pair.zone_line)
+    click.echo(
+        f'Then set [dkim] selector, domain and key_file = "{pair.private_path}" in newsletter.toml '
+        "(or NEWSLETTER_DKIM_KEY_FILE), and run `newsletter check`."
+    )
+
+
+@dkim_group.command("record")
+@pass_ctx
+@handle_errors
+def dkim_record(ctx: Context) -> None:
+    """Print the DNS TXT record for the configured DKIM key (reads the key, checks the config)."""
+    from . import dkim
+    from .errors import ConfigError
+
+    cfg = ctx.config()
+    signer = dkim.signer_from_config(cfg)
+    if signer is None:
+        raise ConfigError(
+            "DKIM is not configured",
+            where=str(cfg.path),
+            hint="set [dkim] selector, domain and key_file; `newsletter dkim keygen` makes a key",
+        )
+    click.echo(signer.zone_line)
+    for warning in signer.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+# --- smtp-sink command ---
+
+
+@main.command("smtp-sink")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default: [smtp] port of the workspace, else 8025; 0 picks a free one).",
+)
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Maildir to store messages in (default: .newsletter/sink/ in the workspace).",
+)
+@click.option(
+    "--outbox", is_flag=True, help="Also write each message as .eml into .newsletter/outbox/."
+)
+@click.option("--count-only", is_flag=True, help="Store nothing, only count (for benchmarks).")
+@click.option("--quiet", "-q", is_flag=True, help="No line per message.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a non-loopback --host (anyone who can reach it can drop mail in it).",
+)
+@pass_ctx
+@handle_errors
+def smtp_sink(
+    ctx: Context,
+    host: str,
+    port: int | None,
+    maildir: Path | None,
+    outbox: bool,
+    count_only: bool,
+    quiet: bool,
+    allow_remote: bool,
+) -> None:
+    """Run a local SMTP server that keeps every message it receives (Ctrl-C stops it)."""
+    from .errors import ConfigError
+    from .sink import SinkMessage, format_message_line, start_sink
+    from .transport import is_loopback
+
+    needs_workspace = outbox or (maildir is None and not count_only)
+    config: Config | None
+    try:
+        config = ctx.config()
+    except ConfigError:
+        if needs_workspace:
+            raise
+        config = None
+    if maildir is None and not count_only and config is not None:
+        maildir = config.state_dir / "sink"
+    if count_only:
+        maildir = None
+    if port is None:
+        port = config.smtp.port if config is not None else 8025
+    if not is_loopback(host) and allow_remote:
+        click.echo(
+            f"Warning: listening on {host}: anyone who can reach it can drop mail here.", err=True
+        )
+
+    def show(message: SinkMessage) -> None:
+        click.echo(format_message_line(message))
+
+    sink = start_sink(
+        maildir,
+        host=host,
+        port=port,
+        outbox=config.outbox_dir if outbox and config is not None else None,
+        on_message=None if quiet else show,
+        allow_remote=allow_remote,
+    )
+    stored = f"storing in {maildir}" if maildir else "counting only"
+    if outbox and config is not None:
+        stored += f" and {config.outbox_dir}"
+    click.echo(f"smtp-sink listening on {sink.host}:{sink.port}, {stored} (Ctrl-C to stop)")
+    try:
+        sink.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.stop()
+    click.echo(f"smtp-sink stopped after {sink.count} messages.")
+
+
 # --- preview command ---
 
 

@@ -29,6 +29,9 @@ ENV_IMAP_PASSWORD = "NEWSLETTER_IMAP_PASSWORD"
 ENV_DB = "NEWSLETTER_DB"
 
 _KEY_CHARS = re.compile(r"^[A-Za-z0-9_-]+$")
+# A DKIM selector or domain: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+DKIM_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class SmtpSettings:
     timeout: float = 30.0
     max_per_connection: int = 100
     helo_name: str = ""
+    ca_file: str = ""  # PEM CA certificates to trust instead of the system store (a private CA)
 
 
 @dataclass(frozen=True)
@@ -371,11 +375,11 @@ def _validate(config: Config, path: Path, text: str) -> None:
     if config.delivery.rate < 0:
         fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
     for key, value in (("selector", config.dkim.selector), ("domain", config.dkim.domain)):
-        if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+        if value and not DKIM_NAME_RE.fullmatch(value):
             fail(
                 key,
                 f"[dkim] {key} '{value}' has illegal characters",
-                "use letters, digits, dots and hyphens",
+                "use letters, digits and hyphens, with dots between labels",
             )
     if config.fetch.timeout <= 0:
         fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")

@@ -532,6 +532,10 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         keep_style_tags=True,
         remove_classes=False,
         disable_validation=True,
+        # Keep the pixel width="..." that MJML and the theme put on images: premailer would
+        # overwrite it with CSS's "100%" (and add height="auto"), and Outlook for Windows
+        # then shows each image at its natural size.
+        disable_basic_attributes=["width", "height"],
         cssutils_logging_level=logging.CRITICAL,
     )
     if not inlined.lstrip().lower().startswith("<!doctype"):
