@@ -9,17 +9,18 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import sys
+import webbrowser
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__, content, render
+from . import __version__, content, preview, render
 from . import config as config_module
 from .config import Config
 from .content import Issue
-from .errors import NewsletterError
+from .errors import NewsletterError, PreviewError
 from .importers import feeds as feeds_module
 from .importers import sources as importing
 
@@ -474,6 +475,154 @@ def dkim_record(ctx: Context) -> None:
     click.echo(signer.zone_line)
     for warning in signer.warnings:
         click.echo(f"Warning: {warning}", err=True)
+
+
+# --- smtp-sink command ---
+
+
+@main.command("smtp-sink")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default: [smtp] port of the workspace, else 8025; 0 picks a free one).",
+)
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Maildir to store messages in (default: .newsletter/sink/ in the workspace).",
+)
+@click.option(
+    "--outbox", is_flag=True, help="Also write each message as .eml into .newsletter/outbox/."
+)
+@click.option("--count-only", is_flag=True, help="Store nothing, only count (for benchmarks).")
+@click.option("--quiet", "-q", is_flag=True, help="No line per message.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a non-loopback --host (anyone who can reach it can drop mail in it).",
+)
+@pass_ctx
+@handle_errors
+def smtp_sink(
+    ctx: Context,
+    host: str,
+    port: int | None,
+    maildir: Path | None,
+    outbox: bool,
+    count_only: bool,
+    quiet: bool,
+    allow_remote: bool,
+) -> None:
+    """Run a local SMTP server that keeps every message it receives (Ctrl-C stops it)."""
+    from .errors import ConfigError
+    from .sink import SinkMessage, format_message_line, start_sink
+    from .transport import is_loopback
+
+    needs_workspace = outbox or (maildir is None and not count_only)
+    config: Config | None
+    try:
+        config = ctx.config()
+    except ConfigError:
+        if needs_workspace:
+            raise
+        config = None
+    if maildir is None and not count_only and config is not None:
+        maildir = config.state_dir / "sink"
+    if count_only:
+        maildir = None
+    if port is None:
+        port = config.smtp.port if config is not None else 8025
+    if not is_loopback(host) and allow_remote:
+        click.echo(
+            f"Warning: listening on {host}: anyone who can reach it can drop mail here.", err=True
+        )
+
+    def show(message: SinkMessage) -> None:
+        click.echo(format_message_line(message))
+
+    sink = start_sink(
+        maildir,
+        host=host,
+        port=port,
+        outbox=config.outbox_dir if outbox and config is not None else None,
+        on_message=None if quiet else show,
+        allow_remote=allow_remote,
+    )
+    stored = f"storing in {maildir}" if maildir else "counting only"
+    if outbox and config is not None:
+        stored += f" and {config.outbox_dir}"
+    click.echo(f"smtp-sink listening on {sink.host}:{sink.port}, {stored} (Ctrl-C to stop)")
+    try:
+        sink.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.stop()
+    click.echo(f"smtp-sink stopped after {sink.count} messages.")
+
+
+# --- preview command ---
+
+
+@main.command("preview")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help=f"Port to listen on; 0 picks a free one (default: {preview.DEFAULT_PORT}, or a free one if taken).",
+)
+@click.option(
+    "--host",
+    default=preview.DEFAULT_HOST,
+    show_default=True,
+    help="Address to listen on; anything but loopback lets other machines read the preview.",
+)
+@click.option("--no-open", is_flag=True, help="Do not open the page in a browser.")
+@pass_ctx
+@handle_errors
+def preview_command(
+    ctx: Context, issue_ref: str, port: int | None, host: str, no_open: bool
+) -> None:
+    """Preview ISSUE in a browser; it rebuilds and reloads on every save."""
+    cfg = ctx.config()
+    folder = content.find_issue(cfg.issues_dir, issue_ref)
+    warning = preview.host_warning(host)
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
+
+    def report(state: preview.PreviewState) -> None:
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        if state.problem is not None:
+            click.echo(f"{stamp} Build error: {state.problem.text}", err=True)
+        else:
+            click.echo(f"{stamp} Built {state.issue} in {state.seconds:.2f} s")
+            for text in state.warnings:
+                click.echo(f"{stamp} Warning: {text}", err=True)
+
+    server = preview.PreviewServer(
+        cfg, folder, host, preview.DEFAULT_PORT if port is None else port, on_build=report
+    )
+    try:
+        server.start()
+    except PreviewError:
+        if port is not None:
+            raise
+        click.echo(f"Port {preview.DEFAULT_PORT} is taken; using a free one.", err=True)
+        server = preview.PreviewServer(cfg, folder, host, 0, on_build=report)
+        server.start()
+    click.echo(f"Preview of {folder.name} at {server.url}  (Ctrl-C to stop)")
+    if not no_open:
+        webbrowser.open(server.url)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("\nPreview stopped.")
+    finally:
+        server.stop()
 
 
 # --- subscriber commands ---

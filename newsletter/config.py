@@ -63,6 +63,7 @@ class SmtpSettings:
     timeout: float = 30.0
     max_per_connection: int = 100
     helo_name: str = ""
+    ca_file: str = ""  # PEM CA certificates to trust instead of the system store (a private CA)
 
 
 @dataclass(frozen=True)

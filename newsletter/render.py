@@ -353,6 +353,11 @@ def _cached_environment(workspace_templates: Path | None) -> jinja2.Environment:
     return template_environment(workspace_templates)
 
 
+def clear_template_cache() -> None:
+    """Forget loaded templates, so a template added or removed while previewing is seen."""
+    _cached_environment.cache_clear()
+
+
 def format_date(date: dt.date | None, pattern: str) -> str:
     """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``)."""
     if date is None:
