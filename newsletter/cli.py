@@ -771,6 +771,8 @@ def subscribers_count(ctx: Context) -> None:
 
 # --- sending commands ---
 
+EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
+
 
 def _transport_name(cfg: Config) -> str:
     smtp = cfg.smtp
@@ -785,10 +787,19 @@ def _print_report(report: delivery.DeliveryReport) -> None:
     )
     counts = ", ".join(f"{state} {n}" for state, n in report.counts.items() if n)
     click.echo(f"Ledger for {report.issue_key}: {counts or 'empty'}")
-    for entry in report.problems[:20]:
-        click.echo(f"  {entry.state:<9} {entry.email}  {entry.last_reply}", err=True)
-    if report.stopped_by:
-        click.echo(f"Stopped: {report.stopped_by}", err=True)
+    shown = [e for e in report.problems if e.state != delivery.DeliveryState.DEFERRED]
+    for entry in shown[:20]:
+        click.echo(f"  {entry.state:<9} {entry.email}  {entry.last_reply}")
+    deferred = report.counts.get(delivery.DeliveryState.DEFERRED, 0)
+    if deferred:
+        click.echo(f"{deferred} deferred: run `newsletter send` again later to send them.")
+    if report.counts.get(delivery.DeliveryState.UNCERTAIN, 0):
+        click.echo(
+            "Uncertain recipients may or may not have their copy; "
+            "--resend-uncertain sends them another."
+        )
+    if len(shown) > 20 or deferred:
+        click.echo(f"See `newsletter status {report.issue_key}` for every recipient's reply.")
 
 
 @main.command()
@@ -809,7 +820,7 @@ def _print_report(report: delivery.DeliveryReport) -> None:
     "--rate",
     type=click.FloatRange(min=0),
     default=None,
-    help="At most this many messages per second.",
+    help="At most this many messages per second (0: no limit).",
 )
 @click.option(
     "--connections",
@@ -839,7 +850,11 @@ def send(
     resend_uncertain: bool,
     include_new: bool,
 ) -> None:
-    """Send ISSUE to every active subscriber, once; re-running resumes."""
+    """Send ISSUE to every active subscriber, once; re-running resumes.
+
+    Exit status: 0 when every recipient of this run was sent to, 1 when one
+    failed or the run stopped, 75 when some were deferred for a later run.
+    """
     from . import dkim
     from .store import Status
     from .transport import transport_from_config
@@ -859,35 +874,55 @@ def send(
         if not all(r.ok for r in results):
             sys.exit(1)
         return
+    options = delivery.SendOptions(
+        limit=limit,
+        rate=rate,
+        connections=connections,
+        include_new=include_new,
+        resend_uncertain=resend_uncertain,
+    )
     with _open_store(ctx) as store:
         if dry_run:
             dry = delivery.dry_run(
                 cfg, rendered, store.list_subscribers(Status.ACTIVE), sign=signer
             )
+            for address in dry.invalid:
+                click.echo(f"cannot build a message for {address!r}", err=True)
             click.echo(
                 f"Dry run: built {dry.messages} messages, {dry.total_bytes / 1e6:.1f} MB, "
                 f"in {dry.elapsed:.2f} s. Nothing was sent or recorded."
             )
             return
-        plan = delivery.plan_send(cfg, rendered, store, _transport_name(cfg))
+        plan = delivery.plan_send(cfg, rendered, store, _transport_name(cfg), options)
         click.echo(f"Subject:    {plan.subject}")
         click.echo(f"From:       {plan.sender}")
         click.echo(
             f"Recipients: {plan.recipients}"
             + (f" (already sent: {plan.already_sent})" if plan.already_sent else "")
         )
-        if plan.uncertain:
+        if plan.uncertain and not resend_uncertain:
             click.echo(
                 f"Uncertain:  {plan.uncertain} (a crashed run; re-sent only with --resend-uncertain)"
             )
+        if plan.new_subscribers and not include_new:
+            click.echo(
+                f"New:        {plan.new_subscribers} joined after the first send "
+                "(added only with --include-new)"
+            )
         click.echo(f"Size:       {_kb(plan.message_size)} per message")
         click.echo(f"Transport:  {plan.transport}")
-        if plan.recipients == 0 and not (resend_uncertain and plan.uncertain) and not include_new:
+        if plan.recipients == 0:
             click.echo("Nothing to send.")
             return
-        if not yes and not click.confirm("Send now?", default=False):
-            click.echo("Not sent.")
-            return
+        if not yes:
+            try:
+                confirmed = click.confirm("Send now?", default=False)
+            except click.Abort:
+                confirmed = False  # no answer (no terminal, end of input): do not send
+                click.echo()
+            if not confirmed:
+                click.echo("Not sent.")
+                sys.exit(1)
         bar: Any = None
 
         def show(progress: delivery.Progress) -> None:
@@ -898,11 +933,11 @@ def send(
                     label="Sending",
                     show_pos=True,
                     show_eta=True,
+                    item_show_func=lambda p: f"{p.rate:.0f}/s" if p is not None else None,
                     file=sys.stderr,
                 )
                 bar.__enter__()
-            bar.label = f"Sending ({progress.rate:.0f}/s)"
-            bar.update(progress.done - bar.pos)
+            bar.update(progress.done - bar.pos, current_item=progress)
 
         try:
             report = delivery.send_issue(
@@ -910,13 +945,7 @@ def send(
                 rendered,
                 store,
                 lambda: transport_from_config(cfg),
-                options=delivery.SendOptions(
-                    limit=limit,
-                    rate=rate,
-                    connections=connections,
-                    include_new=include_new,
-                    resend_uncertain=resend_uncertain,
-                ),
+                options=options,
                 sign=signer,
                 progress=show,
             )
@@ -924,12 +953,16 @@ def send(
             if bar is not None:
                 bar.__exit__(None, None, None)
     if report.found_uncertain:
-        click.echo(
-            f"Found {report.found_uncertain} recipients left uncertain by a crashed run.", err=True
-        )
+        click.echo(f"Found {report.found_uncertain} recipients left uncertain by a crashed run.")
     _print_report(report)
+    if report.error is not None:
+        fail(str(report.error))
+    if report.stopped_by:
+        fail(f"the send stopped early ({report.stopped_by}); run it again to resume")
     if not report.ok:
         sys.exit(1)
+    if report.deferred:
+        sys.exit(EXIT_DEFERRED)
 
 
 @main.command()

@@ -4,11 +4,23 @@ The ledger is the truth about who got what. A row is committed as ``sending``
 before its bytes go to the server, results are recorded in batches, and the
 pending recipients are always read from the ledger, never from a counter. The
 main thread owns the database; K worker threads each own one transport.
+
+What a run guarantees, whatever stops it:
+
+* A row is handed to a worker only after its claim is committed (and fsynced),
+  so a message that may have gone out is never ``queued`` again: at worst it
+  is ``uncertain`` (a kill -9 between send and record), reported and re-sent
+  only on request.
+* A row whose message certainly did not go out (transport down, run stopped
+  before its turn) is handed back as ``deferred`` for the next run.
+* 4xx replies are retried with exponential backoff up to ``[delivery] retries``
+  times within the run, then left ``deferred`` for the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -18,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from .config import Config
 from .errors import DeliveryError, NewsletterError, TransportError
-from .message import MessageTemplate, OutgoingMessage, Recipient, prepare
+from .message import MessageTemplate, Recipient, prepare
 from .render import RenderedIssue
 from .store import (
     ClaimedRecipient,
@@ -29,31 +41,33 @@ from .store import (
     Store,
     Subscriber,
 )
-from .transport import SendResult, Transport
+from .transport import CrlfBytes, SendResult, Transport, transport_from_config
 
 TransportFactory = Callable[[], Transport]
 Signer = Callable[[bytes], bytes]
 _STOP = object()
+PROGRESS_INTERVAL = 0.1  # seconds between progress callbacks (the last one always comes)
+CLAIM_AHEAD_SECONDS = 1.0  # with a rate limit, claim at most about this much work at once
 
 
 @dataclass(frozen=True)
 class SendOptions:
     """How one run behaves; None means "as the config says"."""
 
-    limit: int | None = None
+    limit: int | None = None  # at most this many sends (retries count) in this run
     rate: float | None = None
     connections: int | None = None
     include_new: bool = False
     resend_uncertain: bool = False
-    batch_size: int = 0  # rows claimed per transaction; 0 = chosen from connections
+    batch_size: int = 0  # rows claimed per transaction; 0 = chosen from connections and rate
 
 
 @dataclass(frozen=True)
 class Progress:
-    """Counts so far in this run, for a progress bar."""
+    """Counts so far in this run, for a progress bar. ``done`` never goes down."""
 
-    done: int
-    total: int
+    done: int  # rows that reached their state for this run (sent, failed, deferred, uncertain)
+    total: int  # rows due when the run started (at most --limit)
     sent: int
     failed: int
     deferred: int
@@ -67,31 +81,39 @@ class Progress:
 
 @dataclass(frozen=True)
 class DeliveryReport:
-    """What a run did, and what the ledger now says about the issue."""
+    """What a run did, and what the ledger now says about the issue.
+
+    ``sent``/``failed``/``deferred``/``uncertain`` count rows by where this run
+    left them (``deferred``: left for the next run); ``attempts`` counts
+    messages handed to the transport, retries included.
+    """
 
     issue_key: str
-    attempted: int
+    attempts: int
     sent: int
     failed: int
     deferred: int
     uncertain: int
+    retried: int  # 4xx replies retried within the run
     elapsed: float
     found_uncertain: int  # rows a crashed earlier run left, now marked uncertain
     counts: dict[DeliveryState, int] = field(default_factory=dict)
     problems: tuple[LedgerEntry, ...] = ()
     stopped_by: str = ""  # why the run stopped early ("" = it finished)
+    error: NewsletterError | None = None  # the error that stopped it, if any
+
+    @property
+    def done(self) -> int:
+        return self.sent + self.failed + self.deferred + self.uncertain
 
     @property
     def rate(self) -> float:
-        return self.attempted / self.elapsed if self.elapsed > 0 else 0.0
+        return self.attempts / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def ok(self) -> bool:
-        return (
-            self.failed == 0
-            and not self.stopped_by
-            and self.counts.get(DeliveryState.FAILED, 0) == 0
-        )
+        """No recipient failed in this run, and the run was not stopped."""
+        return self.failed == 0 and not self.stopped_by
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,7 @@ class SendPlan:
     recipients: int  # the ones this run would send to
     already_sent: int
     uncertain: int
+    new_subscribers: int  # active, not in the fixed recipients (sent to with include_new)
     message_size: int
     transport: str
     snapshot_fixed: bool
@@ -119,16 +142,29 @@ def recipient_of(subscriber: Subscriber) -> Recipient:
 
 
 def plan_send(
-    config: Config, rendered: RenderedIssue, store: Store, transport_name: str
+    config: Config,
+    rendered: RenderedIssue,
+    store: Store,
+    transport_name: str,
+    options: SendOptions = SendOptions(),
 ) -> SendPlan:
     """The numbers for the confirmation prompt, without changing anything."""
     key = rendered.issue.key
     snapshot = store.issue_snapshot(key)
     counts = store.ledger_counts(key)
+    # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
+    uncertain = counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING]
+    new = store.count_new_subscribers(key)
     if snapshot is None:
-        pending = store.count(Status.ACTIVE)
+        pending = new
     else:
         pending = counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED]
+        if options.include_new:
+            pending += new
+        if options.resend_uncertain:
+            pending += uncertain
+    if options.limit is not None:
+        pending = min(pending, options.limit)
     template = prepare(rendered, config)
     return SendPlan(
         issue_key=key,
@@ -136,75 +172,113 @@ def plan_send(
         sender=config.newsletter.sender,
         recipients=pending,
         already_sent=counts[DeliveryState.SENT],
-        uncertain=counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING],
+        uncertain=uncertain,
+        new_subscribers=new if snapshot is not None else 0,
         message_size=template.size,
         transport=transport_name,
         snapshot_fixed=snapshot is not None,
     )
 
 
-class _RateLimiter:
-    """Spaces out sends across all workers to at most ``rate`` per second."""
+class RateLimiter:
+    """Spaces sends across all workers to at most ``rate`` per second.
 
-    def __init__(self, rate: float, stop: threading.Event) -> None:
+    ``clock`` and ``sleep`` are injectable so the spacing can be tested without
+    waiting; ``sleep`` returns True when the run was stopped meanwhile.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        stop: threading.Event,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], bool] | None = None,
+    ) -> None:
         self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.next_at = time.monotonic()
+        self.clock = clock
+        self.sleep = sleep or stop.wait
+        self.next_at = clock()
         self.lock = threading.Lock()
-        self.stop = stop
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Wait for this send's slot; False if the run was stopped while waiting."""
         if not self.interval:
-            return
+            return True
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             at = max(self.next_at, now)
             self.next_at = at + self.interval
         if at > now:
-            self.stop.wait(at - now)
+            return not self.sleep(at - now)
+        return True
 
 
 @dataclass(frozen=True)
 class _Outcome:
     claimed: ClaimedRecipient
-    result: SendResult | None  # None: not handed over (stopped or transport down)
+    result: SendResult | None  # None: certainly not handed over (run stopped, transport down)
     message_id: str = ""
-    error: str = ""
+    note: str = ""  # why it was not handed over
+    error: NewsletterError | None = None  # set when this outcome stops the run
 
 
 def _worker(
     template: MessageTemplate,
     make_transport: TransportFactory,
+    transport: Transport | None,
     work: queue.Queue[object],
     results: queue.Queue[_Outcome],
     stop: threading.Event,
-    limiter: _RateLimiter,
+    limiter: RateLimiter,
 ) -> None:
-    transport: Transport | None = None
+    """Send claimed rows from ``work`` until _STOP; every row gets exactly one outcome."""
     try:
         while True:
             item = work.get()
             if item is _STOP:
                 return
             assert isinstance(item, ClaimedRecipient)
+            email = item.subscriber.email
             if stop.is_set():
-                results.put(_Outcome(item, None, error="run stopped before sending"))
+                results.put(_Outcome(item, None, note="not sent: the run stopped first"))
                 continue
             try:
-                outgoing: OutgoingMessage = template.personalise(recipient_of(item.subscriber))
+                outgoing = template.personalise(recipient_of(item.subscriber))
             except ValueError as exc:
-                results.put(
-                    _Outcome(item, SendResult(item.subscriber.email, "failed", None, str(exc)))
-                )
+                results.put(_Outcome(item, SendResult(email, "failed", None, str(exc))))
                 continue
-            limiter.acquire()
+            # prepare() makes CRLF-only bytes; a signer of unknown make may not.
+            data = outgoing.data if template.sign is not None else CrlfBytes(outgoing.data)
+            if not limiter.acquire() or stop.is_set():
+                results.put(_Outcome(item, None, note="not sent: the run stopped first"))
+                continue
             try:
                 if transport is None:
                     transport = make_transport()
-                result = transport.send(template.envelope_from, outgoing.recipient, outgoing.data)
+                result = transport.send(template.envelope_from, outgoing.recipient, data)
             except NewsletterError as exc:
-                # Certainly not handed over; stop the run, this row goes back to the queue.
+                # The transport's contract: raised only when the message certainly did not
+                # go out. Stop the run; this row goes back to the queue for the next one.
                 stop.set()
-                results.put(_Outcome(item, None, error=str(exc)))
+                results.put(_Outcome(item, None, note=f"not sent: {exc}", error=exc))
+                continue
+            except Exception as exc:
+                # A bug or something unforeseen: nobody knows whether the server took it.
+                stop.set()
+                error = DeliveryError(
+                    f"unexpected error while sending to {email}: {exc!r}",
+                    hint="this is a bug in newsletter; the recipient is marked uncertain",
+                )
+                reply = f"unexpected error while sending: {exc!r}"
+                results.put(
+                    _Outcome(
+                        item,
+                        SendResult(email, "uncertain", None, reply),
+                        outgoing.message_id,
+                        error=error,
+                    )
+                )
                 continue
             results.put(_Outcome(item, result, outgoing.message_id))
     finally:
@@ -212,6 +286,17 @@ def _worker(
             # Closing a dead connection must not hide the real outcome.
             with contextlib.suppress(Exception):
                 transport.close()
+
+
+def _batch_size(options: SendOptions, connections: int, rate: float) -> int:
+    """Rows per claim: enough to amortise the claim's fsync, few enough that a crash
+    leaves little uncertain (at most about two batches are in flight)."""
+    if options.batch_size > 0:
+        return options.batch_size
+    batch = max(16, connections * 16)
+    if rate > 0:
+        batch = min(batch, max(1, math.ceil(rate * CLAIM_AHEAD_SECONDS / 2)))
+    return batch
 
 
 def send_issue(
@@ -228,63 +313,69 @@ def send_issue(
     """Send ``rendered`` to every recipient the ledger says is due, once.
 
     Safe to run again after any failure or crash: it resumes with those not yet
-    sent. A second concurrent run on the same issue gets a DeliveryError.
+    sent. A second concurrent run on the same issue gets a DeliveryError. When
+    the server cannot be reached at the start, the TransportError is raised
+    before anything changes (the recipients are not fixed either).
     """
     key = rendered.issue.key
     template = prepare(rendered, config, sign=sign)
     connections = options.connections or config.delivery.connections
     rate = config.delivery.rate if options.rate is None else options.rate
-    batch = options.batch_size or max(8, connections * 8)
+    batch = _batch_size(options, connections, rate)
     stop = stop or threading.Event()
+    started = time.monotonic()
     with store.acquire_send_lock(key) as lock:
-        if options.resend_uncertain:
-            store.resend_uncertain(key)
-        store.snapshot_recipients(key, include_new=options.include_new)
         counts = store.ledger_counts(key)
+        maybe_work = (
+            store.issue_snapshot(key) is None
+            or options.include_new
+            or counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED] > 0
+            or (options.resend_uncertain and counts[DeliveryState.UNCERTAIN] > 0)
+        )
+        first: Transport | None = None
+        if maybe_work:
+            # Connect before touching the ledger: a server that is down or refuses
+            # the login is one clear error, and the recipients stay unfixed.
+            first = make_transport()
+            try:
+                first.open()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    first.close()
+                raise
+        try:
+            if options.resend_uncertain:
+                store.resend_uncertain(key)
+            store.snapshot_recipients(key, include_new=options.include_new)
+            counts = store.ledger_counts(key)
+        except BaseException:
+            if first is not None:
+                with contextlib.suppress(Exception):
+                    first.close()
+            raise
         due = counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED]
         total = min(due, options.limit) if options.limit is not None else due
-        run = _Run(config, store, key, lock.run_id, total, progress)
-        work: queue.Queue[object] = queue.Queue()
-        results: queue.Queue[_Outcome] = queue.Queue()
-        limiter = _RateLimiter(rate, stop)
-        workers = [
-            threading.Thread(
-                target=_worker,
-                args=(template, make_transport, work, results, stop, limiter),
-                name=f"send-{n}",
-                daemon=True,
-            )
-            for n in range(connections)
-        ]
-        for worker in workers:
-            worker.start()
-        try:
-            run.loop(work, results, stop, batch, options.limit)
-        except KeyboardInterrupt:
-            stop.set()
-            run.stopped_by = "interrupted"
-        finally:
-            # Workers finish what is queued (or hand it back once stop is set), then exit.
-            for _ in workers:
-                work.put(_STOP)
-            for worker in workers:
-                worker.join()
-            run.drain(results, block=False)
-            run.flush()
-        if run.transport_error and not run.stopped_by:
-            run.stopped_by = run.transport_error
+        run = _Run(config, store, key, lock.run_id, total, batch, options.limit, stop, progress)
+        if due == 0 or (options.limit is not None and options.limit <= 0):
+            if first is not None:
+                with contextlib.suppress(Exception):
+                    first.close()
+        else:
+            run.execute(template, make_transport, first, connections, rate)
         return DeliveryReport(
             issue_key=key,
-            attempted=run.sent + run.failed + run.deferred + run.uncertain,
+            attempts=run.attempts,
             sent=run.sent,
             failed=run.failed,
-            deferred=run.deferred,
+            deferred=run.deferred + len(run.tries),  # scheduled retries the run did not reach
             uncertain=run.uncertain,
-            elapsed=time.monotonic() - run.started,
+            retried=run.retried,
+            elapsed=time.monotonic() - started,
             found_uncertain=lock.uncertain,
             counts=store.ledger_counts(key),
             problems=tuple(store.ledger_problems(key, limit=50)),
             stopped_by=run.stopped_by,
+            error=run.error,
         )
 
 
@@ -298,6 +389,9 @@ class _Run:
         key: str,
         run_id: str,
         total: int,
+        batch: int,
+        limit: int | None,
+        stop: threading.Event,
         progress: Callable[[Progress], None] | None,
     ) -> None:
         self.config = config
@@ -305,95 +399,190 @@ class _Run:
         self.key = key
         self.run_id = run_id
         self.total = total
+        self.batch = batch
+        self.limit = limit
+        self.stop = stop
         self.progress = progress
         self.started = time.monotonic()
+        self.last_progress = 0.0
+        self.work: queue.Queue[object] = queue.Queue()
+        self.results: queue.Queue[_Outcome] = queue.Queue()
+        self.workers: list[threading.Thread] = []
         self.in_flight = 0
         self.claimed_total = 0
         self.pending: list[DeliveryResult] = []
-        self.sent = self.failed = self.deferred = self.uncertain = 0
+        self.tries: dict[int, int] = {}  # subscriber id -> 4xx replies in this run, while retried
+        self.attempts = self.sent = self.failed = self.deferred = self.uncertain = 0
+        self.retried = 0
         self.stopped_by = ""
-        self.transport_error = ""
-        self.uncertain_rows: list[tuple[ClaimedRecipient, str]] = []
+        self.error: NewsletterError | None = None
 
-    def loop(
+    @property
+    def done(self) -> int:
+        return self.sent + self.failed + self.deferred + self.uncertain
+
+    def execute(
         self,
-        work: queue.Queue[object],
-        results: queue.Queue[_Outcome],
-        stop: threading.Event,
-        batch: int,
-        limit: int | None,
+        template: MessageTemplate,
+        make_transport: TransportFactory,
+        first: Transport | None,
+        connections: int,
+        rate: float,
     ) -> None:
-        while not stop.is_set():
-            room = batch * 2 - self.in_flight
-            left = None if limit is None else limit - self.claimed_total
+        limiter = RateLimiter(rate, self.stop)
+        self.workers = [
+            threading.Thread(
+                target=_worker,
+                args=(
+                    template,
+                    make_transport,
+                    first if n == 0 else None,
+                    self.work,
+                    self.results,
+                    self.stop,
+                    limiter,
+                ),
+                name=f"send-{n}",
+                daemon=True,
+            )
+            for n in range(connections)
+        ]
+        for worker in self.workers:
+            worker.start()
+        failed = True
+        try:
+            self.loop()
+            failed = False
+        except KeyboardInterrupt:
+            self.stop.set()
+            self.stopped_by = "interrupted"
+            failed = False
+        finally:
+            if failed:
+                self.stop.set()  # the database failed us: send nothing more
+            # Workers finish what is queued (or hand it back once stop is set), then exit.
+            for _ in self.workers:
+                self.work.put(_STOP)
+            for worker in self.workers:
+                worker.join()
+            self.drain(block=False)
+            if failed:
+                # Best effort: whatever is not recorded stays `sending`, i.e. uncertain.
+                with contextlib.suppress(NewsletterError):
+                    self.flush()
+            else:
+                self.flush()
+            self.report_progress(force=True)
+        if self.error is not None and not self.stopped_by:
+            self.stopped_by = str(self.error)
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            left = None if self.limit is None else self.limit - self.claimed_total
             claimed: list[ClaimedRecipient] = []
-            if room >= batch and (left is None or left > 0):
-                claimed = self.store.claim_batch(self.key, self.run_id, min(batch, left or batch))
+            if self.in_flight <= self.batch and (left is None or left > 0):
+                # Record what came back, then claim the next batch (durably) and hand it out.
+                self.flush()
+                want = self.batch if left is None else min(self.batch, left)
+                claimed = self.store.claim_batch(self.key, self.run_id, want)
                 for item in claimed:
-                    work.put(item)
+                    self.work.put(item)
                 self.in_flight += len(claimed)
                 self.claimed_total += len(claimed)
             if self.in_flight:
-                self.drain(results, block=not claimed)
-                if len(self.pending) >= batch or not claimed:
-                    self.flush()
+                self.drain(block=not claimed)
                 continue
             self.flush()
-            if left is not None and left <= 0:
+            if self.limit is not None and self.claimed_total >= self.limit:
                 return
             due_at = self.store.next_retry_at(self.key)
             if due_at is None:
-                return
+                return  # nothing queued, nothing deferred within this run
             wait = (due_at - datetime.now(UTC)).total_seconds()
-            if wait > 0 and stop.wait(min(wait, 60.0)):
+            if wait > 0 and self.stop.wait(min(wait, 60.0)):
                 return
 
-    def drain(self, results: queue.Queue[_Outcome], *, block: bool) -> None:
+    def drain(self, *, block: bool) -> None:
         """Collect finished sends; wait for at least one when ``block``."""
         try:
-            outcome = results.get(timeout=1.0) if block else results.get_nowait()
+            outcome = self.results.get(timeout=0.5) if block else self.results.get_nowait()
         except queue.Empty:
+            if block and not any(worker.is_alive() for worker in self.workers):
+                # Cannot happen unless a worker died of a bug; never wait forever.
+                self.stop.set()
+                self.error = self.error or DeliveryError(
+                    "every sending thread stopped", hint="this is a bug in newsletter"
+                )
             return
         while True:
             self._take(outcome)
             try:
-                outcome = results.get_nowait()
+                outcome = self.results.get_nowait()
             except queue.Empty:
                 break
-        if self.progress:
-            self.progress(
-                Progress(
-                    done=self.sent + self.failed + self.deferred + self.uncertain,
-                    total=self.total,
-                    sent=self.sent,
-                    failed=self.failed,
-                    deferred=self.deferred,
-                    uncertain=self.uncertain,
-                    elapsed=time.monotonic() - self.started,
-                )
+        self.report_progress()
+
+    def report_progress(self, *, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        self.last_progress = now
+        self.progress(
+            Progress(
+                done=self.done,
+                total=self.total,
+                sent=self.sent,
+                failed=self.failed,
+                deferred=self.deferred,
+                uncertain=self.uncertain,
+                elapsed=now - self.started,
             )
+        )
 
     def _take(self, outcome: _Outcome) -> None:
         self.in_flight -= 1
-        claimed = outcome.claimed
-        subscriber_id = claimed.subscriber.id
+        subscriber_id = outcome.claimed.subscriber.id
+        if outcome.error is not None and self.error is None:
+            self.error = outcome.error
         result = outcome.result
         if result is None:
-            # Never handed over: back in the queue for this or the next run.
-            if outcome.error and not self.transport_error and "stopped" not in outcome.error:
-                self.transport_error = outcome.error
+            # Never handed over: back in the queue for the next run.
+            self.tries.pop(subscriber_id, None)
+            self.deferred += 1
             self.pending.append(
                 DeliveryResult(
-                    self.key, subscriber_id, DeliveryState.DEFERRED, outcome.error, retry_at=None
+                    self.key, subscriber_id, DeliveryState.DEFERRED, outcome.note, retry_at=None
                 )
             )
             return
+        self.attempts += 1
         reply = f"{result.code} {result.reply}".strip() if result.code else result.reply
+        if result.outcome == "deferred":
+            tries = self.tries.get(subscriber_id, 0) + 1
+            retry_at = None
+            if tries <= self.config.delivery.retries and not self.stop.is_set():
+                self.tries[subscriber_id] = tries
+                self.retried += 1
+                backoff = self.config.delivery.retry_backoff * 2 ** (tries - 1)
+                retry_at = datetime.now(UTC) + timedelta(seconds=backoff)
+            else:
+                self.tries.pop(subscriber_id, None)
+                self.deferred += 1
+            self.pending.append(
+                DeliveryResult(
+                    self.key, subscriber_id, DeliveryState.DEFERRED, reply, retry_at=retry_at
+                )
+            )
+            return
+        self.tries.pop(subscriber_id, None)
         if result.outcome == "sent":
             self.sent += 1
-            state = DeliveryState.SENT
             self.pending.append(
-                DeliveryResult(self.key, subscriber_id, state, reply, outcome.message_id)
+                DeliveryResult(
+                    self.key, subscriber_id, DeliveryState.SENT, reply, outcome.message_id
+                )
             )
         elif result.outcome == "failed":
             self.failed += 1
@@ -405,17 +594,6 @@ class _Run:
                     reply,
                     outcome.message_id,
                     bounce=self.config.delivery.bounce_on_5xx and (result.code or 0) >= 500,
-                )
-            )
-        elif result.outcome == "deferred":
-            self.deferred += 1
-            retry_at = None
-            if claimed.attempts <= self.config.delivery.retries:
-                backoff = self.config.delivery.retry_backoff * 2 ** (claimed.attempts - 1)
-                retry_at = datetime.now(UTC) + timedelta(seconds=backoff)
-            self.pending.append(
-                DeliveryResult(
-                    self.key, subscriber_id, DeliveryState.DEFERRED, reply, retry_at=retry_at
                 )
             )
         else:
@@ -445,9 +623,13 @@ def send_test(
     out: list[SendResult] = []
     try:
         for address in addresses:
-            outgoing = template.personalise(
-                Recipient(email=address, subscriber_id=f"test:{address}")
-            )
+            try:
+                outgoing = template.personalise(
+                    Recipient(email=address, subscriber_id=f"test:{address}")
+                )
+            except ValueError as exc:
+                out.append(SendResult(address, "failed", None, str(exc)))
+                continue
             out.append(transport.send(template.envelope_from, address, outgoing.data))
     finally:
         transport.close()
@@ -461,6 +643,7 @@ class DryRunReport:
     messages: int
     total_bytes: int
     elapsed: float
+    invalid: tuple[str, ...] = ()  # addresses whose message could not be built
 
 
 def dry_run(
@@ -474,20 +657,21 @@ def dry_run(
     started = time.monotonic()
     template = prepare(rendered, config, sign=sign)
     count = size = 0
+    invalid: list[str] = []
     for subscriber in subscribers:
-        size += len(template.personalise(recipient_of(subscriber)).data)
+        try:
+            size += len(template.personalise(recipient_of(subscriber)).data)
+        except ValueError:
+            invalid.append(subscriber.email)
+            continue
         count += 1
-    return DryRunReport(count, size, time.monotonic() - started)
+    return DryRunReport(count, size, time.monotonic() - started, tuple(invalid))
 
 
 def check_can_send(config: Config) -> None:
-    """Refuse early when sending could not work, before anything is claimed."""
-    if config.smtp.username and not config.secrets.smtp_password:
-        raise DeliveryError(
-            f"[smtp] username is set but {'NEWSLETTER_SMTP_PASSWORD'} is not",
-            where=f"{config.smtp.host}:{config.smtp.port}",
-            hint="export NEWSLETTER_SMTP_PASSWORD before sending",
-        )
+    """Refuse early (before rendering or claiming anything) when sending could not work:
+    a username without the password, or a password about to go out unencrypted."""
+    transport_from_config(config)  # checks the settings; connects to nothing
 
 
 __all__ = [
@@ -495,8 +679,10 @@ __all__ = [
     "DeliveryState",
     "DryRunReport",
     "Progress",
+    "RateLimiter",
     "SendOptions",
     "SendPlan",
+    "Status",
     "TransportError",
     "check_can_send",
     "dry_run",

@@ -124,7 +124,9 @@ class MessageTemplate:
     ) -> bytes:
         if key == _TO:
             folded = _POLICY.fold_binary("To", formataddr((recipient.name, recipient.email)))
-            return folded[len(b"To: ") : -2]
+            # Everything after the colon: " value", or "\r\n value" when a long name
+            # makes the policy fold before it (slicing off "To: " would leave a bare LF).
+            return folded[len(b"To:") : -2]
         if key == _MESSAGE_ID:
             return message_id.encode("ascii")
         if key == _DATE:
@@ -155,9 +157,21 @@ def _values(recipient: Recipient, unsubscribe_url: str) -> dict[str, str]:
 
 
 def _qp(text: str) -> bytes:
-    """Quoted-printable for UTF-8 text with CRLF line ends and lines of at most 76."""
+    """Quoted-printable for UTF-8 text with CRLF line ends and lines of at most 76.
+
+    No line starts with ".": such a line (CSS in a style block, say) would need SMTP
+    dot-stuffing, a copy of the whole message per recipient on both ends of the
+    connection. ``=2E`` is the same character; encoding two columns shorter first
+    keeps those lines within 76.
+    """
     latin = text.encode("utf-8").decode("latin-1")
-    return email.quoprimime.body_encode(latin, maxlinelen=76, eol="\r\n").encode("ascii")
+    encoded = email.quoprimime.body_encode(latin, maxlinelen=76, eol="\r\n").encode("ascii")
+    if encoded.startswith(b".") or b"\r\n." in encoded:
+        encoded = email.quoprimime.body_encode(latin, maxlinelen=74, eol="\r\n").encode("ascii")
+        if encoded.startswith(b"."):
+            encoded = b"=2E" + encoded[1:]
+        encoded = encoded.replace(b"\r\n.", b"\r\n=2E")
+    return encoded
 
 
 def _check_header(name: str, value: str) -> str:
@@ -218,7 +232,7 @@ def prepare(
     boundary = f"===============nl{secrets.token_hex(12)}=="
     head: list[Segment] = [
         _header("From", news.sender),
-        b"To: ",
+        b"To:",
         ("header", _TO),
         _CRLF,
         _header("Subject", subject),

@@ -139,7 +139,9 @@ class FastSMTP(SMTP):
         content = data[:-3]  # keep the last line's CRLF, drop ".\r\n"
         if content.startswith(b"."):
             content = content[1:]
-        return content.replace(b"\r\n.", b"\r\n")
+        if b"\r\n." in content:  # a search is ~7x cheaper than a replace that finds nothing
+            content = content.replace(b"\r\n.", b"\r\n")
+        return content
 
 
 class LoopbackController(Controller):

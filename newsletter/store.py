@@ -1244,6 +1244,16 @@ class Store:
             counts[DeliveryState(state)] = number
         return counts
 
+    def count_new_subscribers(self, issue_key: str) -> int:
+        """Active subscribers with no ledger row for ``issue_key`` (all of them before
+        its first send; afterwards, those a send adds only with ``include_new``)."""
+        row = self._one(
+            "SELECT count(*) FROM subscribers s WHERE s.status = 'active' AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.issue_key = ? AND d.subscriber_id = s.id)",
+            (issue_key,),
+        )
+        return int(row[0])
+
     def ledger_problems(self, issue_key: str, limit: int | None = None) -> list[LedgerEntry]:
         """Failed, uncertain and deferred rows with address and server reply."""
         states = ", ".join(f"'{s.value}'" for s in PROBLEM_STATES)

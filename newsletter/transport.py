@@ -42,6 +42,7 @@ TransportKind = Literal["smtp", "outbox"]
 
 __all__ = [
     "CopyToOutbox",
+    "CrlfBytes",
     "MaildirTransport",
     "MemoryTransport",
     "OutboxTransport",
@@ -293,18 +294,30 @@ class CopyToOutbox:
 _EOL = re.compile(rb"\r\n|\r|\n")
 
 
+class CrlfBytes(bytes):
+    """Message bytes whose maker guarantees CRLF line ends only (no bare CR or LF).
+
+    :func:`smtp_data_bytes` then skips its line-end scan: three passes over a
+    130 kB newsletter cost more than the rest of the client's work per message.
+    """
+
+    __slots__ = ()
+
+
 def smtp_data_bytes(message: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, ending in ``CRLF . CRLF``.
 
     Done once per message (and reused if the message is retried).
     """
-    if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != message.count(
-        b"\n"
+    if not isinstance(message, CrlfBytes) and (
+        message.count(b"\n") != message.count(b"\r\n")
+        or message.count(b"\r") != message.count(b"\n")
     ):
         message = _EOL.sub(b"\r\n", message)
     if message.startswith(b"."):
         message = b"." + message
-    message = message.replace(b"\r\n.", b"\r\n..")
+    if b"\r\n." in message:  # a search is ~7x cheaper than a replace that finds nothing
+        message = message.replace(b"\r\n.", b"\r\n..")
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return message + b".\r\n"
@@ -315,6 +328,14 @@ def _angle(address: str) -> str:
     if "<" in address or " " in address or "(" in address:
         return smtplib.quoteaddr(address)
     return f"<{address}>"
+
+
+def _no_delay(smtp: smtplib.SMTP) -> None:
+    """Turn off Nagle's algorithm: SMTP is request/reply, and the last piece of a message
+    would otherwise wait for the server's delayed ACK."""
+    sock = getattr(smtp, "sock", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Retry(Exception):
@@ -472,6 +493,7 @@ class SmtpTransport:
                     s.host, s.port, local_hostname=self._ehlo_name, timeout=s.timeout
                 )
             try:
+                _no_delay(smtp)
                 self._greet(smtp, context)
             except BaseException:
                 smtp.close()

@@ -50,6 +50,8 @@ class Faults:
     close_421_times: int = 1
     # Reply to RCPT TO for these addresses, e.g. {"x@example.org": "451 4.2.1 try later"}.
     rcpt: dict[str, str] = field(default_factory=dict)
+    # How many times each ``rcpt`` fault fires before the address is accepted (default: always).
+    rcpt_times: dict[str, int] = field(default_factory=dict)
     # Reply after the final dot for these recipients, e.g. "554 5.7.1 content rejected".
     data_reply: dict[str, str] = field(default_factory=dict)
     # Hang up when the DATA command arrives (before 354): the message never went out.
@@ -105,6 +107,8 @@ class FaultyHandler:
         self.messages: list[Received] = []
         self.logins: list[str] = []
         self.rsets = 0
+        # Called on the server's thread with each message as it arrives (before the reply).
+        self.on_message: Callable[[Received], None] | None = None
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -129,7 +133,10 @@ class FaultyHandler:
         if self.faults.take("stall", "RCPT"):
             await _stall()
         reply = self.faults.rcpt.get(address)
-        if reply is not None:
+        left = self.faults.rcpt_times.get(address, ALWAYS)
+        if reply is not None and left != 0:
+            if left > 0:
+                self.faults.rcpt_times[address] = left - 1
             if reply.startswith("421"):
                 server.loop.call_soon(_hang_up, server)
             return reply
@@ -151,6 +158,8 @@ class FaultyHandler:
                 tuple(envelope.mail_options),
             )
         )
+        if self.on_message is not None:
+            self.on_message(self.messages[-1])
         if self.faults.take("drop_after_data"):
             _hang_up(server)
             await _stall()

@@ -1,0 +1,635 @@
+"""The send loop against real aiosmtpd servers on 127.0.0.1 and real SQLite ledgers.
+
+Every test sends the example issue and checks two truths against each other: what
+the server received (recipient, Message-ID) and what the ledger says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from newsletter import content, delivery, render
+from newsletter.config import Config
+from newsletter.delivery import Progress, RateLimiter, SendOptions, send_issue
+from newsletter.errors import DeliveryError, TransportError
+from newsletter.message import Recipient, prepare
+from newsletter.render import RenderedIssue
+from newsletter.store import DeliveryState, Status, Store
+from newsletter.transport import (
+    CrlfBytes,
+    MemoryTransport,
+    SendResult,
+    smtp_data_bytes,
+    transport_from_config,
+)
+from tests.delivery_helpers import (
+    EXAMPLE_ACTIVE,
+    ISSUE_KEY,
+    copies,
+    copy_example,
+    fill,
+    for_server,
+    load,
+    message_id,
+    nonzero,
+    states,
+    with_state,
+)
+from tests.smtp_server import ALWAYS, Faults, Received, ServerFactory, SmtpTestServer
+
+S = DeliveryState
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, RenderedIssue]:
+    """The example workspace's config and its issue rendered once (the slow part)."""
+    cfg = load(copy_example(tmp_path_factory.mktemp("example") / "ws"))
+    issue = content.read_issue(content.find_issue(cfg.issues_dir, "1"))
+    return cfg, render.render_issue(issue, cfg)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "state" / "newsletter.db") as opened:
+        yield opened
+
+
+class Sender:
+    """Runs send_issue for one test: the example issue, one server, one ledger."""
+
+    def __init__(
+        self, example: tuple[Config, RenderedIssue], server: SmtpTestServer, store: Store
+    ) -> None:
+        self.base, self.rendered = example
+        self.server = server
+        self.store = store
+        self.settings: dict[str, object] = {}
+        self.timeout = 5.0
+
+    @property
+    def config(self) -> Config:
+        assert self.store.path is not None
+        return for_server(
+            self.base, self.server, self.store.path, timeout=self.timeout, **self.settings
+        )
+
+    def send(self, **options: object) -> delivery.DeliveryReport:
+        cfg = self.config
+        progress = options.pop("progress", None)
+        stop = options.pop("stop", None)
+        return send_issue(
+            cfg,
+            self.rendered,
+            self.store,
+            lambda: transport_from_config(cfg),
+            options=SendOptions(**options),  # type: ignore[arg-type]
+            progress=progress,  # type: ignore[arg-type]
+            stop=stop,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def sender(
+    example: tuple[Config, RenderedIssue], smtp_server: ServerFactory, store: Store
+) -> Sender:
+    return Sender(example, smtp_server(), store)
+
+
+def pause_at(server: SmtpTestServer, count: int) -> tuple[threading.Event, threading.Event]:
+    """Make the server block (its whole event loop) when message ``count`` arrives.
+
+    Returns (paused, release): wait for ``paused``, then set ``release``.
+    """
+    paused, release = threading.Event(), threading.Event()
+
+    def on_message(message: Received) -> None:
+        if len(server.messages) == count:
+            paused.set()
+            release.wait(30)
+
+    server.handler.on_message = on_message
+    return paused, release
+
+
+# --- everyone once, nobody else ----------------------------------------------------------
+
+
+def test_every_active_subscriber_gets_exactly_one_copy(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=40)
+    assert len(active) == EXAMPLE_ACTIVE + 40
+
+    report = sender.send(connections=3)
+
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert "ines.moreau@example.net" not in got  # unsubscribed in the example list
+    assert "bounced@example.org" not in got
+    assert (report.sent, report.failed, report.deferred, report.uncertain) == (len(active), 0, 0, 0)
+    assert report.ok and report.error is None and report.stopped_by == ""
+    assert nonzero(report.counts) == {"sent": len(active)}
+    # The ledger's Message-ID is the one each recipient received.
+    received = {m.recipients[0]: message_id(m.data) for m in sender.server.messages}
+    for email in active:
+        entry = store.ledger_entry(ISSUE_KEY, email)
+        assert entry is not None and entry.state == S.SENT
+        assert entry.message_id == received[email] and entry.attempts == 1
+        assert entry.last_reply.startswith("250")
+    assert 1 < sender.server.connections_used <= 3
+
+
+def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path)
+    sender.send()
+    assert len(sender.server.messages) == len(active)
+
+    again = sender.send()
+    assert (again.attempts, again.sent) == (0, 0)
+    assert len(sender.server.messages) == len(active)
+
+    store.add_subscriber("late.comer@example.com", "Late Comer")
+    plan = delivery.plan_send(sender.config, sender.rendered, store, "test")
+    assert (plan.recipients, plan.new_subscribers, plan.already_sent) == (0, 1, len(active))
+    still = sender.send()
+    assert still.sent == 0 and "late.comer@example.com" not in copies(sender.server.messages)
+    assert store.ledger_entry(ISSUE_KEY, "late.comer@example.com") is None
+
+    plan = delivery.plan_send(
+        sender.config, sender.rendered, store, "test", SendOptions(include_new=True)
+    )
+    assert plan.recipients == 1
+    added = sender.send(include_new=True)
+    assert added.sent == 1
+    got = copies(sender.server.messages)
+    assert got["late.comer@example.com"] == 1 and set(got.values()) == {1}
+
+
+def test_a_subscriber_who_unsubscribes_before_a_resumed_run_is_not_sent_to(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=20)
+    first = sender.send(limit=5)
+    assert first.sent == 5
+    later = sorted(with_state(store, S.QUEUED))[0]
+    store.set_status(later, Status.UNSUBSCRIBED, "test")
+    sender.send()
+    got = copies(sender.server.messages)
+    assert later not in got and set(got) == active - {later}
+    assert states(store)[later] == S.CANCELLED
+
+
+# --- replies and faults ------------------------------------------------------------------
+
+
+def test_421_mid_run_reconnects_and_delivers_everyone_once(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=30)
+    sender.server.handler.faults = Faults(close_421_after=7, close_421_times=3)
+
+    report = sender.send(connections=2)
+
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert report.sent == len(active) and report.ok
+    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert sender.server.faults.close_421_times == 0  # all three fired
+    assert sender.server.connections_used >= 3
+
+
+def test_451_and_452_are_retried_with_backoff_and_sent_when_the_fault_clears(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=10)
+    greylisted, full = "reader0001@example.org", "reader0005@example.net"
+    sender.server.handler.faults = Faults(
+        rcpt={greylisted: "451 4.7.1 greylisted, try again", full: "452 4.2.2 mailbox full"},
+        rcpt_times={greylisted: 2, full: 1},
+    )
+    sender.settings = {"retries": 3, "retry_backoff": 0.01}
+    seen: list[Progress] = []
+
+    report = sender.send(connections=2, progress=seen.append)
+
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert (report.sent, report.retried, report.deferred, report.attempts) == (
+        len(active),
+        3,
+        0,
+        len(active) + 3,
+    )
+    entry = store.ledger_entry(ISSUE_KEY, greylisted)
+    assert entry is not None and (entry.state, entry.attempts) == (S.SENT, 3)
+    entry = store.ledger_entry(ISSUE_KEY, full)
+    assert entry is not None and (entry.state, entry.attempts) == (S.SENT, 2)
+    assert seen[-1].done == seen[-1].total == len(active)
+
+
+def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path)
+    stuck = "chloe.ng@example.net"
+    sender.server.handler.faults = Faults(rcpt={stuck: "451 4.3.0 temporary failure"})
+    sender.settings = {"retries": 2, "retry_backoff": 0.01}
+
+    report = sender.send()
+
+    assert (report.sent, report.deferred, report.retried) == (len(active) - 1, 1, 2)
+    assert report.ok  # deferred is not failed
+    entry = store.ledger_entry(ISSUE_KEY, stuck)
+    assert entry is not None
+    assert (entry.state, entry.attempts, entry.retry_at) == (S.DEFERRED, 3, None)
+    assert entry.last_reply == "451 4.3.0 temporary failure"
+    assert stuck not in copies(sender.server.messages)
+    problems = [(p.email, p.state) for p in report.problems]
+    assert problems == [(stuck, S.DEFERRED)]
+
+    sender.server.faults.rcpt.clear()
+    again = sender.send()
+    assert (again.sent, again.attempts) == (1, 1)
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+
+
+@pytest.mark.parametrize("bounce", [True, False])
+def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced(
+    sender: Sender, store: Store, tmp_path: Path, bounce: bool
+) -> None:
+    active = fill(store, tmp_path)
+    unknown, refused = "gus@example.org", "jun.takeda@example.org"
+    sender.server.handler.faults = Faults(
+        rcpt={unknown: "550 5.1.1 no such user here"},
+        data_reply={refused: "554 5.7.1 message refused as spam"},
+    )
+    sender.settings = {"bounce_on_5xx": bounce}
+
+    report = sender.send()
+
+    assert (report.sent, report.failed) == (len(active) - 2, 2)
+    assert not report.ok
+    for email, reply in (
+        (unknown, "550 5.1.1 no such user here"),
+        (refused, "554 5.7.1 message refused as spam"),
+    ):
+        entry = store.ledger_entry(ISSUE_KEY, email)
+        assert entry is not None and entry.state == S.FAILED and entry.last_reply == reply
+        subscriber = store.get_subscriber(email)
+        assert subscriber is not None
+        assert subscriber.status == (Status.BOUNCED if bounce else Status.ACTIVE)
+    assert {p.email for p in report.problems} == {unknown, refused}
+    assert set(copies(sender.server.messages)) == active - {unknown, refused}
+    # A failed row is never retried by a later run.
+    assert sender.send().attempts == 0
+
+
+def test_a_connection_dropped_at_data_is_resent_on_a_new_connection(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path)
+    sender.server.handler.faults = Faults(drop_at_data=2)
+
+    report = sender.send(connections=1)
+
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert report.sent == len(active) and report.uncertain == 0
+    assert sender.server.faults.drop_at_data == 0
+
+
+def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path)
+    sender.server.handler.faults = Faults(drop_after_data=1)
+
+    report = sender.send(connections=1)
+
+    lost = sender.server.messages[0].recipients[0]  # the server has it; the client cannot know
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert (report.sent, report.uncertain) == (len(active) - 1, 1)
+    assert with_state(store, S.UNCERTAIN) == {lost}
+    entry = store.ledger_entry(ISSUE_KEY, lost)
+    assert entry is not None and "connection lost after the whole message" in entry.last_reply
+    assert entry.message_id == message_id(sender.server.messages[0].data)
+    # Re-running leaves it alone; only --resend-uncertain sends another copy.
+    assert sender.send().attempts == 0
+    resent = sender.send(resend_uncertain=True)
+    assert (resent.attempts, resent.sent) == (1, 1)
+    got = copies(sender.server.messages)
+    assert got[lost] == 2 and all(n == 1 for email, n in got.items() if email != lost)
+    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+
+
+def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path)
+    sender.timeout = 0.5
+    sender.server.handler.faults = Faults(stall={"END": 1})
+
+    report = sender.send(connections=1)
+
+    stalled = sender.server.messages[0].recipients[0]
+    assert (report.sent, report.uncertain, report.deferred) == (len(active) - 1, 1, 0)
+    assert with_state(store, S.UNCERTAIN) == {stalled}
+    assert with_state(store, S.SENT) == active - {stalled}
+    entry = store.ledger_entry(ISSUE_KEY, stalled)
+    assert entry is not None and "timed out" in entry.last_reply
+    assert set(copies(sender.server.messages).values()) == {1}
+
+
+def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path)
+    sender.timeout = 0.5
+    sender.settings = {"retries": 0}
+    # The first transaction stalls at MAIL, and so does its one reconnect-and-retry.
+    sender.server.handler.faults = Faults(stall={"MAIL": 2})
+
+    report = sender.send(connections=1)
+
+    deferred = with_state(store, S.DEFERRED)
+    assert len(deferred) == 1 and (report.sent, report.deferred) == (len(active) - 1, 1)
+    (stalled,) = deferred
+    entry = store.ledger_entry(ISSUE_KEY, stalled)
+    assert entry is not None and entry.retry_at is None and "timed out" in entry.last_reply
+    assert stalled not in copies(sender.server.messages)
+
+    assert sender.send().sent == 1
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+
+
+def test_a_server_that_is_down_at_the_start_is_one_error_and_changes_nothing(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    fill(store, tmp_path)
+    port = sender.server.port
+    sender.server.stop()
+
+    with pytest.raises(TransportError) as caught:
+        sender.send()
+
+    assert caught.value.where == f"127.0.0.1:{port}"
+    assert "connection refused" in str(caught.value)
+    assert store.issue_snapshot(ISSUE_KEY) is None  # the recipients are not even fixed
+    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+
+
+def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=30)
+    sender.timeout = 0.5
+    server = sender.server
+
+    def go_away(message: Received) -> None:
+        if len(server.messages) == 5:
+            # From now on: 421 to the next MAIL, and no greeting on any new connection.
+            server.faults.close_421_after, server.faults.close_421_times = 0, ALWAYS
+            server.faults.stall["greeting"] = ALWAYS
+
+    server.handler.on_message = go_away
+
+    report = sender.send(connections=1, batch_size=4)
+
+    assert isinstance(report.error, TransportError) and "no answer within" in str(report.error)
+    assert report.stopped_by == str(report.error) and not report.ok
+    counts = store.ledger_counts(ISSUE_KEY)
+    assert counts[S.SENT] == report.sent == 5
+    assert counts[S.SENDING] == counts[S.UNCERTAIN] == counts[S.FAILED] == 0
+    assert counts[S.DEFERRED] == report.deferred >= 1
+    assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - 5
+    for email in with_state(store, S.DEFERRED):
+        entry = store.ledger_entry(ISSUE_KEY, email)
+        assert entry is not None and entry.retry_at is None
+        assert entry.last_reply.startswith("not sent:")
+    assert set(copies(server.messages).values()) == {1}
+
+    server.handler.faults = Faults()
+    server.handler.on_message = None
+    again = sender.send(connections=2)
+    assert again.ok and again.sent == len(active) - 5
+    got = copies(server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+
+
+# --- concurrency -------------------------------------------------------------------------
+
+
+def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=20)
+    paused, release = pause_at(sender.server, 3)
+    results: list[delivery.DeliveryReport] = []
+    first = threading.Thread(target=lambda: results.append(sender.send(connections=2)))
+    first.start()
+    try:
+        assert paused.wait(30)
+        assert store.path is not None
+        with Store.open(store.path) as other, pytest.raises(DeliveryError) as caught:
+            send_issue(
+                sender.config,
+                sender.rendered,
+                other,
+                lambda: transport_from_config(sender.config),
+            )
+        assert f"another send of issue {ISSUE_KEY} is running" in str(caught.value)
+    finally:
+        release.set()
+        first.join(30)
+    assert results and results[0].sent == len(active)
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+
+
+def test_an_unsubscribe_during_the_send_is_honoured_for_everyone_not_yet_sent(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=30)
+    leaving = sorted(active)[-6:]  # sorted by address ~ last by id: far from the first claims
+    assert store.path is not None
+    db = store.path
+    done = threading.Event()
+
+    def unsubscribe(message: Received) -> None:
+        if len(sender.server.messages) == 3:
+            with Store.open(db) as other:
+                for email in leaving:
+                    other.set_status(email, Status.UNSUBSCRIBED, "link")
+            done.set()
+
+    sender.server.handler.on_message = unsubscribe
+    report = sender.send(connections=1, batch_size=2)
+
+    assert done.is_set()
+    got = copies(sender.server.messages)
+    assert set(got).isdisjoint(leaving)
+    assert set(got) == active - set(leaving) and set(got.values()) == {1}
+    assert report.sent == len(active) - len(leaving)
+    assert {email: states(store)[email] for email in leaving} == dict.fromkeys(leaving, S.CANCELLED)
+
+
+# --- options -----------------------------------------------------------------------------
+
+
+def test_limit_sends_at_most_n_and_the_next_run_sends_the_rest(
+    sender: Sender, store: Store, tmp_path: Path
+) -> None:
+    active = fill(store, tmp_path, generated=10)
+    report = sender.send(limit=7, connections=2)
+    assert report.sent == 7 and len(sender.server.messages) == 7
+    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": 7, "queued": len(active) - 7}
+    sender.send()
+    got = copies(sender.server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+
+
+def test_progress_reports_monotonically_increasing_done_counts(
+    sender: Sender, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "PROGRESS_INTERVAL", 0.0)
+    active = fill(store, tmp_path, generated=40)
+    seen: list[Progress] = []
+    sender.send(connections=3, progress=seen.append)
+    done = [p.done for p in seen]
+    assert len(done) >= 2 and done == sorted(done)
+    assert all(p.total == len(active) for p in seen)
+    assert seen[-1].done == seen[-1].sent == len(active)
+    elapsed = [p.elapsed for p in seen]
+    assert elapsed == sorted(elapsed)
+
+
+def test_a_rate_limit_still_sends_everyone(sender: Sender, store: Store, tmp_path: Path) -> None:
+    active = fill(store, tmp_path)
+    report = sender.send(rate=500.0, connections=2)
+    assert report.sent == len(active)
+
+
+def test_the_rate_limiter_spaces_sends_across_workers() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        slept.append(round(seconds, 9))
+        return False
+
+    limiter = RateLimiter(4.0, threading.Event(), clock=lambda: now[0], sleep=sleep)
+    assert all(limiter.acquire() for _ in range(5))  # five sends asked for at the same instant
+    assert slept == [0.25, 0.5, 0.75, 1.0]  # the first goes at once, then one per 1/4 s
+    now[0] += 10.0  # after a pause no burst is owed: the next send goes at once, then spacing
+    slept.clear()
+    limiter.acquire()
+    limiter.acquire()
+    assert slept == [0.25]
+
+
+def test_a_stopped_rate_limiter_says_so() -> None:
+    stop = threading.Event()
+    stop.set()
+    limiter = RateLimiter(1.0, stop)
+    assert limiter.acquire()  # the first slot is free
+    assert not limiter.acquire()  # the second would wait, but the run is stopped
+
+
+def test_a_rate_limit_claims_little_ahead() -> None:
+    assert delivery._batch_size(SendOptions(), 4, 0.0) == 64
+    assert delivery._batch_size(SendOptions(), 4, 2.0) == 1
+    assert delivery._batch_size(SendOptions(batch_size=5), 4, 2.0) == 5
+
+
+# --- robustness --------------------------------------------------------------------------
+
+
+class _BrokenAfter(MemoryTransport):
+    """A transport with a bug: it raises something that is not a TransportError."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
+        if len(self.messages) >= self.good:
+            raise RuntimeError("boom")
+        return super().send(envelope_from, recipient, message)
+
+
+def test_a_bug_in_a_transport_stops_the_run_and_marks_that_row_uncertain(
+    example: tuple[Config, RenderedIssue], store: Store, tmp_path: Path
+) -> None:
+    cfg, rendered = example
+    active = fill(store, tmp_path, generated=10)
+    transport = _BrokenAfter(good=4)
+
+    report = send_issue(cfg, rendered, store, lambda: transport, options=SendOptions(connections=1))
+
+    assert isinstance(report.error, DeliveryError) and "boom" in str(report.error)
+    counts = store.ledger_counts(ISSUE_KEY)
+    assert (counts[S.SENT], counts[S.UNCERTAIN], counts[S.SENDING]) == (4, 1, 0)
+    assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - 5
+    assert not report.ok
+
+
+def test_the_bytes_handed_to_the_transport_need_no_line_end_or_dot_fixes(
+    example: tuple[Config, RenderedIssue],
+) -> None:
+    cfg, rendered = example
+    template = prepare(rendered, cfg)
+    for name in (".Dotty", "Ann $x {y} Ünïcødé", "a" * 200):
+        data = template.personalise(
+            Recipient("reader@example.org", name, {"city": ".Port\n.Example"}, subscriber_id=7)
+        ).data
+        assert data.count(b"\n") == data.count(b"\r\n") == data.count(b"\r")
+        assert b"\r\n." not in data and not data.startswith(b".")
+        assert max(len(line) for line in data.split(b"\r\n")) <= 998
+        # So the fast path of smtp_data_bytes gives exactly what the careful path gives.
+        assert smtp_data_bytes(CrlfBytes(data)) == smtp_data_bytes(data) == data + b".\r\n"
+
+
+def test_a_leading_dot_survives_the_wire(sender: Sender, store: Store, tmp_path: Path) -> None:
+    store.add_subscriber("dot@example.org", ".Dotty Reader")
+    sender.send()
+    (message,) = sender.server.messages
+    import email
+    import email.policy
+
+    parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+    assert parsed["To"].addresses[0].display_name == ".Dotty Reader"
+    html = parsed.get_body(("html",))
+    assert html is not None
+    assert "Hello .Dotty," in html.get_content()  # first_name at the start of a QP line
+    assert "\n.mj-outlook-group-fix" in html.get_content()  # CSS lines that start with "."
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_nothing_due_means_no_connection_at_all(
+    example: tuple[Config, RenderedIssue], store: Store, tmp_path: Path
+) -> None:
+    cfg, rendered = example
+    fill(store, tmp_path)
+    memory = MemoryTransport()
+    send_issue(cfg, rendered, store, lambda: memory)
+    assert memory.opened == 1
+    down = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, port=_free_port()))
+    report = send_issue(down, rendered, store, lambda: transport_from_config(down))
+    assert (report.attempts, report.ok) == (0, True)  # nothing to send: the server is not needed
