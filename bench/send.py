@@ -144,7 +144,7 @@ def _cpu() -> float:
 
 
 def run_client(
-    folder: Path, port: int, subscribers: int, connections: int, profile: str = ""
+    folder: Path, port: int, subscribers: int, connections: int, profile: str = "", batch: int = 0
 ) -> dict[str, float]:
     ws = make_workspace(folder, port)
     command = [
@@ -157,6 +157,8 @@ def run_client(
         str(subscribers),
         "--client-connections",
         str(connections),
+        "--batch",
+        str(batch),
     ]
     if profile:
         command += ["--profile", profile]
@@ -235,6 +237,7 @@ def main() -> None:
     )
     parser.add_argument("--mailmerge", type=int, default=500, help="0 to skip mailmerge")
     parser.add_argument("--profile", default="", help="write a cProfile of the first send here")
+    parser.add_argument("--batch", type=int, default=0, help="rows per claim (0: the default)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     parser.add_argument("--client-subscribers", type=int, help=argparse.SUPPRESS)

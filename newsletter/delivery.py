@@ -41,7 +41,7 @@ from .store import (
     Store,
     Subscriber,
 )
-from .transport import CrlfBytes, SendResult, Transport, transport_from_config
+from .transport import SendResult, Transport, WireReady, transport_from_config
 
 TransportFactory = Callable[[], Transport]
 Signer = Callable[[bytes], bytes]
@@ -248,8 +248,9 @@ def _worker(
             except ValueError as exc:
                 results.put(_Outcome(item, SendResult(email, "failed", None, str(exc))))
                 continue
-            # prepare() makes CRLF-only bytes; a signer of unknown make may not.
-            data = outgoing.data if template.sign is not None else CrlfBytes(outgoing.data)
+            # prepare() makes CRLF-only bytes with no line starting with "." (no dot-stuffing
+            # needed); a signer of unknown make may not keep that.
+            data = outgoing.data if template.sign is not None else WireReady(outgoing.data)
             if not limiter.acquire() or stop.is_set():
                 results.put(_Outcome(item, None, note="not sent: the run stopped first"))
                 continue

@@ -42,7 +42,6 @@ TransportKind = Literal["smtp", "outbox"]
 
 __all__ = [
     "CopyToOutbox",
-    "CrlfBytes",
     "MaildirTransport",
     "MemoryTransport",
     "OutboxTransport",
@@ -52,6 +51,7 @@ __all__ = [
     "StoredMessage",
     "Transport",
     "TransportKind",
+    "WireReady",
     "is_loopback",
     "maildir_deliver",
     "smtp_data_bytes",
@@ -294,11 +294,13 @@ class CopyToOutbox:
 _EOL = re.compile(rb"\r\n|\r|\n")
 
 
-class CrlfBytes(bytes):
-    """Message bytes whose maker guarantees CRLF line ends only (no bare CR or LF).
+class WireReady(bytes):
+    """Message bytes whose maker guarantees what SMTP needs: CRLF line ends only (no bare
+    CR or LF) and no line that starts with ".", so no dot-stuffing.
 
-    :func:`smtp_data_bytes` then skips its line-end scan: three passes over a
-    130 kB newsletter cost more than the rest of the client's work per message.
+    :func:`smtp_data_bytes` then only appends the end marker. Its checks scan the whole
+    message several times, and a newsletter is ~130 kB: they cost more than the rest
+    of the client's work per message. ``message.prepare`` makes such bytes.
     """
 
     __slots__ = ()
@@ -309,15 +311,15 @@ def smtp_data_bytes(message: bytes) -> bytes:
 
     Done once per message (and reused if the message is retried).
     """
-    if not isinstance(message, CrlfBytes) and (
-        message.count(b"\n") != message.count(b"\r\n")
-        or message.count(b"\r") != message.count(b"\n")
+    if isinstance(message, WireReady):
+        return message + (b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n")
+    if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != message.count(
+        b"\n"
     ):
         message = _EOL.sub(b"\r\n", message)
     if message.startswith(b"."):
         message = b"." + message
-    if b"\r\n." in message:  # a search is ~7x cheaper than a replace that finds nothing
-        message = message.replace(b"\r\n.", b"\r\n..")
+    message = message.replace(b"\r\n.", b"\r\n..")
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return message + b".\r\n"

@@ -22,9 +22,9 @@ from newsletter.message import Recipient, prepare
 from newsletter.render import RenderedIssue
 from newsletter.store import DeliveryState, Status, Store
 from newsletter.transport import (
-    CrlfBytes,
     MemoryTransport,
     SendResult,
+    WireReady,
     smtp_data_bytes,
     transport_from_config,
 )
@@ -598,7 +598,7 @@ def test_the_bytes_handed_to_the_transport_need_no_line_end_or_dot_fixes(
         assert b"\r\n." not in data and not data.startswith(b".")
         assert max(len(line) for line in data.split(b"\r\n")) <= 998
         # So the fast path of smtp_data_bytes gives exactly what the careful path gives.
-        assert smtp_data_bytes(CrlfBytes(data)) == smtp_data_bytes(data) == data + b".\r\n"
+        assert smtp_data_bytes(WireReady(data)) == smtp_data_bytes(data) == data + b".\r\n"
 
 
 def test_a_leading_dot_survives_the_wire(sender: Sender, store: Store, tmp_path: Path) -> None:
