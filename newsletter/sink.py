@@ -107,6 +107,7 @@ class FastSMTP(SMTP):
         saved = reader._limit  # type: ignore[attr-defined]
         reader._limit = (limit or 1 << 30) + len(_TERMINATOR)  # type: ignore[attr-defined]
         too_big = False
+        dotted = True  # whether a line may need un-stuffing (the fast path knows)
         try:
             head = await reader.readexactly(3)
             if head == b".\r\n":  # an empty message
@@ -124,14 +125,7 @@ class FastSMTP(SMTP):
                         too_big = True
                         data = data[-len(_TERMINATOR) :]  # enough to see the end marker
             else:
-                while True:
-                    try:
-                        data = head + await reader.readuntil(_TERMINATOR)
-                        break
-                    except asyncio.LimitOverrunError as exc:
-                        # Larger than the limit: drop what is buffered, keep reading to the end.
-                        too_big = True
-                        await reader.readexactly(exc.consumed)
+                data, too_big, dotted = await self._read_body(reader, head, limit)
         finally:
             reader._limit = saved  # type: ignore[attr-defined]
         if too_big or (limit and len(data) - 3 > limit):
@@ -139,9 +133,59 @@ class FastSMTP(SMTP):
         content = data[:-3]  # keep the last line's CRLF, drop ".\r\n"
         if content.startswith(b"."):
             content = content[1:]
-        if b"\r\n." in content:  # a search is ~7x cheaper than a replace that finds nothing
+        if dotted:
             content = content.replace(b"\r\n.", b"\r\n")
         return content
+
+    @staticmethod
+    async def _read_body(
+        reader: asyncio.StreamReader, head: bytes, limit: int | None
+    ) -> tuple[bytes, bool, bool]:
+        """The raw body after ``head`` up to and including the end marker, whether it
+        was too big, and whether any other line started with ".".
+
+        It reads up to each line that starts with "." (``CRLF .``), so that one scan
+        both finds the end marker and sees whether any line needs un-stuffing: a
+        message without dotted lines (all a newsletter sends) is scanned once.
+        """
+        pieces = [head]
+        size = len(head)
+        too_big = dotted = False
+        while True:
+            try:
+                piece = await reader.readuntil(b"\r\n.")
+            except asyncio.LimitOverrunError as exc:
+                too_big = True  # no dotted line within the limit: drop what is buffered
+                await reader.readexactly(exc.consumed)
+                pieces = []
+                continue
+            size += len(piece)
+            if limit and size > limit + 3:
+                too_big = True
+            pieces = [] if too_big else pieces
+            pieces.append(piece)
+            after = await reader.readexactly(1)
+            if after == b"\r":
+                after += await reader.readexactly(1)
+                if after == b"\r\n":
+                    pieces.append(after)
+                    return b"".join(pieces), too_big, dotted
+                if after.endswith(b"\r"):
+                    # "CRLF . CR CR": not valid SMTP; the second CR may start the end
+                    # marker, so read the rest line by line, as aiosmtpd does.
+                    data = b"".join(pieces) + after
+                    while not data.endswith(_TERMINATOR):
+                        try:
+                            data += await reader.readuntil(b"\n")
+                        except asyncio.LimitOverrunError as exc:
+                            data += await reader.readexactly(exc.consumed)
+                        if limit and len(data) > limit + 3:
+                            too_big = True
+                            data = data[-len(_TERMINATOR) :]
+                    return data, too_big, True
+            dotted = True
+            pieces.append(after)
+            size += len(after)
 
 
 class LoopbackController(Controller):

@@ -82,6 +82,9 @@ PAYLOADS = [
     b"Subject: x\r\n\r\nends with a dot.\r\n.\r\n",
     "Subject: é\r\n\r\nZoë, 東京\r\n.\r\n".encode(),
     b"Subject: big\r\n\r\n" + b"0123456789 " * 90 + b"\r\n" + b".line\r\n" * 200 + b".\r\n",
+    b"abc\r\n.unstuffed\r\n.\r\n",  # not valid SMTP, but the end is still found
+    b"abc\r\n.\rx\r\n.\r\n",  # a bare CR after a dot
+    b"abc\r\n.\r\r\n.\r\n",  # ... that is followed by the end marker
 ]
 
 
@@ -103,12 +106,18 @@ def test_too_much_data_is_refused_and_the_session_goes_on(
     servers: dict[str, tuple[LoopbackController, Recorder]],
 ) -> None:
     big = b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n"
-    payloads = [big * 5 + b".\r\n", b"a\r\n" + big * 5 + b".\r\n", b"small\r\n.\r\n"]
+    dotted = b"Subject: dots\r\n\r\n" + b"..a stuffed line\r\n" * 400
+    payloads = [
+        big * 5 + b".\r\n",
+        b"a\r\n" + big * 5 + b".\r\n",
+        dotted + b".\r\n",
+        b"small\r\n.\r\n",
+    ]
     results = {}
     for name, (controller, recorder) in servers.items():
         results[name] = (raw_data(controller.port, payloads), recorder.contents)
     assert results["fast"] == results["stock"]
-    assert results["fast"] == ([552, 552, 250], [b"small\r\n"])
+    assert results["fast"] == ([552, 552, 552, 250], [b"small\r\n"])
 
 
 def test_sink_stores_a_maildir_a_mail_client_can_read(tmp_path: Path) -> None:
