@@ -222,7 +222,7 @@ def run_mailmerge(folder: Path, port: int, count: int) -> tuple[int, float] | No
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"mailmerge failed:\n{out.stderr[-2000:]}")
-    return out.stdout.count(">>> sent message"), elapsed
+    return len(re.findall(r"(?m)^>>> message \d+ sent$", out.stdout)), elapsed
 
 
 # --------------------------------------------------------------------------- main

@@ -792,7 +792,9 @@ def _print_report(report: delivery.DeliveryReport) -> None:
         click.echo(f"  {entry.state:<9} {entry.email}  {entry.last_reply}")
     deferred = report.counts.get(delivery.DeliveryState.DEFERRED, 0)
     if deferred:
-        click.echo(f"{deferred} deferred: run `newsletter send` again later to send them.")
+        click.echo(
+            f"{deferred} deferred: `newsletter send {report.issue_key}` again later sends them."
+        )
     if report.counts.get(delivery.DeliveryState.UNCERTAIN, 0):
         click.echo(
             "Uncertain recipients may or may not have their copy; "
@@ -902,7 +904,8 @@ def send(
         )
         if plan.uncertain and not resend_uncertain:
             click.echo(
-                f"Uncertain:  {plan.uncertain} (a crashed run; re-sent only with --resend-uncertain)"
+                f"Uncertain:  {plan.uncertain} (may have their copy; sent again only with "
+                "--resend-uncertain)"
             )
         if plan.new_subscribers and not include_new:
             click.echo(

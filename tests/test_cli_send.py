@@ -211,7 +211,7 @@ def test_recipients_left_deferred_exit_75(site: Site) -> None:
     site.server.handler.faults = Faults(rcpt={"eamon@example.com": "451 4.3.0 try later"})
     result = site.run("send", "1", "--yes")
     assert result.exit_code == 75, result.output
-    assert "1 deferred: run `newsletter send` again later" in result.stdout
+    assert f"1 deferred: `newsletter send {ISSUE_KEY}` again later sends them." in result.stdout
     status = site.run("status", "1")
     assert "deferred  eamon@example.com  attempts 2  451 4.3.0 try later" in status.stdout
 
@@ -303,7 +303,8 @@ def test_kill_9_mid_run_then_resume_nobody_twice_but_uncertain_nobody_skipped(
     tmp_path: Path, smtp_server: ServerFactory
 ) -> None:
     server = smtp_server()
-    site = make_site(tmp_path, server, generated=190)
+    # A long timeout: the client must still be waiting for the reply when it is killed.
+    site = make_site(tmp_path, server, generated=190, timeout=60.0)
     pause = 25
     paused, release = pause_at(server, pause)
     first = subprocess.Popen(

@@ -41,7 +41,15 @@ from tests.delivery_helpers import (
     states,
     with_state,
 )
-from tests.smtp_server import ALWAYS, Faults, Received, ServerFactory, SmtpTestServer
+from tests.smtp_server import (
+    ALWAYS,
+    PASSWORD,
+    USERNAME,
+    Faults,
+    Received,
+    ServerFactory,
+    SmtpTestServer,
+)
 
 S = DeliveryState
 
@@ -548,7 +556,8 @@ def test_a_stopped_rate_limiter_says_so() -> None:
 
 
 def test_a_rate_limit_claims_little_ahead() -> None:
-    assert delivery._batch_size(SendOptions(), 4, 0.0) == 64
+    assert delivery._batch_size(SendOptions(), 4, 0.0) == 8
+    assert delivery._batch_size(SendOptions(), 16, 0.0) == 32
     assert delivery._batch_size(SendOptions(), 4, 2.0) == 1
     assert delivery._batch_size(SendOptions(batch_size=5), 4, 2.0) == 5
 
@@ -633,3 +642,27 @@ def test_nothing_due_means_no_connection_at_all(
     down = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, port=_free_port()))
     report = send_issue(down, rendered, store, lambda: transport_from_config(down))
     assert (report.attempts, report.ok) == (0, True)  # nothing to send: the server is not needed
+
+
+def test_sends_through_starttls_with_a_login(
+    example: tuple[Config, RenderedIssue],
+    smtp_server: ServerFactory,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    server = smtp_server(tls="starttls", auth=True)
+    active = fill(store, tmp_path)
+    assert store.path is not None
+    cfg = for_server(example[0], server, store.path)
+    cfg = dataclasses.replace(cfg, secrets=dataclasses.replace(cfg.secrets, smtp_password=PASSWORD))
+    report = send_issue(
+        cfg,
+        example[1],
+        store,
+        lambda: transport_from_config(cfg),
+        options=SendOptions(connections=2),
+    )
+    assert report.sent == len(active)
+    got = copies(server.messages)
+    assert set(got) == active and set(got.values()) == {1}
+    assert server.handler.logins and set(server.handler.logins) == {USERNAME}
