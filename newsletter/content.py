@@ -433,9 +433,11 @@ def add_articles(folder: Path, sources: Iterable[Path]) -> list[Path]:
                     hint="remove it first, or add a different article",
                 )
         base = re.sub(r"^\d+-", "", source.stem)
-        name = f"{len(names) + len(plans) + 1:02d}-{slugify(base)}.md"
+        stem = f"{len(names) + len(plans) + 1:02d}-{slugify(base)}"
+        # A removed article's file stays in articles/, so the plain name may be taken.
+        name, suffix = f"{stem}.md", 2
         while name in names or (folder / ARTICLES_DIR / name).exists():
-            name = f"{len(names) + len(plans) + 1:02d}-{slugify(base)}-{len(names) + 2}.md"
+            name, suffix = f"{stem}-{suffix}.md", suffix + 1
         plans.append((article, name))
     for article, name in plans:
         target = folder / ARTICLES_DIR / name
