@@ -57,6 +57,7 @@ class Article:
     image_alt: str = ""
     summary: str = ""
     bio: str = ""
+    image_line: int = 1  # line of the 'image:' field, for error messages
 
     @property
     def word_count(self) -> int:
@@ -66,7 +67,7 @@ class Article:
         """Local image references (lead image and in-body) with their line numbers."""
         found: list[tuple[str, int]] = []
         if self.image and not _is_remote(self.image):
-            found.append((self.image, 1))
+            found.append((self.image, self.image_line))
         for offset, line in enumerate(self.body.splitlines()):
             for match in _MD_IMAGE.finditer(line):
                 if not _is_remote(match.group(1)):
@@ -252,6 +253,7 @@ def read_article(path: Path) -> Article:
         body=body,
         body_line=body_line,
         date=_as_date(data.get("date"), f"{path}:{_line_of_key(text, 'date')}", "date"),
+        image_line=_line_of_key(text, "image"),
         **values,
     )
 
