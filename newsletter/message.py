@@ -21,7 +21,7 @@ from types import MappingProxyType
 from urllib.parse import quote
 
 from .config import Config
-from .errors import ConfigError, RenderError
+from .errors import ConfigError
 from .render import RenderedIssue, find_placeholders
 from .tokens import TokenSigner
 
@@ -171,18 +171,24 @@ def _header(name: str, value: str) -> bytes:
 
 
 def _part_segments(part: str, text: str, placeholders: Mapping[str, str]) -> list[Segment]:
-    """Split a body on its placeholders and QP-encode each literal piece once."""
+    """Split a body on its placeholders and QP-encode each literal piece once.
+
+    Only this issue's own tokens are holes: text that merely looks like a token
+    (an editor writing about the tool, say) stays as it is.
+    """
     segments: list[Segment] = []
+    literal = ""
     for index, piece in enumerate(_PLACEHOLDER_SPLIT.split(text)):
-        if index % 2:
-            key = placeholders.get(piece)
-            if key is None:
-                raise RenderError(
-                    f"unknown placeholder {piece}", where=part, hint="rebuild the issue"
-                )
-            segments.append((part, key))
-        elif piece:
-            segments.append(_qp(piece))
+        key = placeholders.get(piece) if index % 2 else None
+        if key is None:
+            literal += piece
+            continue
+        if literal:
+            segments.append(_qp(literal))
+            literal = ""
+        segments.append((part, key))
+    if literal:
+        segments.append(_qp(literal))
     return segments
 
 
@@ -283,7 +289,8 @@ def sample_message(rendered: RenderedIssue, config: Config) -> bytes:
         config = _with_preview_key(config)
     template = prepare(rendered, config, require_unsubscribe=False)
     data = template.personalise(sample_recipient()).data
-    assert not find_placeholders(data.decode("ascii", "replace"))
+    left = set(find_placeholders(data.decode("ascii", "replace"))) & set(rendered.placeholders)
+    assert not left, left
     return data
 
 
