@@ -144,7 +144,9 @@ class Recipient:
 
 @cache
 def _markdown() -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"typographer": True}).enable(["replacements", "smartquotes"])
+    # No raw HTML: an article's stray <div> or <script> would break the MJML or reach inboxes.
+    md = MarkdownIt("commonmark", {"typographer": True, "html": False})
+    md.enable(["replacements", "smartquotes"])
     md.enable("table")
     md.enable("strikethrough")
     return md
