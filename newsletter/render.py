@@ -7,6 +7,7 @@ differ per recipient are left as placeholders that ``message`` fills in.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import html
@@ -405,9 +406,8 @@ def _nonce(issue: Issue, config: Config) -> str:
     digest = hashlib.sha256()
     digest.update(f"{config.newsletter!r}{issue.title}{issue.preheader}{issue.intro}".encode())
     for article in issue.articles:
-        digest.update(article.path.name.encode())
-        digest.update(article.body.encode())
-        digest.update(f"{article!r}".encode())
+        # Not the full path: the same issue must give the same tokens wherever it lives.
+        digest.update(f"{dataclasses.replace(article, path=Path(article.path.name))!r}".encode())
     return digest.hexdigest()[:10]
 
 
