@@ -529,6 +529,10 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         keep_style_tags=True,
         remove_classes=False,
         disable_validation=True,
+        # MJML already writes the pixel width/height attributes Outlook needs; premailer would
+        # replace them with the CSS values ("100%", "auto"), and Outlook then shows images
+        # at their full size.
+        disable_basic_attributes=["width", "height"],
         cssutils_logging_level=logging.CRITICAL,
     )
     if not inlined.lstrip().lower().startswith("<!doctype"):
