@@ -500,6 +500,11 @@ def _render_template(env: jinja2.Environment, name: str, context: Mapping[str, A
         ) from None
 
 
+def _template_file(env: jinja2.Environment, name: str) -> str:
+    """The file a template name resolves to (a workspace override or the theme), for errors."""
+    return env.get_template(name).filename or name
+
+
 def _template_location(exc: BaseException) -> str | None:
     """The innermost template file and line of an error raised while rendering."""
     location = None
@@ -565,12 +570,16 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         asset_base=base,
         warnings=warnings,
     )
-    email_html = mjml_to_html(_render_template(env, EMAIL_TEMPLATE, email_ctx))
+    email_mjml = _render_template(env, EMAIL_TEMPLATE, email_ctx)
+    email_template = _template_file(env, EMAIL_TEMPLATE)
+    email_html = mjml_to_html(email_mjml, template=email_template)
     text = _tidy_text(_render_template(env, TEXT_TEMPLATE, email_ctx))
     web_ctx = dict(email_ctx, recipient=Recipient(None), web=True)
     web_ctx["articles"] = email_ctx["articles"]
     # Browsers read <style> blocks, so the web page skips premailer's inlining.
-    web_html = mjml_to_html(_render_template(env, EMAIL_TEMPLATE, web_ctx), inline=False)
+    web_html = mjml_to_html(
+        _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
+    )
     if not issue.preheader:
         warnings.append(
             f"{issue.path / 'issue.md'}: no preheader; the inbox will show the first words of the email instead"
