@@ -18,7 +18,7 @@ import textwrap
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -351,8 +351,24 @@ def template_environment(workspace_templates: Path | None) -> jinja2.Environment
     return env
 
 
-@cache
-def _cached_environment(workspace_templates: Path | None) -> jinja2.Environment:
+def workspace_environment(config: Config) -> jinja2.Environment:
+    """The environment for a workspace, kept while its set of template files stays the same.
+
+    Jinja2 re-checks a cached template only against the file it came from, so a
+    newly added override would be ignored by a long-running process (the preview
+    server) until restart; keying on the file names avoids that.
+    """
+    folder = config.templates_dir
+    if not folder.is_dir():
+        return _cached_environment(None, ())
+    names = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
+    return _cached_environment(folder, names)
+
+
+@lru_cache(maxsize=16)
+def _cached_environment(
+    workspace_templates: Path | None, file_names: tuple[str, ...]
+) -> jinja2.Environment:
     return template_environment(workspace_templates)
 
 
@@ -557,7 +573,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         if asset_base is None
         else asset_base
     )
-    env = _cached_environment(config.templates_dir if config.templates_dir.is_dir() else None)
+    env = workspace_environment(config)
     subject = issue.subject(config.newsletter.subject_max_length)
     placeholders = Placeholders(_nonce(issue, config))
     warnings: list[str] = []
