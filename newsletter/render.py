@@ -248,9 +248,15 @@ class _TextWriter:
                         prefix + indent + " " * len(item_prefix),
                     )
                     item_prefix = None
-                    tight_join = bool(blocks) and lists and blocks[-1].startswith(prefix + indent)
+                    # Items follow the previous item (of this list or, for a nested
+                    # list's first item, of its parent) without a blank line.
+                    last = blocks[-1].rsplit("\n", 1)[-1] if blocks else None
+                    tight_join = last is not None and any(
+                        last.startswith(level) and _is_list_line(last, level)
+                        for level in (prefix + "   " * depth for depth in range(len(lists)))
+                    )
                     text = self.wrap(content, first, rest)
-                    if tight_join and _is_list_line(blocks[-1], prefix + indent):
+                    if tight_join:
                         blocks[-1] = f"{blocks[-1]}\n{text}"
                     else:
                         blocks.append(text)
