@@ -172,7 +172,8 @@ def _header(name: str, value: str) -> bytes:
         return _POLICY.fold_binary(name, value)
     # fold_binary leaves a non-ASCII value that fits on one line as raw UTF-8, then fails
     # to encode it ("Subject: Café"); the header registry always applies RFC 2047.
-    return _POLICY.header_factory(name, value).fold(policy=_POLICY).encode("ascii")
+    folded: str = _POLICY.header_factory(name, value).fold(policy=_POLICY)
+    return folded.encode("ascii")
 
 
 def _part_segments(part: str, text: str, placeholders: Mapping[str, str]) -> list[Segment]:
