@@ -501,3 +501,24 @@ def test_console_script(workspace: Path) -> None:
         check=False,
     )
     assert version.stdout == f"newsletter, version {__version__}\n"
+
+
+def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
+    """premailer (with cssutils and requests) is imported when an issue is rendered, not before."""
+    code = (
+        "import sys\n"
+        "from newsletter.cli import main\n"
+        "try:\n    main(['issue', 'list'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('premailer', 'cssutils', 'requests') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=workspace,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"

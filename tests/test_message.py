@@ -252,7 +252,7 @@ def test_personalise_does_no_rendering(
         raise AssertionError("rendering during personalise")
 
     monkeypatch.setattr(mjml, "mjml2html", tripwire)
-    monkeypatch.setattr(premailer, "transform", tripwire)
+    monkeypatch.setattr(premailer.Premailer, "transform", tripwire)
     monkeypatch.setattr(render, "render_issue", tripwire)
     monkeypatch.setattr(render, "markdown_html", tripwire)
     outs = [

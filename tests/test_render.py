@@ -8,6 +8,7 @@ import difflib
 import html
 import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import lxml.etree
@@ -550,3 +551,59 @@ def test_an_override_added_or_removed_later_is_seen(cfg: Config, issue: Issue) -
     assert render.render_issue(issue, cfg).text.startswith("LATE OVERRIDE\n")
     path.unlink()
     assert "LATE OVERRIDE" not in render.render_issue(issue, cfg).text
+
+
+# --- speed-ups that must not change the output ---------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    line=st.lists(
+        st.sampled_from(
+            ["a", "bc", "defgh", " ", "  ", "\t", "\xa0", "\u2007", "\u3000", "-", "x" * 14]
+        ),
+        max_size=30,
+    ).map("".join),
+    width=st.integers(1, 30),
+    first=st.sampled_from(["", "> ", "1. ", "    "]),
+    rest=st.sampled_from(["", "   ", "> > "]),
+)
+def test_wrap_line_matches_textwrap(line: str, width: int, first: str, rest: str) -> None:
+    expected = textwrap.wrap(
+        line,
+        width=width,
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    assert render.wrap_line(line, width, first, rest) == expected
+
+
+def test_changed_markdown_is_converted_again_and_warnings_repeat(issue: Issue, cfg: Config) -> None:
+    lead = issue.articles[0]
+    with_image = dataclasses.replace(lead, body=lead.body + "\n\n![](../images/bench.png)\n")
+    changed = dataclasses.replace(issue, articles=(with_image, *issue.articles[1:]))
+    first, second = render.render_issue(changed, cfg), render.render_issue(changed, cfg)
+    for result in (first, second):  # the second render is served from the Markdown cache
+        assert any("has no alt text" in w for w in result.warnings)
+    assert first.html == second.html
+    edited = dataclasses.replace(
+        with_image, body=with_image.body.replace("three weeks ahead", "a month ahead")
+    )
+    third = render.render_issue(
+        dataclasses.replace(issue, articles=(edited, *issue.articles[1:])), cfg
+    )
+    assert "a month ahead" in third.html and "a month ahead" in third.text
+    assert "three weeks ahead" not in third.text
+
+
+def test_floating_images_still_get_an_align_attribute(cfg: Config, issue: Issue) -> None:
+    theme_css = (render.default_theme_dir() / "email.css").read_text(encoding="utf-8")
+    write_template(cfg, "email.css", theme_css + "\n.body-image { float: right; }\n")
+    root = parse_strict(render.render_issue(issue, cfg).html)
+    floating = root.xpath('//img[contains(@class, "body-image")]')
+    assert floating and all(img.get("align") == "right" for img in floating)
+    assert all(
+        img.get("align") is None for img in root.xpath('//img[not(contains(@class, "body-image"))]')
+    )
