@@ -11,7 +11,6 @@ import shutil
 import textwrap
 from pathlib import Path
 
-import lxml.etree
 import lxml.html
 import pytest
 from hypothesis import HealthCheck, given, settings
