@@ -535,9 +535,24 @@ def test_bounce_on_5xx_marks_the_subscriber(store: Store) -> None:
     assert other is not None and other.status == Status.ACTIVE
 
 
-def test_results_are_only_sent_failed_or_deferred() -> None:
-    with pytest.raises(ValueError, match="sent, failed or deferred"):
+def test_results_are_only_sent_failed_deferred_or_uncertain() -> None:
+    with pytest.raises(ValueError, match="sent, failed, deferred or uncertain"):
         DeliveryResult(ISSUE, 1, DeliveryState.QUEUED)
+
+
+def test_an_uncertain_result_is_recorded_as_uncertain(db_path: Path) -> None:
+    with Store.open(db_path) as store:
+        sub = store.add_subscriber("lost-reply@example.com")
+        with store.acquire_send_lock(ISSUE) as lock:
+            store.snapshot_recipients(ISSUE)
+            [claimed] = store.claim_batch(ISSUE, lock.run_id, 10)
+            store.record_results(
+                [DeliveryResult(ISSUE, sub.id, DeliveryState.UNCERTAIN, "timeout after the final dot")]
+            )
+        entry = store.ledger_entry(ISSUE, sub.id)
+        assert claimed.subscriber.id == sub.id
+        assert entry is not None and entry.state == DeliveryState.UNCERTAIN
+        assert entry.last_reply == "timeout after the final dot"
 
 
 def test_a_second_lock_on_the_same_issue_is_refused(db_path: Path) -> None:
