@@ -9,17 +9,23 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import sys
+import webbrowser
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__, content, render
+from . import __version__, content, delivery, preview, render
 from . import config as config_module
 from .config import Config
 from .content import Issue
-from .errors import NewsletterError
+from .errors import NewsletterError, PreviewError
+from .importers import feeds as feeds_module
+from .importers import sources as importing
+
+if TYPE_CHECKING:
+    from . import store as store_module
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,17 +139,24 @@ def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
 
 @issue.command("add")
 @click.argument("issue_ref", metavar="ISSUE")
-@click.argument(
-    "sources", metavar="FILE...", nargs=-1, required=True, type=click.Path(path_type=Path)
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Add it even if an earlier issue has the same URL.")
+@click.option(
+    "--excerpt",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Web pages and feed items: keep the first N paragraphs and link to the rest.",
 )
 @pass_ctx
 @handle_errors
-def issue_add(ctx: Context, issue_ref: str, sources: tuple[Path, ...]) -> None:
-    """Add Markdown article files to ISSUE, in the order given."""
+def issue_add(
+    ctx: Context, issue_ref: str, sources: tuple[str, ...], force: bool, excerpt: int | None
+) -> None:
+    """Add articles to ISSUE in order: .md files, .txt drafts, http(s) URLs or feed:ID."""
     cfg = ctx.config()
-    folder = content.find_issue(cfg.issues_dir, issue_ref)
-    for path in content.add_articles(folder, sources):
-        click.echo(f"added {path.name}")
+    report = importing.add_sources(cfg, issue_ref, sources, force=force, excerpt=excerpt)
+    _print_added(report)
 
 
 @issue.command("remove")
@@ -235,3 +248,734 @@ def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
         click.echo(f"  {result.out_dir / name}  {_kb(size)}")
     for warning in rendered.warnings:
         click.echo(f"Warning: {warning}", err=True)
+
+
+# --- import commands ---
+
+
+def _print_added(report: importing.AddReport) -> None:
+    for added in report.added:
+        click.echo(f"added {added.path.name}  {added.title}  [{added.word_count} words]")
+        if added.origin != str(added.path) and not added.origin.endswith(".md"):
+            click.echo(f"      from {added.origin}")
+        byline = ", ".join(
+            part
+            for part in (added.author, added.source, added.date.isoformat() if added.date else "")
+            if part
+        )
+        if byline:
+            click.echo(f"      {byline}")
+        if added.missing:
+            click.echo(f"      not found: {', '.join(added.missing)} (fill in {added.path})")
+        for note in added.notes:
+            click.echo(f"      note: {note}")
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+@issue.command("import-digest")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--title", default="", help="The new issue's title (default: 'Issue N').")
+@click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+@pass_ctx
+@handle_errors
+def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime | None) -> None:
+    """Split a plain-text digest FILE into a new issue, one article per title and byline."""
+    cfg = ctx.config()
+    report = importing.import_digest(cfg, file, title=title, date=date.date() if date else None)
+    created, digest = report.issue, report.digest
+    click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
+    click.echo(f"Folder:  {created.path}")
+    click.echo(f"Subject: {digest.subject or '(none found: the lead titles will be used)'}")
+    if digest.intro:
+        click.echo(f"Intro:   {len(digest.intro.split())} words before the first article")
+    click.echo(f"Tagline: {digest.tagline or '(none found)'} (not an article)")
+    click.echo(f"Articles: {len(report.added.added)}")
+    for number, added in enumerate(report.added.added, start=1):
+        click.echo(f"{number:>3}. {added.title}  [{added.word_count} words]  {added.path.name}")
+        byline = ", ".join(
+            part
+            for part in (added.author, added.source, added.date.isoformat() if added.date else "")
+            if part
+        )
+        click.echo(f"     {byline or '(no byline)'}")
+        if added.missing:
+            click.echo(f"     not found: {', '.join(added.missing)}")
+        for note in added.notes:
+            click.echo(f"     note: {note}")
+    for note in digest.notes:
+        click.echo(f"note: {note}")
+
+
+@main.group()
+def feed() -> None:
+    """Keep a list of RSS/Atom feeds and pull new items from them."""
+
+
+@feed.command("add")
+@click.argument("name")
+@click.argument("url")
+@pass_ctx
+@handle_errors
+def feed_add(ctx: Context, name: str, url: str) -> None:
+    """Add the feed at URL under NAME (kept in feeds.toml)."""
+    cfg = ctx.config()
+    added = feeds_module.add_feed(cfg, name, url)
+    click.echo(f"added feed {added.name}: {added.url}")
+    click.echo("Next: newsletter feed pull")
+
+
+@feed.command("list")
+@pass_ctx
+@handle_errors
+def feed_list(ctx: Context) -> None:
+    """List the feeds."""
+    cfg = ctx.config()
+    listed = feeds_module.read_feeds(cfg)
+    if not listed:
+        click.echo("No feeds yet. Add one with `newsletter feed add NAME URL`.")
+    for item in listed:
+        click.echo(f"{item.name}  {item.url}")
+
+
+@feed.command("remove")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def feed_remove(ctx: Context, name: str) -> None:
+    """Remove the feed called NAME."""
+    cfg = ctx.config()
+    removed = feeds_module.remove_feed(cfg, name)
+    click.echo(f"removed feed {removed.name}: {removed.url}")
+
+
+@feed.command("pull")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@pass_ctx
+@handle_errors
+def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
+    """Fetch the feeds and list items that no issue has used yet, each with an id."""
+    cfg = ctx.config()
+    report = feeds_module.pull(cfg, names)
+    for result in report.results:
+        status = "not modified" if result.not_modified else f"{len(result.new_ids)} new"
+        used = f", {result.used} already in an issue" if result.used else ""
+        click.echo(f"{result.feed.name}: {status}, {len(result.items)} not used yet{used}")
+        for item in result.items:
+            date = item.published.isoformat() if item.published else "          "
+            mark = "  (new)" if item.id in result.new_ids else ""
+            click.echo(f"  {item.id}  {date}  {item.title}{mark}")
+            click.echo(f"           {item.url}")
+    if any(result.items for result in report.results):
+        click.echo("Add one with: newsletter issue add ISSUE feed:ID")
+    report.raise_for_errors()
+
+
+# --- deliverability commands ---
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option("--spam", is_flag=True, help="Also score a sample message with SpamAssassin (-L).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_ctx
+@handle_errors
+def check(ctx: Context, issue_ref: str, spam: bool, as_json: bool) -> None:
+    """Say what would hurt ISSUE's delivery; exit 1 when there are errors."""
+    import json
+
+    from . import check as check_module
+
+    cfg = ctx.config()
+    report = check_module.check_issue(cfg, _issue(cfg, issue_ref), spam=spam)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"Issue {report.issue_number}: {report.subject}")
+        for finding in report.findings:
+            where = f"  [{finding.where}]" if finding.where else ""
+            click.echo(f"{finding.level:<8}{finding.code:<26}{finding.message}{where}")
+        if report.spam is not None:
+            for rule in report.spam.rules:
+                click.echo(
+                    f"{'':8}{'spam rule':<26}{rule.score:+5.1f}  {rule.name}  {rule.description}"
+                )
+        click.echo(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """DKIM keys for signing outgoing mail."""
+
+
+@dkim_group.command("keygen")
+@click.option(
+    "--selector", default=None, help="DKIM selector (default: [dkim] selector, or 'newsletter')."
+)
+@click.option(
+    "--domain", default=None, help="Signing domain (default: [dkim] domain, or the sender's)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the key files (default: .newsletter/dkim/, which git ignores).",
+)
+@click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size (1024-4096).")
+@pass_ctx
+@handle_errors
+def dkim_keygen(
+    ctx: Context, selector: str | None, domain: str | None, out_dir: Path | None, bits: int
+) -> None:
+    """Write a DKIM key pair and print the DNS TXT record to publish."""
+    from . import dkim
+
+    cfg = ctx.config() if None in (selector, domain, out_dir) else None
+    pair = dkim.generate(
+        out_dir or (cfg.state_dir / "dkim" if cfg else Path(".")),
+        selector or (cfg.dkim.selector if cfg and cfg.dkim.selector else "newsletter"),
+        domain or (cfg.dkim.domain or cfg.sender_domain if cfg else ""),
+        bits=bits,
+    )
+    click.echo(f"private key: {pair.private_path}  (mode 600; keep it out of git)")
+    click.echo(f"public key:  {pair.public_path}")
+    click.echo("Publish this DNS record:")
+    click.echo(pair.zone_line)
+    click.echo(
+        f'Then set [dkim] selector, domain and key_file = "{pair.private_path}" in newsletter.toml '
+        "(or NEWSLETTER_DKIM_KEY_FILE), and run `newsletter check`."
+    )
+
+
+@dkim_group.command("record")
+@pass_ctx
+@handle_errors
+def dkim_record(ctx: Context) -> None:
+    """Print the DNS TXT record for the configured DKIM key (reads the key, checks the config)."""
+    from . import dkim
+    from .errors import ConfigError
+
+    cfg = ctx.config()
+    signer = dkim.signer_from_config(cfg)
+    if signer is None:
+        raise ConfigError(
+            "DKIM is not configured",
+            where=str(cfg.path),
+            hint="set [dkim] selector, domain and key_file; `newsletter dkim keygen` makes a key",
+        )
+    click.echo(signer.zone_line)
+    for warning in signer.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+# --- smtp-sink command ---
+
+
+@main.command("smtp-sink")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default: [smtp] port of the workspace, else 8025; 0 picks a free one).",
+)
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Maildir to store messages in (default: .newsletter/sink/ in the workspace).",
+)
+@click.option(
+    "--outbox", is_flag=True, help="Also write each message as .eml into .newsletter/outbox/."
+)
+@click.option("--count-only", is_flag=True, help="Store nothing, only count (for benchmarks).")
+@click.option("--quiet", "-q", is_flag=True, help="No line per message.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a non-loopback --host (anyone who can reach it can drop mail in it).",
+)
+@pass_ctx
+@handle_errors
+def smtp_sink(
+    ctx: Context,
+    host: str,
+    port: int | None,
+    maildir: Path | None,
+    outbox: bool,
+    count_only: bool,
+    quiet: bool,
+    allow_remote: bool,
+) -> None:
+    """Run a local SMTP server that keeps every message it receives (Ctrl-C stops it)."""
+    from .errors import ConfigError
+    from .sink import SinkMessage, format_message_line, start_sink
+    from .transport import is_loopback
+
+    needs_workspace = outbox or (maildir is None and not count_only)
+    config: Config | None
+    try:
+        config = ctx.config()
+    except ConfigError:
+        if needs_workspace:
+            raise
+        config = None
+    if maildir is None and not count_only and config is not None:
+        maildir = config.state_dir / "sink"
+    if count_only:
+        maildir = None
+    if port is None:
+        port = config.smtp.port if config is not None else 8025
+    if not is_loopback(host) and allow_remote:
+        click.echo(
+            f"Warning: listening on {host}: anyone who can reach it can drop mail here.", err=True
+        )
+
+    def show(message: SinkMessage) -> None:
+        click.echo(format_message_line(message))
+
+    sink = start_sink(
+        maildir,
+        host=host,
+        port=port,
+        outbox=config.outbox_dir if outbox and config is not None else None,
+        on_message=None if quiet else show,
+        allow_remote=allow_remote,
+    )
+    stored = f"storing in {maildir}" if maildir else "counting only"
+    if outbox and config is not None:
+        stored += f" and {config.outbox_dir}"
+    click.echo(f"smtp-sink listening on {sink.host}:{sink.port}, {stored} (Ctrl-C to stop)")
+    try:
+        sink.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.stop()
+    click.echo(f"smtp-sink stopped after {sink.count} messages.")
+
+
+# --- preview command ---
+
+
+@main.command("preview")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help=f"Port to listen on; 0 picks a free one (default: {preview.DEFAULT_PORT}, or a free one if taken).",
+)
+@click.option(
+    "--host",
+    default=preview.DEFAULT_HOST,
+    show_default=True,
+    help="Address to listen on; anything but loopback lets other machines read the preview.",
+)
+@click.option("--no-open", is_flag=True, help="Do not open the page in a browser.")
+@pass_ctx
+@handle_errors
+def preview_command(
+    ctx: Context, issue_ref: str, port: int | None, host: str, no_open: bool
+) -> None:
+    """Preview ISSUE in a browser; it rebuilds and reloads on every save."""
+    cfg = ctx.config()
+    folder = content.find_issue(cfg.issues_dir, issue_ref)
+    warning = preview.host_warning(host)
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
+
+    def report(state: preview.PreviewState) -> None:
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        if state.problem is not None:
+            click.echo(f"{stamp} Build error: {state.problem.text}", err=True)
+        else:
+            click.echo(f"{stamp} Built {state.issue} in {state.seconds:.2f} s")
+            for text in state.warnings:
+                click.echo(f"{stamp} Warning: {text}", err=True)
+
+    server = preview.PreviewServer(
+        cfg, folder, host, preview.DEFAULT_PORT if port is None else port, on_build=report
+    )
+    try:
+        server.start()
+    except PreviewError:
+        if port is not None:
+            raise
+        click.echo(f"Port {preview.DEFAULT_PORT} is taken; using a free one.", err=True)
+        server = preview.PreviewServer(cfg, folder, host, 0, on_build=report)
+        server.start()
+    click.echo(f"Preview of {folder.name} at {server.url}  (Ctrl-C to stop)")
+    if not no_open:
+        webbrowser.open(server.url)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("\nPreview stopped.")
+    finally:
+        server.stop()
+
+
+# --- subscriber commands ---
+
+
+def _open_store(ctx: Context) -> store_module.Store:
+    """The workspace's database (imported late: email-validator slows every command's start)."""
+    from . import store
+
+    return store.Store.open(ctx.config().db_path)
+
+
+_STATUS_CHOICE = click.Choice(["active", "pending", "unsubscribed", "bounced", "complained"])
+
+
+@main.group()
+def subscribers() -> None:
+    """Manage the subscriber list (import, add, unsubscribe, list, export...)."""
+
+
+@subscribers.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+@handle_errors
+def subscribers_import(ctx: Context, file: Path) -> None:
+    """Import subscribers from a CSV file (columns: email, name, any others become fields).
+
+    Every bad row is reported as FILE:LINE; the good rows are imported all at once.
+    Nobody who unsubscribed, bounced or complained is reactivated. Exits 1 when the
+    file itself is unusable, or when it has bad rows and no good one.
+    """
+    from .store import RowError
+
+    def on_error(error: RowError) -> None:
+        click.echo(f"{file}:{error.line}: {error.message}", err=True)
+
+    with _open_store(ctx) as store:
+        report = store.import_csv(file, on_error=on_error)
+    click.echo(
+        f"{file}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.skipped_inactive} left alone (unsubscribed, bounced or complained), "
+        f"{report.duplicates} duplicate rows merged, {report.error_count} bad rows."
+    )
+    if report.error_count and not report.imported and not report.skipped_inactive:
+        fail(f"{file}: no row could be imported")
+
+
+@subscribers.command("add")
+@click.argument("email")
+@click.option("--name", default="", help="The subscriber's name.")
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A personalisation field (repeatable).",
+)
+@pass_ctx
+@handle_errors
+def subscribers_add(ctx: Context, email: str, name: str, fields: tuple[str, ...]) -> None:
+    """Add one active subscriber."""
+    values: dict[str, str] = {}
+    for item in fields:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--field {item!r}: write it as KEY=VALUE")
+        values[key.strip()] = value
+    with _open_store(ctx) as store:
+        subscriber = store.add_subscriber(email, name, values)
+    click.echo(f"Added {subscriber.email}.")
+
+
+@subscribers.command("remove")
+@click.argument("email")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also delete the record of issues sent to them (otherwise refused).",
+)
+@pass_ctx
+@handle_errors
+def subscribers_remove(ctx: Context, email: str, force: bool) -> None:
+    """Delete a subscriber for good (to stop mail, use `unsubscribe`: it keeps the record)."""
+    with _open_store(ctx) as store:
+        store.remove_subscriber(email, force=force)
+    click.echo(f"Removed {email}.")
+
+
+@subscribers.command("unsubscribe")
+@click.argument("email")
+@pass_ctx
+@handle_errors
+def subscribers_unsubscribe(ctx: Context, email: str) -> None:
+    """Mark a subscriber unsubscribed (kept in the list, never sent to again)."""
+    from .store import Status
+
+    with _open_store(ctx) as store:
+        subscriber = store.set_status(email, Status.UNSUBSCRIBED, "cli")
+    click.echo(f"Unsubscribed {subscriber.email}.")
+
+
+@subscribers.command("list")
+@click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
+@pass_ctx
+@handle_errors
+def subscribers_list(ctx: Context, status: str | None) -> None:
+    """Print subscribers, one per line: email, status and name, tab-separated."""
+    from .store import Status
+
+    with _open_store(ctx) as store:
+        for sub in store.list_subscribers(None if status is None else Status(status)):
+            click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
+
+
+@subscribers.command("export")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
+@pass_ctx
+@handle_errors
+def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> None:
+    """Write subscribers as CSV to FILE (replaced atomically) or to standard output."""
+    from .files import atomic_open_text
+    from .store import Status
+
+    wanted = None if status is None else Status(status)
+    with _open_store(ctx) as store:
+        if file is None:
+            store.export_csv(sys.stdout, wanted)
+            return
+        with atomic_open_text(file, newline="") as handle:
+            count = store.export_csv(handle, wanted)
+    click.echo(f"Wrote {count} subscribers to {file}.", err=True)
+
+
+@subscribers.command("count")
+@pass_ctx
+@handle_errors
+def subscribers_count(ctx: Context) -> None:
+    """Print how many subscribers have each status."""
+    with _open_store(ctx) as store:
+        counts = store.count_by_status()
+    for state, number in counts.items():
+        click.echo(f"{state:<13}{number:>9}")
+    click.echo(f"{'total':<13}{sum(counts.values()):>9}")
+
+
+# --- sending commands ---
+
+
+def _transport_name(cfg: Config) -> str:
+    smtp = cfg.smtp
+    name = f"SMTP {smtp.host}:{smtp.port} ({smtp.security})"
+    return f"{name} + copies in {cfg.outbox_dir}" if cfg.delivery.outbox else name
+
+
+def _print_report(report: delivery.DeliveryReport) -> None:
+    click.echo(
+        f"Sent {report.sent}, failed {report.failed}, deferred {report.deferred}, "
+        f"uncertain {report.uncertain} in {report.elapsed:.1f} s ({report.rate:.0f} msgs/s)."
+    )
+    counts = ", ".join(f"{state} {n}" for state, n in report.counts.items() if n)
+    click.echo(f"Ledger for {report.issue_key}: {counts or 'empty'}")
+    for entry in report.problems[:20]:
+        click.echo(f"  {entry.state:<9} {entry.email}  {entry.last_reply}", err=True)
+    if report.stopped_by:
+        click.echo(f"Stopped: {report.stopped_by}", err=True)
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option("--yes", is_flag=True, help="Send without asking.")
+@click.option("--dry-run", is_flag=True, help="Build every message; send and record nothing.")
+@click.option(
+    "--test",
+    "test_addresses",
+    multiple=True,
+    metavar="ADDR",
+    help="Send a [TEST] proof copy to ADDR (repeatable); the ledger is not touched.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Send at most N messages in this run."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="At most this many messages per second.",
+)
+@click.option(
+    "--connections",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Parallel SMTP connections (default: [delivery] connections).",
+)
+@click.option(
+    "--resend-uncertain",
+    is_flag=True,
+    help="Also send to recipients a crashed run left uncertain (they may get two copies).",
+)
+@click.option(
+    "--include-new", is_flag=True, help="Add subscribers who joined after this issue's first send."
+)
+@pass_ctx
+@handle_errors
+def send(
+    ctx: Context,
+    issue_ref: str,
+    yes: bool,
+    dry_run: bool,
+    test_addresses: tuple[str, ...],
+    limit: int | None,
+    rate: float | None,
+    connections: int | None,
+    resend_uncertain: bool,
+    include_new: bool,
+) -> None:
+    """Send ISSUE to every active subscriber, once; re-running resumes."""
+    from . import dkim
+    from .store import Status
+    from .transport import transport_from_config
+
+    cfg = ctx.config()
+    delivery.check_can_send(cfg)
+    rendered = render.render_issue(_issue(cfg, issue_ref), cfg)
+    signer = dkim.signer_from_config(cfg)
+    if test_addresses:
+        results = delivery.send_test(
+            cfg, rendered, test_addresses, transport_from_config(cfg), sign=signer
+        )
+        for result in results:
+            click.echo(
+                f"{result.outcome:<9} {result.recipient}  {result.code or ''} {result.reply}".rstrip()
+            )
+        if not all(r.ok for r in results):
+            sys.exit(1)
+        return
+    with _open_store(ctx) as store:
+        if dry_run:
+            dry = delivery.dry_run(
+                cfg, rendered, store.list_subscribers(Status.ACTIVE), sign=signer
+            )
+            click.echo(
+                f"Dry run: built {dry.messages} messages, {dry.total_bytes / 1e6:.1f} MB, "
+                f"in {dry.elapsed:.2f} s. Nothing was sent or recorded."
+            )
+            return
+        plan = delivery.plan_send(cfg, rendered, store, _transport_name(cfg))
+        click.echo(f"Subject:    {plan.subject}")
+        click.echo(f"From:       {plan.sender}")
+        click.echo(
+            f"Recipients: {plan.recipients}"
+            + (f" (already sent: {plan.already_sent})" if plan.already_sent else "")
+        )
+        if plan.uncertain:
+            click.echo(
+                f"Uncertain:  {plan.uncertain} (a crashed run; re-sent only with --resend-uncertain)"
+            )
+        click.echo(f"Size:       {_kb(plan.message_size)} per message")
+        click.echo(f"Transport:  {plan.transport}")
+        if plan.recipients == 0 and not (resend_uncertain and plan.uncertain) and not include_new:
+            click.echo("Nothing to send.")
+            return
+        if not yes and not click.confirm("Send now?", default=False):
+            click.echo("Not sent.")
+            return
+        bar: Any = None
+
+        def show(progress: delivery.Progress) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = click.progressbar(
+                    length=max(progress.total, 1),
+                    label="Sending",
+                    show_pos=True,
+                    show_eta=True,
+                    file=sys.stderr,
+                )
+                bar.__enter__()
+            bar.label = f"Sending ({progress.rate:.0f}/s)"
+            bar.update(progress.done - bar.pos)
+
+        try:
+            report = delivery.send_issue(
+                cfg,
+                rendered,
+                store,
+                lambda: transport_from_config(cfg),
+                options=delivery.SendOptions(
+                    limit=limit,
+                    rate=rate,
+                    connections=connections,
+                    include_new=include_new,
+                    resend_uncertain=resend_uncertain,
+                ),
+                sign=signer,
+                progress=show,
+            )
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    if report.found_uncertain:
+        click.echo(
+            f"Found {report.found_uncertain} recipients left uncertain by a crashed run.", err=True
+        )
+    _print_report(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@pass_ctx
+@handle_errors
+def status(ctx: Context, issue_ref: str) -> None:
+    """Show ISSUE's delivery counts and every failed, deferred or uncertain recipient."""
+    cfg = ctx.config()
+    issue_item = _issue(cfg, issue_ref)
+    with _open_store(ctx) as store:
+        snapshot = store.issue_snapshot(issue_item.key)
+        if snapshot is None:
+            click.echo(f"Issue {issue_item.number} ({issue_item.key}) has not been sent.")
+            return
+        counts = store.ledger_counts(issue_item.key)
+        problems = store.ledger_problems(issue_item.key)
+    click.echo(
+        f"Issue {issue_item.number} ({issue_item.key}): {snapshot.recipients} recipients, "
+        f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
+    )
+    for state, number in counts.items():
+        click.echo(f"  {state:<10}{number:>8}")
+    for entry in problems:
+        click.echo(f"{entry.state:<9} {entry.email}  attempts {entry.attempts}  {entry.last_reply}")
+
+
+@main.command()
+@pass_ctx
+@handle_errors
+def demo(ctx: Context) -> None:
+    """Send the bundled example issue to the example list through a local SMTP sink."""
+    from .demo import run_demo
+
+    cfg = ctx.config()
+    result = run_demo(cfg)
+    click.echo(f"Built issue {result.issue.number}: {result.build.rendered.subject}")
+    for name, size in result.build.files.items():
+        click.echo(f"  {result.build.out_dir / name}  {_kb(size)}")
+    click.echo(f"Imported {result.imported.imported} example subscribers into {result.db_path}")
+    _print_report(result.report)
+    click.echo(
+        f"The SMTP sink received {result.received} messages in this run; they are in {result.sink_dir}/new/"
+    )
+    if result.report.sent == 0 and result.report.counts.get(delivery.DeliveryState.SENT):
+        click.echo("Everyone already has this issue: nobody gets a second copy.")
+    click.echo(
+        f"Next: newsletter preview {result.issue.number}   (or open {result.build.out_dir / 'web.html'})"
+    )

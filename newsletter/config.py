@@ -29,6 +29,9 @@ ENV_IMAP_PASSWORD = "NEWSLETTER_IMAP_PASSWORD"
 ENV_DB = "NEWSLETTER_DB"
 
 _KEY_CHARS = re.compile(r"^[A-Za-z0-9_-]+$")
+# A DKIM selector or domain: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+DKIM_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class SmtpSettings:
     timeout: float = 30.0
     max_per_connection: int = 100
     helo_name: str = ""
+    ca_file: str = ""  # PEM CA certificates to trust instead of the system store (a private CA)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,14 @@ class BounceSettings:
 
 
 @dataclass(frozen=True)
+class FetchSettings:
+    """How article import fetches web pages and feeds: patience and a size limit."""
+
+    timeout: float = 20.0  # seconds to connect, and to wait for each piece of the answer
+    max_bytes: int = 5_000_000  # a page or feed larger than this is refused
+
+
+@dataclass(frozen=True)
 class Secrets:
     """Secrets from the environment; ``repr`` never shows them."""
 
@@ -154,6 +166,7 @@ class Config:
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     server: ServerSettings = ServerSettings()
     bounces: BounceSettings = BounceSettings()
+    fetch: FetchSettings = FetchSettings()
     secrets: Secrets = Secrets()
     db_override: Path | None = None
 
@@ -180,6 +193,16 @@ class Config:
     @property
     def outbox_dir(self) -> Path:
         return self.state_dir / "outbox"
+
+    @property
+    def feeds_path(self) -> Path:
+        """The editor's feed list (content, kept in git)."""
+        return self.root / "feeds.toml"
+
+    @property
+    def feed_state_path(self) -> Path:
+        """What the tool remembers about feeds: ETags, Last-Modified, items seen."""
+        return self.state_dir / "feeds.json"
 
     @property
     def db_path(self) -> Path:
@@ -209,6 +232,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "unsubscribe": UnsubscribeSettings,
     "server": ServerSettings,
     "bounces": BounceSettings,
+    "fetch": FetchSettings,
 }
 
 # Keys that look like secrets are refused in the file, with a pointer to the env var.
@@ -351,12 +375,16 @@ def _validate(config: Config, path: Path, text: str) -> None:
     if config.delivery.rate < 0:
         fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
     for key, value in (("selector", config.dkim.selector), ("domain", config.dkim.domain)):
-        if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+        if value and not DKIM_NAME_RE.fullmatch(value):
             fail(
                 key,
                 f"[dkim] {key} '{value}' has illegal characters",
-                "use letters, digits, dots and hyphens",
+                "use letters, digits and hyphens, with dots between labels",
             )
+    if config.fetch.timeout <= 0:
+        fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")
+    if config.fetch.max_bytes < 1:
+        fail("max_bytes", "[fetch] max_bytes must be at least 1", "set it to e.g. 5000000")
 
 
 def _read_text(path: Path) -> str:

@@ -50,3 +50,7 @@ class DeliveryError(NewsletterError):
 
 class ImportSourceError(NewsletterError):
     """A URL, feed or draft could not be turned into an article."""
+
+
+class PreviewError(NewsletterError):
+    """The preview server cannot start (port taken, address not available...)."""

@@ -144,8 +144,7 @@ class Recipient:
 
 @cache
 def _markdown() -> MarkdownIt:
-    # No raw HTML: an article's stray <div> or <script> would break the MJML or reach inboxes.
-    md = MarkdownIt("commonmark", {"typographer": True, "html": False})
+    md = MarkdownIt("commonmark", {"typographer": True})
     md.enable(["replacements", "smartquotes"])
     md.enable("table")
     md.enable("strikethrough")
@@ -213,8 +212,29 @@ def _tokens_html(
 ) -> str:
     md = _markdown()
     _rewrite_images(tokens, asset_base, warnings if warnings is not None else [], where)
-    rendered = md.renderer.render(tokens, md.options, {})
-    return _captioned_images(str(rendered))
+    rendered = str(md.renderer.render(tokens, md.options, {}))
+    if _has_raw_html(tokens):
+        rendered = _clean_html(rendered)
+    return _captioned_images(rendered)
+
+
+def _has_raw_html(tokens: Sequence[Token]) -> bool:
+    return any(
+        token.type == "html_block" or any(c.type == "html_inline" for c in token.children or ())
+        for token in tokens
+    )
+
+
+def _clean_html(markup: str) -> str:
+    """Raw HTML an editor (or an import) left in Markdown, made safe for the email.
+
+    A stray ``<b>`` or ``</mj-text>`` would break the MJML (reported against the
+    template, not the article) and ``<script>`` would reach inboxes; nh3 keeps the
+    safe tags and attributes (``<img width alt>``, ``<sub>``, ...) and balances them.
+    """
+    import nh3
+
+    return str(nh3.clean(markup, clean_content_tags={"script", "style"}, link_rel=None))
 
 
 _IMG_PARAGRAPH = re.compile(r"<p>\s*(<img [^>]*?)\s*/?>\s*</p>")
@@ -433,6 +453,11 @@ def _cached_environment(
     return template_environment(workspace_templates)
 
 
+def clear_template_cache() -> None:
+    """Forget loaded templates, so a template added or removed while previewing is seen."""
+    _cached_environment.cache_clear()
+
+
 def format_date(date: dt.date | None, pattern: str) -> str:
     """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``)."""
     if date is None:
@@ -613,9 +638,9 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         keep_style_tags=True,
         remove_classes=False,
         disable_validation=True,
-        # MJML already writes the pixel width/height attributes Outlook needs; premailer would
-        # replace them with the CSS values ("100%", "auto"), and Outlook then shows images
-        # at their full size.
+        # Keep the pixel width="..." that MJML and the theme put on images: premailer would
+        # overwrite it with CSS's "100%" (and add height="auto"), and Outlook for Windows
+        # then shows each image at its natural size.
         disable_basic_attributes=["width", "height"],
         # This step parses every <img> style with cssutils (slow) to look for a float;
         # without "float" in any CSS or <img> tag it cannot find one.

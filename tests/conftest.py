@@ -14,6 +14,9 @@ from click.testing import CliRunner
 
 from newsletter import config
 from newsletter.config import Config
+from tests.smtp_server import smtp_server, tls_files
+
+__all__ = ["smtp_server", "tls_files"]
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SECRET_KEY = "test-secret-key-0123456789abcdef"

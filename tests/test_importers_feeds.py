@@ -1,0 +1,202 @@
+"""Feeds: the list, conditional pulls the server can see, items, feed:ID import."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from newsletter.importers import feeds
+from tests.import_helpers import make_workspace, one_error_line, run, snapshot
+from tests.local_http import HTML, LocalServer, Reply, Request, serve
+from tests.web_pages import BOILERPLATE, news_article, rss_feed
+
+ETAG = '"v1-abc"'
+LAST_MODIFIED = "Fri, 14 Mar 2025 09:00:00 GMT"
+
+
+@pytest.fixture
+def server() -> Iterator[LocalServer]:
+    yield from serve()
+
+
+def _conditional(body: bytes) -> Callable[[Request], Reply]:
+    """A feed route that answers 304 when the client presents our validators."""
+
+    def reply(request: Request) -> Reply:
+        if request.headers.get("if-none-match") == ETAG:
+            return Reply(304, headers={"ETag": ETAG})
+        return Reply(
+            body=body,
+            headers={
+                "Content-Type": "application/rss+xml",
+                "ETag": ETAG,
+                "Last-Modified": LAST_MODIFIED,
+            },
+        )
+
+    return reply
+
+
+def _feed_items(server: LocalServer) -> list[tuple[str, str, str]]:
+    return [
+        (
+            "Harbour towns rethink the winter ferry timetable",
+            server.url("/story"),
+            "Fri, 14 Mar 2025 08:30:00 GMT",
+        ),
+        ("Lighthouse keepers return", server.url("/lighthouse"), "Thu, 13 Mar 2025 08:00:00 GMT"),
+    ]
+
+
+def _ids(output: str) -> list[str]:
+    return re.findall(r"^  ([0-9a-f]{7,12})  ", output, re.M)
+
+
+def test_feed_add_list_remove(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+
+    assert run(cfg, "feed", "add", "ledger", "https://news.example.org/feed.xml").exit_code == 0
+    assert run(cfg, "feed", "add", "trams", "https://tramnotes.example.net/atom").exit_code == 0
+    listed = run(cfg, "feed", "list").stdout
+    assert listed.splitlines() == [
+        "ledger  https://news.example.org/feed.xml",
+        "trams  https://tramnotes.example.net/atom",
+    ]
+    text = cfg.feeds_path.read_text()
+    assert 'ledger = "https://news.example.org/feed.xml"' in text
+    assert "duplicate" not in text
+
+    assert "already a feed called 'ledger'" in one_error_line(
+        run(cfg, "feed", "add", "ledger", "https://other.example.org/rss")
+    )
+    assert "only http and https" in one_error_line(
+        run(cfg, "feed", "add", "local", "file:///etc/feed.xml")
+    )
+    assert "is not allowed" in one_error_line(
+        run(cfg, "feed", "add", "bad name", "https://x.example.org/")
+    )
+
+    assert run(cfg, "feed", "remove", "ledger").exit_code == 0
+    assert [f.name for f in feeds.read_feeds(cfg)] == ["trams"]
+    assert "no feed called 'ledger'" in one_error_line(run(cfg, "feed", "remove", "ledger"))
+
+
+def test_pull_lists_items_then_uses_etag_and_gets_304(server: LocalServer, tmp_path: Path) -> None:
+    server.routes["/feed.xml"] = _conditional(rss_feed(_feed_items(server)))
+    cfg = make_workspace(tmp_path / "ws")
+    feeds.add_feed(cfg, "ledger", server.url("/feed.xml"))
+
+    first = run(cfg, "feed", "pull")
+    second = run(cfg, "feed", "pull")
+
+    assert first.exit_code == 0, first.output
+    assert "ledger: 2 new, 2 not used yet" in first.stdout
+    assert "Harbour towns rethink the winter ferry timetable  (new)" in first.stdout
+    requests = server.requests_for("/feed.xml")
+    assert "if-none-match" not in requests[0].headers
+    assert requests[1].headers["if-none-match"] == ETAG
+    assert requests[1].headers["if-modified-since"] == LAST_MODIFIED
+    assert second.exit_code == 0, second.output
+    assert "ledger: not modified, 2 not used yet" in second.stdout
+    assert "(new)" not in second.stdout
+    assert _ids(first.stdout) == _ids(second.stdout)  # ids are stable
+    assert len(set(_ids(first.stdout))) == 2
+
+
+def test_issue_add_feed_item_imports_the_page_and_hides_it_next_time(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    server.routes["/feed.xml"] = _conditional(rss_feed(_feed_items(server)))
+    server.routes["/story"] = Reply(body=news_article(canonical="").encode(), headers=HTML)
+    cfg = make_workspace(tmp_path / "ws")
+    feeds.add_feed(cfg, "ledger", server.url("/feed.xml"))
+    pulled = run(cfg, "feed", "pull").stdout
+    story_id = _ids(pulled)[0]  # newest first: the ferry story
+
+    result = run(cfg, "issue", "add", "1", f"feed:{story_id}")
+
+    assert result.exit_code == 0, result.output
+    assert f"from feed:{story_id}" in result.stdout
+    article = (cfg.issues_dir / "001-first" / "articles").glob("01-*.md").__next__().read_text()
+    assert "author: Maren Holt" in article
+    assert f"url: {server.url('/story')}" in article
+    for phrase in BOILERPLATE:
+        assert phrase not in article
+    again = run(cfg, "feed", "pull").stdout
+    assert story_id not in _ids(again)
+    assert "1 already in an issue" in again
+
+
+def test_malformed_feed_is_one_error_and_state_survives(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    server.routes["/good.xml"] = Reply(
+        body=rss_feed(_feed_items(server)), headers={"Content-Type": "application/rss+xml"}
+    )
+    server.routes["/broken.xml"] = Reply(
+        body=b'<?xml version="1.0"?><rss version="2.0"><channel><title>T</title><item><title>A',
+        headers={"Content-Type": "application/rss+xml"},
+    )
+    server.routes["/page"] = Reply(body=news_article().encode(), headers=HTML)
+    cfg = make_workspace(tmp_path / "ws")
+    feeds.add_feed(cfg, "good", server.url("/good.xml"))
+    feeds.add_feed(cfg, "broken", server.url("/broken.xml"))
+    feeds.add_feed(cfg, "html", server.url("/page"))
+
+    result = run(cfg, "feed", "pull")
+
+    line = one_error_line(result)
+    assert "2 of 3 feeds failed" in line
+    assert "broken: " in line and "malformed feed: not well-formed XML" in line
+    assert "html: " in line and "malformed feed" in line
+    assert "good: 2 new" in result.stdout  # the good feed still counts
+    state = json.loads(cfg.feed_state_path.read_text())
+    assert set(state["feeds"]) == {"good"}
+
+
+def test_pull_of_one_malformed_feed_via_cli(server: LocalServer, tmp_path: Path) -> None:
+    server.routes["/junk"] = Reply(
+        body=b"not xml at all {}", headers={"Content-Type": "text/plain"}
+    )
+    cfg = make_workspace(tmp_path / "ws")
+    feeds.add_feed(cfg, "junk", server.url("/junk"))
+    before = snapshot(cfg.root / "issues")
+
+    line = one_error_line(run(cfg, "feed", "pull", "junk"))
+
+    assert "malformed feed" in line
+    assert snapshot(cfg.root / "issues") == before
+
+
+def test_unknown_feed_item(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    assert "no feed item 'feed:abcdef1'" in one_error_line(
+        run(cfg, "issue", "add", "1", "feed:abcdef1")
+    )
+
+
+def test_atom_feed_items(server: LocalServer, tmp_path: Path) -> None:
+    from tests.web_pages import atom_feed
+
+    server.routes["/atom"] = Reply(
+        body=atom_feed([("Number 4 tram", server.url("/tram"), "2024-11-02T07:15:00Z")]),
+        headers={"Content-Type": "application/atom+xml"},
+    )
+    cfg = make_workspace(tmp_path / "ws")
+    feeds.add_feed(cfg, "trams", server.url("/atom"))
+
+    report = feeds.pull(cfg)
+
+    (result,) = report.results
+    (item,) = result.items
+    assert (item.title, item.url, item.author) == (
+        "Number 4 tram",
+        server.url("/tram"),
+        "Ruairi Kestle",
+    )
+    assert item.published is not None and item.published.isoformat() == "2024-11-02"
+    assert feeds.find_item(cfg, item.id) == item
