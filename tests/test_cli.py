@@ -532,3 +532,24 @@ def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
+    code = (
+        "import sys\n"
+        "import newsletter.cli\n"
+        "loaded = 'newsletter.importers.web' in sys.modules\n"
+        "import newsletter.delivery\n"
+        "from newsletter.importers import sources\n"
+        "print(loaded, callable(newsletter.delivery.send_issue), sources.__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "newsletter.importers.sources"]
