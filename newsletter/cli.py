@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__, content, preview, render
+from . import __version__, content, render
 from . import config as config_module
 from .config import Config
 from .content import Issue
@@ -28,9 +28,8 @@ from .errors import NewsletterError, PreviewError
 def _lazy(name: str) -> ModuleType:
     """The module ``name``, imported when a command first uses it.
 
-    `--help`, `build` and `issue list` need none of the send and import machinery,
-    whose imports took a cold `build` from 0.45 to 0.7 s. (``preview`` is imported
-    as usual: its command's options read its defaults when this module loads.)
+    `--help`, `build` and `issue list` need none of the send, preview and import
+    machinery, whose imports took a cold `build` from 0.45 to 0.7 s.
     """
     if name in sys.modules:
         return sys.modules[name]
@@ -48,12 +47,13 @@ def _lazy(name: str) -> ModuleType:
 
 
 if TYPE_CHECKING:
-    from . import delivery
+    from . import delivery, preview
     from . import store as store_module
     from .importers import feeds as feeds_module
     from .importers import sources as importing
 else:
     delivery = _lazy(f"{__package__}.delivery")
+    preview = _lazy(f"{__package__}.preview")
     feeds_module = _lazy(f"{__package__}.importers.feeds")
     importing = _lazy(f"{__package__}.importers.sources")
 
@@ -603,11 +603,11 @@ def smtp_sink(
     "--port",
     type=click.IntRange(0, 65535),
     default=None,
-    help=f"Port to listen on; 0 picks a free one (default: {preview.DEFAULT_PORT}, or a free one if taken).",
+    help="Port to listen on; 0 picks a free one (default: 8765, or a free one if taken).",
 )
 @click.option(
     "--host",
-    default=preview.DEFAULT_HOST,
+    default="127.0.0.1",  # preview.DEFAULT_HOST; written out so --help need not import preview
     show_default=True,
     help="Address to listen on; anything but loopback lets other machines read the preview.",
 )

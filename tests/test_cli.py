@@ -553,3 +553,13 @@ def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "newsletter.importers.sources"]
+
+
+def test_preview_defaults_in_help_match_the_library(runner: CliRunner) -> None:
+    """cli writes preview's defaults out (so --help need not import it); they must agree."""
+    from newsletter import preview
+
+    result = runner.invoke(main, ["preview", "--help"])
+    assert result.exit_code == 0
+    assert f"default: {preview.DEFAULT_PORT}," in result.stdout
+    assert f"[default: {preview.DEFAULT_HOST}]" in result.stdout
