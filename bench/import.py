@@ -1,0 +1,66 @@
+"""Import speed and memory: N generated subscribers from a CSV into a fresh database.
+
+    PYTHONPATH=. python bench/import.py [N] [--fields] [--reimport]
+
+Prints rows/s for the import (and optionally a second import of the same file, which
+updates nothing), and the process's peak RSS, which must not grow with N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from newsletter.store import Store
+
+
+def generate(path: Path, rows: int, fields: bool) -> None:
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write("email,name,city,plan\r\n" if fields else "email,name\r\n")
+        for i in range(rows):
+            extra = f",City {i % 97},plan-{i % 3}" if fields else ""
+            out.write(f"Reader.{i}@Example.com,Reader {i}{extra}\r\n")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("rows", nargs="?", type=int, default=1_000_000)
+    parser.add_argument("--fields", action="store_true", help="add two field columns")
+    parser.add_argument("--reimport", action="store_true", help="import the same file twice")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "subscribers.csv"
+        start = time.perf_counter()
+        generate(csv_path, args.rows, args.fields)
+        size = csv_path.stat().st_size / 2**20
+        elapsed = time.perf_counter() - start
+        print(f"generated {args.rows:,} rows ({size:.1f} MiB) in {elapsed:.1f} s")
+        print(f"peak RSS before import: {peak_rss_mib():.1f} MiB")
+        with Store.open(Path(tmp) / "bench.db") as store:
+            rounds = 2 if args.reimport else 1
+            for round_ in range(rounds):
+                start = time.perf_counter()
+                report = store.import_csv(csv_path)
+                elapsed = time.perf_counter() - start
+                print(
+                    f"import {round_ + 1}: {args.rows:,} rows in {elapsed:.2f} s = "
+                    f"{args.rows / elapsed:,.0f} rows/s (added {report.added:,}, "
+                    f"updated {report.updated:,}, unchanged {report.unchanged:,}, "
+                    f"errors {report.error_count})"
+                )
+            assert store.count() == args.rows
+        print(f"peak RSS: {peak_rss_mib():.1f} MiB")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

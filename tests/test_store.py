@@ -1,0 +1,688 @@
+"""The store against real SQLite files: subscribers, CSV import, and the delivery ledger."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from newsletter import store as store_module
+from newsletter.errors import DeliveryError, StoreError
+from newsletter.store import (
+    MIGRATIONS,
+    DeliveryResult,
+    DeliveryState,
+    RowError,
+    Status,
+    Store,
+    _fast_normalize,
+    migrate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ISSUE = "2024-05"
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    with Store.open(":memory:") as db:
+        yield db
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "newsletter.db"
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def add_many(store: Store, count: int) -> list[int]:
+    return [store.add_subscriber(f"reader{i}@example.com", f"Reader {i}").id for i in range(count)]
+
+
+def result(
+    sub_id: int, state: DeliveryState, reply: str = "250 Ok", **kw: object
+) -> DeliveryResult:
+    return DeliveryResult(ISSUE, sub_id, state, reply, **kw)  # type: ignore[arg-type]
+
+
+def child(code: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+# --- opening and migrations ---------------------------------------------------------------
+
+
+def test_open_creates_folders_wal_and_latest_schema(db_path: Path) -> None:
+    with Store.open(db_path) as db:
+        assert db.schema_version == len(MIGRATIONS)
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"subscribers", "subscriber_events", "deliveries", "issue_sends"} <= tables
+
+
+def test_migrations_are_versioned_and_idempotent(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    assert migrate(conn, MIGRATIONS[:1], where="x") == 1
+    conn.execute(
+        "INSERT INTO subscribers (email, email_key, status, created_at, updated_at,"
+        " status_changed_at) VALUES ('a@example.com', 'a@example.com', 'active', 't', 't', 't')"
+    )
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+    with Store.open(db_path) as db:  # applies only migration 2, keeps the data
+        assert db.schema_version == 2
+        assert db.count() == 1
+    with Store.open(db_path) as db:  # nothing left to apply
+        assert db.schema_version == 2
+        assert db.count() == 1
+
+
+def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    Store.open(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="upgrade newsletter"):
+        Store.open(db_path)
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    bogus = write(tmp_path / "x.db", "this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot use the database"):
+        Store.open(bogus)
+
+
+# --- subscribers ----------------------------------------------------------------------------
+
+
+def test_email_is_unique_case_insensitively(store: Store) -> None:
+    added = store.add_subscriber("Ann.Lee@Example.COM", "Ann", {"city": "Oslo"})
+    assert added.email == "Ann.Lee@example.com"  # domain normalised, local part kept
+    assert store.get_subscriber("ann.lee@EXAMPLE.com") == added
+    assert store.get_subscriber(added.id) == added
+    with pytest.raises(StoreError, match="already in the list"):
+        store.add_subscriber("ANN.LEE@example.com")
+    assert store.count() == 1
+
+
+def test_subscriber_is_frozen_and_hashable(store: Store) -> None:
+    sub = store.add_subscriber("a@example.com", "A", {"k": "v"})
+    assert sub.fields == {"k": "v"}
+    with pytest.raises(TypeError):
+        sub.fields["k"] = "w"  # type: ignore[index]
+    assert {sub: 1}[sub] == 1
+
+
+def test_invalid_address_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="invalid email address 'not-an-address'"):
+        store.add_subscriber("not-an-address")
+
+
+def test_status_changes_are_recorded_as_events(store: Store) -> None:
+    sub = store.add_subscriber("a@example.com")
+    store.set_status("A@example.com", Status.UNSUBSCRIBED, "link", "clicked in issue 3")
+    store.set_status(sub.id, Status.UNSUBSCRIBED, "again")  # unchanged: no event
+    events = store.subscriber_events(sub.id)
+    assert [(e.old_status, e.new_status, e.reason) for e in events] == [
+        (None, Status.ACTIVE, "added"),
+        (Status.ACTIVE, Status.UNSUBSCRIBED, "link"),
+    ]
+    assert events[1].detail == "clicked in issue 3"
+    current = store.get_subscriber(sub.id)
+    assert current is not None and current.status == Status.UNSUBSCRIBED
+    assert current.status_changed_at >= current.created_at
+
+
+def test_set_status_of_unknown_subscriber(store: Store) -> None:
+    with pytest.raises(StoreError, match="no subscriber"):
+        store.set_status("nobody@example.com", Status.BOUNCED, "x")
+
+
+def test_list_pages_through_everyone_and_filters(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PAGE", 3)
+    ids = add_many(store, 10)
+    store.set_status(ids[4], Status.BOUNCED, "test")
+    assert [s.id for s in store.list_subscribers()] == ids
+    assert [s.id for s in store.list_subscribers(Status.BOUNCED)] == [ids[4]]
+    assert store.count() == 10
+    assert store.count(Status.ACTIVE) == 9
+    counts = store.count_by_status()
+    assert counts[Status.ACTIVE] == 9 and counts[Status.BOUNCED] == 1
+    assert counts[Status.COMPLAINED] == 0
+
+
+def test_remove_refuses_with_ledger_rows_unless_forced(store: Store) -> None:
+    kept, _other = add_many(store, 2)
+    store.snapshot_recipients(ISSUE)
+    with pytest.raises(StoreError, match="delivery record"):
+        store.remove_subscriber(kept)
+    store.remove_subscriber(kept, force=True)
+    assert store.get_subscriber(kept) is None
+    assert store.ledger_entry(ISSUE, kept) is None
+    store.add_subscriber("fresh@example.com")
+    store.remove_subscriber("FRESH@example.com")
+    assert store.get_subscriber("fresh@example.com") is None
+    assert store.count() == 1
+
+
+# --- the address fast path ------------------------------------------------------------------
+
+ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+LOCAL = st.text(alphabet=ATEXT + '."\\ @<>(),:;[]é', min_size=0, max_size=70)
+LABEL = st.text(alphabet="abcXYZ019-_é", min_size=0, max_size=66) | st.sampled_from(
+    ["xn--p1ai", "xn--bcher-kva", "ab--cd", "XN--abc", "a" * 63, "a" * 64]
+)
+TLD = st.sampled_from(
+    ["com", "ORG", "net", "123", "test", "localhost", "local", "invalid", "onion", "arpa",
+     "example", "xn--p1ai", "c0m", "", "x"]
+)
+DOMAIN = st.builds(lambda labels, tld: ".".join([*labels, tld]), st.lists(LABEL, max_size=5), TLD)
+STRUCTURED = st.builds(lambda local, domain: f"{local}@{domain}", LOCAL, DOMAIN)
+MAILBOXES = st.builds(
+    lambda name, domain: f"{name}@{domain}",
+    st.sampled_from(["Postmaster", "ABUSE", "info", "Sales", "nobody"]),
+    DOMAIN,
+)
+PADDED = st.builds(
+    lambda n, m: "a" * n + "@" + ".".join(["b" * 60] * m) + ".com", st.integers(1, 200),
+    st.integers(0, 4),
+)
+FREE = st.text(alphabet=ATEXT + ".@- \"<>[]", max_size=40)
+# Mostly valid addresses, so that the fast path is exercised often.
+ATOM = st.text(alphabet=ATEXT, min_size=1, max_size=12)
+HOST_LABEL = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,10}[a-zA-Z0-9])?", fullmatch=True)
+VALIDISH = st.builds(
+    lambda atoms, labels, tld: ".".join(atoms) + "@" + ".".join([*labels, tld]),
+    st.lists(ATOM, min_size=1, max_size=4),
+    st.lists(HOST_LABEL, min_size=1, max_size=4),
+    TLD,
+)
+
+
+def validator_verdict(address: str) -> str | None:
+    try:
+        return validate_email(address, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
+
+
+# ADDRESS_EXAMPLES=30000 for a long run (passed when written).
+@settings(
+    max_examples=int(os.environ.get("ADDRESS_EXAMPLES", "800")),
+    suppress_health_check=[HealthCheck.too_slow],
+    deadline=None,
+)
+@given(st.one_of(VALIDISH, STRUCTURED, MAILBOXES, PADDED, FREE))
+@example("Reader.1@Example.com")
+@example("a@b.com.")
+@example("a@-b.com")
+@example("a@b..com")
+@example(".a@b.com")
+@example("a.@b.com")
+@example("a@xn--p1ai.com")
+@example("a" * 64 + "@" + "b" * 63 + ".com")
+@example("a@" + ".".join(["b" * 63] * 3) + "." + "c" * 61)
+def test_fast_path_agrees_with_email_validator(address: str) -> None:
+    expected = validator_verdict(address)
+    fast = _fast_normalize(address)
+    if fast is not None:
+        assert fast == expected
+    try:
+        mine: str | None = store_module._normalize(address)
+    except EmailNotValidError:
+        mine = None
+    assert mine == expected
+
+
+def test_fast_path_takes_common_addresses() -> None:
+    assert _fast_normalize("Reader.1@Example.com") == "Reader.1@example.com"
+    assert _fast_normalize("first.last+tag@sub.example.org") == "first.last+tag@sub.example.org"
+    assert _fast_normalize("POSTMASTER@example.net") == "postmaster@example.net"
+    assert _fast_normalize("josé@example.com") is None  # non-ASCII: email-validator decides
+
+
+# --- import ---------------------------------------------------------------------------------
+
+
+def test_import_bom_semicolons_and_fields(store: Store, tmp_path: Path) -> None:
+    csv_file = write(
+        tmp_path / "list.csv",
+        "\ufeffEmail;Name;City;Plan\r\nann@example.com;Ann Lee;Oslo;pro\r\n"
+        "bob@example.com;Bob;;\r\nchloé@example.com;Chloé;Lyon;free\r\n",
+    )
+    report = store.import_csv(csv_file)
+    assert (report.rows, report.added, report.error_count) == (3, 3, 0)
+    ann = store.get_subscriber("ann@example.com")
+    assert ann is not None and ann.name == "Ann Lee"
+    assert dict(ann.fields) == {"City": "Oslo", "Plan": "pro"}
+    bob = store.get_subscriber("bob@example.com")
+    assert bob is not None and dict(bob.fields) == {}  # empty cells are not fields
+    chloe = store.get_subscriber("CHLOÉ@example.com")
+    assert chloe is not None and chloe.name == "Chloé"
+
+
+def test_bad_rows_are_reported_with_line_numbers(store: Store, tmp_path: Path) -> None:
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,note\n"
+        "good@example.com,Good,\n"  # line 2
+        "not-an-address,Bad,\n"  # line 3
+        ',"Two\nline name",x\n'  # lines 4-5: no address
+        "\n"  # line 6: blank, ignored
+        "also@example,Bad domain,\n"  # line 7
+        "fine@example.org,Fine,,extra\n"  # line 8: one cell too many
+        "last@example.org,Last,\n",  # line 9
+    )
+    seen: list[RowError] = []
+    report = store.import_csv(csv_file, on_error=seen.append)
+    assert [e.line for e in report.errors] == [3, 4, 7, 8]
+    assert seen == list(report.errors)
+    assert "invalid email address 'not-an-address'" in report.errors[0].message
+    assert report.errors[1].message == "no email address"
+    assert report.added == 2 and report.error_count == 4 and report.rows == 6
+    assert store.count() == 2
+
+
+def test_duplicates_merge_within_the_file_and_with_the_database(
+    store: Store, tmp_path: Path
+) -> None:
+    store.add_subscriber("old@example.com", "Old Name", {"city": "Rome", "plan": "free"})
+    store.add_subscriber("same@example.com", "Same")
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,plan\n"
+        "new@example.com,First,\n"
+        "NEW@example.com,,pro\n"
+        "new@EXAMPLE.com,Second,\n"
+        "OLD@example.com,,paid\n"
+        "same@example.com,Same,\n",
+    )
+    report = store.import_csv(csv_file)
+    assert (report.added, report.updated, report.unchanged, report.duplicates) == (1, 1, 1, 2)
+    assert report.rows == 5
+    new = store.get_subscriber("new@example.com")
+    assert new is not None
+    assert (new.email, new.name, dict(new.fields)) == ("new@example.com", "Second", {"plan": "pro"})
+    old = store.get_subscriber("old@example.com")
+    assert old is not None and old.name == "Old Name"  # an empty cell keeps the old value
+    assert dict(old.fields) == {"city": "Rome", "plan": "paid"}
+    again = store.import_csv(csv_file)
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 3)
+
+
+def test_import_never_reactivates(store: Store, tmp_path: Path) -> None:
+    for address, status in [
+        ("u@example.com", Status.UNSUBSCRIBED),
+        ("b@example.com", Status.BOUNCED),
+        ("c@example.com", Status.COMPLAINED),
+    ]:
+        store.add_subscriber(address, "Old")
+        store.set_status(address, status, "test")
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,status\nU@example.com,New,active\nb@example.com,New,\nc@example.com,New,\n",
+    )
+    report = store.import_csv(csv_file)
+    assert report.skipped_inactive == 3 and report.added == 0 and report.updated == 0
+    for address in ("u@example.com", "b@example.com", "c@example.com"):
+        sub = store.get_subscriber(address)
+        assert sub is not None and sub.status != Status.ACTIVE and sub.name == "Old"
+
+
+def test_status_column_keeps_suppressions_of_new_rows(store: Store, tmp_path: Path) -> None:
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,status\ngone@example.com,unsubscribed\nhere@example.com,\nodd@example.com,vip\n"
+        "sub@example.com,Subscribed\nclean@example.com,cleaned\n",
+    )
+    report = store.import_csv(csv_file)
+    assert report.added == 4 and [e.line for e in report.errors] == [4]
+    assert "unknown status 'vip'" in report.errors[0].message
+    statuses = {s.email: s.status for s in store.list_subscribers()}
+    assert statuses == {
+        "gone@example.com": Status.UNSUBSCRIBED,
+        "here@example.com": Status.ACTIVE,
+        "sub@example.com": Status.ACTIVE,
+        "clean@example.com": Status.BOUNCED,
+    }
+
+
+def test_the_example_list_imports(store: Store) -> None:
+    report = store.import_csv(ROOT / "examples" / "subscribers.csv")
+    assert (report.added, report.error_count) == (11, 0)
+    assert store.count(Status.ACTIVE) == 10
+    ines = store.get_subscriber("ines.moreau@example.net")
+    assert ines is not None and ines.status == Status.UNSUBSCRIBED
+    freya = store.get_subscriber("freya.lindgren@example.net")
+    assert freya is not None and freya.email == "Freya.Lindgren@example.net"
+
+
+def test_export_then_import_round_trips(store: Store, tmp_path: Path) -> None:
+    store.add_subscriber("a@example.com", "Ann, \"the\" first", {"city": "Oslo"})
+    store.add_subscriber("b@example.com", "Bo", {"plan": "pro"})
+    store.set_status("b@example.com", Status.UNSUBSCRIBED, "test")
+    out = io.StringIO()
+    assert store.export_csv(out) == 2
+    csv_file = write(tmp_path / "export.csv", out.getvalue())
+    with Store.open(":memory:") as fresh:
+        report = fresh.import_csv(csv_file)
+        assert report.added == 2 and report.error_count == 0
+        pairs = {(s.email, s.name, s.status, tuple(s.fields.items()))
+                 for s in fresh.list_subscribers()}
+    assert pairs == {
+        ("a@example.com", 'Ann, "the" first', Status.ACTIVE, (("city", "Oslo"),)),
+        ("b@example.com", "Bo", Status.UNSUBSCRIBED, (("plan", "pro"),)),
+    }
+
+
+def test_non_utf8_file_is_one_error_with_its_line(store: Store, tmp_path: Path) -> None:
+    csv_file = write(tmp_path / "latin.csv", "email,name\na@example.com,A\nb@example.com,Zoë\n",
+                     encoding="latin-1")
+    with pytest.raises(StoreError) as info:
+        store.import_csv(csv_file)
+    assert str(info.value).startswith(f"{csv_file}:3: not UTF-8 text")
+    assert store.count() == 0  # nothing imported
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name,city\nAnn,Oslo\n", "no 'email' column"),
+        ("", "the file is empty"),
+        ("email,Email\na@example.com,b@example.com\n", "appears twice"),
+    ],
+)
+def test_unusable_header_is_a_store_error_at_line_1(
+    store: Store, tmp_path: Path, text: str, message: str
+) -> None:
+    csv_file = write(tmp_path / "bad.csv", text)
+    with pytest.raises(StoreError, match=message) as info:
+        store.import_csv(csv_file)
+    assert info.value.where == f"{csv_file}:1"
+
+
+def test_missing_file_is_a_store_error(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot read the file"):
+        store.import_csv(tmp_path / "nope.csv")
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+
+def test_snapshot_fixes_recipients(store: Store) -> None:
+    assert store.snapshot_recipients(ISSUE) == 0  # nobody active: nothing fixed yet
+    assert store.issue_snapshot(ISSUE) is None
+    ids = add_many(store, 3)
+    store.set_status(ids[2], Status.UNSUBSCRIBED, "test")
+    assert store.snapshot_recipients(ISSUE) == 2
+    late = store.add_subscriber("late@example.com").id
+    assert store.snapshot_recipients(ISSUE) == 0  # later subscribers are not added silently
+    assert store.ledger_entry(ISSUE, late) is None
+    assert store.snapshot_recipients(ISSUE, include_new=True) == 1
+    assert store.snapshot_recipients(ISSUE, include_new=True) == 0
+    snapshot = store.issue_snapshot(ISSUE)
+    assert snapshot is not None and snapshot.recipients == 3
+    assert [s.issue_key for s in store.issues_with_deliveries()] == [ISSUE]
+    assert store.ledger_counts(ISSUE)[DeliveryState.QUEUED] == 3
+
+
+def test_claim_and_record(store: Store) -> None:
+    ids = add_many(store, 5)
+    store.snapshot_recipients(ISSUE)
+    first = store.claim_batch(ISSUE, "w1", 3)
+    assert [c.subscriber.id for c in first] == ids[:3]
+    assert first[0].subscriber.email == "reader0@example.com" and first[0].attempts == 1
+    assert store.ledger_counts(ISSUE)[DeliveryState.SENDING] == 3
+    recorded = store.record_results([
+        result(ids[0], DeliveryState.SENT, message_id="<m0@example.org>"),
+        result(ids[1], DeliveryState.FAILED, "550 5.1.1 no such user"),
+        result(ids[2], DeliveryState.DEFERRED, "451 try later"),
+    ])
+    assert recorded == 3
+    assert store.record_results([result(ids[0], DeliveryState.FAILED, "late")]) == 0  # not sending
+    entry = store.ledger_entry(ISSUE, "reader0@example.com")
+    assert entry is not None and entry.state == DeliveryState.SENT and entry.sent_at is not None
+    assert entry.message_id == "<m0@example.org>"
+    rest = store.claim_batch(ISSUE, "w1", 10)  # the parked deferred row waits for the next run
+    assert [c.subscriber.id for c in rest] == ids[3:]
+    assert store.claim_batch(ISSUE, "w1", 10) == []
+    problems = store.ledger_problems(ISSUE)
+    assert [(p.email, p.state, p.last_reply) for p in problems] == [
+        ("reader2@example.com", DeliveryState.DEFERRED, "451 try later"),
+        ("reader1@example.com", DeliveryState.FAILED, "550 5.1.1 no such user"),
+    ]
+
+
+def test_deferred_rows_come_back_when_due(store: Store) -> None:
+    a, b = add_many(store, 2)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 2)
+    soon = datetime.now(UTC) - timedelta(seconds=1)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    store.record_results([
+        result(a, DeliveryState.DEFERRED, "451", retry_at=soon),
+        result(b, DeliveryState.DEFERRED, "452", retry_at=later),
+    ])
+    assert store.next_retry_at(ISSUE) == soon
+    again = store.claim_batch(ISSUE, "w", 5)
+    assert [c.subscriber.id for c in again] == [a] and again[0].attempts == 2
+    assert store.next_retry_at(ISSUE) == later
+
+
+def test_the_next_run_retries_parked_deferred_rows(db_path: Path) -> None:
+    with Store.open(db_path) as db:
+        (a,) = add_many(db, 1)
+        db.snapshot_recipients(ISSUE)
+        with db.acquire_send_lock(ISSUE):
+            db.claim_batch(ISSUE, "w", 1)
+            db.record_results([result(a, DeliveryState.DEFERRED, "451")])
+            assert db.claim_batch(ISSUE, "w", 1) == []
+        with db.acquire_send_lock(ISSUE):
+            assert [c.subscriber.id for c in db.claim_batch(ISSUE, "w", 1)] == [a]
+
+
+def test_unsubscribe_during_a_send_is_honoured(store: Store) -> None:
+    ids = add_many(store, 5)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 2)
+    store.set_status(ids[3], Status.UNSUBSCRIBED, "link")
+    rest = store.claim_batch(ISSUE, "w", 10)
+    assert [c.subscriber.id for c in rest] == [ids[2], ids[4]]
+    entry = store.ledger_entry(ISSUE, ids[3])
+    assert entry is not None and entry.state == DeliveryState.CANCELLED
+    assert "unsubscribed" in entry.last_reply
+
+
+def test_bounce_on_5xx_marks_the_subscriber(store: Store) -> None:
+    a, b = add_many(store, 2)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 2)
+    store.record_results([
+        result(a, DeliveryState.FAILED, "550 no such user", bounce=True),
+        result(b, DeliveryState.FAILED, "554 policy"),
+    ])
+    bounced = store.get_subscriber(a)
+    assert bounced is not None and bounced.status == Status.BOUNCED
+    events = store.subscriber_events(a)
+    assert events[-1].reason == "smtp-5xx" and "550 no such user" in events[-1].detail
+    other = store.get_subscriber(b)
+    assert other is not None and other.status == Status.ACTIVE
+
+
+def test_results_are_only_sent_failed_or_deferred() -> None:
+    with pytest.raises(ValueError, match="sent, failed or deferred"):
+        DeliveryResult(ISSUE, 1, DeliveryState.QUEUED)
+
+
+def test_a_second_lock_on_the_same_issue_is_refused(db_path: Path) -> None:
+    with Store.open(db_path) as first, Store.open(db_path) as second:
+        with first.acquire_send_lock(ISSUE) as lock:
+            assert lock.run_id
+            busy = f"another send of issue {ISSUE} is running"
+            with pytest.raises(DeliveryError, match=busy), second.acquire_send_lock(ISSUE):
+                pass
+            with second.acquire_send_lock("other-issue"):
+                pass  # other issues are independent
+        with second.acquire_send_lock(ISSUE):  # released
+            pass
+
+
+def test_memory_store_lock_is_exclusive_too(store: Store) -> None:
+    with store.acquire_send_lock(ISSUE), pytest.raises(DeliveryError):  # noqa: SIM117
+        with store.acquire_send_lock(ISSUE):
+            pass
+
+
+def test_marking_crashed_rows_needs_the_lock(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="needs the send lock"):
+        store.mark_crashed_as_uncertain(ISSUE)
+
+
+CLAIM_AND_HANG = """
+import sys
+from pathlib import Path
+from newsletter.store import Store
+store = Store.open(Path(sys.argv[1]))
+with store.acquire_send_lock(sys.argv[2]):
+    claimed = store.claim_batch(sys.argv[2], "child", int(sys.argv[3]))
+    print(" ".join(str(c.subscriber.id) for c in claimed), flush=True)
+    sys.stdin.readline()  # "sending" until killed
+"""
+
+
+def test_a_killed_send_leaves_uncertain_rows(db_path: Path) -> None:
+    with Store.open(db_path) as db:
+        ids = add_many(db, 8)
+        db.snapshot_recipients(ISSUE)
+    proc = child(CLAIM_AND_HANG, str(db_path), ISSUE, "5")
+    try:
+        assert proc.stdout is not None
+        claimed = [int(x) for x in proc.stdout.readline().split()]
+        assert claimed == ids[:5]
+        with Store.open(db_path) as db:
+            with pytest.raises(DeliveryError, match=f"pid {proc.pid}"), db.acquire_send_lock(ISSUE):
+                pass
+            assert db.ledger_counts(ISSUE)[DeliveryState.SENDING] == 5  # live run: untouched
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with Store.open(db_path) as db:
+        with db.acquire_send_lock(ISSUE) as lock:
+            assert lock.uncertain == 5
+            counts = db.ledger_counts(ISSUE)
+            assert (counts[DeliveryState.UNCERTAIN], counts[DeliveryState.QUEUED]) == (5, 3)
+            rest = db.claim_batch(ISSUE, "w", 10)  # uncertain rows are not resent by default
+            assert [c.subscriber.id for c in rest] == ids[5:]
+            db.record_results([result(c.subscriber.id, DeliveryState.SENT) for c in rest])
+        problems = db.ledger_problems(ISSUE)
+        assert {p.subscriber_id for p in problems} == set(ids[:5])
+        assert all("interrupted while sending" in p.last_reply for p in problems)
+        assert db.resend_uncertain(ISSUE) == 5
+        with db.acquire_send_lock(ISSUE) as lock:
+            assert lock.uncertain == 0
+            again = db.claim_batch(ISSUE, "w", 10)
+            assert [c.subscriber.id for c in again] == ids[:5]
+            assert all(c.attempts == 2 for c in again)
+
+
+CLAIM_ALL = """
+import sys
+from pathlib import Path
+from newsletter.store import DeliveryResult, DeliveryState, Store
+store = Store.open(Path(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()
+ids = []
+while batch := store.claim_batch(sys.argv[2], sys.argv[3], 7):
+    ids += [c.subscriber.id for c in batch]
+    store.record_results(
+        [DeliveryResult(sys.argv[2], c.subscriber.id, DeliveryState.SENT) for c in batch]
+    )
+print(" ".join(map(str, ids)), flush=True)
+"""
+
+
+def test_two_processes_never_claim_the_same_row(db_path: Path) -> None:
+    with Store.open(db_path) as db:
+        db.import_csv(write(db_path.parent / "list.csv", "email\n" + "".join(
+            f"r{i}@example.com\n" for i in range(600))))
+        db.snapshot_recipients(ISSUE)
+    procs = [child(CLAIM_ALL, str(db_path), ISSUE, f"worker{i}") for i in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        claims = [[int(x) for x in proc.communicate(timeout=60)[0].split()] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(proc.returncode == 0 for proc in procs)
+    first, second = (set(c) for c in claims)
+    assert len(first) == len(claims[0]) and len(second) == len(claims[1])
+    assert not first & second
+    with Store.open(db_path) as db:
+        assert first | second == {s.id for s in db.list_subscribers()}
+        assert db.ledger_counts(ISSUE)[DeliveryState.SENT] == 600
+
+
+OPEN_AND_ADD = """
+import sys
+from pathlib import Path
+from newsletter.store import Store
+print("ready", flush=True)
+sys.stdin.readline()
+with Store.open(Path(sys.argv[1])) as store:
+    store.add_subscriber(f"p{sys.argv[2]}@example.com")
+"""
+
+
+def test_processes_creating_one_database_at_once(db_path: Path) -> None:
+    procs = [child(OPEN_AND_ADD, str(db_path), str(i)) for i in range(4)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            proc.communicate(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
+    with Store.open(db_path) as db:
+        assert db.schema_version == len(MIGRATIONS)
+        assert db.count() == 4
