@@ -393,15 +393,21 @@ def _validate(config: Config, path: Path, text: str) -> None:
     if config.server.confirm_ttl_hours < 1:
         fail("confirm_ttl_hours", "[server] confirm_ttl_hours must be at least 1", "e.g. 48")
     if config.server.resend_interval_minutes < 0:
-        fail("resend_interval_minutes", "[server] resend_interval_minutes must not be negative",
-             "e.g. 10")
+        fail(
+            "resend_interval_minutes",
+            "[server] resend_interval_minutes must not be negative",
+            "e.g. 10",
+        )
     if config.server.threads < 1:
         fail("threads", "[server] threads must be at least 1", "e.g. 8")
     if config.bounces.soft_limit < 1:
         fail("soft_limit", "[bounces] soft_limit must be at least 1", "e.g. 3")
     if config.bounces.imap_security not in ("ssl", "starttls", "none"):
-        fail("imap_security", f"[bounces] imap_security '{config.bounces.imap_security}' is not valid",
-             "use ssl, starttls or none")
+        fail(
+            "imap_security",
+            f"[bounces] imap_security '{config.bounces.imap_security}' is not valid",
+            "use ssl, starttls or none",
+        )
     if config.fetch.timeout <= 0:
         fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")
     if config.fetch.max_bytes < 1:

@@ -1312,7 +1312,9 @@ class Store:
 
     # -- subscription service and bounces ---------------------------------------------------
 
-    def unsubscribe(self, email_or_id: str | int, reason: str, detail: str = "") -> Subscriber | None:
+    def unsubscribe(
+        self, email_or_id: str | int, reason: str, detail: str = ""
+    ) -> Subscriber | None:
         """Unsubscribe (from active, pending or bounced); None when there is no such subscriber.
 
         Idempotent: an unsubscribed or complained subscriber is left as is, with no new event.
@@ -1324,7 +1326,12 @@ class Store:
             except StoreError:
                 return None
             self._change_status(
-                conn, subscriber_id, Status.UNSUBSCRIBED, reason, detail, _now(),
+                conn,
+                subscriber_id,
+                Status.UNSUBSCRIBED,
+                reason,
+                detail,
+                _now(),
                 only_from=(Status.ACTIVE, Status.PENDING, Status.BOUNCED),
             )
             return self._get(conn, subscriber_id)
@@ -1441,9 +1448,7 @@ class Store:
                 return None
             now = _now()
             self._change_status(conn, subscriber_id, Status.ACTIVE, "confirmed", detail, now)
-            conn.execute(
-                "UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,)
-            )
+            conn.execute("UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,))
             conn.execute("DELETE FROM confirmations WHERE subscriber_id = ?", (subscriber_id,))
             return self._get(conn, subscriber_id)
 
@@ -1529,8 +1534,8 @@ class Store:
                 if subscriber_id is None and in_message == 1:
                     subscriber_id = int(found[1])
         reported = _iso(bounce.reported_at) if bounce.reported_at is not None else None
-        when = (bounce.reported_at or datetime.now(UTC)).astimezone(UTC).strftime(
-            "%Y-%m-%d %H:%M UTC"
+        when = (
+            (bounce.reported_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
         )
         about = f"{bounce.status or '?'} {bounce.diagnostic}".strip()
         context = f"issue {issue_key}, " if issue_key else ""
@@ -1539,8 +1544,12 @@ class Store:
             effect = "no subscriber with this address"
         elif bounce.kind == BounceKind.HARD:
             changed = self._change_status(
-                conn, subscriber_id, Status.BOUNCED, "bounce-hard",
-                f"{about} ({context}reported {when})", now,
+                conn,
+                subscriber_id,
+                Status.BOUNCED,
+                "bounce-hard",
+                f"{about} ({context}reported {when})",
+                now,
                 only_from=(Status.ACTIVE, Status.PENDING),
             )
             status = conn.execute(
@@ -1555,8 +1564,19 @@ class Store:
             "INSERT INTO bounces (message_key, subscriber_id, email, issue_key, kind, status,"
             " diagnostic, counted, effect, reported_at, recorded_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (message_key, subscriber_id, bounce.email, issue_key, bounce.kind.value,
-             bounce.status, bounce.diagnostic, int(counted), effect, reported, now),
+            (
+                message_key,
+                subscriber_id,
+                bounce.email,
+                issue_key,
+                bounce.kind.value,
+                bounce.status,
+                bounce.diagnostic,
+                int(counted),
+                effect,
+                reported,
+                now,
+            ),
         )
         return int(cursor.lastrowid or 0)
 
@@ -1571,10 +1591,13 @@ class Store:
         soft_limit: int,
         now: str,
     ) -> tuple[bool, str]:
-        if issue_key and conn.execute(
-            "SELECT 1 FROM bounces WHERE subscriber_id = ? AND issue_key = ? AND counted = 1",
-            (subscriber_id, issue_key),
-        ).fetchone():
+        if (
+            issue_key
+            and conn.execute(
+                "SELECT 1 FROM bounces WHERE subscriber_id = ? AND issue_key = ? AND counted = 1",
+                (subscriber_id, issue_key),
+            ).fetchone()
+        ):
             return False, "soft bounce already counted for this issue"
         if issue_key and self._run_broken(conn, subscriber_id, issue_key):
             conn.execute("UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,))
@@ -1588,8 +1611,12 @@ class Store:
         if count < soft_limit:
             return True, f"soft bounce {count} of {soft_limit}"
         changed = self._change_status(
-            conn, subscriber_id, Status.BOUNCED, "bounce-soft",
-            f"{count} soft bounces in a row, the last {about} ({context}reported {when})", now,
+            conn,
+            subscriber_id,
+            Status.BOUNCED,
+            "bounce-soft",
+            f"{count} soft bounces in a row, the last {about} ({context}reported {when})",
+            now,
             only_from=(Status.ACTIVE, Status.PENDING),
         )
         if changed:
@@ -1631,8 +1658,18 @@ class Store:
     @staticmethod
     def _to_bounce_record(row: Sequence[Any]) -> BounceRecord:
         return BounceRecord(
-            row[0], row[1], row[2], row[3], row[4], BounceKind(row[5]), row[6], row[7],
-            bool(row[8]), row[9], _opt_dt(row[10]), _dt(row[11]),
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            BounceKind(row[5]),
+            row[6],
+            row[7],
+            bool(row[8]),
+            row[9],
+            _opt_dt(row[10]),
+            _dt(row[11]),
         )
 
     def _bounce_record(self, conn: sqlite3.Connection, bounce_id: int) -> BounceRecord:
