@@ -31,7 +31,7 @@ import re
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,8 @@ def _date(value: object) -> datetime | None:
         parsed = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
-    return parsed if parsed.tzinfo is not None else None
+    # "-0000" means UTC with no claim about local time (RFC 5322 3.3).
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _status_of(*texts: str) -> str:
@@ -218,9 +219,9 @@ def _dsn_bounces(
         if not isinstance(blocks, list) or not blocks:
             continue
         per_message = blocks[0]
-        arrival = fallback_date
+        arrival = None
         if isinstance(per_message, email.message.Message):
-            arrival = _date(per_message.get("Arrival-Date")) or fallback_date
+            arrival = _date(per_message.get("Arrival-Date"))
         for block in blocks[1:] if len(blocks) > 1 else blocks:
             if not isinstance(block, email.message.Message):
                 continue
@@ -245,7 +246,8 @@ def _dsn_bounces(
                     status=status or "5.0.0",
                     diagnostic=diagnostic,
                     original_message_id=original_id,
-                    reported_at=_date(block.get("Last-Attempt-Date")) or arrival,
+                    # When the server gave up: its last attempt, else the report's date.
+                    reported_at=_date(block.get("Last-Attempt-Date")) or fallback_date or arrival,
                 )
             )
     return bounces, delayed
@@ -277,7 +279,8 @@ def _heuristic_bounces(
         known.add(address.lower())
         window = _near(text, address)
         status = _status_of(window) or "5.0.0"
-        line = next((s.strip() for s in window.splitlines()[1:] if s.strip()), "")
+        lines = [s.strip() for s in window.splitlines()[1:] if s.strip()]
+        line = next((s for s in lines if status in s), lines[0] if lines else "")
         found.append(
             Bounce(
                 email=address,
