@@ -776,6 +776,8 @@ def subscribers_count(ctx: Context) -> None:
 @handle_errors
 def serve(ctx: Context, host: str | None, port: int | None) -> None:
     """Run the subscription web service: unsubscribe, subscribe, archive (Ctrl-C stops it)."""
+    import contextlib
+
     from . import server
 
     cfg = ctx.config()
@@ -792,10 +794,9 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
             "Warning: [unsubscribe] url is not set: issues will not link to this service.",
             err=True,
         )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # waitress itself may swallow it
         server.serve_forever(running)
-    except KeyboardInterrupt:
-        click.echo("Stopped.")
+    click.echo("Stopped.")
 
 
 def _print_bounce_summary(summary: Any) -> None:

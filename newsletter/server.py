@@ -656,11 +656,16 @@ class RunningService:
         return f"http://{host}:{self.port}"
 
     def stop(self) -> None:
-        """Close the listening socket and every connection, and end the thread."""
+        """Close the listening socket and every connection, and end the thread.
+
+        The closing runs on the server's own thread (through its trigger): closing
+        sockets under a running select() from here would break it.
+        """
         from waitress import wasyncore
 
-        wasyncore.close_all(self.server._map)
-        self.thread.join(5)
+        if self.thread.is_alive():
+            self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+            self.thread.join(5)
 
     def __enter__(self) -> RunningService:
         return self

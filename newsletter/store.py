@@ -130,6 +130,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE confirmations (
         subscriber_id INTEGER PRIMARY KEY REFERENCES subscribers (id) ON DELETE CASCADE,
+        requested_at TEXT NOT NULL,
         sent_at TEXT NOT NULL,
         sends INTEGER NOT NULL DEFAULT 1
     );
@@ -1390,9 +1391,9 @@ class Store:
             due = previous is None or moment - previous >= resend_after
             if due:
                 conn.execute(
-                    "INSERT INTO confirmations (subscriber_id, sent_at) VALUES (?, ?)"
-                    " ON CONFLICT (subscriber_id) DO UPDATE SET sent_at = excluded.sent_at,"
-                    " sends = sends + 1",
+                    "INSERT INTO confirmations (subscriber_id, requested_at, sent_at)"
+                    " VALUES (?1, ?2, ?2) ON CONFLICT (subscriber_id) DO UPDATE SET"
+                    " sent_at = excluded.sent_at, sends = sends + 1",
                     (subscriber_id, stamp),
                 )
             return ConfirmationRequest(self._get(conn, subscriber_id), due, created, previous)
@@ -1428,23 +1429,24 @@ class Store:
     def confirm_subscription(
         self, subscriber_id: int, *, issued_at: datetime, detail: str = ""
     ) -> Subscriber | None:
-        """Make a subscriber active on a confirmation issued at ``issued_at``.
+        """Make a subscriber active on a confirmation link issued at ``issued_at``.
 
-        None (nothing changes) when the subscriber is gone, or when their status changed
-        after the token was issued: an old link cannot undo a later unsubscribe. Confirming
-        twice is harmless. The soft-bounce count starts again at zero.
+        Only a link from the subscriber's open request counts (made at or after it
+        started): after a confirmation the request is closed, so an old link can never
+        undo a later unsubscribe. None when nothing changed for that reason or the
+        subscriber is gone; confirming twice is harmless. Soft bounces start again at 0.
         """
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT status, status_changed_at FROM subscribers WHERE id = ?",
+                "SELECT s.status, c.requested_at FROM subscribers s"
+                " LEFT JOIN confirmations c ON c.subscriber_id = s.id WHERE s.id = ?",
                 (subscriber_id,),
             ).fetchone()
             if row is None:
                 return None
             if row[0] == Status.ACTIVE:
                 return self._get(conn, subscriber_id)
-            changed = _dt(row[1]).replace(microsecond=0)
-            if issued_at < changed:
+            if row[1] is None or issued_at < _dt(row[1]).replace(microsecond=0):
                 return None
             now = _now()
             self._change_status(conn, subscriber_id, Status.ACTIVE, "confirmed", detail, now)
