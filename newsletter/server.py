@@ -14,6 +14,7 @@ the address (no enumeration).
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import hashlib
 import logging
@@ -29,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
-from flask import Flask, Response, g, request, send_file
+from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from . import content, render
@@ -43,7 +44,7 @@ from .errors import (
     TransportError,
 )
 from .message import UNSUBSCRIBE_PURPOSE
-from .store import DeliveryState, Status, Store, email_key
+from .store import Status, Store, email_key
 from .tokens import TokenData, TokenSigner
 from .transport import Transport, transport_from_config
 
@@ -332,17 +333,26 @@ def create_app(
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
 
+    # One connection per server thread, kept open: closing the last connection to a
+    # WAL database checkpoints it, which costs more than the request itself.
+    connections = threading.local()
+    # Our own threads take turns to write here, in order, rather than in SQLite's busy
+    # handler, which sleeps and retries (unfair, and slow under load). Other processes
+    # (a send) are still waited for by the busy timeout.
+    writing = threading.Lock()
+
     def db() -> Store:
-        if "store" not in g:
-            g.store = Store.open(db_path)
-        store: Store = g.store
+        store: Store | None = getattr(connections, "store", None)
+        if store is None:
+            store = connections.store = Store.open(db_path)
         return store
 
-    @app.teardown_appcontext
-    def close_db(_exc: BaseException | None) -> None:
-        store = g.pop("store", None)
+    def drop_db() -> None:
+        store: Store | None = getattr(connections, "store", None)
+        connections.store = None
         if store is not None:
-            store.close()
+            with contextlib.suppress(Exception):
+                store.close()
 
     def page(template: str, status: int = 200, **values: Any) -> Response:
         values.setdefault("subscribe_url", _url("subscribe"))
@@ -387,7 +397,8 @@ def create_app(
         one_click = request.form.get(ONE_CLICK_FIELD, "") == ONE_CLICK_VALUE
         reason = "one-click" if one_click else "link"
         detail = f"issue {data.context}" if data.context else ""
-        subscriber = db().unsubscribe(subject_ref(data), reason, detail)
+        with writing:
+            subscriber = db().unsubscribe(subject_ref(data), reason, detail)
         if subscriber is not None:
             LOG.info("unsubscribe: subscriber %s (%s, %s)", subscriber.id, reason, detail)
         # RFC 8058: answer the POST itself, never with a redirect.
@@ -441,9 +452,10 @@ def create_app(
         if request.form.get("website"):
             return check_inbox  # a bot filled the hidden field: say the usual, do nothing
         try:
-            wanted = db().request_confirmation(
-                address, name, resend_after=resend_after, reason="subscribe-form"
-            )
+            with writing:
+                wanted = db().request_confirmation(
+                    address, name, resend_after=resend_after, reason="subscribe-form"
+                )
         except StoreError as exc:
             if "invalid email address" not in exc.message:
                 raise
@@ -464,13 +476,15 @@ def create_app(
             result = transport.send(envelope_from, subscriber.email, data)
         except TransportError as exc:
             LOG.error("confirmation email not sent: %s", exc)
-            db().release_confirmation(wanted)
+            with writing:
+                db().release_confirmation(wanted)
             return unavailable("We could not send the confirmation email just now.")
         finally:
             transport.close()
         if result.outcome in ("failed", "deferred"):
             LOG.warning("confirmation email refused: %s %s", result.code, result.reply)
-            db().release_confirmation(wanted)
+            with writing:
+                db().release_confirmation(wanted)
             if result.outcome == "failed":
                 return subscribe_form(
                     400,
@@ -495,9 +509,10 @@ def create_app(
         if subscriber is None or email_digest(subscriber.email) != data.context:
             return bad_link(expired)
         issued = datetime.fromtimestamp(data.issued_at, UTC)
-        confirmed = store.confirm_subscription(
-            subscriber.id, issued_at=issued, detail="confirmation link"
-        )
+        with writing:
+            confirmed = store.confirm_subscription(
+                subscriber.id, issued_at=issued, detail="confirmation link"
+            )
         if confirmed is None or confirmed.status != Status.ACTIVE:
             return bad_link(expired)
         return page(
@@ -510,12 +525,7 @@ def create_app(
     # -- archive ---------------------------------------------------------------------------
 
     def sent_issue_keys() -> list[str]:
-        store = db()
-        return [
-            snapshot.issue_key
-            for snapshot in store.issues_with_deliveries()
-            if store.ledger_counts(snapshot.issue_key)[DeliveryState.SENT] > 0
-        ]
+        return db().sent_issue_keys()
 
     def sent_folder(slug: str) -> Path | None:
         if slug not in sent_issue_keys():
@@ -614,6 +624,8 @@ def create_app(
     @app.errorhandler(NewsletterError)
     def newsletter_error(exc: NewsletterError) -> Response:
         LOG.error("%s", exc)
+        if isinstance(exc, StoreError):
+            drop_db()  # the next request opens a fresh connection
         return unavailable("Something on our side is not working.")
 
     @app.errorhandler(Exception)

@@ -1454,6 +1454,15 @@ class Store:
             conn.execute("DELETE FROM confirmations WHERE subscriber_id = ?", (subscriber_id,))
             return self._get(conn, subscriber_id)
 
+    def sent_issue_keys(self) -> list[str]:
+        """Issues that at least one subscriber was sent, oldest snapshot first (the archive)."""
+        rows = self._all(
+            "SELECT i.issue_key FROM issue_sends i WHERE EXISTS (SELECT 1 FROM deliveries d"
+            " INDEXED BY deliveries_state WHERE d.issue_key = i.issue_key AND d.state = 'sent')"
+            " ORDER BY i.snapshot_at, i.issue_key"
+        )
+        return [row[0] for row in rows]
+
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
         """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
         bare = message_id.strip().strip("<>").strip()
