@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__, content, preview, render
+from . import __version__, content, delivery, preview, render
 from . import config as config_module
 from .config import Config
 from .content import Issue
@@ -673,8 +673,13 @@ def subscribers_import(ctx: Context, file: Path) -> None:
 @subscribers.command("add")
 @click.argument("email")
 @click.option("--name", default="", help="The subscriber's name.")
-@click.option("--field", "fields", multiple=True, metavar="KEY=VALUE",
-              help="A personalisation field (repeatable).")
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A personalisation field (repeatable).",
+)
 @pass_ctx
 @handle_errors
 def subscribers_add(ctx: Context, email: str, name: str, fields: tuple[str, ...]) -> None:
@@ -692,8 +697,11 @@ def subscribers_add(ctx: Context, email: str, name: str, fields: tuple[str, ...]
 
 @subscribers.command("remove")
 @click.argument("email")
-@click.option("--force", is_flag=True,
-              help="Also delete the record of issues sent to them (otherwise refused).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also delete the record of issues sent to them (otherwise refused).",
+)
 @pass_ctx
 @handle_errors
 def subscribers_remove(ctx: Context, email: str, force: bool) -> None:
@@ -759,6 +767,218 @@ def subscribers_count(ctx: Context) -> None:
     for state, number in counts.items():
         click.echo(f"{state:<13}{number:>9}")
     click.echo(f"{'total':<13}{sum(counts.values()):>9}")
+
+
+# --- sending commands ---
+
+
+def _transport_name(cfg: Config) -> str:
+    smtp = cfg.smtp
+    name = f"SMTP {smtp.host}:{smtp.port} ({smtp.security})"
+    return f"{name} + copies in {cfg.outbox_dir}" if cfg.delivery.outbox else name
+
+
+def _print_report(report: delivery.DeliveryReport) -> None:
+    click.echo(
+        f"Sent {report.sent}, failed {report.failed}, deferred {report.deferred}, "
+        f"uncertain {report.uncertain} in {report.elapsed:.1f} s ({report.rate:.0f} msgs/s)."
+    )
+    counts = ", ".join(f"{state} {n}" for state, n in report.counts.items() if n)
+    click.echo(f"Ledger for {report.issue_key}: {counts or 'empty'}")
+    for entry in report.problems[:20]:
+        click.echo(f"  {entry.state:<9} {entry.email}  {entry.last_reply}", err=True)
+    if report.stopped_by:
+        click.echo(f"Stopped: {report.stopped_by}", err=True)
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option("--yes", is_flag=True, help="Send without asking.")
+@click.option("--dry-run", is_flag=True, help="Build every message; send and record nothing.")
+@click.option(
+    "--test",
+    "test_addresses",
+    multiple=True,
+    metavar="ADDR",
+    help="Send a [TEST] proof copy to ADDR (repeatable); the ledger is not touched.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Send at most N messages in this run."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="At most this many messages per second.",
+)
+@click.option(
+    "--connections",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Parallel SMTP connections (default: [delivery] connections).",
+)
+@click.option(
+    "--resend-uncertain",
+    is_flag=True,
+    help="Also send to recipients a crashed run left uncertain (they may get two copies).",
+)
+@click.option(
+    "--include-new", is_flag=True, help="Add subscribers who joined after this issue's first send."
+)
+@pass_ctx
+@handle_errors
+def send(
+    ctx: Context,
+    issue_ref: str,
+    yes: bool,
+    dry_run: bool,
+    test_addresses: tuple[str, ...],
+    limit: int | None,
+    rate: float | None,
+    connections: int | None,
+    resend_uncertain: bool,
+    include_new: bool,
+) -> None:
+    """Send ISSUE to every active subscriber, once; re-running resumes."""
+    from . import dkim
+    from .store import Status
+    from .transport import transport_from_config
+
+    cfg = ctx.config()
+    delivery.check_can_send(cfg)
+    rendered = render.render_issue(_issue(cfg, issue_ref), cfg)
+    signer = dkim.signer_from_config(cfg)
+    if test_addresses:
+        results = delivery.send_test(
+            cfg, rendered, test_addresses, transport_from_config(cfg), sign=signer
+        )
+        for result in results:
+            click.echo(
+                f"{result.outcome:<9} {result.recipient}  {result.code or ''} {result.reply}".rstrip()
+            )
+        if not all(r.ok for r in results):
+            sys.exit(1)
+        return
+    with _open_store(ctx) as store:
+        if dry_run:
+            dry = delivery.dry_run(
+                cfg, rendered, store.list_subscribers(Status.ACTIVE), sign=signer
+            )
+            click.echo(
+                f"Dry run: built {dry.messages} messages, {dry.total_bytes / 1e6:.1f} MB, "
+                f"in {dry.elapsed:.2f} s. Nothing was sent or recorded."
+            )
+            return
+        plan = delivery.plan_send(cfg, rendered, store, _transport_name(cfg))
+        click.echo(f"Subject:    {plan.subject}")
+        click.echo(f"From:       {plan.sender}")
+        click.echo(
+            f"Recipients: {plan.recipients}"
+            + (f" (already sent: {plan.already_sent})" if plan.already_sent else "")
+        )
+        if plan.uncertain:
+            click.echo(
+                f"Uncertain:  {plan.uncertain} (a crashed run; re-sent only with --resend-uncertain)"
+            )
+        click.echo(f"Size:       {_kb(plan.message_size)} per message")
+        click.echo(f"Transport:  {plan.transport}")
+        if plan.recipients == 0 and not (resend_uncertain and plan.uncertain) and not include_new:
+            click.echo("Nothing to send.")
+            return
+        if not yes and not click.confirm("Send now?", default=False):
+            click.echo("Not sent.")
+            return
+        bar: Any = None
+
+        def show(progress: delivery.Progress) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = click.progressbar(
+                    length=max(progress.total, 1),
+                    label="Sending",
+                    show_pos=True,
+                    show_eta=True,
+                    file=sys.stderr,
+                )
+                bar.__enter__()
+            bar.label = f"Sending ({progress.rate:.0f}/s)"
+            bar.update(progress.done - bar.pos)
+
+        try:
+            report = delivery.send_issue(
+                cfg,
+                rendered,
+                store,
+                lambda: transport_from_config(cfg),
+                options=delivery.SendOptions(
+                    limit=limit,
+                    rate=rate,
+                    connections=connections,
+                    include_new=include_new,
+                    resend_uncertain=resend_uncertain,
+                ),
+                sign=signer,
+                progress=show,
+            )
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    if report.found_uncertain:
+        click.echo(
+            f"Found {report.found_uncertain} recipients left uncertain by a crashed run.", err=True
+        )
+    _print_report(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("issue_ref", metavar="ISSUE")
+@pass_ctx
+@handle_errors
+def status(ctx: Context, issue_ref: str) -> None:
+    """Show ISSUE's delivery counts and every failed, deferred or uncertain recipient."""
+    cfg = ctx.config()
+    issue_item = _issue(cfg, issue_ref)
+    with _open_store(ctx) as store:
+        snapshot = store.issue_snapshot(issue_item.key)
+        if snapshot is None:
+            click.echo(f"Issue {issue_item.number} ({issue_item.key}) has not been sent.")
+            return
+        counts = store.ledger_counts(issue_item.key)
+        problems = store.ledger_problems(issue_item.key)
+    click.echo(
+        f"Issue {issue_item.number} ({issue_item.key}): {snapshot.recipients} recipients, "
+        f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
+    )
+    for state, number in counts.items():
+        click.echo(f"  {state:<10}{number:>8}")
+    for entry in problems:
+        click.echo(f"{entry.state:<9} {entry.email}  attempts {entry.attempts}  {entry.last_reply}")
+
+
+@main.command()
+@pass_ctx
+@handle_errors
+def demo(ctx: Context) -> None:
+    """Send the bundled example issue to the example list through a local SMTP sink."""
+    from .demo import run_demo
+
+    cfg = ctx.config()
+    result = run_demo(cfg)
+    click.echo(f"Built issue {result.issue.number}: {result.build.rendered.subject}")
+    for name, size in result.build.files.items():
+        click.echo(f"  {result.build.out_dir / name}  {_kb(size)}")
+    click.echo(f"Imported {result.imported.imported} example subscribers into {result.db_path}")
+    _print_report(result.report)
+    click.echo(
+        f"The SMTP sink received {result.received} messages in this run; they are in {result.sink_dir}/new/"
+    )
+    if result.report.sent == 0 and result.report.counts.get(delivery.DeliveryState.SENT):
+        click.echo("Everyone already has this issue: nobody gets a second copy.")
+    click.echo(
+        f"Next: newsletter preview {result.issue.number}   (or open {result.build.out_dir / 'web.html'})"
+    )
 
 
 # --- service commands ---

@@ -71,6 +71,13 @@ class DeliveryState(StrEnum):
     CANCELLED = "cancelled"  # subscriber stopped being active before it was sent
 
 
+# UNCERTAIN as a result: the whole message went out but the server's answer was lost.
+_RESULT_STATES = (
+    DeliveryState.SENT,
+    DeliveryState.FAILED,
+    DeliveryState.DEFERRED,
+    DeliveryState.UNCERTAIN,
+)
 PROBLEM_STATES = (DeliveryState.FAILED, DeliveryState.UNCERTAIN, DeliveryState.DEFERRED)
 
 # Each script is one schema version (PRAGMA user_version = its 1-based index), applied
@@ -244,15 +251,17 @@ class DeliveryResult:
 
     issue_key: str
     subscriber_id: int
-    state: DeliveryState  # SENT, FAILED or DEFERRED
+    state: DeliveryState  # SENT, FAILED, DEFERRED or UNCERTAIN
     reply: str = ""  # the server's reply, e.g. "250 2.0.0 Ok" or "550 5.1.1 no such user"
     message_id: str = ""
     retry_at: datetime | None = None  # DEFERRED: due again at; None = left for the next run
     bounce: bool = False  # FAILED: also mark the subscriber bounced ([delivery] bounce_on_5xx)
 
     def __post_init__(self) -> None:
-        if self.state not in (DeliveryState.SENT, DeliveryState.FAILED, DeliveryState.DEFERRED):
-            raise ValueError(f"a delivery result is sent, failed or deferred, not {self.state}")
+        if self.state not in _RESULT_STATES:
+            raise ValueError(
+                f"a delivery result is sent, failed, deferred or uncertain, not {self.state}"
+            )
 
 
 @dataclass(frozen=True)
@@ -645,8 +654,7 @@ class Store:
         if old == status or (only_from is not None and old not in only_from):
             return False
         conn.execute(
-            "UPDATE subscribers SET status = ?, status_changed_at = ?, updated_at = ?"
-            " WHERE id = ?",
+            "UPDATE subscribers SET status = ?, status_changed_at = ?, updated_at = ? WHERE id = ?",
             (status.value, now, now, subscriber_id),
         )
         conn.execute(
@@ -737,8 +745,9 @@ class Store:
             (subscriber_id,),
         )
         return [
-            SubscriberEvent(r[0], None if r[1] is None else Status(r[1]), Status(r[2]), r[3], r[4],
-                            _dt(r[5]))
+            SubscriberEvent(
+                r[0], None if r[1] is None else Status(r[1]), Status(r[2]), r[3], r[4], _dt(r[5])
+            )
             for r in rows
         ]
 
@@ -815,8 +824,13 @@ class Store:
         count = 0
         for sub in self.list_subscribers(status):
             writer.writerow(
-                [sub.email, sub.name, sub.status.value, sub.created_at.isoformat(),
-                 *(sub.fields.get(key, "") for key in keys)]
+                [
+                    sub.email,
+                    sub.name,
+                    sub.status.value,
+                    sub.created_at.isoformat(),
+                    *(sub.fields.get(key, "") for key in keys),
+                ]
             )
             count += 1
         return count
@@ -896,8 +910,11 @@ class Store:
         """Stream the CSV into temp.import_rows; returns (rows, good rows, errors, error count)."""
         first = handle.readline()
         if not first.strip():
-            raise StoreError("the file is empty", where=f"{path}:1",
-                             hint="the first line must name the columns, e.g. email,name")
+            raise StoreError(
+                "the file is empty",
+                where=f"{path}:1",
+                hint="the first line must name the columns, e.g. email,name",
+            )
         delimiter = max((",", ";", "\t"), key=first.count)
         reader = csv.reader(itertools.chain([first], handle), delimiter=delimiter)
         try:
@@ -906,8 +923,11 @@ class Store:
             named = [cell for cell in lowered if cell]
             if len(set(named)) != len(named):
                 duplicate = next(cell for cell in named if named.count(cell) > 1)
-                raise StoreError(f"the column {duplicate!r} appears twice", where=f"{path}:1",
-                                 hint="rename or remove one of them")
+                raise StoreError(
+                    f"the column {duplicate!r} appears twice",
+                    where=f"{path}:1",
+                    hint="rename or remove one of them",
+                )
             if "email" not in lowered:
                 raise StoreError(
                     f"no 'email' column (columns: {', '.join(header) or 'none'})",
@@ -918,8 +938,9 @@ class Store:
             name_i = lowered.index("name") if "name" in lowered else None
             status_i = lowered.index("status") if "status" in lowered else None
             ignored = {"email", "name", "status", "created_at", "updated_at", "status_changed_at"}
-            field_cols = [(i, header[i]) for i, key in enumerate(lowered)
-                          if key and key not in ignored]
+            field_cols = [
+                (i, header[i]) for i, key in enumerate(lowered) if key and key not in ignored
+            ]
             width = len(header)
             statuses = {s.value: s.value for s in Status} | _STATUS_SYNONYMS
 
@@ -972,15 +993,21 @@ class Store:
                 if status_i is not None and status_i < len(row):
                     given = row[status_i].strip().lower()
                     if given and given not in statuses:
-                        bad(line, f"unknown status {row[status_i].strip()!r}"
-                                  f" (use one of: {', '.join(sorted(statuses))})")
+                        bad(
+                            line,
+                            f"unknown status {row[status_i].strip()!r}"
+                            f" (use one of: {', '.join(sorted(statuses))})",
+                        )
                         continue
                     status = statuses.get(given, "active")
                 name = row[name_i].strip() if name_i is not None and name_i < len(row) else ""
                 fields_json = "{}"
                 if field_cols:
-                    values = {key: value for i, key in field_cols
-                              if i < len(row) and (value := row[i].strip())}
+                    values = {
+                        key: value
+                        for i, key in field_cols
+                        if i < len(row) and (value := row[i].strip())
+                    }
                     if values:
                         fields_json = dumps(values)
                 batch.append((line, normalized.lower(), normalized, name, fields_json, status))
@@ -991,8 +1018,11 @@ class Store:
             if batch:
                 conn.executemany(insert, batch)
         except csv.Error as exc:
-            raise StoreError(f"unreadable CSV: {exc}", where=f"{path}:{reader.line_num}",
-                             hint="check the quoting on that line") from None
+            raise StoreError(
+                f"unreadable CSV: {exc}",
+                where=f"{path}:{reader.line_num}",
+                hint="check the quoting on that line",
+            ) from None
         return rows, good, errors, error_count
 
     @staticmethod
@@ -1126,8 +1156,9 @@ class Store:
             if known and not include_new:
                 return 0
             if not known:
-                if not conn.execute("SELECT 1 FROM subscribers WHERE status = 'active' LIMIT 1")\
-                        .fetchone():
+                if not conn.execute(
+                    "SELECT 1 FROM subscribers WHERE status = 'active' LIMIT 1"
+                ).fetchone():
                     return 0
                 conn.execute(
                     "INSERT INTO issue_sends (issue_key, snapshot_at) VALUES (?, ?)",
@@ -1229,8 +1260,18 @@ class Store:
                 if result.state == DeliveryState.DEFERRED and result.retry_at is not None
                 else None
             )
-            params.append((result.state.value, result.reply, result.message_id, retry, now,
-                           now if sent else None, result.issue_key, result.subscriber_id))
+            params.append(
+                (
+                    result.state.value,
+                    result.reply,
+                    result.message_id,
+                    retry,
+                    now,
+                    now if sent else None,
+                    result.issue_key,
+                    result.subscriber_id,
+                )
+            )
             if result.bounce and result.state == DeliveryState.FAILED:
                 bounces.append(result)
         if not params:
@@ -1244,8 +1285,12 @@ class Store:
             ).rowcount
             for result in bounces:
                 self._change_status(
-                    conn, result.subscriber_id, Status.BOUNCED, "smtp-5xx",
-                    f"issue {result.issue_key}: {result.reply}", now,
+                    conn,
+                    result.subscriber_id,
+                    Status.BOUNCED,
+                    "smtp-5xx",
+                    f"issue {result.issue_key}: {result.reply}",
+                    now,
                     only_from=(Status.ACTIVE, Status.PENDING),
                 )
         return updated
@@ -1306,8 +1351,19 @@ class Store:
             params,
         )
         return [
-            LedgerEntry(r[0], r[1], r[2], r[3], DeliveryState(r[4]), r[5], r[6], r[7], _dt(r[8]),
-                        _opt_dt(r[9]), _opt_dt(r[10]))
+            LedgerEntry(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                DeliveryState(r[4]),
+                r[5],
+                r[6],
+                r[7],
+                _dt(r[8]),
+                _opt_dt(r[9]),
+                _opt_dt(r[10]),
+            )
             for r in rows
         ]
 
