@@ -672,3 +672,42 @@ def test_confirmation_dates_are_aware() -> None:
         sent = store.confirmation_sent_at("tz@example.org")
         assert request.send and sent is not None and sent.tzinfo is not None
         assert abs(datetime.now(UTC) - sent) < timedelta(minutes=1)
+
+
+def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service) -> None:
+    """The send loop (newsletter.delivery) through SMTP to the sink; halfway through,
+    the last twenty readers press one-click: none of them gets the issue."""
+    from newsletter import content, delivery, render
+    from newsletter.transport import transport_from_config
+
+    readers = [service.store.add_subscriber(f"s{i:03d}@example.org") for i in range(120)]
+    leaving = readers[-20:]
+    rendered = render.render_issue(
+        content.read_issue(service.config.issues_dir / ISSUE), service.config
+    )
+    answers: list[int] = []
+
+    def progress(state: delivery.Progress) -> None:
+        if state.done >= 30 and not answers:  # mid-run, from the send's own thread
+            for reader in leaving:
+                token = service.unsubscribe_token(reader.id)
+                answers.append(
+                    service.request("POST", f"/u/{token}", b"List-Unsubscribe=One-Click", FORM)[0]
+                )
+
+    with Store.open(service.config.db_path) as sender:
+        report = delivery.send_issue(
+            service.config,
+            rendered,
+            sender,
+            lambda: transport_from_config(service.config),
+            options=delivery.SendOptions(connections=2, batch_size=8),
+            progress=progress,
+        )
+    assert answers == [200] * 20
+    counts = service.store.ledger_counts(ISSUE)
+    assert counts[DeliveryState.SENT] == 100 and counts[DeliveryState.CANCELLED] == 20
+    assert report.sent == 100
+    received = {m["To"] for m in service.messages()}
+    assert len(received) == 100
+    assert not received & {r.email for r in leaving}
