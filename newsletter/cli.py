@@ -997,6 +997,7 @@ def demo(ctx: Context) -> None:
 def serve(ctx: Context, host: str | None, port: int | None) -> None:
     """Run the subscription web service: unsubscribe, subscribe, archive (Ctrl-C stops it)."""
     import contextlib
+    import signal
 
     from . import server
 
@@ -1014,6 +1015,11 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
             "Warning: [unsubscribe] url is not set: issues will not link to this service.",
             err=True,
         )
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) ends it like Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
     with contextlib.suppress(KeyboardInterrupt):  # waitress itself may swallow it
         server.serve_forever(running)
     click.echo("Stopped.")

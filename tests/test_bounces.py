@@ -448,3 +448,12 @@ def test_fetch_needs_the_password_and_refuses_clear_text_off_loopback(
     )
     assert result.exit_code == 1
     assert result.output.startswith("Error: 127.0.0.1:") and "refused" in result.output
+
+
+def test_config_refuses_a_bad_imap_security_or_soft_limit(tmp_path: Path) -> None:
+    root = workspace(tmp_path, '[bounces]\nimap_security = "tls"\n')
+    with pytest.raises(ConfigError, match=r"newsletter.toml:5: \[bounces\] imap_security 'tls'"):
+        config.load(root, environ={})
+    (root / "newsletter.toml").write_text("[bounces]\nsoft_limit = 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="soft_limit must be at least 1"):
+        config.load(root, environ={})

@@ -642,7 +642,7 @@ def test_newsletter_serve_runs_the_service_until_interrupted(tmp_path: Path) -> 
         assert conn.getresponse().status == 200
         conn.close()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as systemd stops it
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Stopped." in out
