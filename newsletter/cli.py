@@ -947,6 +947,7 @@ def status(ctx: Context, issue_ref: str) -> None:
             return
         counts = store.ledger_counts(issue_item.key)
         problems = store.ledger_problems(issue_item.key)
+        bounced = store.bounces_for_issue(issue_item.key)
     click.echo(
         f"Issue {issue_item.number} ({issue_item.key}): {snapshot.recipients} recipients, "
         f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
@@ -955,6 +956,12 @@ def status(ctx: Context, issue_ref: str) -> None:
         click.echo(f"  {state:<10}{number:>8}")
     for entry in problems:
         click.echo(f"{entry.state:<9} {entry.email}  attempts {entry.attempts}  {entry.last_reply}")
+    if bounced:
+        click.echo(f"Bounces: {len(bounced)}")
+    for record in bounced:
+        click.echo(
+            f"bounce {record.kind:<4} {record.status or '?':<7} {record.email}  {record.effect}"
+        )
 
 
 @main.command()
