@@ -107,6 +107,10 @@ class ServerSettings:
     port: int = 8080
     confirm_ttl_hours: int = 48
     resend_interval_minutes: int = 10
+    # The https address readers reach the service at (confirmation links start with it);
+    # empty: [unsubscribe] url without its last path segment, else the request's own address.
+    public_url: str = ""
+    threads: int = 8
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class BounceSettings:
     imap_port: int = 993
     imap_username: str = ""
     imap_folder: str = "INBOX"
+    imap_security: str = "ssl"  # ssl | starttls | none (none only for a loopback host)
 
 
 @dataclass(frozen=True)
@@ -381,6 +386,28 @@ def _validate(config: Config, path: Path, text: str) -> None:
                 f"[dkim] {key} '{value}' has illegal characters",
                 "use letters, digits and hyphens, with dots between labels",
             )
+    if config.server.public_url and not config.server.public_url.startswith(
+        ("https://", "http://")
+    ):
+        fail("public_url", "[server] public_url must start with https://", "use the full address")
+    if config.server.confirm_ttl_hours < 1:
+        fail("confirm_ttl_hours", "[server] confirm_ttl_hours must be at least 1", "e.g. 48")
+    if config.server.resend_interval_minutes < 0:
+        fail(
+            "resend_interval_minutes",
+            "[server] resend_interval_minutes must not be negative",
+            "e.g. 10",
+        )
+    if config.server.threads < 1:
+        fail("threads", "[server] threads must be at least 1", "e.g. 8")
+    if config.bounces.soft_limit < 1:
+        fail("soft_limit", "[bounces] soft_limit must be at least 1", "e.g. 3")
+    if config.bounces.imap_security not in ("ssl", "starttls", "none"):
+        fail(
+            "imap_security",
+            f"[bounces] imap_security '{config.bounces.imap_security}' is not valid",
+            "use ssl, starttls or none",
+        )
     if config.fetch.timeout <= 0:
         fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")
     if config.fetch.max_bytes < 1:
