@@ -487,6 +487,26 @@ def _first_bad_utf8_line(path: Path) -> int:
     return 1
 
 
+@contextlib.contextmanager
+def _setup_lock(db: Path | None) -> Iterator[None]:
+    """Serialise switching to WAL and migrating between processes opening one database.
+
+    SQLite may answer "database is locked" to a journal-mode change at once, without
+    waiting on the busy timeout, when another process is setting up the same file.
+    """
+    if db is None:
+        yield
+        return
+    fd = os.open(
+        db.with_name(f"{db.name}.setup.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _lock_name(issue_key: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", issue_key):
         return issue_key
@@ -537,12 +557,13 @@ class Store:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
-            if db is not None:
-                conn.execute("PRAGMA journal_mode = WAL")
             # Commits are durable against process crashes; claims add a full fsync
             # (see claim_batch) so they also survive power loss.
             conn.execute("PRAGMA synchronous = NORMAL")
-            migrate(conn, MIGRATIONS, where=where)
+            with _setup_lock(db):
+                if db is not None:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                migrate(conn, MIGRATIONS, where=where)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(
