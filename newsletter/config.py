@@ -133,18 +133,64 @@ class FetchSettings:
     max_bytes: int = 5_000_000  # a page or feed larger than this is refused
 
 
-@dataclass(frozen=True)
 class Secrets:
-    """Secrets from the environment; ``repr`` never shows them."""
+    """Secrets from the environment; ``repr`` never shows them.
 
-    smtp_password: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    dkim_key_file: str | None = field(default=None, repr=False)
-    imap_password: str | None = field(default=None, repr=False)
+    Deliberately not a dataclass: tools that print dataclasses field by field (test
+    failure reports, debuggers) must not find the values, only this ``repr``.
+    """
+
+    __slots__ = ("_values",)
+    _values: tuple[str | None, str | None, str | None, str | None]
+    NAMES = ("smtp_password", "secret_key", "dkim_key_file", "imap_password")
+
+    def __init__(
+        self,
+        smtp_password: str | None = None,
+        secret_key: str | None = None,
+        dkim_key_file: str | None = None,
+        imap_password: str | None = None,
+    ) -> None:
+        values = (smtp_password, secret_key, dkim_key_file, imap_password)
+        object.__setattr__(self, "_values", values)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Secrets are read-only; use .replace()")
+
+    @property
+    def smtp_password(self) -> str | None:
+        return self._values[0]
+
+    @property
+    def secret_key(self) -> str | None:
+        return self._values[1]
+
+    @property
+    def dkim_key_file(self) -> str | None:
+        return self._values[2]
+
+    @property
+    def imap_password(self) -> str | None:
+        return self._values[3]
+
+    def replace(self, **changes: str | None) -> Secrets:
+        """A copy with some values changed (the demo's throwaway key, tests)."""
+        unknown = set(changes) - set(self.NAMES)
+        if unknown:
+            raise TypeError(f"unknown secret(s): {', '.join(sorted(unknown))}")
+        current = dict(zip(self.NAMES, self._values, strict=True))
+        return Secrets(**{**current, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secrets) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(self._values)
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={'<set>' if getattr(self, f.name) else None}" for f in fields(self)
+            f"{name}={'<set>' if value else None}"
+            for name, value in zip(self.NAMES, self._values, strict=True)
         )
         return f"Secrets({shown})"
 
@@ -172,7 +218,7 @@ class Config:
     server: ServerSettings = ServerSettings()
     bounces: BounceSettings = BounceSettings()
     fetch: FetchSettings = FetchSettings()
-    secrets: Secrets = Secrets()
+    secrets: Secrets = field(default_factory=Secrets)
     db_override: Path | None = None
 
     @property

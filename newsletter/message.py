@@ -313,5 +313,5 @@ def _with_preview_key(config: Config) -> Config:
 
     return dataclasses.replace(
         config,
-        secrets=dataclasses.replace(config.secrets, secret_key="preview-only-key-not-secret"),
+        secrets=config.secrets.replace(secret_key="preview-only-key-not-secret"),
     )

@@ -437,7 +437,7 @@ def test_fetch_needs_the_password_and_refuses_clear_text_off_loopback(
     remote = replace(
         cfg,
         bounces=replace(cfg.bounces, imap_host="imap.example.org"),
-        secrets=replace(cfg.secrets, imap_password="x"),
+        secrets=cfg.secrets.replace(imap_password="x"),
     )
     with pytest.raises(ConfigError, match="in clear"):
         fetch_imap(store, remote)

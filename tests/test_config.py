@@ -171,3 +171,17 @@ def test_init_workspace_creates_a_loadable_workspace_once(tmp_path: Path) -> Non
     assert ".newsletter/" in (root / ".gitignore").read_text(encoding="utf-8").splitlines()
     with pytest.raises(ConfigError, match="already exists"):
         config.init_workspace(root)
+
+
+def test_secrets_are_invisible_to_field_by_field_printers() -> None:
+    import dataclasses
+    import pprint
+
+    secrets = Secrets(smtp_password="hunter2-password", secret_key="k" * 32)
+    assert not dataclasses.is_dataclass(secrets)
+    assert "hunter2" not in pprint.pformat(secrets)
+    assert "hunter2" not in pprint.pformat(vars(Config(root=Path("."), secrets=secrets)))
+    changed = secrets.replace(imap_password="imap-secret")
+    assert changed.imap_password == "imap-secret" and changed.smtp_password == "hunter2-password"
+    with pytest.raises(AttributeError):
+        secrets.smtp_password = "x"  # type: ignore[misc]
