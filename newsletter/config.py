@@ -107,6 +107,10 @@ class ServerSettings:
     port: int = 8080
     confirm_ttl_hours: int = 48
     resend_interval_minutes: int = 10
+    # The https address readers reach the service at (confirmation links start with it);
+    # empty: [unsubscribe] url without its last path segment, else the request's own address.
+    public_url: str = ""
+    threads: int = 8
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class BounceSettings:
     imap_port: int = 993
     imap_username: str = ""
     imap_folder: str = "INBOX"
+    imap_security: str = "ssl"  # ssl | starttls | none (none only for a loopback host)
 
 
 @dataclass(frozen=True)
@@ -128,18 +133,64 @@ class FetchSettings:
     max_bytes: int = 5_000_000  # a page or feed larger than this is refused
 
 
-@dataclass(frozen=True)
 class Secrets:
-    """Secrets from the environment; ``repr`` never shows them."""
+    """Secrets from the environment; ``repr`` never shows them.
 
-    smtp_password: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    dkim_key_file: str | None = field(default=None, repr=False)
-    imap_password: str | None = field(default=None, repr=False)
+    Deliberately not a dataclass: tools that print dataclasses field by field (test
+    failure reports, debuggers) must not find the values, only this ``repr``.
+    """
+
+    __slots__ = ("_values",)
+    _values: tuple[str | None, str | None, str | None, str | None]
+    NAMES = ("smtp_password", "secret_key", "dkim_key_file", "imap_password")
+
+    def __init__(
+        self,
+        smtp_password: str | None = None,
+        secret_key: str | None = None,
+        dkim_key_file: str | None = None,
+        imap_password: str | None = None,
+    ) -> None:
+        values = (smtp_password, secret_key, dkim_key_file, imap_password)
+        object.__setattr__(self, "_values", values)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Secrets are read-only; use .replace()")
+
+    @property
+    def smtp_password(self) -> str | None:
+        return self._values[0]
+
+    @property
+    def secret_key(self) -> str | None:
+        return self._values[1]
+
+    @property
+    def dkim_key_file(self) -> str | None:
+        return self._values[2]
+
+    @property
+    def imap_password(self) -> str | None:
+        return self._values[3]
+
+    def replace(self, **changes: str | None) -> Secrets:
+        """A copy with some values changed (the demo's throwaway key, tests)."""
+        unknown = set(changes) - set(self.NAMES)
+        if unknown:
+            raise TypeError(f"unknown secret(s): {', '.join(sorted(unknown))}")
+        current = dict(zip(self.NAMES, self._values, strict=True))
+        return Secrets(**{**current, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secrets) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(self._values)
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={'<set>' if getattr(self, f.name) else None}" for f in fields(self)
+            f"{name}={'<set>' if value else None}"
+            for name, value in zip(self.NAMES, self._values, strict=True)
         )
         return f"Secrets({shown})"
 
@@ -167,7 +218,7 @@ class Config:
     server: ServerSettings = ServerSettings()
     bounces: BounceSettings = BounceSettings()
     fetch: FetchSettings = FetchSettings()
-    secrets: Secrets = Secrets()
+    secrets: Secrets = field(default_factory=Secrets)
     db_override: Path | None = None
 
     @property
@@ -381,6 +432,28 @@ def _validate(config: Config, path: Path, text: str) -> None:
                 f"[dkim] {key} '{value}' has illegal characters",
                 "use letters, digits and hyphens, with dots between labels",
             )
+    if config.server.public_url and not config.server.public_url.startswith(
+        ("https://", "http://")
+    ):
+        fail("public_url", "[server] public_url must start with https://", "use the full address")
+    if config.server.confirm_ttl_hours < 1:
+        fail("confirm_ttl_hours", "[server] confirm_ttl_hours must be at least 1", "e.g. 48")
+    if config.server.resend_interval_minutes < 0:
+        fail(
+            "resend_interval_minutes",
+            "[server] resend_interval_minutes must not be negative",
+            "e.g. 10",
+        )
+    if config.server.threads < 1:
+        fail("threads", "[server] threads must be at least 1", "e.g. 8")
+    if config.bounces.soft_limit < 1:
+        fail("soft_limit", "[bounces] soft_limit must be at least 1", "e.g. 3")
+    if config.bounces.imap_security not in ("ssl", "starttls", "none"):
+        fail(
+            "imap_security",
+            f"[bounces] imap_security '{config.bounces.imap_security}' is not valid",
+            "use ssl, starttls or none",
+        )
     if config.fetch.timeout <= 0:
         fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")
     if config.fetch.max_bytes < 1:

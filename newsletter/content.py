@@ -57,6 +57,7 @@ class Article:
     image_alt: str = ""
     summary: str = ""
     bio: str = ""
+    image_line: int = 1  # line of the 'image:' field, for error messages
 
     @property
     def word_count(self) -> int:
@@ -66,7 +67,7 @@ class Article:
         """Local image references (lead image and in-body) with their line numbers."""
         found: list[tuple[str, int]] = []
         if self.image and not _is_remote(self.image):
-            found.append((self.image, 1))
+            found.append((self.image, self.image_line))
         for offset, line in enumerate(self.body.splitlines()):
             for match in _MD_IMAGE.finditer(line):
                 if not _is_remote(match.group(1)):
@@ -252,6 +253,7 @@ def read_article(path: Path) -> Article:
         body=body,
         body_line=body_line,
         date=_as_date(data.get("date"), f"{path}:{_line_of_key(text, 'date')}", "date"),
+        image_line=_line_of_key(text, "image"),
         **values,
     )
 
@@ -433,9 +435,11 @@ def add_articles(folder: Path, sources: Iterable[Path]) -> list[Path]:
                     hint="remove it first, or add a different article",
                 )
         base = re.sub(r"^\d+-", "", source.stem)
-        name = f"{len(names) + len(plans) + 1:02d}-{slugify(base)}.md"
+        stem = f"{len(names) + len(plans) + 1:02d}-{slugify(base)}"
+        # A removed article's file stays in articles/, so the plain name may be taken.
+        name, suffix = f"{stem}.md", 2
         while name in names or (folder / ARTICLES_DIR / name).exists():
-            name = f"{len(names) + len(plans) + 1:02d}-{slugify(base)}-{len(names) + 2}.md"
+            name, suffix = f"{stem}-{suffix}.md", suffix + 1
         plans.append((article, name))
     for article, name in plans:
         target = folder / ARTICLES_DIR / name

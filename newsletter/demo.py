@@ -56,8 +56,8 @@ def run_demo(
             smtp=SmtpSettings(host=sink.host, port=sink.port, security="none"),
             db_override=db_path,
             # The demo signs unsubscribe links with a throwaway key unless one is exported.
-            secrets=dataclasses.replace(
-                config.secrets, secret_key=config.secrets.secret_key or secrets.token_hex(32)
+            secrets=config.secrets.replace(
+                secret_key=config.secrets.secret_key or secrets.token_hex(32)
             ),
         )
         with Store.open(db_path) as store:

@@ -54,3 +54,11 @@ class ImportSourceError(NewsletterError):
 
 class PreviewError(NewsletterError):
     """The preview server cannot start (port taken, address not available...)."""
+
+
+class ServiceError(NewsletterError):
+    """The subscription web service cannot start (port taken, address not available...)."""
+
+
+class BounceError(NewsletterError):
+    """A bounce mailbox (mbox, Maildir or IMAP folder) cannot be read."""

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from urllib.parse import quote
 
 from .config import Config
-from .errors import ConfigError, RenderError
+from .errors import ConfigError
 from .render import RenderedIssue, find_placeholders
 from .tokens import TokenSigner
 
@@ -185,22 +185,34 @@ def _check_header(name: str, value: str) -> str:
 
 
 def _header(name: str, value: str) -> bytes:
-    return _POLICY.fold_binary(name, _check_header(name, value))
+    value = _check_header(name, value)
+    if value.isascii():
+        return _POLICY.fold_binary(name, value)
+    # fold_binary leaves a non-ASCII value that fits on one line as raw UTF-8, then fails
+    # to encode it ("Subject: Café"); the header registry always applies RFC 2047.
+    folded: str = _POLICY.header_factory(name, value).fold(policy=_POLICY)
+    return folded.encode("ascii")
 
 
 def _part_segments(part: str, text: str, placeholders: Mapping[str, str]) -> list[Segment]:
-    """Split a body on its placeholders and QP-encode each literal piece once."""
+    """Split a body on its placeholders and QP-encode each literal piece once.
+
+    Only this issue's own tokens are holes: text that merely looks like a token
+    (an editor writing about the tool, say) stays as it is.
+    """
     segments: list[Segment] = []
+    literal = ""
     for index, piece in enumerate(_PLACEHOLDER_SPLIT.split(text)):
-        if index % 2:
-            key = placeholders.get(piece)
-            if key is None:
-                raise RenderError(
-                    f"unknown placeholder {piece}", where=part, hint="rebuild the issue"
-                )
-            segments.append((part, key))
-        elif piece:
-            segments.append(_qp(piece))
+        key = placeholders.get(piece) if index % 2 else None
+        if key is None:
+            literal += piece
+            continue
+        if literal:
+            segments.append(_qp(literal))
+            literal = ""
+        segments.append((part, key))
+    if literal:
+        segments.append(_qp(literal))
     return segments
 
 
@@ -305,7 +317,8 @@ def sample_message(
         config = _with_preview_key(config)
     template = prepare(rendered, config, require_unsubscribe=False, sign=sign)
     data = template.personalise(sample_recipient()).data
-    assert not find_placeholders(data.decode("ascii", "replace"))
+    left = set(find_placeholders(data.decode("ascii", "replace"))) & set(rendered.placeholders)
+    assert not left, left
     return data
 
 
@@ -314,5 +327,5 @@ def _with_preview_key(config: Config) -> Config:
 
     return dataclasses.replace(
         config,
-        secrets=dataclasses.replace(config.secrets, secret_key="preview-only-key-not-secret"),
+        secrets=config.secrets.replace(secret_key="preview-only-key-not-secret"),
     )

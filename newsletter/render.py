@@ -7,6 +7,7 @@ differ per recipient are left as placeholders that ``message`` fills in.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import html
@@ -17,14 +18,13 @@ import textwrap
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import jinja2
 import mjml
-import premailer
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
@@ -144,7 +144,8 @@ class Recipient:
 
 @cache
 def _markdown() -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"typographer": True}).enable(["replacements", "smartquotes"])
+    md = MarkdownIt("commonmark", {"typographer": True})
+    md.enable(["replacements", "smartquotes"])
     md.enable("table")
     md.enable("strikethrough")
     return md
@@ -180,11 +181,60 @@ def markdown_html(
     text: str, *, asset_base: str = "", warnings: list[str] | None = None, where: str = ""
 ) -> str:
     """Markdown to HTML for an email body (images with a title become captioned figures)."""
+    return _tokens_html(_markdown().parse(text), asset_base, warnings, where)
+
+
+def markdown_both(
+    text: str, *, asset_base: str = "", warnings: list[str] | None = None, where: str = ""
+) -> tuple[str, str]:
+    """``(markdown_html(...), markdown_text(text))`` from one parse.
+
+    An issue is mostly Markdown, so this is most of a render. Results are kept for
+    text seen before: re-rendering after one article changed (the preview server,
+    `issue show` then `build`) converts only that article again.
+    """
+    markup, plain, found = _markdown_both(text, asset_base, where)
+    if warnings is not None:
+        warnings.extend(found)
+    return markup, plain
+
+
+@lru_cache(maxsize=256)
+def _markdown_both(text: str, asset_base: str, where: str) -> tuple[str, str, tuple[str, ...]]:
+    warnings: list[str] = []
+    tokens = _markdown().parse(text)
+    plain = _TextWriter(TEXT_WIDTH).render(tokens)  # before _tokens_html rewrites image srcs
+    return _tokens_html(tokens, asset_base, warnings, where), plain, tuple(warnings)
+
+
+def _tokens_html(
+    tokens: Sequence[Token], asset_base: str, warnings: list[str] | None, where: str
+) -> str:
     md = _markdown()
-    tokens = md.parse(text)
     _rewrite_images(tokens, asset_base, warnings if warnings is not None else [], where)
-    rendered = md.renderer.render(tokens, md.options, {})
-    return _captioned_images(str(rendered))
+    rendered = str(md.renderer.render(tokens, md.options, {}))
+    if _has_raw_html(tokens):
+        rendered = _clean_html(rendered)
+    return _captioned_images(rendered)
+
+
+def _has_raw_html(tokens: Sequence[Token]) -> bool:
+    return any(
+        token.type == "html_block" or any(c.type == "html_inline" for c in token.children or ())
+        for token in tokens
+    )
+
+
+def _clean_html(markup: str) -> str:
+    """Raw HTML an editor (or an import) left in Markdown, made safe for the email.
+
+    A stray ``<b>`` or ``</mj-text>`` would break the MJML (reported against the
+    template, not the article) and ``<script>`` would reach inboxes; nh3 keeps the
+    safe tags and attributes (``<img width alt>``, ``<sub>``, ...) and balances them.
+    """
+    import nh3
+
+    return str(nh3.clean(markup, clean_content_tags={"script", "style"}, link_rel=None))
 
 
 _IMG_PARAGRAPH = re.compile(r"<p>\s*(<img [^>]*?)\s*/?>\s*</p>")
@@ -221,7 +271,7 @@ class _TextWriter:
         quote_depth = 0
         lists: list[list[int]] = []  # stack of [ordered, counter]
         item_prefix: str | None = None
-        for token in tokens:
+        for index, token in enumerate(tokens):
             if token.type == "blockquote_open":
                 quote_depth += 1
             elif token.type == "blockquote_close":
@@ -245,14 +295,21 @@ class _TextWriter:
                         prefix + indent + " " * len(item_prefix),
                     )
                     item_prefix = None
-                    tight_join = bool(blocks) and lists and blocks[-1].startswith(prefix + indent)
+                    # Items follow the previous item (of this list or, for a nested
+                    # list's first item, of its parent) without a blank line.
+                    last = blocks[-1].rsplit("\n", 1)[-1] if blocks else None
+                    tight_join = last is not None and any(
+                        last.startswith(level) and _is_list_line(last, level)
+                        for level in (prefix + "   " * depth for depth in range(len(lists)))
+                    )
                     text = self.wrap(content, first, rest)
-                    if tight_join and _is_list_line(blocks[-1], prefix + indent):
+                    if tight_join:
                         blocks[-1] = f"{blocks[-1]}\n{text}"
                     else:
                         blocks.append(text)
-                elif token.map is not None and _heading(tokens, token):
-                    blocks.append(content.upper() if _heading(tokens, token) == "h2" else content)
+                elif index and tokens[index - 1].type == "heading_open":
+                    heading = tokens[index - 1].tag
+                    blocks.append(content.upper() if heading == "h2" else content)
                     blocks[-1] = blocks[-1] + "\n" + "-" * min(len(content), self.width)
                 else:
                     blocks.append(self.wrap(content, prefix + indent, prefix + indent))
@@ -266,14 +323,7 @@ class _TextWriter:
         lines: list[str] = []
         for index, paragraph_line in enumerate(text.split("\n")):
             lines.extend(
-                textwrap.wrap(
-                    paragraph_line,
-                    width=self.width,
-                    initial_indent=first if index == 0 else rest,
-                    subsequent_indent=rest,
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
+                wrap_line(paragraph_line, self.width, first if index == 0 else rest, rest)
                 or [first.rstrip()]
             )
         return "\n".join(lines)
@@ -310,15 +360,49 @@ class _TextWriter:
         return "".join(out).strip()
 
 
+# Text that textwrap treats differently from "words separated by single spaces": other
+# ASCII whitespace, runs of spaces, spaces at either end, or a word made only of other
+# whitespace (which textwrap drops at line ends).
+_IRREGULAR_SPACE = re.compile(r"[\t\n\x0b\x0c\r]|  |^ | $|(?:^| )[^\S ]+(?= |$)")
+
+
+def wrap_line(line: str, width: int, first: str, rest: str) -> list[str]:
+    """``textwrap.wrap(line, width, initial_indent=first, subsequent_indent=rest,
+    break_long_words=False, break_on_hyphens=False)``, with a fast path.
+
+    textwrap was a fifth of a warm render; nearly every line of an issue is words with
+    single spaces, which this fills greedily to the same result (a test checks that).
+    """
+    if _IRREGULAR_SPACE.search(line):
+        return textwrap.wrap(
+            line,
+            width=width,
+            initial_indent=first,
+            subsequent_indent=rest,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    if not line:
+        return []
+    words = line.split(" ")
+    lines: list[str] = []
+    indent, room = first, width - len(first)
+    current, length = [words[0]], len(words[0])
+    for word in words[1:]:
+        if length + 1 + len(word) <= room:
+            current.append(word)
+            length += 1 + len(word)
+        else:
+            lines.append(indent + " ".join(current))
+            indent, room = rest, width - len(rest)
+            current, length = [word], len(word)
+    lines.append(indent + " ".join(current))
+    return lines
+
+
 def _is_list_line(block: str, prefix: str) -> bool:
     last = block.rsplit("\n", 1)[-1][len(prefix) :]
     return bool(re.match(r"(\d+\. |- )", last)) or last.startswith("   ")
-
-
-def _heading(tokens: Sequence[Token], inline: Token) -> str:
-    index = list(tokens).index(inline)
-    before = tokens[index - 1] if index else None
-    return before.tag if before is not None and before.type == "heading_open" else ""
 
 
 # --- the Jinja environment ---------------------------------------------------------------
@@ -348,8 +432,24 @@ def template_environment(workspace_templates: Path | None) -> jinja2.Environment
     return env
 
 
-@cache
-def _cached_environment(workspace_templates: Path | None) -> jinja2.Environment:
+def workspace_environment(config: Config) -> jinja2.Environment:
+    """The environment for a workspace, kept while its set of template files stays the same.
+
+    Jinja2 re-checks a cached template only against the file it came from, so a
+    newly added override would be ignored by a long-running process (the preview
+    server) until restart; keying on the file names avoids that.
+    """
+    folder = config.templates_dir
+    if not folder.is_dir():
+        return _cached_environment(None, ())
+    names = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
+    return _cached_environment(folder, names)
+
+
+@lru_cache(maxsize=16)
+def _cached_environment(
+    workspace_templates: Path | None, file_names: tuple[str, ...]
+) -> jinja2.Environment:
     return template_environment(workspace_templates)
 
 
@@ -408,9 +508,8 @@ def _nonce(issue: Issue, config: Config) -> str:
     digest = hashlib.sha256()
     digest.update(f"{config.newsletter!r}{issue.title}{issue.preheader}{issue.intro}".encode())
     for article in issue.articles:
-        digest.update(article.path.name.encode())
-        digest.update(article.body.encode())
-        digest.update(f"{article!r}".encode())
+        # Not the full path: the same issue must give the same tokens wherever it lives.
+        digest.update(f"{dataclasses.replace(article, path=Path(article.path.name))!r}".encode())
     return digest.hexdigest()[:10]
 
 
@@ -420,6 +519,10 @@ def _article_views(
     views = []
     for number, article in enumerate(issue.articles, start=1):
         where = str(article.path)
+        body_html, body_text = markdown_both(
+            article.body, asset_base=asset_base, warnings=warnings, where=where
+        )
+        bio_html, bio_text = markdown_both(article.bio) if article.bio else ("", "")
         views.append(
             _ArticleView(
                 number=number,
@@ -430,12 +533,10 @@ def _article_views(
                 image=asset_url(article.image, asset_base) if article.image else "",
                 image_alt=article.image_alt,
                 summary=article.summary,
-                body_html=markdown_html(
-                    article.body, asset_base=asset_base, warnings=warnings, where=where
-                ),
-                body_text=markdown_text(article.body),
-                bio_html=markdown_html(article.bio) if article.bio else "",
-                bio_text=markdown_text(article.bio) if article.bio else "",
+                body_html=body_html,
+                body_text=body_text,
+                bio_html=bio_html,
+                bio_text=bio_text,
                 author=article.author,
                 source=article.source,
                 word_count=article.word_count,
@@ -457,16 +558,17 @@ def _context(
     warnings: list[str],
 ) -> dict[str, Any]:
     news = config.newsletter
+    intro_html, intro_text = markdown_both(
+        issue.intro, asset_base=asset_base, warnings=warnings, where=str(issue.path)
+    )
     return {
         "newsletter": news,
         "issue": issue,
         "subject": subject,
         "preheader": issue.preheader,
         "issue_date": format_date(issue.date, news.issue_date_format),
-        "intro_html": markdown_html(
-            issue.intro, asset_base=asset_base, warnings=warnings, where=str(issue.path)
-        ),
-        "intro_text": markdown_text(issue.intro),
+        "intro_html": intro_html,
+        "intro_text": intro_text,
         "articles": _article_views(issue, config, asset_base, warnings),
         "recipient": recipient,
         "web": web,
@@ -503,6 +605,11 @@ def _render_template(env: jinja2.Environment, name: str, context: Mapping[str, A
         ) from None
 
 
+def _template_file(env: jinja2.Environment, name: str) -> str:
+    """The file a template name resolves to (a workspace override or the theme), for errors."""
+    return env.get_template(name).filename or name
+
+
 def _template_location(exc: BaseException) -> str | None:
     """The innermost template file and line of an error raised while rendering."""
     location = None
@@ -525,8 +632,7 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         ) from None
     if not inline:
         return raw
-    inlined: str = premailer.transform(
-        raw,
+    inliner = _premailer_class()(
         allow_network=False,
         strip_important=False,
         keep_style_tags=True,
@@ -536,11 +642,68 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         # overwrite it with CSS's "100%" (and add height="auto"), and Outlook for Windows
         # then shows each image at its natural size.
         disable_basic_attributes=["width", "height"],
+        # This step parses every <img> style with cssutils (slow) to look for a float;
+        # without "float" in any CSS or <img> tag it cannot find one.
+        align_floating_images=_may_float(raw),
         cssutils_logging_level=logging.CRITICAL,
     )
+    inlined = str(inliner.transform(raw, pretty_print=False))
     if not inlined.lstrip().lower().startswith("<!doctype"):
         inlined = "<!doctype html>\n" + inlined
     return inlined
+
+
+_STYLE_BLOCK = re.compile(r"<style\b[^>]*>(.*?)</style>", re.I | re.S)
+_IMG_FLOAT = re.compile(r"<img\b[^>]*float", re.I)
+
+
+def _may_float(markup: str) -> bool:
+    """Could premailer find an image with a CSS float (from a style block or its own style)?"""
+    return bool(_IMG_FLOAT.search(markup)) or any(
+        "float" in css.lower() for css in _STYLE_BLOCK.findall(markup)
+    )
+
+
+@cache
+def _premailer_class() -> Any:
+    """premailer.Premailer, imported on first use and with its CSS rules cached.
+
+    The import costs ~0.1 s (cssutils, requests) that `--help`, `issue list` and
+    the like do not need. On every call premailer re-serialises each rule of the
+    theme's CSS through cssutils, which is most of its time; the result depends only
+    on the CSS text and the options, so it is kept. (Rules are only mutated later
+    when ``keep_style_tags`` is off, so those calls are not cached.)
+    """
+    import cssutils
+    import premailer
+
+    # We inline with validation off, but premailer validates each element's existing
+    # inline style anyway (merge_styles), and cssutils compiles one large regex per CSS
+    # property the first time: ~0.15 s of a cold build, for log lines nobody sees.
+    # Without profiles there is nothing to validate against; the output is the same.
+    cssutils.profile.removeProfile(all=True)
+
+    rules: dict[tuple[Any, ...], Any] = {}
+
+    class CachingPremailer(premailer.Premailer):  # type: ignore[misc]
+        def _parse_style_rules(self, css_body: str, ruleset_index: int) -> Any:
+            if not self.keep_style_tags:
+                return super()._parse_style_rules(css_body, ruleset_index)
+            key = (
+                css_body,
+                ruleset_index,
+                self.strip_important,
+                self.disable_validation,
+                self.exclude_pseudoclasses,
+                self.include_star_selectors,
+            )
+            if key not in rules:
+                if len(rules) > 64:
+                    rules.clear()
+                rules[key] = super()._parse_style_rules(css_body, ruleset_index)
+            return rules[key]
+
+    return CachingPremailer
 
 
 def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None) -> RenderedIssue:
@@ -555,7 +718,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         if asset_base is None
         else asset_base
     )
-    env = _cached_environment(config.templates_dir if config.templates_dir.is_dir() else None)
+    env = workspace_environment(config)
     subject = issue.subject(config.newsletter.subject_max_length)
     placeholders = Placeholders(_nonce(issue, config))
     warnings: list[str] = []
@@ -568,12 +731,16 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         asset_base=base,
         warnings=warnings,
     )
-    email_html = mjml_to_html(_render_template(env, EMAIL_TEMPLATE, email_ctx))
+    email_mjml = _render_template(env, EMAIL_TEMPLATE, email_ctx)
+    email_template = _template_file(env, EMAIL_TEMPLATE)
+    email_html = mjml_to_html(email_mjml, template=email_template)
     text = _tidy_text(_render_template(env, TEXT_TEMPLATE, email_ctx))
     web_ctx = dict(email_ctx, recipient=Recipient(None), web=True)
     web_ctx["articles"] = email_ctx["articles"]
     # Browsers read <style> blocks, so the web page skips premailer's inlining.
-    web_html = mjml_to_html(_render_template(env, EMAIL_TEMPLATE, web_ctx), inline=False)
+    web_html = mjml_to_html(
+        _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
+    )
     if not issue.preheader:
         warnings.append(
             f"{issue.path / 'issue.md'}: no preheader; the inbox will show the first words of the email instead"

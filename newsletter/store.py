@@ -26,7 +26,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
@@ -132,6 +132,38 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_state ON deliveries (issue_key, state);
     CREATE INDEX deliveries_subscriber ON deliveries (subscriber_id);
+    """,
+    # 3: double opt-in confirmations, bounce reports, and the mail already processed.
+    """
+    CREATE TABLE confirmations (
+        subscriber_id INTEGER PRIMARY KEY REFERENCES subscribers (id) ON DELETE CASCADE,
+        requested_at TEXT NOT NULL,
+        sent_at TEXT NOT NULL,
+        sends INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE processed_messages (
+        message_key TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        processed_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE bounces (
+        id INTEGER PRIMARY KEY,
+        message_key TEXT NOT NULL,
+        subscriber_id INTEGER REFERENCES subscribers (id) ON DELETE CASCADE,
+        email TEXT NOT NULL,
+        issue_key TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL CHECK (kind IN ('hard', 'soft')),
+        status TEXT NOT NULL DEFAULT '',
+        diagnostic TEXT NOT NULL DEFAULT '',
+        counted INTEGER NOT NULL DEFAULT 0,
+        effect TEXT NOT NULL DEFAULT '',
+        reported_at TEXT,
+        recorded_at TEXT NOT NULL
+    );
+    CREATE INDEX bounces_issue ON bounces (issue_key);
+    CREATE INDEX bounces_subscriber ON bounces (subscriber_id);
+    CREATE INDEX deliveries_message_id ON deliveries (message_id) WHERE message_id <> '';
     """,
 )
 
@@ -256,6 +288,53 @@ class IssueSnapshot:
     issue_key: str
     snapshot_at: datetime
     recipients: int
+
+
+class BounceKind(StrEnum):
+    """Hard (5.x.x: the address does not work) or soft (4.x.x: try again later)."""
+
+    HARD = "hard"
+    SOFT = "soft"
+
+
+@dataclass(frozen=True)
+class Bounce:
+    """One recipient's failure, as a bounce message reports it."""
+
+    email: str
+    kind: BounceKind
+    status: str = ""  # RFC 3464 status code, e.g. "5.1.1"
+    diagnostic: str = ""  # e.g. "smtp; 550 5.1.1 <x@example.org>: user unknown"
+    original_message_id: str = ""  # Message-ID of the message that bounced, when quoted
+    reported_at: datetime | None = None  # when the reporting server gave up
+
+
+@dataclass(frozen=True)
+class BounceRecord:
+    """A bounce as recorded, with what it did to the subscriber (``effect``)."""
+
+    id: int
+    message_key: str
+    subscriber_id: int | None
+    email: str
+    issue_key: str  # "" when the bounce could not be matched to an issue
+    kind: BounceKind
+    status: str
+    diagnostic: str
+    counted: bool  # a soft bounce that counts towards [bounces] soft_limit
+    effect: str
+    reported_at: datetime | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class ConfirmationRequest:
+    """What a subscribe request found: send a confirmation now, or say nothing new."""
+
+    subscriber: Subscriber
+    send: bool  # a confirmation email is due now (reserved: release it if sending fails)
+    created: bool  # the address was new to the list
+    previous_sent_at: datetime | None  # the reservation this request replaced
 
 
 # --- addresses ----------------------------------------------------------------------------
@@ -408,6 +487,26 @@ def _first_bad_utf8_line(path: Path) -> int:
     return 1
 
 
+@contextlib.contextmanager
+def _setup_lock(db: Path | None) -> Iterator[None]:
+    """Serialise switching to WAL and migrating between processes opening one database.
+
+    SQLite may answer "database is locked" to a journal-mode change at once, without
+    waiting on the busy timeout, when another process is setting up the same file.
+    """
+    if db is None:
+        yield
+        return
+    fd = os.open(
+        db.with_name(f"{db.name}.setup.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _lock_name(issue_key: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", issue_key):
         return issue_key
@@ -458,12 +557,13 @@ class Store:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
-            if db is not None:
-                conn.execute("PRAGMA journal_mode = WAL")
             # Commits are durable against process crashes; claims add a full fsync
             # (see claim_batch) so they also survive power loss.
             conn.execute("PRAGMA synchronous = NORMAL")
-            migrate(conn, MIGRATIONS, where=where)
+            with _setup_lock(db):
+                if db is not None:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                migrate(conn, MIGRATIONS, where=where)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(
@@ -1297,6 +1397,400 @@ class Store:
             )
             for r in rows
         ]
+
+    # -- subscription service and bounces ---------------------------------------------------
+
+    def unsubscribe(
+        self, email_or_id: str | int, reason: str, detail: str = ""
+    ) -> Subscriber | None:
+        """Unsubscribe (from active, pending or bounced); None when there is no such subscriber.
+
+        Idempotent: an unsubscribed or complained subscriber is left as is, with no new event.
+        Rows of a running send are cancelled when claimed (see :meth:`claim_batch`).
+        """
+        with self._transaction() as conn:
+            try:
+                subscriber_id = self._subscriber_id(conn, email_or_id)
+            except StoreError:
+                return None
+            self._change_status(
+                conn,
+                subscriber_id,
+                Status.UNSUBSCRIBED,
+                reason,
+                detail,
+                _now(),
+                only_from=(Status.ACTIVE, Status.PENDING, Status.BOUNCED),
+            )
+            return self._get(conn, subscriber_id)
+
+    def request_confirmation(
+        self,
+        email: str,
+        name: str = "",
+        *,
+        resend_after: timedelta,
+        reason: str = "subscribe",
+        now: datetime | None = None,
+    ) -> ConfirmationRequest:
+        """Record a subscribe request and reserve a confirmation email if one is due.
+
+        A new address is added as ``pending``. Anyone not active (pending, unsubscribed,
+        bounced, complained) keeps their status until they confirm; their confirmation is
+        due when none was sent in the last ``resend_after``. Active subscribers get none.
+        The reservation is committed before the email goes out, so two requests at once
+        send one email; :meth:`release_confirmation` undoes it when sending fails.
+        """
+        normalized = normalize_email(email)
+        moment = now or datetime.now(UTC)
+        stamp = _iso(moment)
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT id, status FROM subscribers WHERE email_key = ?", (normalized.lower(),)
+            ).fetchone()
+            created = row is None
+            if row is None:
+                cursor = conn.execute(
+                    "INSERT INTO subscribers (email, email_key, name, fields, status, created_at,"
+                    " updated_at, status_changed_at) VALUES (?, ?, ?, '{}', 'pending', ?, ?, ?)",
+                    (normalized, normalized.lower(), name.strip(), stamp, stamp, stamp),
+                )
+                subscriber_id = int(cursor.lastrowid or 0)
+                conn.execute(
+                    "INSERT INTO subscriber_events"
+                    " (subscriber_id, old_status, new_status, reason, detail, at)"
+                    " VALUES (?, NULL, 'pending', ?, '', ?)",
+                    (subscriber_id, reason, stamp),
+                )
+            else:
+                subscriber_id = int(row[0])
+                if row[1] == Status.ACTIVE:
+                    return ConfirmationRequest(self._get(conn, subscriber_id), False, False, None)
+                if row[1] == Status.PENDING and name.strip():
+                    conn.execute(
+                        "UPDATE subscribers SET name = ?, updated_at = ? WHERE id = ?",
+                        (name.strip(), stamp, subscriber_id),
+                    )
+            sent = conn.execute(
+                "SELECT sent_at FROM confirmations WHERE subscriber_id = ?", (subscriber_id,)
+            ).fetchone()
+            previous = None if sent is None else _dt(sent[0])
+            due = previous is None or moment - previous >= resend_after
+            if due:
+                conn.execute(
+                    "INSERT INTO confirmations (subscriber_id, requested_at, sent_at)"
+                    " VALUES (?1, ?2, ?2) ON CONFLICT (subscriber_id) DO UPDATE SET"
+                    " sent_at = excluded.sent_at, sends = sends + 1",
+                    (subscriber_id, stamp),
+                )
+            return ConfirmationRequest(self._get(conn, subscriber_id), due, created, previous)
+
+    def release_confirmation(self, request: ConfirmationRequest) -> None:
+        """Undo the reservation of ``request`` (its email could not be sent)."""
+        if not request.send:
+            return
+        with self._transaction() as conn:
+            if request.previous_sent_at is None:
+                conn.execute(
+                    "DELETE FROM confirmations WHERE subscriber_id = ?", (request.subscriber.id,)
+                )
+            else:
+                conn.execute(
+                    "UPDATE confirmations SET sent_at = ?, sends = max(sends - 1, 0)"
+                    " WHERE subscriber_id = ?",
+                    (_iso(request.previous_sent_at), request.subscriber.id),
+                )
+
+    def confirmation_sent_at(self, email_or_id: str | int) -> datetime | None:
+        """When the last confirmation email was reserved for this subscriber, or None."""
+        with self._lock:
+            try:
+                subscriber_id = self._subscriber_id(self._conn, email_or_id)
+            except sqlite3.OperationalError as exc:
+                raise self._db_error(exc) from None
+        row = self._one(
+            "SELECT sent_at FROM confirmations WHERE subscriber_id = ?", (subscriber_id,)
+        )
+        return None if row is None else _dt(row[0])
+
+    def confirm_subscription(
+        self, subscriber_id: int, *, issued_at: datetime, detail: str = ""
+    ) -> Subscriber | None:
+        """Make a subscriber active on a confirmation link issued at ``issued_at``.
+
+        Only a link from the subscriber's open request counts (made at or after it
+        started): after a confirmation the request is closed, so an old link can never
+        undo a later unsubscribe. None when nothing changed for that reason or the
+        subscriber is gone; confirming twice is harmless. Soft bounces start again at 0.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT s.status, c.requested_at FROM subscribers s"
+                " LEFT JOIN confirmations c ON c.subscriber_id = s.id WHERE s.id = ?",
+                (subscriber_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] == Status.ACTIVE:
+                return self._get(conn, subscriber_id)
+            if row[1] is None or issued_at < _dt(row[1]).replace(microsecond=0):
+                return None
+            now = _now()
+            self._change_status(conn, subscriber_id, Status.ACTIVE, "confirmed", detail, now)
+            conn.execute("UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,))
+            conn.execute("DELETE FROM confirmations WHERE subscriber_id = ?", (subscriber_id,))
+            return self._get(conn, subscriber_id)
+
+    def sent_issue_keys(self) -> list[str]:
+        """Issues that at least one subscriber was sent, oldest snapshot first (the archive)."""
+        rows = self._all(
+            "SELECT i.issue_key FROM issue_sends i WHERE EXISTS (SELECT 1 FROM deliveries d"
+            " INDEXED BY deliveries_state WHERE d.issue_key = i.issue_key AND d.state = 'sent')"
+            " ORDER BY i.snapshot_at, i.issue_key"
+        )
+        return [row[0] for row in rows]
+
+    def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
+        """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
+        bare = message_id.strip().strip("<>").strip()
+        if not bare:
+            return None
+        row = self._one(
+            "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
+            " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
+            (f"<{bare}>", bare),
+        )
+        return None if row is None else (row[0], int(row[1]))
+
+    def is_processed(self, message_key: str) -> bool:
+        """True when a mail with this key (see :meth:`record_bounces`) was processed before."""
+        return (
+            self._one("SELECT 1 FROM processed_messages WHERE message_key = ?", (message_key,))
+            is not None
+        )
+
+    def record_bounces(
+        self,
+        message_key: str,
+        bounces: Sequence[Bounce],
+        *,
+        source: str,
+        soft_limit: int,
+    ) -> list[BounceRecord] | None:
+        """Apply the bounces one mail reports, once: None if ``message_key`` was seen before.
+
+        The mail is marked processed in the same transaction, so a crash cannot count it
+        twice. Each bounce is matched to an issue (and, if the address is unknown, to a
+        subscriber) through the ledger's Message-ID. A hard bounce marks an active or
+        pending subscriber bounced; soft bounces are counted once per issue, and
+        ``soft_limit`` of them in a row (no issue delivered without a bounce between
+        them) mark the subscriber bounced. Status changes are subscriber events whose
+        detail has the DSN status, the issue and the date.
+        """
+        now = _now()
+        outcome = f"{len(bounces)} bounce(s)" if bounces else "not a bounce"
+        with self._transaction() as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO processed_messages"
+                " (message_key, source, outcome, processed_at) VALUES (?, ?, ?, ?)",
+                (message_key, source, outcome, now),
+            ).rowcount
+            if not inserted:
+                return None
+            ids = [
+                self._record_bounce(conn, message_key, bounce, len(bounces), soft_limit, now)
+                for bounce in bounces
+            ]
+            return [self._bounce_record(conn, bounce_id) for bounce_id in ids]
+
+    def _record_bounce(
+        self,
+        conn: sqlite3.Connection,
+        message_key: str,
+        bounce: Bounce,
+        in_message: int,
+        soft_limit: int,
+        now: str,
+    ) -> int:
+        issue_key = ""
+        subscriber_id: int | None = None
+        row = conn.execute(
+            "SELECT id FROM subscribers WHERE email_key = ?", (email_key(bounce.email),)
+        ).fetchone()
+        if row is not None:
+            subscriber_id = int(row[0])
+        bare = bounce.original_message_id.strip().strip("<>").strip()
+        if bare:
+            found = conn.execute(
+                "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
+                " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
+                (f"<{bare}>", bare),
+            ).fetchone()
+            if found is not None:
+                issue_key = found[0]
+                # One message went to one subscriber: a forwarded address still finds them.
+                if subscriber_id is None and in_message == 1:
+                    subscriber_id = int(found[1])
+        reported = _iso(bounce.reported_at) if bounce.reported_at is not None else None
+        when = (
+            (bounce.reported_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        )
+        about = f"{bounce.status or '?'} {bounce.diagnostic}".strip()
+        context = f"issue {issue_key}, " if issue_key else ""
+        counted = False
+        if subscriber_id is None:
+            effect = "no subscriber with this address"
+        elif bounce.kind == BounceKind.HARD:
+            changed = self._change_status(
+                conn,
+                subscriber_id,
+                Status.BOUNCED,
+                "bounce-hard",
+                f"{about} ({context}reported {when})",
+                now,
+                only_from=(Status.ACTIVE, Status.PENDING),
+            )
+            status = conn.execute(
+                "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+            ).fetchone()[0]
+            effect = "marked bounced" if changed else f"no change (subscriber is {status})"
+        else:
+            counted, effect = self._count_soft_bounce(
+                conn, subscriber_id, issue_key, about, context, when, soft_limit, now
+            )
+        cursor = conn.execute(
+            "INSERT INTO bounces (message_key, subscriber_id, email, issue_key, kind, status,"
+            " diagnostic, counted, effect, reported_at, recorded_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                message_key,
+                subscriber_id,
+                bounce.email,
+                issue_key,
+                bounce.kind.value,
+                bounce.status,
+                bounce.diagnostic,
+                int(counted),
+                effect,
+                reported,
+                now,
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def _count_soft_bounce(
+        self,
+        conn: sqlite3.Connection,
+        subscriber_id: int,
+        issue_key: str,
+        about: str,
+        context: str,
+        when: str,
+        soft_limit: int,
+        now: str,
+    ) -> tuple[bool, str]:
+        if (
+            issue_key
+            and conn.execute(
+                "SELECT 1 FROM bounces WHERE subscriber_id = ? AND issue_key = ? AND counted = 1",
+                (subscriber_id, issue_key),
+            ).fetchone()
+        ):
+            return False, "soft bounce already counted for this issue"
+        if issue_key and self._run_broken(conn, subscriber_id, issue_key):
+            conn.execute("UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,))
+        conn.execute(
+            "UPDATE subscribers SET soft_bounces = soft_bounces + 1, updated_at = ? WHERE id = ?",
+            (now, subscriber_id),
+        )
+        count, status = conn.execute(
+            "SELECT soft_bounces, status FROM subscribers WHERE id = ?", (subscriber_id,)
+        ).fetchone()
+        if count < soft_limit:
+            return True, f"soft bounce {count} of {soft_limit}"
+        changed = self._change_status(
+            conn,
+            subscriber_id,
+            Status.BOUNCED,
+            "bounce-soft",
+            f"{count} soft bounces in a row, the last {about} ({context}reported {when})",
+            now,
+            only_from=(Status.ACTIVE, Status.PENDING),
+        )
+        if changed:
+            return True, f"marked bounced after {count} soft bounces"
+        return True, f"soft bounce {count} of {soft_limit} (subscriber is {status})"
+
+    @staticmethod
+    def _run_broken(conn: sqlite3.Connection, subscriber_id: int, issue_key: str) -> bool:
+        """True when an issue sent between the last counted soft bounce and this one got
+        through without a bounce: the soft bounces are then no longer "in a row"."""
+        row = conn.execute(
+            "SELECT max(i.snapshot_at) FROM bounces b JOIN issue_sends i"
+            " ON i.issue_key = b.issue_key WHERE b.subscriber_id = ? AND b.kind = 'soft'"
+            " AND b.counted = 1",
+            (subscriber_id,),
+        ).fetchone()
+        this = conn.execute(
+            "SELECT snapshot_at FROM issue_sends WHERE issue_key = ?", (issue_key,)
+        ).fetchone()
+        if row[0] is None or this is None:
+            return False
+        return (
+            conn.execute(
+                "SELECT 1 FROM deliveries d JOIN issue_sends i ON i.issue_key = d.issue_key"
+                " WHERE d.subscriber_id = ?1 AND d.state = 'sent'"
+                " AND i.snapshot_at > ?2 AND i.snapshot_at < ?3"
+                " AND NOT EXISTS (SELECT 1 FROM bounces b WHERE b.subscriber_id = ?1"
+                "   AND b.issue_key = d.issue_key) LIMIT 1",
+                (subscriber_id, row[0], this[0]),
+            ).fetchone()
+            is not None
+        )
+
+    _BOUNCE_COLUMNS = (
+        "id, message_key, subscriber_id, email, issue_key, kind, status, diagnostic, counted,"
+        " effect, reported_at, recorded_at"
+    )
+
+    @staticmethod
+    def _to_bounce_record(row: Sequence[Any]) -> BounceRecord:
+        return BounceRecord(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            BounceKind(row[5]),
+            row[6],
+            row[7],
+            bool(row[8]),
+            row[9],
+            _opt_dt(row[10]),
+            _dt(row[11]),
+        )
+
+    def _bounce_record(self, conn: sqlite3.Connection, bounce_id: int) -> BounceRecord:
+        row = conn.execute(
+            f"SELECT {self._BOUNCE_COLUMNS} FROM bounces WHERE id = ?", (bounce_id,)
+        ).fetchone()
+        return self._to_bounce_record(row)
+
+    def bounces_for_issue(self, issue_key: str) -> list[BounceRecord]:
+        """The bounces matched to ``issue_key``, in the order they were recorded."""
+        rows = self._all(
+            f"SELECT {self._BOUNCE_COLUMNS} FROM bounces WHERE issue_key = ? ORDER BY id",
+            (issue_key,),
+        )
+        return [self._to_bounce_record(row) for row in rows]
+
+    def list_bounces(self, limit: int | None = None) -> list[BounceRecord]:
+        """Every recorded bounce, newest first."""
+        rows = self._all(
+            f"SELECT {self._BOUNCE_COLUMNS} FROM bounces ORDER BY id DESC"
+            + ("" if limit is None else f" LIMIT {int(limit)}")
+        )
+        return [self._to_bounce_record(row) for row in rows]
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[str], *, where: str) -> int:

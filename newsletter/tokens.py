@@ -70,6 +70,9 @@ class TokenSigner:
             signature = _unb64(signature_text)
         except (ValueError, TypeError):
             return None
+        # Only the canonical spelling is accepted: base64 leaves slack in the last character.
+        if _b64(payload) != payload_text or _b64(signature) != signature_text:
+            return None
         if not hmac.compare_digest(signature, self._signature(payload)):
             return None
         try:

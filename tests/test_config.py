@@ -1,0 +1,187 @@
+"""The workspace config: defaults, unknown keys, secrets kept out of the file and out of repr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from newsletter import config
+from newsletter.config import (
+    Config,
+    DeliverySettings,
+    NewsletterSettings,
+    Secrets,
+    SmtpSettings,
+    UnsubscribeSettings,
+)
+from newsletter.errors import ConfigError
+
+
+def write_config(root: Path, text: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / config.CONFIG_NAME
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(root: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.load(root, environ={})
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    write_config(tmp_path, "# nothing set\n")
+    cfg = config.load(tmp_path, environ={})
+    assert cfg.root == tmp_path.resolve()
+    assert cfg.newsletter == NewsletterSettings()
+    assert cfg.smtp == SmtpSettings()
+    assert cfg.delivery == DeliverySettings()
+    assert cfg.unsubscribe == UnsubscribeSettings()
+    assert cfg.secrets == Secrets()
+    assert cfg.newsletter.date_format == "{month}/{day}/{yy}"
+    assert cfg.state_dir == tmp_path.resolve() / ".newsletter"
+    assert cfg.db_path == cfg.state_dir / "newsletter.db"
+    assert cfg.sender_domain == "example.org"
+    assert cfg.list_id == "My Newsletter <my-newsletter.example.org>"
+
+
+def test_example_workspace_values(cfg: Config) -> None:
+    assert cfg.newsletter.name == "The Harbour Ledger"
+    assert cfg.newsletter.reply_to == "letters@example.org"
+    assert cfg.smtp.port == 8025
+    assert cfg.unsubscribe.url == "https://example.org/ledger/u"
+    # Keys the file leaves out keep their defaults.
+    assert cfg.newsletter.subject_max_length == NewsletterSettings().subject_max_length
+    assert cfg.secrets.secret_key is not None
+
+
+def test_ints_are_accepted_for_floats_but_strings_are_not_ints(tmp_path: Path) -> None:
+    write_config(tmp_path, "[delivery]\nrate = 5\n")
+    assert config.load(tmp_path, environ={}).delivery.rate == 5.0
+    path = write_config(tmp_path, '[smtp]\nhost = "x"\nport = "25"\n')
+    text = load_error(tmp_path)
+    assert text.startswith(f"{path}:3: ")
+    assert "port must be int, not str" in text
+
+
+def test_unknown_key_names_the_key_and_its_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[newsletter]\nname = "X"\n\nnmae = "Y"\n')
+    text = load_error(tmp_path)
+    assert text.startswith(f"{path}:4: ")
+    assert "unknown key 'nmae' in [newsletter]" in text
+    assert "name" in text.split(";", 1)[1]  # the hint lists the real keys
+
+
+def test_unknown_section_names_the_section_and_its_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[newsletter]\nname = "X"\n\n[smpt]\nhost = "h"\n')
+    text = load_error(tmp_path)
+    assert text.startswith(f"{path}:4: ")
+    assert "unknown section [smpt]" in text
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "env"),
+    [
+        ("smtp", "password", config.ENV_SMTP_PASSWORD),
+        ("newsletter", "secret_key", config.ENV_SECRET_KEY),
+        ("bounces", "imap_password", config.ENV_IMAP_PASSWORD),
+    ],
+)
+def test_secrets_in_the_file_are_refused_with_the_env_var(
+    tmp_path: Path, section: str, key: str, env: str
+) -> None:
+    path = write_config(tmp_path, f'[{section}]\n{key} = "hunter2-do-not-print"\n')
+    text = load_error(tmp_path)
+    assert text.startswith(f"{path}:2: ")
+    assert "secrets never go in the config file" in text
+    assert env in text
+    assert "hunter2" not in text
+
+
+def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[newsletter]\nname = "The Ledger"\ntagline = "unterminated\n')
+    text = load_error(tmp_path)
+    assert text.startswith(f"{path}:3: invalid TOML")
+    assert "(at line" not in text
+
+
+def test_non_utf8_config_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / config.CONFIG_NAME
+    path.write_bytes(b'[newsletter]\nname = "caf\xe9"\n')
+    assert load_error(tmp_path).startswith(f"{path}:2: not UTF-8")
+
+
+@pytest.mark.parametrize("key", ["name", "sender", "reply_to", "list_id"])
+def test_line_breaks_in_header_values_are_refused(tmp_path: Path, key: str) -> None:
+    value = "a@example.org\\r\\nBcc: victim@example.com"
+    if key == "sender":
+        value = "X <a@example.org>\\nBcc: victim@example.com"
+    path = write_config(tmp_path, f'[newsletter]\n{key} = "{value}"\n')
+    text = load_error(tmp_path)
+    assert text.startswith(f"{path}:2: ")
+    assert "line break" in text
+
+
+def test_sender_must_be_an_address(tmp_path: Path) -> None:
+    write_config(tmp_path, '[newsletter]\nsender = "nobody"\n')
+    assert "sender is not an email address" in load_error(tmp_path)
+
+
+def test_secrets_repr_never_shows_values() -> None:
+    secrets = Secrets.from_env(
+        {
+            config.ENV_SMTP_PASSWORD: "pw-aaaaaaaaaaaa",
+            config.ENV_SECRET_KEY: "key-bbbbbbbbbbbb",
+            config.ENV_IMAP_PASSWORD: "imap-cccccccccc",
+        }
+    )
+    assert secrets.smtp_password == "pw-aaaaaaaaaaaa"
+    shown = f"{secrets!r} {secrets} {Config(root=Path('.'), secrets=secrets)!r}"
+    for value in ("pw-aaaaaaaaaaaa", "key-bbbbbbbbbbbb", "imap-cccccccccc"):
+        assert value not in shown
+    assert "smtp_password=<set>" in shown
+    assert "dkim_key_file=None" in shown
+
+
+def test_load_reads_secrets_only_from_the_given_environment(workspace: Path) -> None:
+    cfg = config.load(workspace, environ={config.ENV_SECRET_KEY: "from-env-0123456789"})
+    assert cfg.secrets.secret_key == "from-env-0123456789"
+    assert config.load(workspace, environ={}).secrets.secret_key is None
+
+
+def test_find_root_walks_up_and_fails_outside_a_workspace(workspace: Path, tmp_path: Path) -> None:
+    deep = workspace / "issues" / "001-trams-ferries-benches" / "articles"
+    assert config.find_root(deep) == workspace.resolve()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(ConfigError, match=r"no newsletter\.toml"):
+        config.find_root(outside)
+
+
+def test_init_workspace_creates_a_loadable_workspace_once(tmp_path: Path) -> None:
+    root = tmp_path / "new"
+    created = config.init_workspace(root, name="Harbour Notes")
+    assert {p.name for p in created} >= {"newsletter.toml", "issues", "templates", ".gitignore"}
+    cfg = config.load(root, environ={})
+    assert cfg.newsletter.name == "Harbour Notes"
+    assert ".newsletter/" in (root / ".gitignore").read_text(encoding="utf-8").splitlines()
+    with pytest.raises(ConfigError, match="already exists"):
+        config.init_workspace(root)
+
+
+def test_secrets_are_invisible_to_field_by_field_printers() -> None:
+    import dataclasses
+    import pprint
+
+    secrets = Secrets(smtp_password="hunter2-password", secret_key="k" * 32)
+    assert not dataclasses.is_dataclass(secrets)
+    assert "hunter2" not in pprint.pformat(secrets)
+    assert "hunter2" not in pprint.pformat(vars(Config(root=Path("."), secrets=secrets)))
+    changed = secrets.replace(imap_password="imap-secret")
+    assert changed.imap_password == "imap-secret" and changed.smtp_password == "hunter2-password"
+    with pytest.raises(AttributeError):
+        secrets.smtp_password = "x"  # type: ignore[misc]
