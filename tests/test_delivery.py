@@ -654,7 +654,7 @@ def test_sends_through_starttls_with_a_login(
     active = fill(store, tmp_path)
     assert store.path is not None
     cfg = for_server(example[0], server, store.path)
-    cfg = dataclasses.replace(cfg, secrets=dataclasses.replace(cfg.secrets, smtp_password=PASSWORD))
+    cfg = dataclasses.replace(cfg, secrets=cfg.secrets.replace(smtp_password=PASSWORD))
     report = send_issue(
         cfg,
         example[1],
