@@ -293,8 +293,7 @@ def _batch_size(options: SendOptions, connections: int, rate: float) -> int:
     """Rows per claim: enough to amortise the claim's fsync, few enough that a crash
     leaves little uncertain (up to two batches are claimed and not yet recorded).
 
-    Measured with bench/send.py: 2 per connection is as fast as 16 per connection
-    (which was slower still: the workers wait while the main thread claims).
+    Measured with bench/send.py: larger batches (up to 16 per connection) were no faster.
     """
     if options.batch_size > 0:
         return options.batch_size
