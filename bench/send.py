@@ -264,8 +264,8 @@ def main() -> None:
                 )
                 expected += subscribers
                 rate = result["sent"] / result["elapsed"]
-                if n == 0 or connections == max(args.connections):
-                    ours = max(ours, rate) if subscribers == args.subscribers else ours
+                if subscribers == args.subscribers:
+                    ours = max(ours, rate)
                 print(
                     f"newsletter  N={subscribers:>7,}  K={connections}:  {result['sent']:>7,.0f} sent"
                     f" in {result['elapsed']:6.2f} s = {rate:6,.0f} msgs/s;"
