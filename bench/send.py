@@ -104,13 +104,19 @@ def client(args: argparse.Namespace) -> None:
     rendered = render.render_issue(
         content.read_issue(content.find_issue(cfg.issues_dir, ISSUE)), cfg
     )
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.db_path, durable_claims=not args.no_fsync) as store:
         store.import_csv(write_list(ws / "list.csv", args.client_subscribers))
         cpu0 = _cpu()
         start = time.perf_counter()
 
         def send() -> delivery.DeliveryReport:
-            return delivery.send_issue(cfg, rendered, store, lambda: transport_from_config(cfg))
+            return delivery.send_issue(
+                cfg,
+                rendered,
+                store,
+                lambda: transport_from_config(cfg),
+                options=delivery.SendOptions(batch_size=args.batch),
+            )
 
         if args.profile:
             import cProfile
@@ -144,7 +150,13 @@ def _cpu() -> float:
 
 
 def run_client(
-    folder: Path, port: int, subscribers: int, connections: int, profile: str = "", batch: int = 0
+    folder: Path,
+    port: int,
+    subscribers: int,
+    connections: int,
+    profile: str = "",
+    batch: int = 0,
+    no_fsync: bool = False,
 ) -> dict[str, float]:
     ws = make_workspace(folder, port)
     command = [
@@ -159,6 +171,7 @@ def run_client(
         str(connections),
         "--batch",
         str(batch),
+        *(["--no-fsync"] if no_fsync else []),
     ]
     if profile:
         command += ["--profile", profile]
@@ -238,6 +251,9 @@ def main() -> None:
     parser.add_argument("--mailmerge", type=int, default=500, help="0 to skip mailmerge")
     parser.add_argument("--profile", default="", help="write a cProfile of the first send here")
     parser.add_argument("--batch", type=int, default=0, help="rows per claim (0: the default)")
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="claims without fsync (to see what it costs)"
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     parser.add_argument("--client-subscribers", type=int, help=argparse.SUPPRESS)
@@ -247,7 +263,8 @@ def main() -> None:
         client(args)
         return
 
-    print(f"bench/send.py on {os.cpu_count()} cores; ledger on (SQLite file, durable claims)")
+    claims = "claims not fsynced" if args.no_fsync else "each claim fsynced"
+    print(f"bench/send.py on {os.cpu_count()} cores; ledger on (SQLite file, {claims})")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sink = Sink(folder)
@@ -260,7 +277,13 @@ def main() -> None:
             for n, (subscribers, connections) in enumerate(runs):
                 profile = args.profile if n == 0 else ""
                 result = run_client(
-                    folder / f"run{n}", sink.port, subscribers, connections, profile
+                    folder / f"run{n}",
+                    sink.port,
+                    subscribers,
+                    connections,
+                    profile,
+                    args.batch,
+                    args.no_fsync,
                 )
                 expected += subscribers
                 rate = result["sent"] / result["elapsed"]
