@@ -143,6 +143,15 @@ def init(directory: Path, name: str) -> None:
     click.echo(f"Next: cd {directory} && newsletter issue new --title 'First issue'")
 
 
+_date_option = click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+
+
 @main.group()
 def issue() -> None:
     """Create issues and choose their articles."""
@@ -150,13 +159,7 @@ def issue() -> None:
 
 @issue.command("new")
 @click.option("--title", default="", help="The issue's title (default: 'Issue N').")
-@click.option(
-    "--date",
-    "date",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    default=None,
-    help="Issue date, YYYY-MM-DD (default: today).",
-)
+@_date_option
 @pass_ctx
 @handle_errors
 def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
@@ -306,13 +309,7 @@ def _print_added(report: importing.AddReport) -> None:
 @issue.command("import-digest")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--title", default="", help="The new issue's title (default: 'Issue N').")
-@click.option(
-    "--date",
-    "date",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    default=None,
-    help="Issue date, YYYY-MM-DD (default: today).",
-)
+@_date_option
 @pass_ctx
 @handle_errors
 def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime | None) -> None:

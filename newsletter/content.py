@@ -242,6 +242,13 @@ def read_article(path: Path) -> Article:
         raise ContentError(
             "missing title", where=f"{path}:1", hint="add 'title: ...' to the front matter"
         )
+    for key in ("title", "author", "source", "image_alt"):
+        if "\n" in values[key] or "\r" in values[key]:
+            raise ContentError(
+                f"{key} has a line break",
+                where=f"{path}:{_line_of_key(text, key)}",
+                hint=f"put the {key} on one line (it goes into headers and bylines)",
+            )
     if values["image"] and not values["image_alt"]:
         raise ContentError(
             "image has no image_alt",
@@ -309,6 +316,14 @@ def read_issue(folder: Path) -> Issue:
                 hint="add the file or remove the line",
             )
         articles.append(read_article(article_path))
+    for key in ("title", "subject", "preheader"):
+        value = data.get(key)
+        if isinstance(value, str) and ("\n" in value.strip() or "\r" in value):
+            raise ContentError(
+                f"{key} has a line break",
+                where=f"{path}:{_line_of_key(text, key)}",
+                hint=f"put the {key} on one line (it goes into the email's headers)",
+            )
     return Issue(
         path=folder,
         number=number,

@@ -345,3 +345,11 @@ def test_explicit_subject_wins_and_empty_issue_falls_back_to_title(
     )
     assert content.read_issue(example.path).subject() == "Hand-made"
     assert empty_issue.subject() == "Second Thoughts"
+
+
+def test_a_line_break_in_a_title_or_subject_is_refused_at_its_line(tmp_path: Path) -> None:
+    article = tmp_path / "a.md"
+    article.write_text('---\nsource: X\ntitle: "Two\\nlines"\n---\nBody.\n', encoding="utf-8")
+    with pytest.raises(ContentError) as caught:
+        content.read_article(article)
+    assert f"{article}:3" in str(caught.value) and "line break" in str(caught.value)
