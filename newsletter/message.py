@@ -23,7 +23,7 @@ from urllib.parse import quote
 from .config import Config
 from .errors import ConfigError
 from .render import RenderedIssue, find_placeholders
-from .tokens import TokenSigner
+from .tokens import TokenSigner, address_fingerprint
 
 UNSUBSCRIBE_PURPOSE = "unsubscribe"
 _POLICY = email.policy.SMTP
@@ -89,9 +89,10 @@ class MessageTemplate:
     def _token(self, recipient: Recipient) -> str:
         if self.signer is None:
             return "preview"
-        return self.signer.make(
-            UNSUBSCRIBE_PURPOSE, str(recipient.subscriber_id or recipient.email), self.issue_key
+        subject = (
+            f"{recipient.subscriber_id or recipient.email}:{address_fingerprint(recipient.email)}"
         )
+        return self.signer.make(UNSUBSCRIBE_PURPOSE, subject, self.issue_key)
 
     def personalise(self, recipient: Recipient) -> OutgoingMessage:
         """The finished message for one recipient: substitution, then signing if configured."""

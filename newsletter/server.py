@@ -45,7 +45,7 @@ from .errors import (
 )
 from .message import UNSUBSCRIBE_PURPOSE
 from .store import Status, Store, email_key
-from .tokens import TokenData, TokenSigner
+from .tokens import TokenData, TokenSigner, address_fingerprint
 from .transport import Transport, transport_from_config
 
 CONFIRM_PURPOSE = "confirm"
@@ -380,9 +380,6 @@ def create_app(
     def unsubscribe_token(token: str) -> TokenData | None:
         return signer.verify(token, UNSUBSCRIBE_PURPOSE)
 
-    def subject_ref(data: TokenData) -> str | int:
-        return int(data.subject) if data.subject.isdigit() else data.subject
-
     @app.route("/u/<token>", methods=["GET", "HEAD", "POST"])
     def unsubscribe(token: str) -> Response:
         data = unsubscribe_token(token)
@@ -397,8 +394,13 @@ def create_app(
         one_click = request.form.get(ONE_CLICK_FIELD, "") == ONE_CLICK_VALUE
         reason = "one-click" if one_click else "link"
         detail = f"issue {data.context}" if data.context else ""
+        ref, _, fingerprint = data.subject.partition(":")
         with writing:
-            subscriber = db().unsubscribe(subject_ref(data), reason, detail)
+            target = db().get_subscriber(int(ref) if ref.isdigit() else ref)
+            if target is None or (fingerprint and fingerprint != address_fingerprint(target.email)):
+                # Not (or no longer) this person's link: say the usual, change nothing.
+                return page("unsubscribed.html", title="You are unsubscribed")
+            subscriber = db().unsubscribe(target.id, reason, detail)
         if subscriber is not None:
             LOG.info("unsubscribe: subscriber %s (%s, %s)", subscriber.id, reason, detail)
         # RFC 8058: answer the POST itself, never with a redirect.

@@ -85,3 +85,13 @@ class TokenSigner:
         if max_age_seconds is not None and time.time() - issued_at > max_age_seconds:
             return None
         return TokenData(found_purpose, subject, context, issued_at)
+
+
+def address_fingerprint(address: str) -> str:
+    """A short hash of an address, so a token also names whom it was made for.
+
+    Unsubscribe tokens carry ``"<subscriber id>:<fingerprint>"``: if the id ever
+    belongs to someone else (a deleted row whose id SQLite reused), the link does
+    nothing instead of unsubscribing a stranger.
+    """
+    return hashlib.sha256(address.strip().casefold().encode("utf-8")).hexdigest()[:12]

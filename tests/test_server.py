@@ -33,7 +33,7 @@ from newsletter.message import MessageTemplate, Recipient
 from newsletter.server import RunningService, create_app, email_digest, start_server
 from newsletter.sink import RunningSink, start_sink
 from newsletter.store import DeliveryResult, DeliveryState, Status, Store
-from newsletter.tokens import TokenSigner
+from newsletter.tokens import TokenSigner, address_fingerprint
 
 ROOT = Path(__file__).parents[1]
 KEY = "test-secret-key-0123456789abcdef"
@@ -711,3 +711,20 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
     received = {m["To"] for m in service.messages()}
     assert len(received) == 100
     assert not received & {r.email for r in leaving}
+
+
+def test_a_token_whose_id_now_names_someone_else_changes_nothing(service: Service) -> None:
+    """Tokens carry a fingerprint of the address: a reused id cannot unsubscribe a stranger."""
+    stranger = service.store.add_subscriber("stranger@example.org")
+    fingerprint = address_fingerprint("someone-deleted@example.org")
+    token = service.signer.make("unsubscribe", f"{stranger.id}:{fingerprint}", ISSUE)
+    status, _, text = service.request("POST", f"/u/{token}", b"List-Unsubscribe=One-Click", FORM)
+    assert status == 200 and "You are unsubscribed" in text
+    after = service.store.get_subscriber(stranger.id)
+    assert after is not None and after.status == Status.ACTIVE
+    own = service.signer.make(
+        "unsubscribe", f"{stranger.id}:{address_fingerprint(stranger.email)}", ISSUE
+    )
+    assert service.request("POST", f"/u/{own}", b"List-Unsubscribe=One-Click", FORM)[0] == 200
+    after = service.store.get_subscriber(stranger.id)
+    assert after is not None and after.status == Status.UNSUBSCRIBED
