@@ -72,6 +72,9 @@ class MessageTemplate:
     unsubscribe_mailto: str
     issue_key: str
     signer: TokenSigner | None = field(default=None, repr=False)
+    # One timestamp for every token of this send: a recipient's link is the same
+    # wherever it appears, and tests can recompute it.
+    issued_at: int = field(default_factory=lambda: int(time.time()))
     sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)
 
     @property
@@ -92,7 +95,9 @@ class MessageTemplate:
         subject = (
             f"{recipient.subscriber_id or recipient.email}:{address_fingerprint(recipient.email)}"
         )
-        return self.signer.make(UNSUBSCRIBE_PURPOSE, subject, self.issue_key)
+        return self.signer.make(
+            UNSUBSCRIBE_PURPOSE, subject, self.issue_key, issued_at=self.issued_at
+        )
 
     def personalise(self, recipient: Recipient) -> OutgoingMessage:
         """The finished message for one recipient: substitution, then signing if configured."""
