@@ -98,7 +98,28 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's usage errors as one line and exit code 1, like every other error."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "newsletter"
+            fail(f"{exc.format_message().rstrip('.')}; see `{command} --help`")
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            fail(exc.format_message())
+        return None
+
+
+@click.group(
+    name="newsletter", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="newsletter")
 @click.option(
     "-C",
@@ -798,6 +819,12 @@ def subscribers_count(ctx: Context) -> None:
 
 # --- sending commands ---
 
+
+def stdin_is_terminal() -> bool:
+    """Whether a person can answer the send prompt (a piped "y" does not count)."""
+    return sys.stdin.isatty()
+
+
 EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
 
 
@@ -945,6 +972,11 @@ def send(
             click.echo("Nothing to send.")
             return
         if not yes:
+            if not stdin_is_terminal():
+                fail(
+                    "not sending: there is no terminal to confirm with (input is piped or absent); "
+                    "run it in a terminal, or add --yes to send without asking"
+                )
             try:
                 confirmed = click.confirm("Send now?", default=False)
             except click.Abort:
@@ -957,6 +989,8 @@ def send(
 
         def show(progress: delivery.Progress) -> None:
             nonlocal bar
+            if not sys.stderr.isatty():
+                return  # a progress bar in a log file is noise
             if bar is None:
                 bar = click.progressbar(
                     length=max(progress.total, 1),

@@ -19,7 +19,7 @@ class NewsletterError(Exception):
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
-            text = f"{text}; {self.hint}"
+            text = f"{text.rstrip('.')}; {self.hint}"
         # One line, always: the CLI prints this as-is.
         return " ".join(text.split())
 

@@ -115,7 +115,11 @@ def test_issue_new_prints_path_and_number(runner: CliRunner, workspace: Path) ->
         "Created issue 2: Second Thoughts (2026-11-27)",
     ]
     bad_date = run(runner, workspace, "issue", "new", "--date", "27/11/2026")
-    assert bad_date.exit_code == 2 and "Traceback" not in bad_date.output
+    assert bad_date.exit_code == 1 and "Traceback" not in bad_date.output
+    assert bad_date.stderr.splitlines() == [
+        "Error: Invalid value for '--date': '27/11/2026' does not match the format"
+        " '%Y-%m-%d'; see `newsletter issue new --help`"
+    ]
 
 
 def test_issue_list(runner: CliRunner, workspace: Path, second: Path) -> None:

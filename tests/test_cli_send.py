@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from newsletter import config
+from newsletter import cli, config
 from newsletter.cli import main
 from newsletter.store import DeliveryState, Store
 from tests.delivery_helpers import (
@@ -108,7 +108,10 @@ def test_send_yes_sends_everyone_once_and_a_second_run_nothing(site: Site) -> No
 
 
 @pytest.mark.parametrize("answer", [None, "", "n\n"])
-def test_without_yes_it_asks_and_sends_nothing_unless_told(site: Site, answer: str | None) -> None:
+def test_without_yes_it_asks_and_sends_nothing_unless_told(
+    site: Site, answer: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "stdin_is_terminal", lambda: True)
     result = site.run("send", "1", input=answer)
     assert "Send now? [y/N]" in result.stdout
     assert "Not sent." in result.stdout
@@ -118,7 +121,23 @@ def test_without_yes_it_asks_and_sends_nothing_unless_told(site: Site, answer: s
         assert store.issue_snapshot(ISSUE_KEY) is None
 
 
-def test_yes_at_the_prompt_sends(site: Site) -> None:
+@pytest.mark.parametrize("answer", ["y\n", None])
+def test_without_a_terminal_it_never_sends_even_when_y_is_piped(
+    site: Site, answer: str | None
+) -> None:
+    result = site.run("send", "1", input=answer)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: not sending: there is no terminal to confirm with (input is piped or absent); "
+        "run it in a terminal, or add --yes to send without asking"
+    ]
+    assert site.server.messages == []
+    with site.store() as store:
+        assert store.issue_snapshot(ISSUE_KEY) is None
+
+
+def test_yes_at_the_prompt_sends(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "stdin_is_terminal", lambda: True)
     result = site.run("send", "1", input="y\n")
     assert result.exit_code == 0, result.output
     assert len(site.server.messages) == EXAMPLE_ACTIVE
