@@ -393,12 +393,40 @@ def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text:
     return cls(**kwargs)
 
 
+DATE_FIELDS = ("month", "day", "yy", "year", "mm", "dd", "month_name", "mon", "weekday")
+
+
+def date_format_problem(pattern: str) -> str:
+    """What is wrong with a byline date pattern such as ``{month}/{day}/{yy}``, or ""."""
+    import string
+
+    try:
+        for _literal, name, spec, conversion in string.Formatter().parse(pattern):
+            if name is None:
+                continue
+            if name not in DATE_FIELDS:
+                return f"unknown field {{{name}}}"
+            if spec or conversion:
+                return f"{{{name}}} takes no format spec or conversion"
+    except ValueError as exc:
+        return f"'{pattern}' is not a valid pattern ({exc})"
+    return ""
+
+
 def _validate(config: Config, path: Path, text: str) -> None:
     from email.utils import parseaddr
 
     def fail(key: str, message: str, hint: str) -> None:
         raise ConfigError(message, where=f"{path}:{_line_of(text, key)}", hint=hint)
 
+    for key in ("date_format", "issue_date_format"):
+        problem = date_format_problem(getattr(config.newsletter, key))
+        if problem:
+            fail(
+                key,
+                f"[newsletter] {key}: {problem}",
+                f"use fields like {{{', '.join(DATE_FIELDS)}}}",
+            )
     if "@" not in parseaddr(config.newsletter.sender)[1]:
         fail(
             "sender",

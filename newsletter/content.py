@@ -182,12 +182,31 @@ def split_front_matter(text: str, path: Path) -> tuple[dict[str, Any], str, int]
             where=f"{path}:{line}",
             hint="fix the YAML (quote values that contain ': ')",
         ) from None
+    except ValueError as exc:  # PyYAML builds dates itself: 2026-02-30 fails here
+        raise ContentError(
+            f"impossible date: {exc}",
+            where=f"{path}:{_bad_date_line(raw) + 1}",
+            hint="write a real date as YYYY-MM-DD",
+        ) from None
     if not isinstance(data, dict):
         raise ContentError(
             "front matter must be 'key: value' lines", where=f"{path}:2", hint="fix the YAML"
         )
     body = "".join(lines[index + 1 :])
     return data, body, index + 2
+
+
+def _bad_date_line(raw: str) -> int:
+    """The line of front matter whose YYYY-MM-DD value is not a real date (1 if none)."""
+    for number, line in enumerate(raw.splitlines(), start=1):
+        match = re.search(r":\s*(\d{4}-\d{1,2}-\d{1,2})\s*$", line)
+        if match:
+            try:
+                year, month, day = (int(part) for part in match.group(1).split("-"))
+                dt.date(year, month, day)
+            except ValueError:
+                return number
+    return 1
 
 
 def _line_of_key(text: str, key: str) -> int:

@@ -185,3 +185,25 @@ def test_secrets_are_invisible_to_field_by_field_printers() -> None:
     assert changed.imap_password == "imap-secret" and changed.smtp_password == "hunter2-password"
     with pytest.raises(AttributeError):
         secrets.smtp_password = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("{bogus}", "unknown field {bogus}"),
+        ("{month}/{day}/{yy", "not a valid pattern"),
+        ("{0}", "unknown field {0}"),
+        ("{year:%Y}", "takes no format spec"),
+        ("{month.__class__}", "unknown field {month.__class__}"),
+    ],
+)
+def test_a_bad_date_format_is_refused_when_the_config_loads(
+    tmp_path: Path, pattern: str, problem: str
+) -> None:
+    (tmp_path / "newsletter.toml").write_text(
+        f'[newsletter]\nname = "X"\ndate_format = "{pattern}"\n', encoding="utf-8"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(tmp_path, environ={})
+    assert "newsletter.toml:3: [newsletter] date_format: " in str(caught.value)
+    assert problem in str(caught.value)

@@ -353,3 +353,11 @@ def test_a_line_break_in_a_title_or_subject_is_refused_at_its_line(tmp_path: Pat
     with pytest.raises(ContentError) as caught:
         content.read_article(article)
     assert f"{article}:3" in str(caught.value) and "line break" in str(caught.value)
+
+
+def test_an_impossible_date_is_one_error_at_its_line(tmp_path: Path) -> None:
+    article = tmp_path / "a.md"
+    article.write_text("---\ntitle: T\nsource: S\ndate: 2026-02-30\n---\nBody.\n", encoding="utf-8")
+    with pytest.raises(ContentError) as caught:
+        content.read_article(article)
+    assert str(caught.value).startswith(f"{article}:4: impossible date")
