@@ -352,10 +352,17 @@ def load(
             )
         sections[name] = _build(_SECTIONS[name], name, value, path, text)
     db_env = env.get(ENV_DB)
+    override = db or (Path(db_env) if db_env else None)
+    if override is not None and str(override) != ":memory:" and not override.parent.is_dir():
+        raise ConfigError(
+            f"the database folder {override.parent} does not exist",
+            where="--db" if db else ENV_DB,
+            hint="create the folder first, or fix the path (a typo would start an empty list)",
+        )
     config = Config(
         root=root,
         secrets=Secrets.from_env(env),
-        db_override=db or (Path(db_env) if db_env else None),
+        db_override=override,
         **sections,
     )
     _validate(config, path, text)

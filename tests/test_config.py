@@ -207,3 +207,13 @@ def test_a_bad_date_format_is_refused_when_the_config_loads(
         config.load(tmp_path, environ={})
     assert "newsletter.toml:3: [newsletter] date_format: " in str(caught.value)
     assert problem in str(caught.value)
+
+
+def test_a_database_in_a_folder_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "newsletter.toml").write_text('[newsletter]\nname = "X"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path, environ={}, db=tmp_path / "typo" / "x.db")
+    with pytest.raises(ConfigError, match="NEWSLETTER_DB"):
+        config.load(tmp_path, environ={"NEWSLETTER_DB": str(tmp_path / "nope" / "x.db")})
+    assert not (tmp_path / "typo").exists()
+    assert config.load(tmp_path, environ={}, db=tmp_path / "x.db").db_path == tmp_path / "x.db"
