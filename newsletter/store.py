@@ -391,7 +391,18 @@ def _normalize(address: str) -> str:
     fast = _fast_normalize(address)
     if fast is not None:
         return fast
-    return validate_email(address, check_deliverability=False).normalized
+    return _full_normalize(address)
+
+
+def _full_normalize(address: str) -> str:
+    """email-validator's verdict, for addresses the fast path does not cover.
+
+    Addresses must be sendable without SMTPUTF8 (our transport does not speak it):
+    a non-ASCII local part is refused here, at import, rather than failing at send
+    time; an internationalised domain is kept in its ASCII (punycode) form.
+    """
+    result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    return str(result.ascii_email or result.normalized)
 
 
 def normalize_email(address: str) -> str:
@@ -1006,7 +1017,7 @@ class Store:
                 normalized = fast(email)
                 if normalized is None:
                     try:
-                        normalized = validate_email(email, check_deliverability=False).normalized
+                        normalized = _full_normalize(email)
                     except EmailNotValidError as exc:
                         bad(line, f"invalid email address {email!r}: {exc}")
                         continue

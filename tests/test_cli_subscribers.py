@@ -109,6 +109,7 @@ def test_export_to_stdout_and_to_a_file(workspace: Path) -> None:
 
 def test_db_from_the_environment(workspace: Path, tmp_path: Path) -> None:
     other = tmp_path / "elsewhere" / "list.db"
+    other.parent.mkdir()
     assert run(workspace, "add", "a@example.com", env={ENV_DB: str(other)}).exit_code == 0
     with Store.open(other) as store:
         assert store.count() == 1
