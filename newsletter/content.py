@@ -382,9 +382,15 @@ def find_issue(issues_dir: Path, ref: str) -> Path:
             return folder
     if ref.isdigit():
         wanted = int(ref)
-        for folder in folders:
-            if _folder_number(folder) == wanted:
-                return folder
+        matches = [folder for folder in folders if _folder_number(folder) == wanted]
+        if len(matches) > 1:
+            raise ContentError(
+                f"{len(matches)} issues have number {wanted}: {', '.join(m.name for m in matches)}",
+                where=str(issues_dir),
+                hint="give the folder name instead, and renumber one of them in its issue.md",
+            )
+        if matches:
+            return matches[0]
     names = ", ".join(f.name for f in folders[-5:]) or "none yet"
     raise ContentError(
         f"no issue '{ref}'",
@@ -460,6 +466,7 @@ def add_articles(folder: Path, sources: Iterable[Path]) -> list[Path]:
     for source in sources:
         article = read_article(source)
         _check_images(article)
+        _check_images_stay_inside(article, folder)
         for other in [*existing, *(a for a, _ in plans)]:
             same_url = bool(article.url) and other.url == article.url
             if same_url or other.title.casefold() == article.title.casefold():
@@ -499,6 +506,19 @@ def _check_images(article: Article) -> None:
                 f"image '{image}' not found",
                 where=f"{article.path}:{line}",
                 hint=f"put the file at {article.path.parent / image} or fix the path",
+            )
+
+
+def _check_images_stay_inside(article: Article, folder: Path) -> None:
+    """Images are copied next to the issue's copy of the article: the path must land inside."""
+    articles_dir = (folder / ARTICLES_DIR).resolve()
+    for image, line in article.image_paths():
+        landing = (articles_dir / image).resolve()
+        if folder.resolve() not in landing.parents:
+            raise ContentError(
+                f"image '{image}' would land outside the issue folder",
+                where=f"{article.path}:{line}",
+                hint="put the image beside the article or in ../images/ and refer to it from there",
             )
 
 

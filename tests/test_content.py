@@ -361,3 +361,31 @@ def test_an_impossible_date_is_one_error_at_its_line(tmp_path: Path) -> None:
     with pytest.raises(ContentError) as caught:
         content.read_article(article)
     assert str(caught.value).startswith(f"{article}:4: impossible date")
+
+
+def test_an_image_path_that_would_leave_the_issue_is_refused(tmp_path: Path, cfg: Config) -> None:
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    article = tmp_path / "deep" / "er" / "a.md"
+    article.write_text(
+        "---\ntitle: Far away\nimage: ../../pic.png\nimage_alt: A picture\n---\nBody.\n",
+        encoding="utf-8",
+    )
+    folder = content.find_issue(cfg.issues_dir, "1")
+    before = (folder / "issue.md").read_text(encoding="utf-8")
+    with pytest.raises(ContentError) as caught:
+        content.add_articles(folder, [article])
+    assert str(caught.value).startswith(f"{article}:3: image '../../pic.png' would land outside")
+    assert (folder / "issue.md").read_text(encoding="utf-8") == before
+
+
+def test_two_issues_with_one_number_are_an_error_not_a_guess(cfg: Config) -> None:
+    first = content.find_issue(cfg.issues_dir, "1")
+    twin = cfg.issues_dir / "001-twin"
+    twin.mkdir()
+    (twin / "issue.md").write_text(
+        (first / "issue.md").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    with pytest.raises(ContentError, match="2 issues have number 1"):
+        content.find_issue(cfg.issues_dir, "1")
+    assert content.find_issue(cfg.issues_dir, "001-twin") == twin
