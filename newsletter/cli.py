@@ -1080,11 +1080,12 @@ def demo(ctx: Context) -> None:
     click.echo(f"Built issue {result.issue.number}: {result.build.rendered.subject}")
     for name, size in result.build.files.items():
         click.echo(f"  {result.build.out_dir / name}  {_kb(size)}")
-    click.echo(f"Imported {result.imported.imported} example subscribers into {result.db_path}")
+    click.echo(f"Read {result.imported.rows} example subscribers into {result.db_path}")
     _print_report(result.report)
-    click.echo(
-        f"The SMTP sink received {result.received} messages in this run; they are in {result.sink_dir}/new/"
-    )
+    if result.received:
+        click.echo(
+            f"The SMTP sink received {result.received} messages; open them in {result.sink_dir}/new/"
+        )
     if result.report.sent == 0 and result.report.counts.get(delivery.DeliveryState.SENT):
         click.echo("Everyone already has this issue: nobody gets a second copy.")
     click.echo(

@@ -338,6 +338,12 @@ def load(
     env = os.environ if environ is None else environ
     sections: dict[str, Any] = {}
     for name, value in data.items():
+        if name not in _SECTIONS and not isinstance(value, dict):
+            raise ConfigError(
+                f"unknown top-level key '{name}'",
+                where=f"{path}:{_line_of(text, name)}",
+                hint="keys go under a section such as [newsletter]",
+            )
         if name not in _SECTIONS:
             raise ConfigError(
                 f"unknown section [{name}]",
