@@ -803,6 +803,8 @@ def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> N
     from .store import Status
 
     wanted = None if status is None else Status(status)
+    if file is not None and not file.parent.is_dir():
+        fail(f"{file}: the folder {file.parent} does not exist; create it or fix the path")
     with _open_store(ctx) as store:
         if file is None:
             store.export_csv(sys.stdout, wanted)

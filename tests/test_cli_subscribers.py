@@ -101,6 +101,7 @@ def test_export_to_stdout_and_to_a_file(workspace: Path) -> None:
     assert lines[0] == "email,name,status,created_at,plan"
     assert lines[1].startswith("a@example.com,A,active,") and lines[1].endswith(",pro")
     target = workspace / "out" / "export.csv"
+    target.parent.mkdir()
     written = run(workspace, "export", str(target))
     assert written.exit_code == 0 and "Wrote 1 subscribers" in written.stderr
     assert target.read_text(encoding="utf-8").splitlines() == lines
@@ -114,3 +115,13 @@ def test_db_from_the_environment(workspace: Path, tmp_path: Path) -> None:
     with Store.open(other) as store:
         assert store.count() == 1
     assert not (workspace / ".newsletter" / "newsletter.db").exists()
+
+
+def test_export_into_a_missing_folder_is_one_error_and_creates_nothing(
+    workspace: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "no-such-folder" / "list.csv"
+    result = run(workspace, "export", str(target))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {target}: the folder")
+    assert not target.parent.exists()
