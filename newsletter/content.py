@@ -499,13 +499,27 @@ def add_articles(folder: Path, sources: Iterable[Path]) -> list[Path]:
     return added
 
 
+# The formats every mail client shows, by their first bytes.
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
 def _check_images(article: Article) -> None:
     for image, line in article.image_paths():
-        if not (article.path.parent / image).is_file():
+        path = article.path.parent / image
+        if not path.is_file():
             raise ContentError(
                 f"image '{image}' not found",
                 where=f"{article.path}:{line}",
-                hint=f"put the file at {article.path.parent / image} or fix the path",
+                hint=f"put the file at {path} or fix the path",
+            )
+        with path.open("rb") as handle:
+            head = handle.read(12)
+        is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+        if not (head.startswith(_IMAGE_SIGNATURES) or is_webp):
+            raise ContentError(
+                f"'{image}' is not a PNG, JPEG, GIF or WebP image",
+                where=f"{article.path}:{line}",
+                hint="export it in one of those formats (mail clients show nothing else reliably)",
             )
 
 

@@ -389,3 +389,15 @@ def test_two_issues_with_one_number_are_an_error_not_a_guess(cfg: Config) -> Non
     with pytest.raises(ContentError, match="2 issues have number 1"):
         content.find_issue(cfg.issues_dir, "1")
     assert content.find_issue(cfg.issues_dir, "001-twin") == twin
+
+
+def test_a_file_that_is_not_an_image_is_refused(tmp_path: Path, cfg: Config) -> None:
+    (tmp_path / "fake.png").write_text("just text", encoding="utf-8")
+    article = tmp_path / "a.md"
+    article.write_text(
+        '---\ntitle: Fake\nsource: S\n---\nSee ![a fake](fake.png "Caption").\n', encoding="utf-8"
+    )
+    folder = content.find_issue(cfg.issues_dir, "1")
+    with pytest.raises(ContentError) as caught:
+        content.add_articles(folder, [article])
+    assert str(caught.value).startswith(f"{article}:5: 'fake.png' is not a PNG, JPEG, GIF or WebP")
