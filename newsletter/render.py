@@ -260,6 +260,21 @@ def markdown_text(text: str, width: int = TEXT_WIDTH) -> str:
     return _TextWriter(width).render(_markdown().parse(text))
 
 
+def _join_blocks(blocks: Sequence[str], depths: Sequence[int]) -> str:
+    """Blank lines between blocks; inside a quote the blank line keeps its ">" marks."""
+    out: list[str] = []
+    previous = 0
+    for block, depth in zip(blocks, depths, strict=True):
+        if not block.strip():
+            continue
+        if out:
+            shared = min(previous, depth)
+            out.append(("\n" + ">" * shared + "\n") if shared else "\n\n")
+        out.append(block)
+        previous = depth
+    return "".join(out)
+
+
 class _TextWriter:
     """Walks markdown-it block tokens and writes wrapped plain text."""
 
@@ -271,6 +286,8 @@ class _TextWriter:
         quote_depth = 0
         lists: list[list[int]] = []  # stack of [ordered, counter]
         item_prefix: str | None = None
+        depths: list[int] = []  # the quote depth of each block
+        new_top_list = False
         for index, token in enumerate(tokens):
             if token.type == "blockquote_open":
                 quote_depth += 1
@@ -278,6 +295,7 @@ class _TextWriter:
                 quote_depth -= 1
             elif token.type in ("ordered_list_open", "bullet_list_open"):
                 start = int(token.attrs.get("start", 1) or 1)
+                new_top_list = not lists  # its first item starts a new block
                 lists.append([token.type == "ordered_list_open", start])
             elif token.type in ("ordered_list_close", "bullet_list_close"):
                 lists.pop()
@@ -298,9 +316,17 @@ class _TextWriter:
                     # Items follow the previous item (of this list or, for a nested
                     # list's first item, of its parent) without a blank line.
                     last = blocks[-1].rsplit("\n", 1)[-1] if blocks else None
-                    tight_join = last is not None and any(
-                        last.startswith(level) and _is_list_line(last, level)
-                        for level in (prefix + "   " * depth for depth in range(len(lists)))
+                    # markdown-it hides the paragraphs of a tight list; a loose list
+                    # keeps a blank line between its items.
+                    tight = index > 0 and tokens[index - 1].hidden and not new_top_list
+                    new_top_list = False
+                    tight_join = (
+                        tight
+                        and last is not None
+                        and any(
+                            last.startswith(level) and _is_list_line(last, level)
+                            for level in (prefix + "   " * depth for depth in range(len(lists)))
+                        )
                     )
                     text = self.wrap(content, first, rest)
                     if tight_join:
@@ -312,12 +338,15 @@ class _TextWriter:
                     blocks.append(content.upper() if heading == "h2" else content)
                     blocks[-1] = blocks[-1] + "\n" + "-" * min(len(content), self.width)
                 else:
-                    blocks.append(self.wrap(content, prefix + indent, prefix + indent))
+                    # A list item's later paragraphs line up under its text.
+                    body_indent = prefix + "   " * len(lists)
+                    blocks.append(self.wrap(content, body_indent, body_indent))
             elif token.type == "hr":
                 blocks.append("* * *")
             elif token.type in ("fence", "code_block"):
                 blocks.append(textwrap.indent(token.content.rstrip("\n"), "    "))
-        return "\n\n".join(b for b in blocks if b.strip())
+            depths.extend([quote_depth] * (len(blocks) - len(depths)))
+        return _join_blocks(blocks, depths)
 
     def wrap(self, text: str, first: str, rest: str) -> str:
         lines: list[str] = []

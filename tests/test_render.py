@@ -633,3 +633,14 @@ def test_floating_images_still_get_an_align_attribute(cfg: Config, issue: Issue)
     assert all(
         img.get("align") is None for img in root.xpath('//img[not(contains(@class, "body-image"))]')
     )
+
+
+def test_text_part_keeps_loose_lists_and_multi_paragraph_quotes_readable() -> None:
+    source = (
+        "Intro.\n\n1. First item.\n\n   Its second paragraph.\n\n2. Second item.\n\n"
+        "- a\n- b\n\n> Quote one.\n>\n> Quote two.\n\nAfter.\n"
+    )
+    assert render.markdown_text(source) == (
+        "Intro.\n\n1. First item.\n\n   Its second paragraph.\n\n2. Second item.\n\n"
+        "- a\n- b\n\n> Quote one.\n>\n> Quote two.\n\nAfter."
+    )
