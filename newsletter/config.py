@@ -264,7 +264,12 @@ class Config:
         from email.utils import parseaddr
 
         address = parseaddr(self.newsletter.sender)[1]
-        return address.rpartition("@")[2] or "localhost"
+        domain = address.rpartition("@")[2] or "localhost"
+        # Message-ID and List-Id are ASCII-only: an internationalised domain in punycode.
+        try:
+            return domain.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return domain
 
     @property
     def list_id(self) -> str:

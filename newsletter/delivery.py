@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from .config import Config
 from .errors import DeliveryError, NewsletterError, TransportError
-from .message import MessageTemplate, Recipient, prepare
+from .message import MessageTemplate, Recipient, RecipientError, prepare
 from .render import RenderedIssue
 from .store import (
     ClaimedRecipient,
@@ -245,8 +245,19 @@ def _worker(
                 continue
             try:
                 outgoing = template.personalise(recipient_of(item.subscriber))
-            except ValueError as exc:
+            except RecipientError as exc:
+                # This recipient's data cannot make a valid message: theirs alone fails.
                 results.put(_Outcome(item, SendResult(email, "failed", None, str(exc))))
+                continue
+            except Exception as exc:
+                # Anything else (the template, the signer) would fail every recipient:
+                # stop, and hand the row back unsent rather than fail the whole list.
+                stop.set()
+                error = DeliveryError(
+                    f"cannot build the message for {email}: {exc!r}",
+                    hint="nothing was sent to this recipient; fix the cause and send again",
+                )
+                results.put(_Outcome(item, None, note=f"not sent: {exc!r}", error=error))
                 continue
             # prepare() makes CRLF-only bytes with no line starting with "." (no dot-stuffing
             # needed); a signer of unknown make may not keep that.

@@ -8,6 +8,7 @@ premailer or EmailMessage work happens per recipient.
 
 from __future__ import annotations
 
+import dataclasses
 import email.policy
 import email.quoprimime
 import html
@@ -101,9 +102,11 @@ class MessageTemplate:
 
     def personalise(self, recipient: Recipient) -> OutgoingMessage:
         """The finished message for one recipient: substitution, then signing if configured."""
-        for value in (recipient.email, recipient.name):
-            if "\r" in value or "\n" in value:
-                raise ValueError(f"line break in recipient value for {recipient.email!r}")
+        if _breaks_header(recipient.email) or not recipient.email.isascii():
+            raise RecipientError(
+                f"address {recipient.email!r} cannot go in a header without SMTPUTF8"
+            )
+        recipient = dataclasses.replace(recipient, name=header_safe_name(recipient.name))
         message_id = make_msgid(domain=self.sender_domain)
         unsubscribe = self.unsubscribe_link(recipient)
         values = _values(recipient, unsubscribe)
@@ -119,7 +122,9 @@ class MessageTemplate:
                 value = values.get(key, "")
                 if part == "html":
                     value = html.escape(value, quote=True)
-                out.append(b"=\r\n" + _qp(value) + b"=\r\n" if value else b"")
+                # Soft breaks around every hole keep each literal's lines as encoded
+                # (<= 76), whatever the value's length, even when it is empty.
+                out.append(b"=\r\n" + _qp(value) + b"=\r\n")
         data = b"".join(out)
         if self.sign is not None:
             data = self.sign(data)
@@ -150,6 +155,25 @@ class MessageTemplate:
         return ",\r\n ".join(links).encode("ascii")
 
 
+class RecipientError(ValueError):
+    """One recipient's data cannot make a valid message (the others can)."""
+
+
+# Characters str.splitlines() breaks on (the email package folds with it), and controls.
+_HEADER_BREAKERS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+MAX_NAME_IN_HEADER = 200
+
+
+def _breaks_header(value: str) -> bool:
+    return bool(_HEADER_BREAKERS.search(value))
+
+
+def header_safe_name(name: str) -> str:
+    """A display name that cannot break or overlong a header: controls become spaces."""
+    cleaned = " ".join(_HEADER_BREAKERS.sub(" ", name).split())
+    return cleaned[:MAX_NAME_IN_HEADER].rstrip()
+
+
 def _values(recipient: Recipient, unsubscribe_url: str) -> dict[str, str]:
     values = {
         "name": recipient.name,
@@ -171,9 +195,10 @@ def _qp(text: str) -> bytes:
     keeps those lines within 76.
     """
     latin = text.encode("utf-8").decode("latin-1")
-    encoded = email.quoprimime.body_encode(latin, maxlinelen=76, eol="\r\n").encode("ascii")
+    # 75, not 76: a hole's soft break "=" may follow the last line.
+    encoded = email.quoprimime.body_encode(latin, maxlinelen=75, eol="\r\n").encode("ascii")
     if encoded.startswith(b".") or b"\r\n." in encoded:
-        encoded = email.quoprimime.body_encode(latin, maxlinelen=74, eol="\r\n").encode("ascii")
+        encoded = email.quoprimime.body_encode(latin, maxlinelen=73, eol="\r\n").encode("ascii")
         if encoded.startswith(b"."):
             encoded = b"=2E" + encoded[1:]
         encoded = encoded.replace(b"\r\n.", b"\r\n=2E")
@@ -181,7 +206,7 @@ def _qp(text: str) -> bytes:
 
 
 def _check_header(name: str, value: str) -> str:
-    if "\r" in value or "\n" in value:
+    if _breaks_header(value):
         raise ConfigError(
             f"{name} header value contains a line break",
             where=name,
@@ -329,8 +354,6 @@ def sample_message(
 
 
 def _with_preview_key(config: Config) -> Config:
-    import dataclasses
-
     return dataclasses.replace(
         config,
         secrets=config.secrets.replace(secret_key="preview-only-key-not-secret"),

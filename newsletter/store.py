@@ -550,7 +550,9 @@ class Store:
         also fsyncs each claim, so that even a power loss cannot turn a row that was
         handed to the server back into ``queued`` (which would send it twice).
         """
-        db: Path | None = None if str(path) == MEMORY else Path(path)
+        # Resolved, so that every path to one file (a symlink, a relative --db) shares one
+        # send lock: the lock file is named after the database.
+        db: Path | None = None if str(path) == MEMORY else Path(path).resolve()
         where = MEMORY if db is None else str(db)
         try:
             if db is not None:
@@ -1310,7 +1312,7 @@ class Store:
             return 0
         with self._transaction() as conn:
             updated = conn.executemany(
-                "UPDATE deliveries SET state = ?, last_reply = ?, message_id = ?, retry_at = ?,"
+                "UPDATE deliveries SET state = ?, last_reply = ?, message_id = coalesce(nullif(?, ''), message_id), retry_at = ?,"
                 " updated_at = ?, sent_at = coalesce(?, sent_at)"
                 " WHERE issue_key = ? AND subscriber_id = ? AND state = 'sending'",
                 params,

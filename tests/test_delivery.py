@@ -666,3 +666,31 @@ def test_sends_through_starttls_with_a_login(
     got = copies(server.messages)
     assert set(got) == active and set(got.values()) == {1}
     assert server.handler.logins and set(server.handler.logins) == {USERNAME}
+
+
+def test_a_signer_that_breaks_stops_the_run_without_failing_anyone_or_hanging(
+    example: tuple[Config, RenderedIssue], store: Store, tmp_path: Path
+) -> None:
+    """A per-issue problem (here the signer) must not mark the whole list failed."""
+    cfg, rendered = example
+    active = fill(store, tmp_path, generated=10)
+    transport = MemoryTransport()
+    calls = 0
+
+    def sign(data: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls >= 3:
+            raise RuntimeError("key went away")
+        return data
+
+    report = send_issue(
+        cfg, rendered, store, lambda: transport, options=SendOptions(connections=2), sign=sign
+    )
+
+    assert isinstance(report.error, DeliveryError) and "key went away" in str(report.error)
+    counts = store.ledger_counts(ISSUE_KEY)
+    assert counts[S.FAILED] == 0 and counts[S.SENDING] == 0
+    # Two copies were signed; a worker that sees the stop first hands its copy back.
+    assert counts[S.SENT] == len(transport.messages) in (1, 2)
+    assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - counts[S.SENT]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import email
+import email.policy
 import re
 from email.message import EmailMessage
 from pathlib import Path
@@ -160,18 +162,52 @@ def test_line_break_in_a_subject_is_refused(rendered: RenderedIssue, cfg: Config
 
 
 @pytest.mark.parametrize(
-    "recipient",
+    "name",
     [
-        Recipient(email="ann@example.org", name="Ann\r\nBcc: victim@example.com"),
-        Recipient(email="ann@example.org", name="Ann\nLee"),
-        Recipient(email="ann@example.org\r\nBcc: victim@example.com", name="Ann"),
+        "Ann\r\nBcc: victim@example.com",
+        "Ann\nLee",
+        "Eve\x0bX-Injected: yes",
+        "Eve\x0cX-Injected: yes",
+        "Eve\x1cX-Injected: yes\x85Bcc: b@example.com\u2028X: y",
+        "Eve\x00\x7f",
     ],
 )
-def test_line_breaks_in_recipient_values_are_refused(
-    template: MessageTemplate, recipient: Recipient
+def test_control_and_line_break_characters_in_a_name_never_make_a_header(
+    template: MessageTemplate, name: str
 ) -> None:
-    with pytest.raises(ValueError, match="line break"):
-        template.personalise(recipient)
+    data = template.personalise(Recipient(email="ann@example.org", name=name)).data
+    head = data.split(b"\r\n\r\n", 1)[0]
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed["X-Injected"] is None and parsed["Bcc"] is None and parsed["X"] is None
+    assert all(line.startswith((b" ", b"\t")) or b":" in line for line in head.split(b"\r\n"))
+    assert all(32 <= byte < 127 for byte in head.replace(b"\r\n", b""))
+
+
+def test_a_huge_name_is_cut_so_the_to_line_stays_short(template: MessageTemplate) -> None:
+    data = template.personalise(Recipient(email="ann@example.org", name="A" * 1200)).data
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+@pytest.mark.parametrize(
+    "address", ["ann@example.org\r\nBcc: victim@example.com", "jörg@example.org"]
+)
+def test_an_address_that_cannot_be_a_header_fails_only_that_recipient(
+    template: MessageTemplate, address: str
+) -> None:
+    with pytest.raises(message.RecipientError):
+        template.personalise(Recipient(email=address, name="Ann"))
+
+
+def test_qp_lines_stay_within_76_even_around_empty_values(cfg: Config, issue: Issue) -> None:
+    rendered = render.render_issue(issue, cfg)
+    token = next(t for t, key in rendered.placeholders.items() if key == "email")
+    field = token.replace(":email:", ":field.city:")
+    text = "".join(f"{'x' * 70}{field}" for _ in range(20))
+    placeholders = {**rendered.placeholders, field: "field.city"}
+    crafted = dataclasses.replace(rendered, text=text, placeholders=placeholders)
+    data = message.prepare(crafted, cfg).personalise(Recipient(email="a@example.org")).data
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert max(len(line) for line in body.split(b"\r\n")) <= 76
 
 
 def test_unsubscribe_token_verifies_and_a_tampered_one_does_not(template: MessageTemplate) -> None:
