@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import importlib.util
+import signal
 import sys
+import threading
 import webbrowser
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -1012,6 +1014,21 @@ def send(
                 bar.__enter__()
             bar.update(progress.done - bar.pos, current_item=progress)
 
+        stop = threading.Event()
+
+        def request_stop(signum: int, _frame: object) -> None:
+            # Ctrl-C (or SIGTERM) lets the messages already with the server finish and be
+            # recorded, so nothing is left uncertain; a second Ctrl-C aborts at once.
+            if stop.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stop.set()
+            click.echo(
+                "\nStopping after the messages in flight (Ctrl-C again to abort)...", err=True
+            )
+
+        previous = {
+            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             report = delivery.send_issue(
                 cfg,
@@ -1021,8 +1038,11 @@ def send(
                 options=options,
                 sign=signer,
                 progress=show,
+                stop=stop,
             )
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.__exit__(None, None, None)
     if report.found_uncertain:

@@ -402,3 +402,46 @@ def test_kill_9_mid_run_then_resume_nobody_twice_but_uncertain_nobody_skipped(
     assert {e for e, n in after.items() if n > 1} <= uncertain
     with site.store() as store:
         assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(site.active)}
+
+
+def test_ctrl_c_mid_run_finishes_what_is_in_flight_and_leaves_nothing_uncertain(
+    tmp_path: Path, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server()
+    site = make_site(tmp_path, server, generated=120, timeout=60.0)
+    paused, release = pause_at(server, 25)
+    first = subprocess.Popen(
+        site.command("send", "1", "--yes", "--connections", "2"),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert paused.wait(60), "the send never reached the pause"
+        first.send_signal(signal.SIGINT)
+        release.set()  # the message in flight gets its reply after the Ctrl-C
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        release.set()
+        if first.poll() is None:
+            first.kill()
+    server.handler.on_message = None
+    assert first.returncode == 1
+    assert "Traceback" not in stderr
+    assert "the send stopped early" in stderr
+    with site.store() as store:
+        left = nonzero(store.ledger_counts(ISSUE_KEY))
+    assert "sending" not in left and "uncertain" not in left, left
+    assert left["sent"] == len(server.messages)
+
+    resumed = subprocess.run(
+        site.command("send", "1", "--yes"),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    got = copies(server.messages)
+    assert set(got) == site.active and max(got.values()) == 1
