@@ -1054,7 +1054,7 @@ def send(
         fail(f"the send stopped early ({report.stopped_by}); run it again to resume")
     if not report.ok:
         sys.exit(1)
-    if report.deferred:
+    if report.counts.get(delivery.DeliveryState.DEFERRED):  # the ledger, not this run's tally
         sys.exit(EXIT_DEFERRED)
 
 
