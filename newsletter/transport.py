@@ -678,6 +678,15 @@ class SmtpTransport:
                 None,
                 f"connection lost after the whole message was sent: {_text(str(exc))}",
             )
+        if code == -1:
+            # An answer to the final dot that is not a reply: nobody knows if it was taken.
+            self._drop()
+            return SendResult(
+                recipient,
+                "uncertain",
+                None,
+                f"unreadable reply after the whole message was sent: {_text(reply)}",
+            )
         self._dirty = False
         return step(code, reply) or SendResult(recipient, "sent", code, _text(reply))
 
