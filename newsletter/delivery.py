@@ -265,9 +265,19 @@ def _worker(
             if not limiter.acquire() or stop.is_set():
                 results.put(_Outcome(item, None, note="not sent: the run stopped first"))
                 continue
-            try:
-                if transport is None:
+            if transport is None:
+                try:
                     transport = make_transport()
+                except Exception as exc:  # nothing was sent: hand the row back
+                    stop.set()
+                    setup_error: NewsletterError = (
+                        exc
+                        if isinstance(exc, NewsletterError)
+                        else DeliveryError(f"cannot set up the transport: {exc!r}")
+                    )
+                    results.put(_Outcome(item, None, note=f"not sent: {exc}", error=setup_error))
+                    continue
+            try:
                 result = transport.send(template.envelope_from, outgoing.recipient, data)
             except NewsletterError as exc:
                 # The transport's contract: raised only when the message certainly did not

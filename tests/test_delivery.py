@@ -694,3 +694,25 @@ def test_a_signer_that_breaks_stops_the_run_without_failing_anyone_or_hanging(
     # Two copies were signed; a worker that sees the stop first hands its copy back.
     assert counts[S.SENT] == len(transport.messages) in (1, 2)
     assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - counts[S.SENT]
+
+
+def test_a_transport_that_cannot_be_made_hands_rows_back_instead_of_uncertain(
+    example: tuple[Config, RenderedIssue], store: Store, tmp_path: Path
+) -> None:
+    cfg, rendered = example
+    active = fill(store, tmp_path, generated=10)
+    made: list[MemoryTransport] = []
+
+    def factory() -> MemoryTransport:
+        if made:
+            raise RuntimeError("no more sockets")
+        made.append(MemoryTransport())
+        return made[0]
+
+    report = send_issue(cfg, rendered, store, factory, options=SendOptions(connections=2))
+
+    assert isinstance(report.error, DeliveryError) and "no more sockets" in str(report.error)
+    counts = store.ledger_counts(ISSUE_KEY)
+    assert (counts[S.UNCERTAIN], counts[S.SENDING], counts[S.FAILED]) == (0, 0, 0)
+    assert counts[S.SENT] == len(made[0].messages)
+    assert counts[S.SENT] + counts[S.DEFERRED] + counts[S.QUEUED] == len(active)
