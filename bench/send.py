@@ -104,6 +104,21 @@ def client(args: argparse.Namespace) -> None:
     rendered = render.render_issue(
         content.read_issue(content.find_issue(cfg.issues_dir, ISSUE)), cfg
     )
+    signer = None
+    if args.dkim:
+        from newsletter import dkim
+
+        pair = dkim.generate(ws / "dkim", "bench", cfg.sender_domain)
+        cfg = dataclasses.replace(
+            cfg,
+            dkim=dataclasses.replace(
+                cfg.dkim,
+                selector="bench",
+                domain=cfg.sender_domain,
+                key_file=str(pair.private_path),
+            ),
+        )
+        signer = dkim.signer_from_config(cfg)
     with Store.open(cfg.db_path, durable_claims=not args.no_fsync) as store:
         store.import_csv(write_list(ws / "list.csv", args.client_subscribers))
         cpu0 = _cpu()
@@ -116,6 +131,7 @@ def client(args: argparse.Namespace) -> None:
                 store,
                 lambda: transport_from_config(cfg),
                 options=delivery.SendOptions(batch_size=args.batch),
+                sign=signer,
             )
 
         if args.profile:
@@ -157,6 +173,7 @@ def run_client(
     profile: str = "",
     batch: int = 0,
     no_fsync: bool = False,
+    dkim: bool = False,
 ) -> dict[str, float]:
     ws = make_workspace(folder, port)
     command = [
@@ -172,6 +189,7 @@ def run_client(
         "--batch",
         str(batch),
         *(["--no-fsync"] if no_fsync else []),
+        *(["--dkim"] if dkim else []),
     ]
     if profile:
         command += ["--profile", profile]
@@ -254,6 +272,9 @@ def main() -> None:
     parser.add_argument(
         "--no-fsync", action="store_true", help="claims without fsync (to see what it costs)"
     )
+    parser.add_argument(
+        "--dkim", action="store_true", help="sign every copy (2048-bit RSA, a key made here)"
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     parser.add_argument("--client-subscribers", type=int, help=argparse.SUPPRESS)
@@ -264,7 +285,8 @@ def main() -> None:
         return
 
     claims = "claims not fsynced" if args.no_fsync else "each claim fsynced"
-    print(f"bench/send.py on {os.cpu_count()} cores; ledger on (SQLite file, {claims})")
+    signing = "; every copy DKIM-signed" if args.dkim else ""
+    print(f"bench/send.py on {os.cpu_count()} cores; ledger on (SQLite file, {claims}){signing}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sink = Sink(folder)
@@ -284,6 +306,7 @@ def main() -> None:
                     profile,
                     args.batch,
                     args.no_fsync,
+                    args.dkim,
                 )
                 expected += subscribers
                 rate = result["sent"] / result["elapsed"]
