@@ -241,17 +241,24 @@ def _as_str(value: Any, where: str, field: str) -> str:
     raise ContentError(f"{field} must be text", where=where, hint="write it as a single value")
 
 
+def _reject_unknown_fields(
+    data: dict[str, Any], allowed: tuple[str, ...], path: Path, text: str
+) -> None:
+    """A typo in a field name is an error at its line, not a silently ignored value."""
+    for key in data:
+        if key not in allowed:
+            raise ContentError(
+                f"unknown front matter field '{key}'",
+                where=f"{path}:{_line_of_key(text, str(key))}",
+                hint=f"use one of: {', '.join(allowed)}",
+            )
+
+
 def read_article(path: Path) -> Article:
     """Read and validate one article file."""
     text = read_text(path)
     data, body, body_line = split_front_matter(text, path)
-    for key in data:
-        if key not in ARTICLE_FIELDS:
-            raise ContentError(
-                f"unknown front matter field '{key}'",
-                where=f"{path}:{_line_of_key(text, str(key))}",
-                hint=f"use one of: {', '.join(ARTICLE_FIELDS)}",
-            )
+    _reject_unknown_fields(data, ARTICLE_FIELDS, path, text)
     values = {
         key: _as_str(data.get(key), f"{path}:{_line_of_key(text, key)}", key)
         for key in ARTICLE_FIELDS
@@ -293,13 +300,7 @@ def read_issue(folder: Path) -> Issue:
         )
     text = read_text(path)
     data, intro, _ = split_front_matter(text, path)
-    for key in data:
-        if key not in ISSUE_FIELDS:
-            raise ContentError(
-                f"unknown field '{key}'",
-                where=f"{path}:{_line_of_key(text, str(key))}",
-                hint=f"use one of: {', '.join(ISSUE_FIELDS)}",
-            )
+    _reject_unknown_fields(data, ISSUE_FIELDS, path, text)
     number = data.get("number")
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
         raise ContentError(
