@@ -30,7 +30,7 @@ from newsletter import bounces, config
 from newsletter.server import create_app, start_server
 from newsletter.sink import start_sink
 from newsletter.store import DeliveryResult, DeliveryState, Store
-from newsletter.tokens import TokenSigner
+from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner
 
 KEY = "bench-secret-key-0123456789abcdef"
 ISSUE = "001-bench"
@@ -163,7 +163,7 @@ def main() -> None:
             return [
                 (
                     "POST",
-                    f"/u/{signer.make('unsubscribe', str(i), ISSUE)}",
+                    f"/u/{signer.make(UNSUBSCRIBE_PURPOSE, str(i), ISSUE)}",
                     b"List-Unsubscribe=One-Click",
                 )
                 for i in chunk

@@ -407,7 +407,7 @@ def _imap_connect(config: Config) -> imaplib.IMAP4:
             where="environment",
             hint="export NEWSLETTER_IMAP_PASSWORD with the bounce mailbox's password",
         )
-    if settings.imap_security == "none" and not is_loopback(settings.imap_host):
+    if settings.imap_security == "none" and not is_loopback(settings.imap_host, resolve=False):
         raise ConfigError(
             "[bounces] imap_security = none would send the password in clear",
             where=str(config.path),

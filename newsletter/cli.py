@@ -592,7 +592,7 @@ def smtp_sink(
         maildir = None
     if port is None:
         port = config.smtp.port if config is not None else 8025
-    if not is_loopback(host) and allow_remote:
+    if not is_loopback(host, resolve=False) and allow_remote:
         click.echo(
             f"Warning: listening on {host}: anyone who can reach it can drop mail here.", err=True
         )
@@ -1067,15 +1067,15 @@ def status(ctx: Context, issue_ref: str) -> None:
     cfg = ctx.config()
     issue_item = _issue(cfg, issue_ref)
     with _open_store(ctx) as store:
-        snapshot = store.issue_snapshot(issue_item.key)
+        snapshot = store.issue_snapshot(issue_item.slug)
         if snapshot is None:
-            click.echo(f"Issue {issue_item.number} ({issue_item.key}) has not been sent.")
+            click.echo(f"Issue {issue_item.number} ({issue_item.slug}) has not been sent.")
             return
-        counts = store.ledger_counts(issue_item.key)
-        problems = store.ledger_problems(issue_item.key)
-        bounced = store.bounces_for_issue(issue_item.key)
+        counts = store.ledger_counts(issue_item.slug)
+        problems = store.ledger_problems(issue_item.slug)
+        bounced = store.bounces_for_issue(issue_item.slug)
     click.echo(
-        f"Issue {issue_item.number} ({issue_item.key}): {snapshot.recipients} recipients, "
+        f"Issue {issue_item.number} ({issue_item.slug}): {snapshot.recipients} recipients, "
         f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
     )
     for state, number in counts.items():

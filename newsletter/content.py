@@ -90,11 +90,7 @@ class Issue:
 
     @property
     def slug(self) -> str:
-        return self.path.name
-
-    @property
-    def key(self) -> str:
-        """Stable id for the ledger: the folder name."""
+        """The folder name: the issue's web address, build folder and ledger key."""
         return self.path.name
 
     def subject(self, max_length: int = 100) -> str:
@@ -578,7 +574,7 @@ def move_article(folder: Path, ref: str, position: int) -> list[str]:
     return names
 
 
-def check_issue(issue: Issue) -> None:
+def require_buildable(issue: Issue) -> None:
     """Errors that stop a build: no articles, missing images."""
     if not issue.articles:
         raise ContentError(

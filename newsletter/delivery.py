@@ -149,7 +149,7 @@ def plan_send(
     options: SendOptions = SendOptions(),
 ) -> SendPlan:
     """The numbers for the confirmation prompt, without changing anything."""
-    key = rendered.issue.key
+    key = rendered.issue.slug
     snapshot = store.issue_snapshot(key)
     counts = store.ledger_counts(key)
     # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
@@ -344,7 +344,7 @@ def send_issue(
     the server cannot be reached at the start, the TransportError is raised
     before anything changes (the recipients are not fixed either).
     """
-    key = rendered.issue.key
+    key = rendered.issue.slug
     template = prepare(rendered, config, sign=sign)
     connections = options.connections or config.delivery.connections
     rate = config.delivery.rate if options.rate is None else options.rate

@@ -23,13 +23,11 @@ from urllib.parse import quote
 
 from .config import Config
 from .errors import ConfigError
-from .render import RenderedIssue, find_placeholders
-from .tokens import TokenSigner, address_fingerprint
+from .render import RenderedIssue, find_placeholders, split_on_placeholders
+from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
 
-UNSUBSCRIBE_PURPOSE = "unsubscribe"
 _POLICY = email.policy.SMTP
 _CRLF = b"\r\n"
-_PLACEHOLDER_SPLIT = re.compile(r"(%%nl:[a-z0-9_.]+:[0-9a-f]{10}%%)")
 # Per-recipient parts of the header block get their own markers (never in editor text).
 _TO, _DATE, _MESSAGE_ID, _LIST_UNSUB = "to", "date", "message_id", "list_unsubscribe"
 
@@ -233,7 +231,7 @@ def _part_segments(part: str, text: str, placeholders: Mapping[str, str]) -> lis
     """
     segments: list[Segment] = []
     literal = ""
-    for index, piece in enumerate(_PLACEHOLDER_SPLIT.split(text)):
+    for index, piece in enumerate(split_on_placeholders(text)):
         key = placeholders.get(piece) if index % 2 else None
         if key is None:
             literal += piece
@@ -318,7 +316,7 @@ def prepare(
         sender_domain=config.sender_domain,
         unsubscribe_url=unsub.url,
         unsubscribe_mailto=unsub.mailto,
-        issue_key=rendered.issue.key,
+        issue_key=rendered.issue.slug,
         signer=signer,
         sign=sign,
     )

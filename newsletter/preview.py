@@ -15,7 +15,6 @@ paths and symlinks that lead out of the build folder all end in 404.
 from __future__ import annotations
 
 import email.policy
-import ipaddress
 import json
 import logging
 import mimetypes
@@ -40,6 +39,7 @@ from . import content, message, render
 from .config import Config
 from .errors import NewsletterError, PreviewError
 from .files import atomic_write_bytes
+from .transport import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -256,25 +256,9 @@ def _problem(exc: BaseException) -> BuildProblem:
 # --- safety ------------------------------------------------------------------------------
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    bare = host.strip("[]")
-    if bare.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(bare, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(str(i[4][0])).is_loopback for i in infos)
-
-
 def host_warning(host: str) -> str | None:
     """A warning to print when the preview would be reachable from other machines."""
-    if is_loopback(host):
+    if is_loopback(host, resolve=True):
         return None
     return (
         f"the preview listens on {host}, so other machines on the network can read this "
@@ -634,7 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Refuse other Host names on loopback, so a web page cannot rebind DNS to us."""
         preview = self.server.preview
         header = self.headers.get("Host")
-        if header is None or not is_loopback(preview.host):
+        if header is None or not is_loopback(preview.host, resolve=True):
             return True
         name = header.rsplit(":", 1)[0] if not header.endswith("]") else header
         return name.strip("[]").lower() in {

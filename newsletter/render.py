@@ -29,7 +29,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from .config import Config
-from .content import Article, Issue, check_issue
+from .content import Article, Issue, require_buildable
 from .errors import RenderError
 from .files import atomic_write_bytes
 
@@ -39,7 +39,8 @@ EMAIL_TEMPLATE = "email.mjml"
 TEXT_TEMPLATE = "email.txt"
 TEXT_WIDTH = 72
 PLACEHOLDER_KEYS = ("name", "first_name", "email", "unsubscribe_url")
-_PLACEHOLDER_RE = re.compile(r"%%nl:([a-z0-9_.]+):([0-9a-f]{10})%%")
+# The one spelling of a placeholder: ``%%nl:<key>:<nonce>%%`` (built and matched only here).
+_PLACEHOLDER_RE = re.compile(r"(%%nl:[a-z0-9_.]+:[0-9a-f]{10}%%)")
 _FIELD_KEY = re.compile(r"^[A-Za-z0-9_]+$")
 
 # cssutils (under premailer) logs every vendor property it does not know.
@@ -103,11 +104,12 @@ class Placeholders:
 
     def token(self, key: str) -> str:
         token = f"%%nl:{key}:{self.nonce}%%"
+        assert _PLACEHOLDER_RE.fullmatch(token), token
         self.used[token] = key
         return token
 
 
-class Recipient:
+class RecipientPlaceholders:
     """What templates see as ``recipient``: placeholders in the email, blanks on the web."""
 
     def __init__(self, placeholders: Placeholders | None) -> None:
@@ -581,7 +583,7 @@ def _context(
     config: Config,
     *,
     subject: str,
-    recipient: Recipient,
+    recipient: RecipientPlaceholders,
     web: bool,
     asset_base: str,
     warnings: list[str],
@@ -760,7 +762,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     ``asset_base`` is where images are fetched from: by default the issue's web
     address (``base_url/slug``), ``""`` for paths relative to the build folder.
     """
-    check_issue(issue)
+    require_buildable(issue)
     base = (
         f"{config.newsletter.base_url.rstrip('/')}/{issue.slug}"
         if asset_base is None
@@ -774,7 +776,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         issue,
         config,
         subject=subject,
-        recipient=Recipient(placeholders),
+        recipient=RecipientPlaceholders(placeholders),
         web=False,
         asset_base=base,
         warnings=warnings,
@@ -783,7 +785,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     email_template = _template_file(env, EMAIL_TEMPLATE)
     email_html = mjml_to_html(email_mjml, template=email_template)
     text = _tidy_text(_render_template(env, TEXT_TEMPLATE, email_ctx))
-    web_ctx = dict(email_ctx, recipient=Recipient(None), web=True)
+    web_ctx = dict(email_ctx, recipient=RecipientPlaceholders(None), web=True)
     web_ctx["articles"] = email_ctx["articles"]
     # Browsers read <style> blocks, so the web page skips premailer's inlining.
     web_html = mjml_to_html(
@@ -832,7 +834,13 @@ def _assets(issue: Issue) -> Iterator[tuple[Path, str]]:
 
 def find_placeholders(text: str) -> list[str]:
     """Every placeholder token left in ``text`` (a test and a safety check use this)."""
-    return [m.group(0) for m in _PLACEHOLDER_RE.finditer(text)]
+    return _PLACEHOLDER_RE.findall(text)
+
+
+def split_on_placeholders(text: str) -> list[str]:
+    """``text`` cut around anything spelled like a placeholder: literal pieces at even
+    indexes, placeholder-shaped tokens at odd ones (``message`` fills those per recipient)."""
+    return _PLACEHOLDER_RE.split(text)
 
 
 def visible_text(markup: str) -> str:

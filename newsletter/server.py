@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
-import hashlib
 import logging
 import re
 import threading
@@ -43,12 +42,16 @@ from .errors import (
     StoreError,
     TransportError,
 )
-from .message import UNSUBSCRIBE_PURPOSE
-from .store import Status, Store, email_key
-from .tokens import TokenData, TokenSigner, address_fingerprint
+from .store import Status, Store
+from .tokens import (
+    CONFIRM_PURPOSE,
+    UNSUBSCRIBE_PURPOSE,
+    TokenData,
+    TokenSigner,
+    address_fingerprint,
+)
 from .transport import Transport, transport_from_config
 
-CONFIRM_PURPOSE = "confirm"
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"
 MAX_REQUEST_BYTES = 64 * 1024
@@ -181,11 +184,6 @@ def _origin(url: str) -> str:
     if not parts.scheme or not parts.netloc:
         return ""
     return f"{parts.scheme}://{parts.netloc}".lower()
-
-
-def email_digest(address: str) -> str:
-    """A short hash of an address for confirmation tokens (which are not encrypted)."""
-    return hashlib.sha256(email_key(address).encode("utf-8")).hexdigest()[:16]
 
 
 def public_base(config: Config) -> str:
@@ -470,7 +468,9 @@ def create_app(
         if not wanted.send:
             return check_inbox
         subscriber = wanted.subscriber
-        token = signer.make(CONFIRM_PURPOSE, str(subscriber.id), email_digest(subscriber.email))
+        token = signer.make(
+            CONFIRM_PURPOSE, str(subscriber.id), address_fingerprint(subscriber.email)
+        )
         link = f"{external_base()}/confirm/{token}"
         data = confirmation_message(config, subscriber.email, subscriber.name, link, sign=sign)
         transport = make_transport()
@@ -508,7 +508,7 @@ def create_app(
             return bad_link(expired)
         store = db()
         subscriber = store.get_subscriber(int(data.subject))
-        if subscriber is None or email_digest(subscriber.email) != data.context:
+        if subscriber is None or address_fingerprint(subscriber.email) != data.context:
             return bad_link(expired)
         issued = datetime.fromtimestamp(data.issued_at, UTC)
         with writing:

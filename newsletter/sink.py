@@ -400,7 +400,7 @@ def start_sink(
     drop mail into the folders.
     """
     where = f"{host}:{port}"
-    if not is_loopback(host) and not allow_remote:
+    if not is_loopback(host, resolve=False) and not allow_remote:
         raise TransportError(
             "refusing to listen on a non-loopback address",
             where=where,

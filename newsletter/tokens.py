@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 _SIG_BYTES = 16
+# What a token is for; a token made for one purpose never verifies for another.
+UNSUBSCRIBE_PURPOSE = (
+    "unsubscribe"  # subject "<subscriber id>:<address_fingerprint>", context the issue
+)
+CONFIRM_PURPOSE = "confirm"  # subject the subscriber id, context address_fingerprint(address)
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,10 @@ class TokenSigner:
 def address_fingerprint(address: str) -> str:
     """A short hash of an address, so a token also names whom it was made for.
 
-    Unsubscribe tokens carry ``"<subscriber id>:<fingerprint>"``: if the id ever
-    belongs to someone else (a deleted row whose id SQLite reused), the link does
-    nothing instead of unsubscribing a stranger.
+    Unsubscribe tokens carry ``"<subscriber id>:<fingerprint>"`` and confirmation
+    tokens carry the fingerprint as context: if the id ever belongs to someone else
+    (a deleted row whose id SQLite reused), the link does nothing instead of acting
+    for a stranger. Unsubscribe links in mail already sent carry it too, so it never
+    changes.
     """
     return hashlib.sha256(address.strip().casefold().encode("utf-8")).hexdigest()[:12]

@@ -84,15 +84,28 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` names and loopback IP literals (no DNS lookup)."""
+def is_loopback(host: str, *, resolve: bool) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, ``localhost`` names).
+
+    ``resolve=False`` looks at the spelling alone: a decision about sending a password
+    in clear must not depend on what a DNS server answers. ``resolve=True`` also looks
+    a name up and accepts it when every address it has is loopback (the preview's
+    warning, where a name from /etc/hosts is a fair thing to bind to).
+    """
     name = host.strip().strip("[]").lower().rstrip(".")
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
+        pass
+    if not resolve or not name:
         return False
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0])).is_loopback for i in infos)
 
 
 def trace_headers(envelope_from: str, recipient: str, message: bytes) -> bytes:
@@ -409,7 +422,7 @@ class SmtpTransport:
             )
         if not s.username:
             return
-        if s.security == "none" and not is_loopback(s.host):
+        if s.security == "none" and not is_loopback(s.host, resolve=False):
             raise TransportError(
                 "refusing to send the SMTP password unencrypted to a non-loopback host",
                 where=self.where,

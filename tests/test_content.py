@@ -190,7 +190,7 @@ def test_add_copies_articles_and_their_images(example: Issue, empty_issue: Issue
         example.path / "images" / "ferry-quay.png"
     ).read_bytes()
     assert (empty_issue.path / "images" / "promenade-1894-map.png").is_file()
-    content.check_issue(issue)
+    content.require_buildable(issue)
 
 
 def test_adding_the_same_article_twice_is_refused(example: Issue, empty_issue: Issue) -> None:
@@ -223,7 +223,7 @@ def test_add_with_a_missing_image_names_file_and_line(tmp_path: Path, empty_issu
 def test_missing_image_at_build_time(example: Issue) -> None:
     (example.path / "images" / "bench.png").unlink()
     issue = content.read_issue(example.path)
-    text = error_of(content.check_issue, issue)
+    text = error_of(content.require_buildable, issue)
     article = example.path / "articles" / "05-what-benches-tell-us.md"
     line = (
         article.read_text(encoding="utf-8")
@@ -236,7 +236,7 @@ def test_missing_image_at_build_time(example: Issue) -> None:
 
 
 def test_issue_with_no_articles_cannot_be_built(empty_issue: Issue) -> None:
-    text = error_of(content.check_issue, empty_issue)
+    text = error_of(content.require_buildable, empty_issue)
     assert text.startswith(f"{empty_issue.path / 'issue.md'}: the issue has no articles")
     assert "newsletter issue add 2" in text
 

@@ -255,7 +255,7 @@ def test_import_digest_cli_creates_an_issue_that_builds(tmp_path: Path) -> None:
         "Pier Notes: Benches and Bollards",
     ]
     assert (issue.path / "images" / "7.png").read_bytes() == PNG
-    content.check_issue(issue)  # every image it references is there
+    content.require_buildable(issue)  # every image it references is there
     rendered = render.render_issue(issue, cfg)
     assert "Tide Clocks Return to the Quay" in rendered.html
     assert "A clock that is wrong twice a day" in rendered.html

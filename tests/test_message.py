@@ -19,7 +19,7 @@ from newsletter.content import Issue
 from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
 from newsletter.render import RenderedIssue
-from newsletter.tokens import TokenSigner, address_fingerprint
+from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
 from tests.conftest import TEST_SECRET_KEY
 from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
 
@@ -216,20 +216,20 @@ def test_unsubscribe_token_verifies_and_a_tampered_one_does_not(template: Messag
     assert f"https://example.org/ledger/u/{token}" in text
     assert f'href="https://example.org/ledger/u/{token}"' in markup
     signer = TokenSigner(TEST_SECRET_KEY)
-    data = signer.verify(token, message.UNSUBSCRIBE_PURPOSE)
+    data = signer.verify(token, UNSUBSCRIBE_PURPOSE)
     assert data is not None
     assert (data.subject, data.context) == (f"42:{address_fingerprint(ANN.email)}", EXAMPLE_SLUG)
     payload, signature = token.split(".")
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
-    assert signer.verify(f"{payload}.{flipped}", message.UNSUBSCRIBE_PURPOSE) is None
+    assert signer.verify(f"{payload}.{flipped}", UNSUBSCRIBE_PURPOSE) is None
     # Someone else's id with this token's signature: refused.
-    forged_payload = signer.make(message.UNSUBSCRIBE_PURPOSE, "43", EXAMPLE_SLUG).split(".")[0]
-    assert signer.verify(f"{forged_payload}.{signature}", message.UNSUBSCRIBE_PURPOSE) is None
-    other_key = TokenSigner("k" * 32).make(message.UNSUBSCRIBE_PURPOSE, "42", EXAMPLE_SLUG)
-    assert signer.verify(other_key, message.UNSUBSCRIBE_PURPOSE) is None
-    assert signer.verify(token[:-2], message.UNSUBSCRIBE_PURPOSE) is None
+    forged_payload = signer.make(UNSUBSCRIBE_PURPOSE, "43", EXAMPLE_SLUG).split(".")[0]
+    assert signer.verify(f"{forged_payload}.{signature}", UNSUBSCRIBE_PURPOSE) is None
+    other_key = TokenSigner("k" * 32).make(UNSUBSCRIBE_PURPOSE, "42", EXAMPLE_SLUG)
+    assert signer.verify(other_key, UNSUBSCRIBE_PURPOSE) is None
+    assert signer.verify(token[:-2], UNSUBSCRIBE_PURPOSE) is None
     assert signer.verify(token, "confirm") is None  # another purpose
-    assert TokenSigner("another-secret-key-0123").verify(token, message.UNSUBSCRIBE_PURPOSE) is None
+    assert TokenSigner("another-secret-key-0123").verify(token, UNSUBSCRIBE_PURPOSE) is None
 
 
 def test_no_secret_key_is_a_one_line_config_error(rendered: RenderedIssue, workspace: Path) -> None:

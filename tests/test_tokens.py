@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from newsletter.errors import ConfigError
-from newsletter.tokens import TokenSigner
+from newsletter.tokens import (
+    CONFIRM_PURPOSE,
+    UNSUBSCRIBE_PURPOSE,
+    TokenSigner,
+    address_fingerprint,
+)
 
 KEY = "k" * 32
 
@@ -48,3 +53,17 @@ def test_a_short_or_missing_key_is_one_clear_error_and_repr_hides_the_key() -> N
     with pytest.raises(ConfigError, match="NEWSLETTER_SECRET_KEY"):
         TokenSigner("short")
     assert KEY not in repr(TokenSigner(KEY))
+
+
+def test_an_unsubscribe_link_in_mail_already_sent_keeps_working() -> None:
+    """Pinned: a token made by an earlier version (same key) verifies and names the same reader."""
+    sent_long_ago = (
+        "dW5zdWJzY3JpYmUfNDI6Yzk1NTY4NTNkOWY0HzIwMjYtMDEtMDgtZmlyc3QtaXNzdWUfMTc2NzIyNTYwMA"
+        ".zIQc2feLSXehe6Diq_qRWg"
+    )
+    signer = TokenSigner("a-key-kept-for-years-0123456789")
+    data = signer.verify(sent_long_ago, UNSUBSCRIBE_PURPOSE)
+    assert data is not None and data.context == "2026-01-08-first-issue"
+    assert data.subject == f"42:{address_fingerprint('ann.lee@example.org')}"
+    assert address_fingerprint(" Ann.Lee@Example.ORG ") == "c9556853d9f4"
+    assert signer.verify(sent_long_ago, CONFIRM_PURPOSE) is None

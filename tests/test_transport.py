@@ -3,6 +3,7 @@ then SMTP faults injected by the server (tests/smtp_server.py), never by mocks."
 
 from __future__ import annotations
 
+import ipaddress
 import mailbox
 import socket
 import threading
@@ -433,8 +434,20 @@ def test_never_auth_in_plaintext_to_a_remote_host(host: str) -> None:
 
 
 def test_loopback_detection() -> None:
-    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]))
-    assert not any(map(is_loopback, ["example.org", "10.0.0.1", "0.0.0.0", "localhost.example"]))
+    loopback = ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "a.localhost"]
+    assert all(is_loopback(host, resolve=False) for host in loopback)
+    others = ["example.org", "10.0.0.1", "0.0.0.0", "localhost.example"]
+    assert not any(is_loopback(host, resolve=False) for host in others)
+
+
+def test_loopback_detection_resolves_a_name_only_when_asked() -> None:
+    """This machine's own name is looked up (in /etc/hosts, no traffic) only with resolve."""
+    name = socket.gethostname()
+    addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    only_loopback = all(ipaddress.ip_address(str(a)).is_loopback for a in addresses)
+    assert is_loopback(name, resolve=True) is only_loopback
+    assert is_loopback(name, resolve=False) is (name == "localhost")
+    assert is_loopback("localhost", resolve=True) and not is_loopback("", resolve=True)
 
 
 @pytest.mark.parametrize("tls", ["starttls", "ssl"])
