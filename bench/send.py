@@ -6,7 +6,7 @@
 The sink is `newsletter smtp-sink --count-only` in its own process (it only counts,
 so the disk is not the bottleneck). Each measured send runs in a fresh client
 process with the ledger on (a real SQLite file, durable claims): it imports the
-generated list, renders the issue, then times `send_issue` alone, and reports
+generated list, renders the issue, then times `prepare_send(...).run()` alone, and reports
 msgs/s, its CPU (getrusage self + children) and its peak RSS. The issue's goals on
 this 2-core machine: >= 1,500 msgs/s, and peak RSS <= 120 MiB at 100,000 subscribers.
 
@@ -94,7 +94,6 @@ def client(args: argparse.Namespace) -> None:
     """Runs in its own process: import, render, then time the send; prints one JSON line."""
     from newsletter import config, content, delivery, render
     from newsletter.store import DeliveryState, Store
-    from newsletter.transport import transport_from_config
 
     ws = Path(args.workspace)
     cfg = config.load(ws, environ={config.ENV_SECRET_KEY: SECRET}, db=ws / "bench.db")
@@ -104,7 +103,6 @@ def client(args: argparse.Namespace) -> None:
     rendered = render.render_issue(
         content.read_issue(content.find_issue(cfg.issues_dir, ISSUE)), cfg
     )
-    signer = None
     if args.dkim:
         from newsletter import dkim
 
@@ -118,21 +116,14 @@ def client(args: argparse.Namespace) -> None:
                 key_file=str(pair.private_path),
             ),
         )
-        signer = dkim.signer_from_config(cfg)
     with Store.open(cfg.db_path, durable_claims=not args.no_fsync) as store:
         store.import_csv(write_list(ws / "list.csv", args.client_subscribers))
         cpu0 = _cpu()
         start = time.perf_counter()
 
         def send() -> delivery.DeliveryReport:
-            return delivery.send_issue(
-                cfg,
-                rendered,
-                store,
-                lambda: transport_from_config(cfg),
-                options=delivery.SendOptions(batch_size=args.batch),
-                sign=signer,
-            )
+            prepared = delivery.prepare_send(cfg, rendered, store)
+            return prepared.run(delivery.SendOptions(batch_size=args.batch))
 
         if args.profile:
             import cProfile

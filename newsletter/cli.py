@@ -6,6 +6,7 @@ This is the only module that imports click, and the only place where a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import importlib.util
@@ -13,7 +14,7 @@ import signal
 import sys
 import threading
 import webbrowser
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -839,12 +840,6 @@ def stdin_is_terminal() -> bool:
 EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
 
 
-def _transport_name(cfg: Config) -> str:
-    smtp = cfg.smtp
-    name = f"SMTP {smtp.host}:{smtp.port} ({smtp.security})"
-    return f"{name} + copies in {cfg.outbox_dir}" if cfg.delivery.outbox else name
-
-
 def _print_report(report: delivery.DeliveryReport) -> None:
     click.echo(
         f"Sent {report.sent}, failed {report.failed}, deferred {report.deferred}, "
@@ -867,6 +862,30 @@ def _print_report(report: delivery.DeliveryReport) -> None:
         )
     if len(shown) > 20 or deferred:
         click.echo(f"See `newsletter status {report.issue_key}` for every recipient's reply.")
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event that Ctrl-C (or SIGTERM) sets while the block runs.
+
+    The send then lets the messages already with the server finish and be recorded,
+    so nothing is left uncertain; a second Ctrl-C aborts at once. The previous
+    handlers come back when the block ends.
+    """
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nStopping after the messages in flight (Ctrl-C again to abort)...", err=True)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @main.command()
@@ -922,18 +941,11 @@ def send(
     Exit status: 0 when every recipient of this run was sent to, 1 when one
     failed or the run stopped, 75 when some were deferred for a later run.
     """
-    from . import dkim
-    from .store import Status
-    from .transport import transport_from_config
-
     cfg = ctx.config()
-    delivery.check_can_send(cfg)
+    outbound = delivery.outbound_from_config(cfg)  # settings and DKIM key, before rendering
     rendered = render.render_issue(_issue(cfg, issue_ref), cfg)
-    signer = dkim.signer_from_config(cfg)
     if test_addresses:
-        results = delivery.send_test(
-            cfg, rendered, test_addresses, transport_from_config(cfg), sign=signer
-        )
+        results = delivery.prepare_send(cfg, rendered, outbound=outbound).send_test(test_addresses)
         for result in results:
             click.echo(
                 f"{result.outcome:<9} {result.recipient}  {result.code or ''} {result.reply}".rstrip()
@@ -949,10 +961,9 @@ def send(
         resend_uncertain=resend_uncertain,
     )
     with _open_store(ctx) as store:
+        prepared = delivery.prepare_send(cfg, rendered, store, outbound=outbound)
         if dry_run:
-            dry = delivery.dry_run(
-                cfg, rendered, store.list_subscribers(Status.ACTIVE), sign=signer
-            )
+            dry = prepared.dry_run()
             for address in dry.invalid:
                 click.echo(f"cannot build a message for {address!r}", err=True)
             click.echo(
@@ -960,7 +971,7 @@ def send(
                 f"in {dry.elapsed:.2f} s. Nothing was sent or recorded."
             )
             return
-        plan = delivery.plan_send(cfg, rendered, store, _transport_name(cfg), options)
+        plan = prepared.plan(options)
         click.echo(f"Subject:    {plan.subject}")
         click.echo(f"From:       {plan.sender}")
         click.echo(
@@ -1014,35 +1025,10 @@ def send(
                 bar.__enter__()
             bar.update(progress.done - bar.pos, current_item=progress)
 
-        stop = threading.Event()
-
-        def request_stop(signum: int, _frame: object) -> None:
-            # Ctrl-C (or SIGTERM) lets the messages already with the server finish and be
-            # recorded, so nothing is left uncertain; a second Ctrl-C aborts at once.
-            if stop.is_set() and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            stop.set()
-            click.echo(
-                "\nStopping after the messages in flight (Ctrl-C again to abort)...", err=True
-            )
-
-        previous = {
-            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
         try:
-            report = delivery.send_issue(
-                cfg,
-                rendered,
-                store,
-                lambda: transport_from_config(cfg),
-                options=options,
-                sign=signer,
-                progress=show,
-                stop=stop,
-            )
+            with _stop_on_signals() as stop:
+                report = prepared.run(options, progress=show, stop=stop)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if bar is not None:
                 bar.__exit__(None, None, None)
     if report.found_uncertain:

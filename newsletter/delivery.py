@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from .config import Config
+from .dkim import signer_from_config
 from .errors import DeliveryError, NewsletterError, TransportError
-from .message import MessageTemplate, Recipient, RecipientError, prepare
+from .message import MessageTemplate, Recipient, RecipientError, prepare, sample_recipient
 from .render import RenderedIssue
 from .store import (
     ClaimedRecipient,
@@ -141,43 +142,189 @@ def recipient_of(subscriber: Subscriber) -> Recipient:
     )
 
 
-def plan_send(
+@dataclass(frozen=True)
+class DryRunReport:
+    """A dry run built every message and recorded nothing."""
+
+    messages: int
+    total_bytes: int
+    elapsed: float
+    invalid: tuple[str, ...] = ()  # addresses whose message could not be built
+
+
+def describe_transport(config: Config) -> str:
+    """Where the configured transport sends, as the send plan shows it."""
+    smtp = config.smtp
+    name = f"SMTP {smtp.host}:{smtp.port} ({smtp.security})"
+    return f"{name} + copies in {config.outbox_dir}" if config.delivery.outbox else name
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """How mail leaves: a factory for the transport each sending thread owns, and the
+    DKIM signer (None: unsigned). Built once, for a send or for the service's mail."""
+
+    make_transport: TransportFactory
+    sign: Signer | None = field(default=None, repr=False)
+    description: str = "a custom transport"
+
+
+def outbound_from_config(
+    config: Config, *, make_transport: TransportFactory | None = None
+) -> Outbound:
+    """The configured transport and DKIM signer, checked now rather than mid-send.
+
+    The SMTP settings are checked (a username without its password, a password that
+    would go out unencrypted) without connecting, and the DKIM key is read and parsed
+    once. ``make_transport`` replaces the configured transport (the service's tests).
+    """
+    if make_transport is not None:
+        return Outbound(make_transport, signer_from_config(config))
+    transport_from_config(config)  # checks the settings; connects to nothing
+    return Outbound(
+        lambda: transport_from_config(config),
+        signer_from_config(config),
+        describe_transport(config),
+    )
+
+
+def prepare_send(
     config: Config,
     rendered: RenderedIssue,
-    store: Store,
-    transport_name: str,
-    options: SendOptions = SendOptions(),
-) -> SendPlan:
-    """The numbers for the confirmation prompt, without changing anything."""
-    key = rendered.issue.slug
-    snapshot = store.issue_snapshot(key)
-    counts = store.ledger_counts(key)
-    # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
-    uncertain = counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING]
-    new = store.count_new_subscribers(key)
-    if snapshot is None:
-        pending = new
-    else:
-        pending = counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED]
-        if options.include_new:
-            pending += new
-        if options.resend_uncertain:
-            pending += uncertain
-    if options.limit is not None:
-        pending = min(pending, options.limit)
-    template = prepare(rendered, config)
-    return SendPlan(
-        issue_key=key,
-        subject=template.subject,
-        sender=config.newsletter.sender,
-        recipients=pending,
-        already_sent=counts[DeliveryState.SENT],
-        uncertain=uncertain,
-        new_subscribers=new if snapshot is not None else 0,
-        message_size=template.size,
-        transport=transport_name,
-        snapshot_fixed=snapshot is not None,
-    )
+    store: Store | None = None,
+    *,
+    outbound: Outbound | None = None,
+) -> PreparedSend:
+    """The one way to send an issue: the signer, the transport factory and the message
+    template are built here, once; the result offers the plan, the run, a dry run and
+    proof copies. ``store`` may be None for proof copies only (they touch no ledger).
+    """
+    out = outbound if outbound is not None else outbound_from_config(config)
+    template = prepare(rendered, config, sign=out.sign)
+    return PreparedSend(config, rendered, store, out, template)
+
+
+@dataclass(frozen=True)
+class PreparedSend:
+    """An issue ready to go: its message built once, signed per copy when DKIM is on."""
+
+    config: Config
+    rendered: RenderedIssue
+    store: Store | None
+    outbound: Outbound
+    template: MessageTemplate
+
+    @property
+    def issue_key(self) -> str:
+        return self.rendered.issue.slug
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise ValueError("this send was prepared without a store: proof copies only")
+        return self.store
+
+    def message_size(self) -> int:
+        """The size of one finished copy for an example reader, DKIM-Signature included.
+
+        Real copies differ only by the reader's own values (address, name, token,
+        Message-ID), a few dozen bytes.
+        """
+        return len(self.template.personalise(sample_recipient()).data)
+
+    def plan(self, options: SendOptions = SendOptions()) -> SendPlan:
+        """The numbers for the confirmation prompt, without changing anything."""
+        store = self._store()
+        key = self.issue_key
+        snapshot = store.issue_snapshot(key)
+        counts = store.ledger_counts(key)
+        # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
+        uncertain = counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING]
+        new = store.count_new_subscribers(key)
+        if snapshot is None:
+            pending = new
+        else:
+            pending = counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED]
+            if options.include_new:
+                pending += new
+            if options.resend_uncertain:
+                pending += uncertain
+        if options.limit is not None:
+            pending = min(pending, options.limit)
+        return SendPlan(
+            issue_key=key,
+            subject=self.template.subject,
+            sender=self.config.newsletter.sender,
+            recipients=pending,
+            already_sent=counts[DeliveryState.SENT],
+            uncertain=uncertain,
+            new_subscribers=new if snapshot is not None else 0,
+            message_size=self.message_size(),
+            transport=self.outbound.description,
+            snapshot_fixed=snapshot is not None,
+        )
+
+    def run(
+        self,
+        options: SendOptions = SendOptions(),
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> DeliveryReport:
+        """Send to every recipient the ledger says is due, once.
+
+        Safe to run again after any failure or crash: it resumes with those not yet
+        sent. A second concurrent run on the same issue gets a DeliveryError. When
+        the server cannot be reached at the start, the TransportError is raised
+        before anything changes (the recipients are not fixed either).
+        """
+        return _send(
+            self.config,
+            self.template,
+            self.issue_key,
+            self._store(),
+            self.outbound.make_transport,
+            options,
+            progress,
+            stop or threading.Event(),
+        )
+
+    def dry_run(self, subscribers: Iterable[Subscriber] | None = None) -> DryRunReport:
+        """Build (and sign) every message, by default for every active subscriber,
+        without sending or recording anything."""
+        if subscribers is None:
+            subscribers = self._store().list_subscribers(Status.ACTIVE)
+        started = time.monotonic()
+        count = size = 0
+        invalid: list[str] = []
+        for subscriber in subscribers:
+            try:
+                size += len(self.template.personalise(recipient_of(subscriber)).data)
+            except ValueError:
+                invalid.append(subscriber.email)
+                continue
+            count += 1
+        return DryRunReport(count, size, time.monotonic() - started, tuple(invalid))
+
+    def send_test(self, addresses: Sequence[str]) -> list[SendResult]:
+        """Proof copies with "[TEST]" in the subject over one connection; no ledger."""
+        template = prepare(
+            self.rendered, self.config, subject_prefix="[TEST] ", sign=self.outbound.sign
+        )
+        transport = self.outbound.make_transport()
+        out: list[SendResult] = []
+        try:
+            for address in addresses:
+                try:
+                    outgoing = template.personalise(
+                        Recipient(email=address, subscriber_id=f"test:{address}")
+                    )
+                except ValueError as exc:
+                    out.append(SendResult(address, "failed", None, str(exc)))
+                    continue
+                out.append(transport.send(template.envelope_from, address, outgoing.data))
+        finally:
+            transport.close()
+        return out
 
 
 class RateLimiter:
@@ -326,30 +473,20 @@ def _batch_size(options: SendOptions, connections: int, rate: float) -> int:
     return batch
 
 
-def send_issue(
+def _send(
     config: Config,
-    rendered: RenderedIssue,
+    template: MessageTemplate,
+    key: str,
     store: Store,
     make_transport: TransportFactory,
-    *,
-    options: SendOptions = SendOptions(),
-    sign: Signer | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    stop: threading.Event | None = None,
+    options: SendOptions,
+    progress: Callable[[Progress], None] | None,
+    stop: threading.Event,
 ) -> DeliveryReport:
-    """Send ``rendered`` to every recipient the ledger says is due, once.
-
-    Safe to run again after any failure or crash: it resumes with those not yet
-    sent. A second concurrent run on the same issue gets a DeliveryError. When
-    the server cannot be reached at the start, the TransportError is raised
-    before anything changes (the recipients are not fixed either).
-    """
-    key = rendered.issue.slug
-    template = prepare(rendered, config, sign=sign)
+    """The run behind :meth:`PreparedSend.run`."""
     connections = options.connections or config.delivery.connections
     rate = config.delivery.rate if options.rate is None else options.rate
     batch = _batch_size(options, connections, rate)
-    stop = stop or threading.Event()
     started = time.monotonic()
     with store.acquire_send_lock(key) as lock:
         counts = store.ledger_counts(key)
@@ -639,83 +776,19 @@ class _Run:
             self.pending = []
 
 
-def send_test(
-    config: Config,
-    rendered: RenderedIssue,
-    addresses: Sequence[str],
-    transport: Transport,
-    *,
-    sign: Signer | None = None,
-) -> list[SendResult]:
-    """Proof copies with "[TEST]" in the subject; the ledger is not touched."""
-    template = prepare(rendered, config, subject_prefix="[TEST] ", sign=sign)
-    out: list[SendResult] = []
-    try:
-        for address in addresses:
-            try:
-                outgoing = template.personalise(
-                    Recipient(email=address, subscriber_id=f"test:{address}")
-                )
-            except ValueError as exc:
-                out.append(SendResult(address, "failed", None, str(exc)))
-                continue
-            out.append(transport.send(template.envelope_from, address, outgoing.data))
-    finally:
-        transport.close()
-    return out
-
-
-@dataclass(frozen=True)
-class DryRunReport:
-    """A dry run built every message and recorded nothing."""
-
-    messages: int
-    total_bytes: int
-    elapsed: float
-    invalid: tuple[str, ...] = ()  # addresses whose message could not be built
-
-
-def dry_run(
-    config: Config,
-    rendered: RenderedIssue,
-    subscribers: Iterable[Subscriber],
-    *,
-    sign: Signer | None = None,
-) -> DryRunReport:
-    """Build (and sign) every message without sending or recording anything."""
-    started = time.monotonic()
-    template = prepare(rendered, config, sign=sign)
-    count = size = 0
-    invalid: list[str] = []
-    for subscriber in subscribers:
-        try:
-            size += len(template.personalise(recipient_of(subscriber)).data)
-        except ValueError:
-            invalid.append(subscriber.email)
-            continue
-        count += 1
-    return DryRunReport(count, size, time.monotonic() - started, tuple(invalid))
-
-
-def check_can_send(config: Config) -> None:
-    """Refuse early (before rendering or claiming anything) when sending could not work:
-    a username without the password, or a password about to go out unencrypted."""
-    transport_from_config(config)  # checks the settings; connects to nothing
-
-
 __all__ = [
     "DeliveryReport",
     "DeliveryState",
     "DryRunReport",
+    "Outbound",
+    "PreparedSend",
     "Progress",
     "RateLimiter",
     "SendOptions",
     "SendPlan",
     "Status",
     "TransportError",
-    "check_can_send",
-    "dry_run",
-    "plan_send",
-    "send_issue",
-    "send_test",
+    "describe_transport",
+    "outbound_from_config",
+    "prepare_send",
 ]

@@ -16,7 +16,6 @@ from .config import Config, SmtpSettings
 from .errors import ContentError
 from .sink import start_sink
 from .store import ImportReport, Store
-from .transport import transport_from_config
 
 DEMO_DIR = "demo"
 
@@ -62,11 +61,6 @@ def run_demo(
         )
         with Store.open(db_path) as store:
             imported = store.import_csv(csv_path)
-            report = delivery.send_issue(
-                demo_config,
-                built.rendered,
-                store,
-                lambda: transport_from_config(demo_config),
-            )
+            report = delivery.prepare_send(demo_config, built.rendered, store).run()
         received = sink.count
     return DemoResult(issue, built, imported, report, sink_dir, db_path, received)

@@ -34,6 +34,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import content, render
 from .config import Config
+from .delivery import outbound_from_config
 from .errors import (
     ContentError,
     NewsletterError,
@@ -50,7 +51,7 @@ from .tokens import (
     TokenSigner,
     address_fingerprint,
 )
-from .transport import Transport, transport_from_config
+from .transport import Transport
 
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"
@@ -306,13 +307,11 @@ def create_app(
     the transport for one confirmation email (default: the configured SMTP server).
     Needs NEWSLETTER_SECRET_KEY: the same key signs the unsubscribe links in the issues.
     """
-    from .dkim import signer_from_config
-
     signer = TokenSigner(config.secrets.secret_key)
     db_path = Path(store_path) if store_path is not None else config.db_path
     Store.open(db_path).close()  # create or migrate now, not on the first request
-    sign = signer_from_config(config)
-    make_transport = transport_factory or (lambda: transport_from_config(config))
+    # Confirmation mail leaves the way an issue does: same transport, same DKIM signer.
+    outbound = outbound_from_config(config, make_transport=transport_factory)
     archive = _ArchiveCache(config)
     news = config.newsletter
     ttl = timedelta(hours=config.server.confirm_ttl_hours)
@@ -472,8 +471,10 @@ def create_app(
             CONFIRM_PURPOSE, str(subscriber.id), address_fingerprint(subscriber.email)
         )
         link = f"{external_base()}/confirm/{token}"
-        data = confirmation_message(config, subscriber.email, subscriber.name, link, sign=sign)
-        transport = make_transport()
+        data = confirmation_message(
+            config, subscriber.email, subscriber.name, link, sign=outbound.sign
+        )
+        transport = outbound.make_transport()
         try:
             result = transport.send(envelope_from, subscriber.email, data)
         except TransportError as exc:

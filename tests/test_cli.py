@@ -545,7 +545,7 @@ def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
         "loaded = 'newsletter.importers.web' in sys.modules\n"
         "import newsletter.delivery\n"
         "from newsletter.importers import sources\n"
-        "print(loaded, callable(newsletter.delivery.send_issue), sources.__name__)\n"
+        "print(loaded, callable(newsletter.delivery.prepare_send), sources.__name__)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],

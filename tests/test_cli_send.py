@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from newsletter import cli, config
 from newsletter.cli import main
 from newsletter.store import DeliveryState, Store
+from tests.deliverability_helpers import rsa_key, write_key
 from tests.delivery_helpers import (
     EXAMPLE_ACTIVE,
     ISSUE_KEY,
@@ -34,6 +37,7 @@ from tests.delivery_helpers import (
 from tests.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
 
 S = DeliveryState
+__all__ = ["rsa_key"]  # a fixture used below
 
 
 @dataclass
@@ -152,6 +156,26 @@ def test_dry_run_builds_every_message_and_records_nothing(site: Site) -> None:
     with site.store() as store:
         assert store.issue_snapshot(ISSUE_KEY) is None
         assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+
+
+def test_the_size_shown_before_sending_is_the_size_of_a_signed_copy(
+    site: Site, tmp_path: Path, rsa_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With DKIM on, the plan's size includes the DKIM-Signature header (~0.6 KB)."""
+    key = write_key(tmp_path / "keys" / "nl.key", rsa_key)
+    monkeypatch.setenv(config.ENV_DKIM_KEY_FILE, str(key))
+    with (site.ws / config.CONFIG_NAME).open("a", encoding="utf-8") as toml:
+        toml.write('\n[dkim]\nselector = "nl2026"\ndomain = "example.org"\n')
+    result = site.run("send", "1", "--yes")
+    assert result.exit_code == 0, result.output
+    match = re.search(r"^Size: +([\d.]+) KB per message$", result.stdout, re.M)
+    assert match is not None, result.stdout
+    shown = float(match.group(1))
+    assert len(site.server.messages) == EXAMPLE_ACTIVE
+    for message in site.server.messages:
+        assert message.data.startswith(b"DKIM-Signature:")
+        # Shown to 0.1 KB; copies differ by the reader's own values (a few dozen bytes).
+        assert abs(len(message.data) / 1024 - shown) <= 0.15, (len(message.data), shown)
 
 
 def test_test_copies_say_test_and_leave_the_ledger_empty(site: Site) -> None:

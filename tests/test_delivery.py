@@ -7,16 +7,18 @@ the server received (recipient, Message-ID) and what the ledger says.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from newsletter import content, delivery, render
-from newsletter.config import Config
-from newsletter.delivery import Progress, RateLimiter, SendOptions, send_issue
+from newsletter.config import Config, DkimSettings
+from newsletter.delivery import Outbound, Progress, RateLimiter, SendOptions, prepare_send
 from newsletter.errors import DeliveryError, TransportError
 from newsletter.message import Recipient, prepare
 from newsletter.render import RenderedIssue
@@ -26,8 +28,8 @@ from newsletter.transport import (
     SendResult,
     WireReady,
     smtp_data_bytes,
-    transport_from_config,
 )
+from tests.deliverability_helpers import rsa_key, write_key
 from tests.delivery_helpers import (
     EXAMPLE_ACTIVE,
     ISSUE_KEY,
@@ -52,6 +54,7 @@ from tests.smtp_server import (
 )
 
 S = DeliveryState
+__all__ = ["rsa_key"]  # a fixture used below
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 class Sender:
-    """Runs send_issue for one test: the example issue, one server, one ledger."""
+    """Sends for one test: the example issue, one server, one ledger."""
 
     def __init__(
         self, example: tuple[Config, RenderedIssue], server: SmtpTestServer, store: Store
@@ -91,12 +94,8 @@ class Sender:
         cfg = self.config
         progress = options.pop("progress", None)
         stop = options.pop("stop", None)
-        return send_issue(
-            cfg,
-            self.rendered,
-            self.store,
-            lambda: transport_from_config(cfg),
-            options=SendOptions(**options),  # type: ignore[arg-type]
+        return prepare_send(cfg, self.rendered, self.store).run(
+            SendOptions(**options),  # type: ignore[arg-type]
             progress=progress,  # type: ignore[arg-type]
             stop=stop,  # type: ignore[arg-type]
         )
@@ -165,20 +164,50 @@ def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
     assert len(sender.server.messages) == len(active)
 
     store.add_subscriber("late.comer@example.com", "Late Comer")
-    plan = delivery.plan_send(sender.config, sender.rendered, store, "test")
+    plan = prepare_send(sender.config, sender.rendered, store).plan()
     assert (plan.recipients, plan.new_subscribers, plan.already_sent) == (0, 1, len(active))
     still = sender.send()
     assert still.sent == 0 and "late.comer@example.com" not in copies(sender.server.messages)
     assert store.ledger_entry(ISSUE_KEY, "late.comer@example.com") is None
 
-    plan = delivery.plan_send(
-        sender.config, sender.rendered, store, "test", SendOptions(include_new=True)
-    )
+    plan = prepare_send(sender.config, sender.rendered, store).plan(SendOptions(include_new=True))
     assert plan.recipients == 1
     added = sender.send(include_new=True)
     assert added.sent == 1
     got = copies(sender.server.messages)
     assert got["late.comer@example.com"] == 1 and set(got.values()) == {1}
+
+
+def boundary(data: bytes) -> bytes:
+    """The MIME boundary a message (or the template's literal bytes) uses."""
+    found = set(re.findall(rb"^--(=+nl[0-9a-f]+==)\r$", data, re.M))
+    assert len(found) == 1, found
+    return found.pop()
+
+
+def test_one_prepared_send_plans_and_sends_the_same_signed_message(
+    sender: Sender, store: Store, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """The plan's size is a real signed copy's (DKIM-Signature included), and the run
+    sends the very message the plan measured (one template: one MIME boundary)."""
+    active = fill(store, tmp_path)
+    key = write_key(tmp_path / "keys" / "nl.key", rsa_key)
+    dkim_on = DkimSettings(selector="nl2026", domain="example.org", key_file=str(key))
+    cfg = dataclasses.replace(sender.config, dkim=dkim_on)
+    prepared = prepare_send(cfg, sender.rendered, store)
+    assert prepared.outbound.sign is not None
+    plan = prepared.plan()
+
+    report = prepared.run()
+
+    assert report.sent == plan.recipients == len(active)
+    sizes = [len(m.data) for m in sender.server.messages]
+    assert all(m.data.startswith(b"DKIM-Signature:") for m in sender.server.messages)
+    assert sender.server.messages[0].data.index(b"\r\nFrom:") > 400  # the header's length
+    # Copies differ only by the reader's values (address, name, token): a few dozen bytes.
+    assert max(abs(size - plan.message_size) for size in sizes) < 100
+    literal = b"".join(part for part in prepared.template.segments if isinstance(part, bytes))
+    assert {boundary(m.data) for m in sender.server.messages} == {boundary(literal)}
 
 
 def test_a_subscriber_who_unsubscribes_before_a_resumed_run_is_not_sent_to(
@@ -451,12 +480,7 @@ def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
         assert paused.wait(30)
         assert store.path is not None
         with Store.open(store.path) as other, pytest.raises(DeliveryError) as caught:
-            send_issue(
-                sender.config,
-                sender.rendered,
-                other,
-                lambda: transport_from_config(sender.config),
-            )
+            prepare_send(sender.config, sender.rendered, other).run()
         assert f"another send of issue {ISSUE_KEY} is running" in str(caught.value)
     finally:
         release.set()
@@ -585,7 +609,9 @@ def test_a_bug_in_a_transport_stops_the_run_and_marks_that_row_uncertain(
     active = fill(store, tmp_path, generated=10)
     transport = _BrokenAfter(good=4)
 
-    report = send_issue(cfg, rendered, store, lambda: transport, options=SendOptions(connections=1))
+    report = prepare_send(cfg, rendered, store, outbound=Outbound(lambda: transport)).run(
+        SendOptions(connections=1)
+    )
 
     assert isinstance(report.error, DeliveryError) and "boom" in str(report.error)
     counts = store.ledger_counts(ISSUE_KEY)
@@ -637,10 +663,10 @@ def test_nothing_due_means_no_connection_at_all(
     cfg, rendered = example
     fill(store, tmp_path)
     memory = MemoryTransport()
-    send_issue(cfg, rendered, store, lambda: memory)
+    prepare_send(cfg, rendered, store, outbound=Outbound(lambda: memory)).run()
     assert memory.opened == 1
     down = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, port=_free_port()))
-    report = send_issue(down, rendered, store, lambda: transport_from_config(down))
+    report = prepare_send(down, rendered, store).run()
     assert (report.attempts, report.ok) == (0, True)  # nothing to send: the server is not needed
 
 
@@ -655,13 +681,7 @@ def test_sends_through_starttls_with_a_login(
     assert store.path is not None
     cfg = for_server(example[0], server, store.path)
     cfg = dataclasses.replace(cfg, secrets=cfg.secrets.replace(smtp_password=PASSWORD))
-    report = send_issue(
-        cfg,
-        example[1],
-        store,
-        lambda: transport_from_config(cfg),
-        options=SendOptions(connections=2),
-    )
+    report = prepare_send(cfg, example[1], store).run(SendOptions(connections=2))
     assert report.sent == len(active)
     got = copies(server.messages)
     assert set(got) == active and set(got.values()) == {1}
@@ -684,9 +704,8 @@ def test_a_signer_that_breaks_stops_the_run_without_failing_anyone_or_hanging(
             raise RuntimeError("key went away")
         return data
 
-    report = send_issue(
-        cfg, rendered, store, lambda: transport, options=SendOptions(connections=2), sign=sign
-    )
+    outbound = Outbound(lambda: transport, sign)
+    report = prepare_send(cfg, rendered, store, outbound=outbound).run(SendOptions(connections=2))
 
     assert isinstance(report.error, DeliveryError) and "key went away" in str(report.error)
     counts = store.ledger_counts(ISSUE_KEY)
@@ -709,7 +728,9 @@ def test_a_transport_that_cannot_be_made_hands_rows_back_instead_of_uncertain(
         made.append(MemoryTransport())
         return made[0]
 
-    report = send_issue(cfg, rendered, store, factory, options=SendOptions(connections=2))
+    report = prepare_send(cfg, rendered, store, outbound=Outbound(factory)).run(
+        SendOptions(connections=2)
+    )
 
     assert isinstance(report.error, DeliveryError) and "no more sockets" in str(report.error)
     counts = store.ledger_counts(ISSUE_KEY)

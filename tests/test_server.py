@@ -678,7 +678,6 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
     """The send loop (newsletter.delivery) through SMTP to the sink; halfway through,
     the last twenty readers press one-click: none of them gets the issue."""
     from newsletter import content, delivery, render
-    from newsletter.transport import transport_from_config
 
     readers = [service.store.add_subscriber(f"s{i:03d}@example.org") for i in range(120)]
     leaving = readers[-20:]
@@ -696,13 +695,8 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
                 )
 
     with Store.open(service.config.db_path) as sender:
-        report = delivery.send_issue(
-            service.config,
-            rendered,
-            sender,
-            lambda: transport_from_config(service.config),
-            options=delivery.SendOptions(connections=2, batch_size=8),
-            progress=progress,
+        report = delivery.prepare_send(service.config, rendered, sender).run(
+            delivery.SendOptions(connections=2, batch_size=8), progress=progress
         )
     assert answers == [200] * 20
     counts = service.store.ledger_counts(ISSUE)
