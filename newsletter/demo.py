@@ -1,7 +1,8 @@
 """The bundled example, end to end, with nothing external: `newsletter demo`.
 
-Starts the embedded SMTP sink on loopback, imports the example subscribers into
-a demo database, and sends the example issue through the real send loop.
+Starts the embedded SMTP sink on loopback, imports the example subscribers (shipped
+with the package) into a demo database, and sends the workspace's issue 1 through
+the real send loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import content, delivery, render
 from .config import Config, SmtpSettings
 from .errors import ContentError
+from .package_data import example_subscribers
 from .sink import start_sink
 from .store import ImportReport, Store
 
@@ -36,17 +38,19 @@ class DemoResult:
 def run_demo(
     config: Config, *, issue_ref: str = "1", subscribers_csv: Path | None = None
 ) -> DemoResult:
-    """Build and send the example issue to the example list through a local sink."""
-    csv_path = subscribers_csv or config.root / "examples" / "subscribers.csv"
-    if not csv_path.is_file():
-        raise ContentError(
-            "no example subscriber list",
-            where=str(csv_path),
-            hint="run the demo from the repository root",
-        )
+    """Build and send the workspace's issue ``issue_ref`` to the example list (shipped
+    with the package) through a local sink."""
+    csv_path = subscribers_csv or example_subscribers()
     demo_dir = config.state_dir / DEMO_DIR
     sink_dir = demo_dir / "sink"
     db_path = demo_dir / "demo.db"
+    if next(content.iter_issue_folders(config.issues_dir), None) is None:
+        raise ContentError(
+            "the demo sends an issue of this workspace, and it has none",
+            where=str(config.issues_dir),
+            hint="run it in a checkout of newsletter (its issues/ holds the example issue), "
+            "or write an issue first (`newsletter issue new`, `newsletter issue add`)",
+        )
     issue = content.read_issue(content.find_issue(config.issues_dir, issue_ref))
     built = render.build(issue, config)
     with start_sink(sink_dir) as sink:

@@ -39,6 +39,7 @@ from . import content, message, render
 from .config import Config
 from .errors import NewsletterError, PreviewError
 from .files import atomic_write_bytes
+from .package_data import default_theme_dir
 from .transport import is_loopback
 
 log = logging.getLogger(__name__)
@@ -457,7 +458,7 @@ class PreviewServer:
         return state
 
     def _watched_trees(self) -> list[Path]:
-        candidates = [self.issue_path, self.config.templates_dir, render.default_theme_dir()]
+        candidates = [self.issue_path, self.config.templates_dir, default_theme_dir()]
         found: list[Path] = []
         for path in candidates:
             if path.is_dir():
@@ -522,7 +523,7 @@ class PreviewServer:
     def _changes_seen(self, changes: Iterable[tuple[watchfiles.Change, str]]) -> None:
         paths = [Path(p) for _, p in changes]
         reload_config = any(p.name == config_module.CONFIG_NAME for p in paths)
-        templates = [self.config.templates_dir.resolve(), render.default_theme_dir().resolve()]
+        templates = [self.config.templates_dir.resolve(), default_theme_dir().resolve()]
         if any(p == t or p.is_relative_to(t) for p in paths for t in templates):
             render.clear_template_cache()
         if any(p.name == self.config.templates_dir.name for p in paths):

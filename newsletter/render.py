@@ -32,6 +32,7 @@ from .config import Config
 from .content import Article, Issue, require_buildable
 from .errors import RenderError
 from .files import atomic_write_bytes
+from .package_data import default_theme_dir
 
 GMAIL_CLIP_BYTES = 102 * 1024
 DEFAULT_THEME_PREFIX = "!default"
@@ -45,12 +46,6 @@ _FIELD_KEY = re.compile(r"^[A-Za-z0-9_]+$")
 
 # cssutils (under premailer) logs every vendor property it does not know.
 logging.getLogger("CSSUTILS").setLevel(logging.CRITICAL)
-
-
-def default_theme_dir() -> Path:
-    """The packaged theme: inside the wheel, or the repository's top-level templates/."""
-    packaged = Path(__file__).parent / "_theme"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
 
 
 @dataclass(frozen=True)

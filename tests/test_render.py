@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from newsletter import config, message, render
+from newsletter import config, message, package_data, render
 from newsletter.config import Config
 from newsletter.content import Article, Issue
 from newsletter.errors import RenderError
@@ -625,7 +625,7 @@ def test_changed_markdown_is_converted_again_and_warnings_repeat(issue: Issue, c
 
 
 def test_floating_images_still_get_an_align_attribute(cfg: Config, issue: Issue) -> None:
-    theme_css = (render.default_theme_dir() / "email.css").read_text(encoding="utf-8")
+    theme_css = (package_data.default_theme_dir() / "email.css").read_text(encoding="utf-8")
     write_template(cfg, "email.css", theme_css + "\n.body-image { float: right; }\n")
     root = parse_strict(render.render_issue(issue, cfg).html)
     floating = root.xpath('//img[contains(@class, "body-image")]')

@@ -7,6 +7,7 @@ thread. Responses are read with http.client, which never follows redirects.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import http.client
@@ -29,6 +30,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from newsletter import config as config_module
+from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
 from newsletter.server import RunningService, create_app, start_server
 from newsletter.sink import RunningSink, start_sink
@@ -663,6 +665,17 @@ def test_newsletter_serve_without_the_secret_key_says_what_to_do(tmp_path: Path)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: environment: NEWSLETTER_SECRET_KEY is not set")
     assert "Traceback" not in result.stderr
+
+
+def test_the_service_checks_how_its_mail_leaves_when_it_starts(tmp_path: Path) -> None:
+    """A login whose password is missing is an error at start, not at the first subscribe."""
+    root = tmp_path / "ws"
+    write_workspace(root, 2525)
+    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": KEY})
+    cfg = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, username="editor"))
+    with pytest.raises(ConfigError) as caught:
+        create_app(cfg)
+    assert "NEWSLETTER_SMTP_PASSWORD" in str(caught.value)
 
 
 def test_confirmation_dates_are_aware() -> None:
