@@ -4,6 +4,7 @@ The ledger is the truth about who got what. A row is committed as ``sending``
 before its bytes go to the server, results are recorded in batches, and the
 pending recipients are always read from the ledger, never from a counter. The
 main thread owns the database; K worker threads each own one transport.
+:func:`prepare_send` is the one way in, for the CLI, the demo and the bench alike.
 
 What a run guarantees, whatever stops it:
 
