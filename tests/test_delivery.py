@@ -721,11 +721,20 @@ def test_a_transport_that_cannot_be_made_hands_rows_back_instead_of_uncertain(
     cfg, rendered = example
     active = fill(store, tmp_path, generated=10)
     made: list[MemoryTransport] = []
+    second_asked = threading.Event()
+
+    class FirstConnection(MemoryTransport):
+        def send(self, envelope_from: str, recipient: str, message: bytes) -> SendResult:
+            # Hold the first message until the second connection has been asked for:
+            # otherwise one fast worker may take every row and the factory never fails.
+            second_asked.wait(10)
+            return super().send(envelope_from, recipient, message)
 
     def factory() -> MemoryTransport:
         if made:
+            second_asked.set()
             raise RuntimeError("no more sockets")
-        made.append(MemoryTransport())
+        made.append(FirstConnection())
         return made[0]
 
     report = prepare_send(cfg, rendered, store, outbound=Outbound(factory)).run(
