@@ -29,18 +29,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from .config import Config
-from .errors import DeliveryError, NewsletterError, TransportError
+from .errors import DeliveryError, NewsletterError
 from .message import MessageTemplate, Recipient, RecipientError, prepare
-from .render import RenderedIssue
-from .store import (
+from .models import (
     ClaimedRecipient,
     DeliveryResult,
     DeliveryState,
     LedgerEntry,
-    Status,
-    Store,
     Subscriber,
 )
+from .render import RenderedIssue
+from .store import Store
 from .transport import SendResult, Transport, WireReady, transport_from_config
 
 TransportFactory = Callable[[], Transport]
@@ -705,14 +704,11 @@ def check_can_send(config: Config) -> None:
 
 __all__ = [
     "DeliveryReport",
-    "DeliveryState",
     "DryRunReport",
     "Progress",
     "RateLimiter",
     "SendOptions",
     "SendPlan",
-    "Status",
-    "TransportError",
     "check_can_send",
     "dry_run",
     "plan_send",

@@ -14,8 +14,9 @@ from pathlib import Path
 from . import content, delivery, render
 from .config import Config, SmtpSettings
 from .errors import ContentError
+from .models import ImportReport
 from .sink import start_sink
-from .store import ImportReport, Store
+from .store import Store
 from .transport import transport_from_config
 
 DEMO_DIR = "demo"

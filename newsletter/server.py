@@ -34,6 +34,7 @@ from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from . import content, render
+from .addresses import email_key
 from .config import Config
 from .errors import (
     ContentError,
@@ -44,7 +45,8 @@ from .errors import (
     TransportError,
 )
 from .message import UNSUBSCRIBE_PURPOSE
-from .store import Status, Store, email_key
+from .models import Status
+from .store import Store
 from .tokens import TokenData, TokenSigner, address_fingerprint
 from .transport import Transport, transport_from_config
 

@@ -17,7 +17,8 @@ from click.testing import CliRunner, Result
 
 from newsletter import cli, config
 from newsletter.cli import main
-from newsletter.store import DeliveryState, Store
+from newsletter.models import DeliveryState
+from newsletter.store import Store
 from tests.delivery_helpers import (
     EXAMPLE_ACTIVE,
     ISSUE_KEY,
