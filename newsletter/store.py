@@ -117,6 +117,42 @@ def _subscriber(row: Sequence[Any]) -> Subscriber:
     )
 
 
+_EVENT_COLUMNS = "subscriber_events (subscriber_id, old_status, new_status, reason, detail, at)"
+
+
+def _record_event(
+    conn: sqlite3.Connection,
+    subscriber_id: int,
+    old_status: str | None,
+    new_status: str,
+    reason: str,
+    detail: str,
+    at: str,
+) -> None:
+    """Add one line to a subscriber's status history (``old_status`` None: just created)."""
+    conn.execute(
+        f"INSERT INTO {_EVENT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)",
+        (subscriber_id, old_status, new_status, reason, detail, at),
+    )
+
+
+def _delivery_by_message_id(conn: sqlite3.Connection, message_id: str) -> tuple[str, int] | None:
+    """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None.
+
+    The ledger keeps the Message-ID as the header had it; a reply or report may quote
+    it with or without its angle brackets, so both forms are looked up.
+    """
+    bare = message_id.strip().strip("<>").strip()
+    if not bare:
+        return None
+    row = conn.execute(
+        "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
+        " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
+        (f"<{bare}>", bare),
+    ).fetchone()
+    return None if row is None else (row[0], int(row[1]))
+
+
 def _first_bad_utf8_line(path: Path) -> int:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -320,12 +356,7 @@ class Store:
             "UPDATE subscribers SET status = ?, status_changed_at = ?, updated_at = ? WHERE id = ?",
             (status.value, now, now, subscriber_id),
         )
-        conn.execute(
-            "INSERT INTO subscriber_events"
-            " (subscriber_id, old_status, new_status, reason, detail, at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (subscriber_id, old, status.value, reason, detail, now),
-        )
+        _record_event(conn, subscriber_id, old, status.value, reason, detail, now)
         return True
 
     # -- subscribers -----------------------------------------------------------------------
@@ -367,12 +398,7 @@ class Store:
                 ),
             )
             subscriber_id = int(cursor.lastrowid or 0)
-            conn.execute(
-                "INSERT INTO subscriber_events"
-                " (subscriber_id, old_status, new_status, reason, detail, at)"
-                " VALUES (?, NULL, ?, ?, '', ?)",
-                (subscriber_id, Status(status).value, reason, now),
-            )
+            _record_event(conn, subscriber_id, None, Status(status).value, reason, "", now)
             return self._get(conn, subscriber_id)
 
     def get_subscriber(self, email_or_id: str | int) -> Subscriber | None:
@@ -725,9 +751,10 @@ class Store:
             (now,),
         ).rowcount
         # New ids are all above the old maximum: we hold the write lock.
+        # One statement for all the subscribers the import added (it may be a million).
         conn.execute(
-            "INSERT INTO subscriber_events (subscriber_id, old_status, new_status, reason,"
-            " detail, at) SELECT id, NULL, status, 'import', ?, ? FROM subscribers WHERE id > ?",
+            f"INSERT INTO {_EVENT_COLUMNS}"
+            " SELECT id, NULL, status, 'import', ?, ? FROM subscribers WHERE id > ?",
             (detail, now, before),
         )
         return added, updated, matched, skipped, distinct
@@ -1098,12 +1125,7 @@ class Store:
                     (normalized, normalized.lower(), name.strip(), stamp, stamp, stamp),
                 )
                 subscriber_id = int(cursor.lastrowid or 0)
-                conn.execute(
-                    "INSERT INTO subscriber_events"
-                    " (subscriber_id, old_status, new_status, reason, detail, at)"
-                    " VALUES (?, NULL, 'pending', ?, '', ?)",
-                    (subscriber_id, reason, stamp),
-                )
+                _record_event(conn, subscriber_id, None, Status.PENDING.value, reason, "", stamp)
             else:
                 subscriber_id = int(row[0])
                 if row[1] == Status.ACTIVE:
@@ -1194,15 +1216,11 @@ class Store:
 
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
         """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
-        bare = message_id.strip().strip("<>").strip()
-        if not bare:
-            return None
-        row = self._one(
-            "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
-            " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
-            (f"<{bare}>", bare),
-        )
-        return None if row is None else (row[0], int(row[1]))
+        with self._lock:
+            try:
+                return _delivery_by_message_id(self._conn, message_id)
+            except sqlite3.OperationalError as exc:
+                raise self._db_error(exc) from None
 
     def is_processed(self, message_key: str) -> bool:
         """True when a mail with this key (see :meth:`record_bounces`) was processed before."""
@@ -1261,18 +1279,12 @@ class Store:
         ).fetchone()
         if row is not None:
             subscriber_id = int(row[0])
-        bare = bounce.original_message_id.strip().strip("<>").strip()
-        if bare:
-            found = conn.execute(
-                "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
-                " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
-                (f"<{bare}>", bare),
-            ).fetchone()
-            if found is not None:
-                issue_key = found[0]
-                # One message went to one subscriber: a forwarded address still finds them.
-                if subscriber_id is None and in_message == 1:
-                    subscriber_id = int(found[1])
+        found = _delivery_by_message_id(conn, bounce.original_message_id)
+        if found is not None:
+            issue_key = found[0]
+            # One message went to one subscriber: a forwarded address still finds them.
+            if subscriber_id is None and in_message == 1:
+                subscriber_id = found[1]
         reported = _iso(bounce.reported_at) if bounce.reported_at is not None else None
         when = (
             (bounce.reported_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -469,6 +469,25 @@ def test_bounce_on_5xx_marks_the_subscriber(store: Store) -> None:
     assert other is not None and other.status == Status.ACTIVE
 
 
+def test_a_sent_message_is_found_by_its_message_id_with_or_without_brackets(
+    store: Store,
+) -> None:
+    a, b = add_many(store, 2)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 2)
+    store.record_results(
+        [
+            result(a, DeliveryState.SENT, message_id="<one.1@example.org>"),
+            result(b, DeliveryState.SENT, message_id="two.2@example.org"),
+        ]
+    )
+    for quoted in ("<one.1@example.org>", "one.1@example.org", " < one.1@example.org > "):
+        assert store.delivery_for_message_id(quoted) == (ISSUE, a)
+    assert store.delivery_for_message_id("<two.2@example.org>") == (ISSUE, b)
+    for unknown in ("", " <> ", "<three.3@example.org>"):
+        assert store.delivery_for_message_id(unknown) is None
+
+
 def test_results_are_only_sent_failed_deferred_or_uncertain() -> None:
     with pytest.raises(ValueError, match="sent, failed, deferred or uncertain"):
         DeliveryResult(ISSUE, 1, DeliveryState.QUEUED)
