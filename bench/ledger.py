@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from newsletter.store import DeliveryResult, DeliveryState, Store
+from newsletter.models import DeliveryResult, DeliveryState
+from newsletter.store import Store
 
 
 def main() -> None:

@@ -93,7 +93,8 @@ class Sink:
 def client(args: argparse.Namespace) -> None:
     """Runs in its own process: import, render, then time the send; prints one JSON line."""
     from newsletter import config, content, delivery, render
-    from newsletter.store import DeliveryState, Store
+    from newsletter.models import DeliveryState
+    from newsletter.store import Store
 
     ws = Path(args.workspace)
     cfg = config.load(ws, environ={config.ENV_SECRET_KEY: SECRET}, db=ws / "bench.db")

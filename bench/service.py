@@ -27,9 +27,10 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from newsletter import bounces, config
+from newsletter.models import DeliveryResult, DeliveryState
 from newsletter.server import create_app, start_server
 from newsletter.sink import start_sink
-from newsletter.store import DeliveryResult, DeliveryState, Store
+from newsletter.store import Store
 from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner
 
 KEY = "bench-secret-key-0123456789abcdef"

@@ -40,7 +40,8 @@ from flufl.bounce import all_failures
 
 from .config import Config
 from .errors import BounceError, ConfigError, TransportError
-from .store import Bounce, BounceKind, BounceRecord, Store
+from .models import Bounce, BounceKind, BounceRecord
+from .store import Store
 
 __all__ = [
     "BounceSummary",

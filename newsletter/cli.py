@@ -26,6 +26,7 @@ from . import config as config_module
 from .config import Config
 from .content import Issue
 from .errors import NewsletterError, PreviewError
+from .models import DeliveryState, RowError, Status
 
 
 def _lazy(name: str) -> ModuleType:
@@ -712,7 +713,6 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     Nobody who unsubscribed, bounced or complained is reactivated. Exits 1 when the
     file itself is unusable, or when it has bad rows and no good one.
     """
-    from .store import RowError
 
     def on_error(error: RowError) -> None:
         click.echo(f"{file}:{error.line}: {error.message}", err=True)
@@ -775,8 +775,6 @@ def subscribers_remove(ctx: Context, email: str, force: bool) -> None:
 @handle_errors
 def subscribers_unsubscribe(ctx: Context, email: str) -> None:
     """Mark a subscriber unsubscribed (kept in the list, never sent to again)."""
-    from .store import Status
-
     with _open_store(ctx) as store:
         subscriber = store.set_status(email, Status.UNSUBSCRIBED, "cli")
     click.echo(f"Unsubscribed {subscriber.email}.")
@@ -788,8 +786,6 @@ def subscribers_unsubscribe(ctx: Context, email: str) -> None:
 @handle_errors
 def subscribers_list(ctx: Context, status: str | None) -> None:
     """Print subscribers, one per line: email, status and name, tab-separated."""
-    from .store import Status
-
     with _open_store(ctx) as store:
         for sub in store.list_subscribers(None if status is None else Status(status)):
             click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
@@ -803,7 +799,6 @@ def subscribers_list(ctx: Context, status: str | None) -> None:
 def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> None:
     """Write subscribers as CSV to FILE (replaced atomically) or to standard output."""
     from .files import atomic_open_text
-    from .store import Status
 
     wanted = None if status is None else Status(status)
     if file is not None and not file.parent.is_dir():
@@ -847,15 +842,15 @@ def _print_report(report: delivery.DeliveryReport) -> None:
     )
     counts = ", ".join(f"{state} {n}" for state, n in report.counts.items() if n)
     click.echo(f"Ledger for {report.issue_key}: {counts or 'empty'}")
-    shown = [e for e in report.problems if e.state != delivery.DeliveryState.DEFERRED]
+    shown = [e for e in report.problems if e.state != DeliveryState.DEFERRED]
     for entry in shown[:20]:
         click.echo(f"  {entry.state:<9} {entry.email}  {entry.last_reply}")
-    deferred = report.counts.get(delivery.DeliveryState.DEFERRED, 0)
+    deferred = report.counts.get(DeliveryState.DEFERRED, 0)
     if deferred:
         click.echo(
             f"{deferred} deferred: `newsletter send {report.issue_key}` again later sends them."
         )
-    if report.counts.get(delivery.DeliveryState.UNCERTAIN, 0):
+    if report.counts.get(DeliveryState.UNCERTAIN, 0):
         click.echo(
             "Uncertain recipients may or may not have their copy; "
             "--resend-uncertain sends them another."
@@ -1040,7 +1035,7 @@ def send(
         fail(f"the send stopped early ({report.stopped_by}); run it again to resume")
     if not report.ok:
         sys.exit(1)
-    if report.counts.get(delivery.DeliveryState.DEFERRED):  # the ledger, not this run's tally
+    if report.counts.get(DeliveryState.DEFERRED):  # the ledger, not this run's tally
         sys.exit(EXIT_DEFERRED)
 
 
@@ -1094,7 +1089,7 @@ def demo(ctx: Context) -> None:
         click.echo(
             f"The SMTP sink received {result.received} messages; open them in {result.sink_dir}/new/"
         )
-    if result.report.sent == 0 and result.report.counts.get(delivery.DeliveryState.SENT):
+    if result.report.sent == 0 and result.report.counts.get(DeliveryState.SENT):
         click.echo("Everyone already has this issue: nobody gets a second copy.")
     click.echo(
         f"Next: newsletter preview {result.issue.number}   (or open {result.build.out_dir / 'web.html'})"

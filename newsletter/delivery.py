@@ -31,18 +31,18 @@ from datetime import UTC, datetime, timedelta
 
 from .config import Config
 from .dkim import signer_from_config
-from .errors import DeliveryError, NewsletterError, TransportError
+from .errors import DeliveryError, NewsletterError
 from .message import MessageTemplate, Recipient, RecipientError, prepare, sample_recipient
-from .render import RenderedIssue
-from .store import (
+from .models import (
     ClaimedRecipient,
     DeliveryResult,
     DeliveryState,
     LedgerEntry,
     Status,
-    Store,
     Subscriber,
 )
+from .render import RenderedIssue
+from .store import Store
 from .transport import SendResult, Transport, WireReady, transport_from_config
 
 TransportFactory = Callable[[], Transport]
@@ -779,7 +779,6 @@ class _Run:
 
 __all__ = [
     "DeliveryReport",
-    "DeliveryState",
     "DryRunReport",
     "Outbound",
     "PreparedSend",
@@ -787,8 +786,6 @@ __all__ = [
     "RateLimiter",
     "SendOptions",
     "SendPlan",
-    "Status",
-    "TransportError",
     "describe_transport",
     "outbound_from_config",
     "prepare_send",

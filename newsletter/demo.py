@@ -15,9 +15,10 @@ from pathlib import Path
 from . import content, delivery, render
 from .config import Config, SmtpSettings
 from .errors import ContentError
+from .models import ImportReport
 from .package_data import example_subscribers
 from .sink import start_sink
-from .store import ImportReport, Store
+from .store import Store
 
 DEMO_DIR = "demo"
 

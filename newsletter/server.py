@@ -43,7 +43,8 @@ from .errors import (
     StoreError,
     TransportError,
 )
-from .store import Status, Store
+from .models import Status
+from .store import Store
 from .tokens import (
     CONFIRM_PURPOSE,
     UNSUBSCRIBE_PURPOSE,

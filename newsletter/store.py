@@ -8,6 +8,9 @@ takes the issue's send lock belongs to a dead run, so it becomes ``uncertain``.
 The send lock is an OS advisory lock (``flock``) on a file beside the database.
 The kernel drops it when its process dies, even by ``kill -9``, so "rows in
 ``sending`` + nobody holds the lock" means exactly "crashed run".
+
+The records it hands out live in ``models``, the address rules in ``addresses``
+and the schema in ``migrations``.
 """
 
 from __future__ import annotations
@@ -25,17 +28,35 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from email_validator import EmailNotValidError, validate_email
-from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+from email_validator import EmailNotValidError
 
+from .addresses import email_key, fast_normalize, full_normalize, normalize_email
 from .errors import DeliveryError, StoreError
+from .migrations import MIGRATIONS, migrate
+from .models import (
+    INACTIVE,
+    PROBLEM_STATES,
+    Bounce,
+    BounceKind,
+    BounceRecord,
+    ClaimedRecipient,
+    ConfirmationRequest,
+    DeliveryResult,
+    DeliveryState,
+    ImportReport,
+    IssueSnapshot,
+    LedgerEntry,
+    RowError,
+    SendLock,
+    Status,
+    Subscriber,
+    SubscriberEvent,
+)
 
 MEMORY = ":memory:"
 BUSY_TIMEOUT_MS = 30_000  # a 1M-row import holds the write lock for a few seconds
@@ -43,386 +64,8 @@ IMPORT_CHUNK = 5_000
 MAX_KEPT_ROW_ERRORS = 1_000  # ImportReport.errors keeps this many; on_error sees them all
 PAGE = 1_000  # rows per query when streaming subscribers
 
-
-class Status(StrEnum):
-    """A subscriber's status. Only ``active`` subscribers are sent to."""
-
-    ACTIVE = "active"
-    PENDING = "pending"  # waiting for a double opt-in confirmation
-    UNSUBSCRIBED = "unsubscribed"
-    BOUNCED = "bounced"
-    COMPLAINED = "complained"
-
-
-INACTIVE = (Status.UNSUBSCRIBED, Status.BOUNCED, Status.COMPLAINED)
 # Words other tools write in a `status` column (Mailchimp: subscribed, cleaned).
 _STATUS_SYNONYMS = {"subscribed": "active", "cleaned": "bounced"}
-
-
-class DeliveryState(StrEnum):
-    """The state of one (issue, subscriber) row of the ledger."""
-
-    QUEUED = "queued"
-    SENDING = "sending"  # claimed and committed; the message may be on its way
-    SENT = "sent"
-    FAILED = "failed"  # permanent (5xx); not retried
-    DEFERRED = "deferred"  # temporary (4xx); retried when due, or by the next run
-    UNCERTAIN = "uncertain"  # was `sending` when its run died; resent only on request
-    CANCELLED = "cancelled"  # subscriber stopped being active before it was sent
-
-
-# UNCERTAIN as a result: the whole message went out but the server's answer was lost.
-_RESULT_STATES = (
-    DeliveryState.SENT,
-    DeliveryState.FAILED,
-    DeliveryState.DEFERRED,
-    DeliveryState.UNCERTAIN,
-)
-PROBLEM_STATES = (DeliveryState.FAILED, DeliveryState.UNCERTAIN, DeliveryState.DEFERRED)
-
-# Each script is one schema version (PRAGMA user_version = its 1-based index), applied
-# in its own transaction. Append only: never edit a script that has shipped.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: subscribers and the history of their status.
-    """
-    CREATE TABLE subscribers (
-        id INTEGER PRIMARY KEY,
-        email TEXT NOT NULL,
-        email_key TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL DEFAULT '',
-        fields TEXT NOT NULL DEFAULT '{}',
-        status TEXT NOT NULL
-            CHECK (status IN ('active', 'pending', 'unsubscribed', 'bounced', 'complained')),
-        soft_bounces INTEGER NOT NULL DEFAULT 0,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        status_changed_at TEXT NOT NULL
-    );
-    CREATE INDEX subscribers_status ON subscribers (status);
-    CREATE TABLE subscriber_events (
-        id INTEGER PRIMARY KEY,
-        subscriber_id INTEGER NOT NULL REFERENCES subscribers (id) ON DELETE CASCADE,
-        old_status TEXT,
-        new_status TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT '',
-        at TEXT NOT NULL
-    );
-    CREATE INDEX subscriber_events_subscriber ON subscriber_events (subscriber_id);
-    """,
-    # 2: the delivery ledger.
-    """
-    CREATE TABLE issue_sends (
-        issue_key TEXT PRIMARY KEY,
-        snapshot_at TEXT NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE deliveries (
-        issue_key TEXT NOT NULL REFERENCES issue_sends (issue_key),
-        subscriber_id INTEGER NOT NULL REFERENCES subscribers (id),
-        state TEXT NOT NULL CHECK (state IN
-            ('queued', 'sending', 'sent', 'failed', 'deferred', 'uncertain', 'cancelled')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_reply TEXT NOT NULL DEFAULT '',
-        message_id TEXT NOT NULL DEFAULT '',
-        claimed_by TEXT NOT NULL DEFAULT '',
-        retry_at TEXT,
-        updated_at TEXT NOT NULL,
-        sent_at TEXT,
-        PRIMARY KEY (issue_key, subscriber_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_state ON deliveries (issue_key, state);
-    CREATE INDEX deliveries_subscriber ON deliveries (subscriber_id);
-    """,
-    # 3: double opt-in confirmations, bounce reports, and the mail already processed.
-    """
-    CREATE TABLE confirmations (
-        subscriber_id INTEGER PRIMARY KEY REFERENCES subscribers (id) ON DELETE CASCADE,
-        requested_at TEXT NOT NULL,
-        sent_at TEXT NOT NULL,
-        sends INTEGER NOT NULL DEFAULT 1
-    );
-    CREATE TABLE processed_messages (
-        message_key TEXT PRIMARY KEY,
-        source TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        processed_at TEXT NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE bounces (
-        id INTEGER PRIMARY KEY,
-        message_key TEXT NOT NULL,
-        subscriber_id INTEGER REFERENCES subscribers (id) ON DELETE CASCADE,
-        email TEXT NOT NULL,
-        issue_key TEXT NOT NULL DEFAULT '',
-        kind TEXT NOT NULL CHECK (kind IN ('hard', 'soft')),
-        status TEXT NOT NULL DEFAULT '',
-        diagnostic TEXT NOT NULL DEFAULT '',
-        counted INTEGER NOT NULL DEFAULT 0,
-        effect TEXT NOT NULL DEFAULT '',
-        reported_at TEXT,
-        recorded_at TEXT NOT NULL
-    );
-    CREATE INDEX bounces_issue ON bounces (issue_key);
-    CREATE INDEX bounces_subscriber ON bounces (subscriber_id);
-    CREATE INDEX deliveries_message_id ON deliveries (message_id) WHERE message_id <> '';
-    """,
-)
-
-
-# --- values -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Subscriber:
-    """One subscriber. ``fields`` is read-only and left out of the hash."""
-
-    id: int
-    email: str
-    name: str
-    fields: Mapping[str, str] = field(hash=False)
-    status: Status
-    created_at: datetime
-    updated_at: datetime
-    status_changed_at: datetime
-    soft_bounces: int
-
-
-@dataclass(frozen=True)
-class SubscriberEvent:
-    """One status change (``old_status`` is None when the subscriber was created)."""
-
-    subscriber_id: int
-    old_status: Status | None
-    new_status: Status
-    reason: str
-    detail: str
-    at: datetime
-
-
-@dataclass(frozen=True)
-class RowError:
-    """A CSV row that was not imported, and why."""
-
-    line: int
-    message: str
-
-
-@dataclass(frozen=True)
-class ImportReport:
-    """What an import did. ``rows`` = added + updated + unchanged + skipped_inactive
-    + duplicates + error_count."""
-
-    path: Path
-    rows: int
-    added: int
-    updated: int
-    unchanged: int
-    skipped_inactive: int  # unsubscribed/bounced/complained: left untouched
-    duplicates: int  # rows merged into an earlier row of the same file
-    error_count: int
-    errors: tuple[RowError, ...]  # the first MAX_KEPT_ROW_ERRORS of them
-
-    @property
-    def imported(self) -> int:
-        """Addresses now in the database from this file (new or already there)."""
-        return self.added + self.updated + self.unchanged
-
-
-@dataclass(frozen=True)
-class SendLock:
-    """Held while one run sends an issue. ``uncertain`` = rows found left by a dead run."""
-
-    issue_key: str
-    run_id: str
-    uncertain: int
-
-
-@dataclass(frozen=True)
-class ClaimedRecipient:
-    """A ledger row now committed as ``sending``: send to ``subscriber`` then record it."""
-
-    issue_key: str
-    subscriber: Subscriber
-    attempts: int  # including this one, over all runs
-
-
-@dataclass(frozen=True)
-class DeliveryResult:
-    """The outcome of handing one claimed message to the server."""
-
-    issue_key: str
-    subscriber_id: int
-    state: DeliveryState  # SENT, FAILED, DEFERRED or UNCERTAIN
-    reply: str = ""  # the server's reply, e.g. "250 2.0.0 Ok" or "550 5.1.1 no such user"
-    message_id: str = ""
-    retry_at: datetime | None = None  # DEFERRED: due again at; None = left for the next run
-    bounce: bool = False  # FAILED: also mark the subscriber bounced ([delivery] bounce_on_5xx)
-
-    def __post_init__(self) -> None:
-        if self.state not in _RESULT_STATES:
-            raise ValueError(
-                f"a delivery result is sent, failed, deferred or uncertain, not {self.state}"
-            )
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One ledger row with the subscriber's address, for `status` and reports."""
-
-    issue_key: str
-    subscriber_id: int
-    email: str
-    name: str
-    state: DeliveryState
-    attempts: int
-    last_reply: str
-    message_id: str
-    updated_at: datetime
-    sent_at: datetime | None
-    retry_at: datetime | None
-
-
-@dataclass(frozen=True)
-class IssueSnapshot:
-    """When an issue's recipients were fixed, and how many rows its ledger has."""
-
-    issue_key: str
-    snapshot_at: datetime
-    recipients: int
-
-
-class BounceKind(StrEnum):
-    """Hard (5.x.x: the address does not work) or soft (4.x.x: try again later)."""
-
-    HARD = "hard"
-    SOFT = "soft"
-
-
-@dataclass(frozen=True)
-class Bounce:
-    """One recipient's failure, as a bounce message reports it."""
-
-    email: str
-    kind: BounceKind
-    status: str = ""  # RFC 3464 status code, e.g. "5.1.1"
-    diagnostic: str = ""  # e.g. "smtp; 550 5.1.1 <x@example.org>: user unknown"
-    original_message_id: str = ""  # Message-ID of the message that bounced, when quoted
-    reported_at: datetime | None = None  # when the reporting server gave up
-
-
-@dataclass(frozen=True)
-class BounceRecord:
-    """A bounce as recorded, with what it did to the subscriber (``effect``)."""
-
-    id: int
-    message_key: str
-    subscriber_id: int | None
-    email: str
-    issue_key: str  # "" when the bounce could not be matched to an issue
-    kind: BounceKind
-    status: str
-    diagnostic: str
-    counted: bool  # a soft bounce that counts towards [bounces] soft_limit
-    effect: str
-    reported_at: datetime | None
-    recorded_at: datetime
-
-
-@dataclass(frozen=True)
-class ConfirmationRequest:
-    """What a subscribe request found: send a confirmation now, or say nothing new."""
-
-    subscriber: Subscriber
-    send: bool  # a confirmation email is due now (reserved: release it if sending fails)
-    created: bool  # the address was new to the list
-    previous_sent_at: datetime | None  # the reservation this request replaced
-
-
-# --- addresses ----------------------------------------------------------------------------
-
-# RFC 5322 atext, ASCII only: exactly email-validator's unquoted (dot-atom) local part.
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
-_FAST_ADDRESS = re.compile(rf"([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@([A-Za-z0-9.-]+)")
-_CASE_INSENSITIVE_LOCAL = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
-_MAX_ADDRESS = 254
-_domain_cache: dict[str, str | None] = {}
-_DOMAIN_CACHE_MAX = 50_000
-
-
-def _domain_verdict(domain: str) -> str | None:
-    """email-validator's normalised form of an ASCII ``domain``, or None to take the slow path.
-
-    The domain checks do not depend on the local part, so ``a@domain`` (the shortest
-    local part) gives the same verdict; cached because real lists repeat domains.
-    """
-    try:
-        result = validate_email("a@" + domain, check_deliverability=False)
-        verdict = result.domain if result.domain == result.ascii_domain else None
-    except EmailNotValidError:
-        verdict = None
-    if len(_domain_cache) >= _DOMAIN_CACHE_MAX:
-        _domain_cache.clear()
-    _domain_cache[domain] = verdict
-    return verdict
-
-
-def _fast_normalize(address: str) -> str | None:
-    """email-validator's normalised address for common ASCII addresses, else None.
-
-    Sound by construction (a test checks it against email-validator): it accepts only a
-    dot-atom local part, a domain email-validator accepted, and a length within 254.
-    """
-    match = _FAST_ADDRESS.fullmatch(address)
-    if match is None or len(address) > _MAX_ADDRESS:
-        return None
-    local, domain = match.groups()
-    try:
-        norm_domain = _domain_cache[domain]
-    except KeyError:
-        norm_domain = _domain_verdict(domain)
-    if norm_domain is None or len(local) + 1 + len(norm_domain) > _MAX_ADDRESS:
-        return None
-    if local.lower() in _CASE_INSENSITIVE_LOCAL:
-        local = local.lower()
-    return f"{local}@{norm_domain}"
-
-
-def _normalize(address: str) -> str:
-    """The normalised address (syntax only, no DNS); raises EmailNotValidError."""
-    fast = _fast_normalize(address)
-    if fast is not None:
-        return fast
-    return _full_normalize(address)
-
-
-def _full_normalize(address: str) -> str:
-    """email-validator's verdict, for addresses the fast path does not cover.
-
-    Addresses must be sendable without SMTPUTF8 (our transport does not speak it):
-    a non-ASCII local part is refused here, at import, rather than failing at send
-    time; an internationalised domain is kept in its ASCII (punycode) form.
-    """
-    result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
-    return str(result.ascii_email or result.normalized)
-
-
-def normalize_email(address: str) -> str:
-    """Validate ``address`` (syntax only, no DNS) and return its normalised form."""
-    address = address.strip()
-    try:
-        return _normalize(address)
-    except EmailNotValidError as exc:
-        raise StoreError(
-            f"invalid email address {address!r}: {exc}", hint="check the address"
-        ) from None
-
-
-def email_key(address: str) -> str:
-    """The case-insensitive key an address is stored and looked up under."""
-    address = address.strip()
-    try:
-        return _normalize(address).lower()
-    except EmailNotValidError:
-        return address.lower()
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -474,18 +117,40 @@ def _subscriber(row: Sequence[Any]) -> Subscriber:
     )
 
 
-def _split_statements(script: str) -> list[str]:
-    """Split a migration script into statements (trigger bodies stay whole)."""
-    statements: list[str] = []
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]}")
-    return statements
+_EVENT_COLUMNS = "subscriber_events (subscriber_id, old_status, new_status, reason, detail, at)"
+
+
+def _record_event(
+    conn: sqlite3.Connection,
+    subscriber_id: int,
+    old_status: str | None,
+    new_status: str,
+    reason: str,
+    detail: str,
+    at: str,
+) -> None:
+    """Add one line to a subscriber's status history (``old_status`` None: just created)."""
+    conn.execute(
+        f"INSERT INTO {_EVENT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)",
+        (subscriber_id, old_status, new_status, reason, detail, at),
+    )
+
+
+def _delivery_by_message_id(conn: sqlite3.Connection, message_id: str) -> tuple[str, int] | None:
+    """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None.
+
+    The ledger keeps the Message-ID as the header had it; a reply or report may quote
+    it with or without its angle brackets, so both forms are looked up.
+    """
+    bare = message_id.strip().strip("<>").strip()
+    if not bare:
+        return None
+    row = conn.execute(
+        "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
+        " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
+        (f"<{bare}>", bare),
+    ).fetchone()
+    return None if row is None else (row[0], int(row[1]))
 
 
 def _first_bad_utf8_line(path: Path) -> int:
@@ -691,12 +356,7 @@ class Store:
             "UPDATE subscribers SET status = ?, status_changed_at = ?, updated_at = ? WHERE id = ?",
             (status.value, now, now, subscriber_id),
         )
-        conn.execute(
-            "INSERT INTO subscriber_events"
-            " (subscriber_id, old_status, new_status, reason, detail, at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (subscriber_id, old, status.value, reason, detail, now),
-        )
+        _record_event(conn, subscriber_id, old, status.value, reason, detail, now)
         return True
 
     # -- subscribers -----------------------------------------------------------------------
@@ -738,12 +398,7 @@ class Store:
                 ),
             )
             subscriber_id = int(cursor.lastrowid or 0)
-            conn.execute(
-                "INSERT INTO subscriber_events"
-                " (subscriber_id, old_status, new_status, reason, detail, at)"
-                " VALUES (?, NULL, ?, ?, '', ?)",
-                (subscriber_id, Status(status).value, reason, now),
-            )
+            _record_event(conn, subscriber_id, None, Status(status).value, reason, "", now)
             return self._get(conn, subscriber_id)
 
     def get_subscriber(self, email_or_id: str | int) -> Subscriber | None:
@@ -999,7 +654,7 @@ class Store:
                 " status = CASE WHEN status = 'active' THEN excluded.status ELSE status END"
             )
             batch: list[tuple[int, str, str, str, str, str]] = []
-            fast = _fast_normalize
+            fast = fast_normalize
             dumps = _to_json
             end = reader.line_num
             for row in reader:
@@ -1019,7 +674,7 @@ class Store:
                 normalized = fast(email)
                 if normalized is None:
                     try:
-                        normalized = _full_normalize(email)
+                        normalized = full_normalize(email)
                     except EmailNotValidError as exc:
                         bad(line, f"invalid email address {email!r}: {exc}")
                         continue
@@ -1096,9 +751,10 @@ class Store:
             (now,),
         ).rowcount
         # New ids are all above the old maximum: we hold the write lock.
+        # One statement for all the subscribers the import added (it may be a million).
         conn.execute(
-            "INSERT INTO subscriber_events (subscriber_id, old_status, new_status, reason,"
-            " detail, at) SELECT id, NULL, status, 'import', ?, ? FROM subscribers WHERE id > ?",
+            f"INSERT INTO {_EVENT_COLUMNS}"
+            " SELECT id, NULL, status, 'import', ?, ? FROM subscribers WHERE id > ?",
             (detail, now, before),
         )
         return added, updated, matched, skipped, distinct
@@ -1469,12 +1125,7 @@ class Store:
                     (normalized, normalized.lower(), name.strip(), stamp, stamp, stamp),
                 )
                 subscriber_id = int(cursor.lastrowid or 0)
-                conn.execute(
-                    "INSERT INTO subscriber_events"
-                    " (subscriber_id, old_status, new_status, reason, detail, at)"
-                    " VALUES (?, NULL, 'pending', ?, '', ?)",
-                    (subscriber_id, reason, stamp),
-                )
+                _record_event(conn, subscriber_id, None, Status.PENDING.value, reason, "", stamp)
             else:
                 subscriber_id = int(row[0])
                 if row[1] == Status.ACTIVE:
@@ -1565,15 +1216,11 @@ class Store:
 
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
         """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
-        bare = message_id.strip().strip("<>").strip()
-        if not bare:
-            return None
-        row = self._one(
-            "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
-            " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
-            (f"<{bare}>", bare),
-        )
-        return None if row is None else (row[0], int(row[1]))
+        with self._lock:
+            try:
+                return _delivery_by_message_id(self._conn, message_id)
+            except sqlite3.OperationalError as exc:
+                raise self._db_error(exc) from None
 
     def is_processed(self, message_key: str) -> bool:
         """True when a mail with this key (see :meth:`record_bounces`) was processed before."""
@@ -1632,18 +1279,12 @@ class Store:
         ).fetchone()
         if row is not None:
             subscriber_id = int(row[0])
-        bare = bounce.original_message_id.strip().strip("<>").strip()
-        if bare:
-            found = conn.execute(
-                "SELECT issue_key, subscriber_id FROM deliveries INDEXED BY deliveries_message_id"
-                " WHERE message_id IN (?, ?) AND message_id <> '' LIMIT 1",
-                (f"<{bare}>", bare),
-            ).fetchone()
-            if found is not None:
-                issue_key = found[0]
-                # One message went to one subscriber: a forwarded address still finds them.
-                if subscriber_id is None and in_message == 1:
-                    subscriber_id = int(found[1])
+        found = _delivery_by_message_id(conn, bounce.original_message_id)
+        if found is not None:
+            issue_key = found[0]
+            # One message went to one subscriber: a forwarded address still finds them.
+            if subscriber_id is None and in_message == 1:
+                subscriber_id = found[1]
         reported = _iso(bounce.reported_at) if bounce.reported_at is not None else None
         when = (
             (bounce.reported_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1804,34 +1445,3 @@ class Store:
             + ("" if limit is None else f" LIMIT {int(limit)}")
         )
         return [self._to_bounce_record(row) for row in rows]
-
-
-def migrate(conn: sqlite3.Connection, migrations: Sequence[str], *, where: str) -> int:
-    """Bring the schema to ``len(migrations)``; each step in its own BEGIN IMMEDIATE.
-
-    The version is read inside the transaction, so two processes opening a new
-    database at once apply each step exactly once. Returns the final version.
-    """
-    target = len(migrations)
-    if conn.execute("PRAGMA user_version").fetchone()[0] == target:
-        return target  # the common case takes no write lock
-    for version, script in enumerate(migrations, start=1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current > target:
-                raise StoreError(
-                    f"the database has schema version {current}; this newsletter knows {target}",
-                    where=where,
-                    hint="upgrade newsletter",
-                )
-            if current < version:
-                for statement in _split_statements(script):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    return target

@@ -12,7 +12,8 @@ from typing import Any
 
 from newsletter import config
 from newsletter.config import Config, DeliverySettings
-from newsletter.store import DeliveryState, Status, Store
+from newsletter.models import DeliveryState, Status
+from newsletter.store import Store
 from tests.smtp_server import Received, SmtpTestServer
 
 REPO = Path(__file__).resolve().parents[1]

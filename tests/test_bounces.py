@@ -27,13 +27,8 @@ from newsletter import bounces, config
 from newsletter.bounces import detect, fetch_imap, import_path
 from newsletter.cli import main
 from newsletter.errors import BounceError, ConfigError
-from newsletter.store import (
-    BounceKind,
-    DeliveryResult,
-    DeliveryState,
-    Status,
-    Store,
-)
+from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
+from newsletter.store import Store
 
 CORPUS = Path(__file__).parent / "bounces"
 ISSUE = "001-tides-and-timetables"

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from newsletter import cli, config
 from newsletter.cli import main
-from newsletter.store import DeliveryState, Store
+from newsletter.models import DeliveryState
+from newsletter.store import Store
 from tests.deliverability_helpers import rsa_key, write_key
 from tests.delivery_helpers import (
     EXAMPLE_ACTIVE,

@@ -9,7 +9,8 @@ from click.testing import CliRunner, Result
 
 from newsletter.cli import main
 from newsletter.config import ENV_DB
-from newsletter.store import Status, Store
+from newsletter.models import Status
+from newsletter.store import Store
 
 
 @pytest.fixture

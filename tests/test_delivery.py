@@ -21,8 +21,9 @@ from newsletter.config import Config, DkimSettings
 from newsletter.delivery import Outbound, Progress, RateLimiter, SendOptions, prepare_send
 from newsletter.errors import DeliveryError, TransportError
 from newsletter.message import Recipient, prepare
+from newsletter.models import DeliveryState, Status
 from newsletter.render import RenderedIssue
-from newsletter.store import DeliveryState, Status, Store
+from newsletter.store import Store
 from newsletter.transport import (
     MemoryTransport,
     SendResult,

@@ -32,9 +32,10 @@ import pytest
 from newsletter import config as config_module
 from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
+from newsletter.models import DeliveryResult, DeliveryState, Status
 from newsletter.server import RunningService, create_app, start_server
 from newsletter.sink import RunningSink, start_sink
-from newsletter.store import DeliveryResult, DeliveryState, Status, Store
+from newsletter.store import Store
 from newsletter.tokens import TokenSigner, address_fingerprint
 
 ROOT = Path(__file__).parents[1]

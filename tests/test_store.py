@@ -13,22 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from email_validator import EmailNotValidError, validate_email
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
 from newsletter import store as store_module
 from newsletter.errors import DeliveryError, StoreError
-from newsletter.store import (
-    MIGRATIONS,
-    DeliveryResult,
-    DeliveryState,
-    RowError,
-    Status,
-    Store,
-    _fast_normalize,
-    migrate,
-)
+from newsletter.migrations import MIGRATIONS, migrate
+from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
+from newsletter.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE = "2024-05"
@@ -189,100 +179,6 @@ def test_remove_refuses_with_ledger_rows_unless_forced(store: Store) -> None:
     store.remove_subscriber("FRESH@example.com")
     assert store.get_subscriber("fresh@example.com") is None
     assert store.count() == 1
-
-
-# --- the address fast path ------------------------------------------------------------------
-
-ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
-LOCAL = st.text(alphabet=ATEXT + '."\\ @<>(),:;[]é', min_size=0, max_size=70)
-LABEL = st.text(alphabet="abcXYZ019-_é", min_size=0, max_size=66) | st.sampled_from(
-    ["xn--p1ai", "xn--bcher-kva", "ab--cd", "XN--abc", "a" * 63, "a" * 64]
-)
-TLD = st.sampled_from(
-    [
-        "com",
-        "ORG",
-        "net",
-        "123",
-        "test",
-        "localhost",
-        "local",
-        "invalid",
-        "onion",
-        "arpa",
-        "example",
-        "xn--p1ai",
-        "c0m",
-        "",
-        "x",
-    ]
-)
-DOMAIN = st.builds(lambda labels, tld: ".".join([*labels, tld]), st.lists(LABEL, max_size=5), TLD)
-STRUCTURED = st.builds(lambda local, domain: f"{local}@{domain}", LOCAL, DOMAIN)
-MAILBOXES = st.builds(
-    lambda name, domain: f"{name}@{domain}",
-    st.sampled_from(["Postmaster", "ABUSE", "info", "Sales", "nobody"]),
-    DOMAIN,
-)
-PADDED = st.builds(
-    lambda n, m: "a" * n + "@" + ".".join(["b" * 60] * m) + ".com",
-    st.integers(1, 200),
-    st.integers(0, 4),
-)
-FREE = st.text(alphabet=ATEXT + '.@- "<>[]', max_size=40)
-# Mostly valid addresses, so that the fast path is exercised often.
-ATOM = st.text(alphabet=ATEXT, min_size=1, max_size=12)
-HOST_LABEL = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,10}[a-zA-Z0-9])?", fullmatch=True)
-VALIDISH = st.builds(
-    lambda atoms, labels, tld: ".".join(atoms) + "@" + ".".join([*labels, tld]),
-    st.lists(ATOM, min_size=1, max_size=4),
-    st.lists(HOST_LABEL, min_size=1, max_size=4),
-    TLD,
-)
-
-
-def validator_verdict(address: str) -> str | None:
-    """email-validator's verdict for an address we must send without SMTPUTF8."""
-    try:
-        result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError:
-        return None
-    return str(result.ascii_email or result.normalized)
-
-
-# ADDRESS_EXAMPLES=30000 for a long run (passed when written).
-@settings(
-    max_examples=int(os.environ.get("ADDRESS_EXAMPLES", "800")),
-    suppress_health_check=[HealthCheck.too_slow],
-    deadline=None,
-)
-@given(st.one_of(VALIDISH, STRUCTURED, MAILBOXES, PADDED, FREE))
-@example("Reader.1@Example.com")
-@example("a@b.com.")
-@example("a@-b.com")
-@example("a@b..com")
-@example(".a@b.com")
-@example("a.@b.com")
-@example("a@xn--p1ai.com")
-@example("a" * 64 + "@" + "b" * 63 + ".com")
-@example("a@" + ".".join(["b" * 63] * 3) + "." + "c" * 61)
-def test_fast_path_agrees_with_email_validator(address: str) -> None:
-    expected = validator_verdict(address)
-    fast = _fast_normalize(address)
-    if fast is not None:
-        assert fast == expected
-    try:
-        mine: str | None = store_module._normalize(address)
-    except EmailNotValidError:
-        mine = None
-    assert mine == expected
-
-
-def test_fast_path_takes_common_addresses() -> None:
-    assert _fast_normalize("Reader.1@Example.com") == "Reader.1@example.com"
-    assert _fast_normalize("first.last+tag@sub.example.org") == "first.last+tag@sub.example.org"
-    assert _fast_normalize("POSTMASTER@example.net") == "postmaster@example.net"
-    assert _fast_normalize("josé@example.com") is None  # non-ASCII: email-validator decides
 
 
 # --- import ---------------------------------------------------------------------------------
@@ -573,6 +469,25 @@ def test_bounce_on_5xx_marks_the_subscriber(store: Store) -> None:
     assert other is not None and other.status == Status.ACTIVE
 
 
+def test_a_sent_message_is_found_by_its_message_id_with_or_without_brackets(
+    store: Store,
+) -> None:
+    a, b = add_many(store, 2)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 2)
+    store.record_results(
+        [
+            result(a, DeliveryState.SENT, message_id="<one.1@example.org>"),
+            result(b, DeliveryState.SENT, message_id="two.2@example.org"),
+        ]
+    )
+    for quoted in ("<one.1@example.org>", "one.1@example.org", " < one.1@example.org > "):
+        assert store.delivery_for_message_id(quoted) == (ISSUE, a)
+    assert store.delivery_for_message_id("<two.2@example.org>") == (ISSUE, b)
+    for unknown in ("", " <> ", "<three.3@example.org>"):
+        assert store.delivery_for_message_id(unknown) is None
+
+
 def test_results_are_only_sent_failed_deferred_or_uncertain() -> None:
     with pytest.raises(ValueError, match="sent, failed, deferred or uncertain"):
         DeliveryResult(ISSUE, 1, DeliveryState.QUEUED)
@@ -672,7 +587,8 @@ def test_a_killed_send_leaves_uncertain_rows(db_path: Path) -> None:
 CLAIM_ALL = """
 import sys
 from pathlib import Path
-from newsletter.store import DeliveryResult, DeliveryState, Store
+from newsletter.models import DeliveryResult, DeliveryState
+from newsletter.store import Store
 store = Store.open(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()

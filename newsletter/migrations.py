@@ -1,0 +1,140 @@
+"""The database schema: the ordered migration scripts, and the function that applies them."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from .errors import StoreError
+
+# Each script is one schema version (PRAGMA user_version = its 1-based index), applied
+# in its own transaction. Append only: never edit a script that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: subscribers and the history of their status.
+    """
+    CREATE TABLE subscribers (
+        id INTEGER PRIMARY KEY,
+        email TEXT NOT NULL,
+        email_key TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '',
+        fields TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL
+            CHECK (status IN ('active', 'pending', 'unsubscribed', 'bounced', 'complained')),
+        soft_bounces INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        status_changed_at TEXT NOT NULL
+    );
+    CREATE INDEX subscribers_status ON subscribers (status);
+    CREATE TABLE subscriber_events (
+        id INTEGER PRIMARY KEY,
+        subscriber_id INTEGER NOT NULL REFERENCES subscribers (id) ON DELETE CASCADE,
+        old_status TEXT,
+        new_status TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        at TEXT NOT NULL
+    );
+    CREATE INDEX subscriber_events_subscriber ON subscriber_events (subscriber_id);
+    """,
+    # 2: the delivery ledger.
+    """
+    CREATE TABLE issue_sends (
+        issue_key TEXT PRIMARY KEY,
+        snapshot_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE deliveries (
+        issue_key TEXT NOT NULL REFERENCES issue_sends (issue_key),
+        subscriber_id INTEGER NOT NULL REFERENCES subscribers (id),
+        state TEXT NOT NULL CHECK (state IN
+            ('queued', 'sending', 'sent', 'failed', 'deferred', 'uncertain', 'cancelled')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_reply TEXT NOT NULL DEFAULT '',
+        message_id TEXT NOT NULL DEFAULT '',
+        claimed_by TEXT NOT NULL DEFAULT '',
+        retry_at TEXT,
+        updated_at TEXT NOT NULL,
+        sent_at TEXT,
+        PRIMARY KEY (issue_key, subscriber_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_state ON deliveries (issue_key, state);
+    CREATE INDEX deliveries_subscriber ON deliveries (subscriber_id);
+    """,
+    # 3: double opt-in confirmations, bounce reports, and the mail already processed.
+    """
+    CREATE TABLE confirmations (
+        subscriber_id INTEGER PRIMARY KEY REFERENCES subscribers (id) ON DELETE CASCADE,
+        requested_at TEXT NOT NULL,
+        sent_at TEXT NOT NULL,
+        sends INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE processed_messages (
+        message_key TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        processed_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE bounces (
+        id INTEGER PRIMARY KEY,
+        message_key TEXT NOT NULL,
+        subscriber_id INTEGER REFERENCES subscribers (id) ON DELETE CASCADE,
+        email TEXT NOT NULL,
+        issue_key TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL CHECK (kind IN ('hard', 'soft')),
+        status TEXT NOT NULL DEFAULT '',
+        diagnostic TEXT NOT NULL DEFAULT '',
+        counted INTEGER NOT NULL DEFAULT 0,
+        effect TEXT NOT NULL DEFAULT '',
+        reported_at TEXT,
+        recorded_at TEXT NOT NULL
+    );
+    CREATE INDEX bounces_issue ON bounces (issue_key);
+    CREATE INDEX bounces_subscriber ON bounces (subscriber_id);
+    CREATE INDEX deliveries_message_id ON deliveries (message_id) WHERE message_id <> '';
+    """,
+)
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration script into statements (trigger bodies stay whole)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]}")
+    return statements
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[str], *, where: str) -> int:
+    """Bring the schema to ``len(migrations)``; each step in its own BEGIN IMMEDIATE.
+
+    The version is read inside the transaction, so two processes opening a new
+    database at once apply each step exactly once. Returns the final version.
+    """
+    target = len(migrations)
+    if conn.execute("PRAGMA user_version").fetchone()[0] == target:
+        return target  # the common case takes no write lock
+    for version, script in enumerate(migrations, start=1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > target:
+                raise StoreError(
+                    f"the database has schema version {current}; this newsletter knows {target}",
+                    where=where,
+                    hint="upgrade newsletter",
+                )
+            if current < version:
+                for statement in _split_statements(script):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return target

@@ -1,0 +1,214 @@
+"""The records every stage shares: subscribers, their history, the ledger, bounces.
+
+Frozen dataclasses and enums only, so that any module can import them without
+importing the database (``store``) or anything above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+
+class Status(StrEnum):
+    """A subscriber's status. Only ``active`` subscribers are sent to."""
+
+    ACTIVE = "active"
+    PENDING = "pending"  # waiting for a double opt-in confirmation
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+
+INACTIVE = (Status.UNSUBSCRIBED, Status.BOUNCED, Status.COMPLAINED)
+
+
+class DeliveryState(StrEnum):
+    """The state of one (issue, subscriber) row of the ledger."""
+
+    QUEUED = "queued"
+    SENDING = "sending"  # claimed and committed; the message may be on its way
+    SENT = "sent"
+    FAILED = "failed"  # permanent (5xx); not retried
+    DEFERRED = "deferred"  # temporary (4xx); retried when due, or by the next run
+    UNCERTAIN = "uncertain"  # was `sending` when its run died; resent only on request
+    CANCELLED = "cancelled"  # subscriber stopped being active before it was sent
+
+
+# UNCERTAIN as a result: the whole message went out but the server's answer was lost.
+_RESULT_STATES = (
+    DeliveryState.SENT,
+    DeliveryState.FAILED,
+    DeliveryState.DEFERRED,
+    DeliveryState.UNCERTAIN,
+)
+PROBLEM_STATES = (DeliveryState.FAILED, DeliveryState.UNCERTAIN, DeliveryState.DEFERRED)
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """One subscriber. ``fields`` is read-only and left out of the hash."""
+
+    id: int
+    email: str
+    name: str
+    fields: Mapping[str, str] = field(hash=False)
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    status_changed_at: datetime
+    soft_bounces: int
+
+
+@dataclass(frozen=True)
+class SubscriberEvent:
+    """One status change (``old_status`` is None when the subscriber was created)."""
+
+    subscriber_id: int
+    old_status: Status | None
+    new_status: Status
+    reason: str
+    detail: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A CSV row that was not imported, and why."""
+
+    line: int
+    message: str
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did. ``rows`` = added + updated + unchanged + skipped_inactive
+    + duplicates + error_count."""
+
+    path: Path
+    rows: int
+    added: int
+    updated: int
+    unchanged: int
+    skipped_inactive: int  # unsubscribed/bounced/complained: left untouched
+    duplicates: int  # rows merged into an earlier row of the same file
+    error_count: int
+    errors: tuple[RowError, ...]  # the first store.MAX_KEPT_ROW_ERRORS of them
+
+    @property
+    def imported(self) -> int:
+        """Addresses now in the database from this file (new or already there)."""
+        return self.added + self.updated + self.unchanged
+
+
+@dataclass(frozen=True)
+class SendLock:
+    """Held while one run sends an issue. ``uncertain`` = rows found left by a dead run."""
+
+    issue_key: str
+    run_id: str
+    uncertain: int
+
+
+@dataclass(frozen=True)
+class ClaimedRecipient:
+    """A ledger row now committed as ``sending``: send to ``subscriber`` then record it."""
+
+    issue_key: str
+    subscriber: Subscriber
+    attempts: int  # including this one, over all runs
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """The outcome of handing one claimed message to the server."""
+
+    issue_key: str
+    subscriber_id: int
+    state: DeliveryState  # SENT, FAILED, DEFERRED or UNCERTAIN
+    reply: str = ""  # the server's reply, e.g. "250 2.0.0 Ok" or "550 5.1.1 no such user"
+    message_id: str = ""
+    retry_at: datetime | None = None  # DEFERRED: due again at; None = left for the next run
+    bounce: bool = False  # FAILED: also mark the subscriber bounced ([delivery] bounce_on_5xx)
+
+    def __post_init__(self) -> None:
+        if self.state not in _RESULT_STATES:
+            raise ValueError(
+                f"a delivery result is sent, failed, deferred or uncertain, not {self.state}"
+            )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One ledger row with the subscriber's address, for `status` and reports."""
+
+    issue_key: str
+    subscriber_id: int
+    email: str
+    name: str
+    state: DeliveryState
+    attempts: int
+    last_reply: str
+    message_id: str
+    updated_at: datetime
+    sent_at: datetime | None
+    retry_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IssueSnapshot:
+    """When an issue's recipients were fixed, and how many rows its ledger has."""
+
+    issue_key: str
+    snapshot_at: datetime
+    recipients: int
+
+
+class BounceKind(StrEnum):
+    """Hard (5.x.x: the address does not work) or soft (4.x.x: try again later)."""
+
+    HARD = "hard"
+    SOFT = "soft"
+
+
+@dataclass(frozen=True)
+class Bounce:
+    """One recipient's failure, as a bounce message reports it."""
+
+    email: str
+    kind: BounceKind
+    status: str = ""  # RFC 3464 status code, e.g. "5.1.1"
+    diagnostic: str = ""  # e.g. "smtp; 550 5.1.1 <x@example.org>: user unknown"
+    original_message_id: str = ""  # Message-ID of the message that bounced, when quoted
+    reported_at: datetime | None = None  # when the reporting server gave up
+
+
+@dataclass(frozen=True)
+class BounceRecord:
+    """A bounce as recorded, with what it did to the subscriber (``effect``)."""
+
+    id: int
+    message_key: str
+    subscriber_id: int | None
+    email: str
+    issue_key: str  # "" when the bounce could not be matched to an issue
+    kind: BounceKind
+    status: str
+    diagnostic: str
+    counted: bool  # a soft bounce that counts towards [bounces] soft_limit
+    effect: str
+    reported_at: datetime | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class ConfirmationRequest:
+    """What a subscribe request found: send a confirmation now, or say nothing new."""
+
+    subscriber: Subscriber
+    send: bool  # a confirmation email is due now (reserved: release it if sending fails)
+    created: bool  # the address was new to the list
+    previous_sent_at: datetime | None  # the reservation this request replaced
