@@ -1144,6 +1144,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Serving on http://{shown}:{running.effective_port}  (Ctrl-C to stop)")
     click.echo(f"Database: {cfg.db_path}")
+    click.echo(f"Links in emails start with {app.config[server.PUBLIC_URL_KEY]}")
     if not cfg.unsubscribe.url:
         click.echo(
             "Warning: [unsubscribe] url is not set: issues will not link to this service.",
