@@ -64,8 +64,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 8 * 1024
 MAX_NAME = 100
 # Confirmation emails go out from this many threads, with this many waiting at most.
-MAIL_THREADS = 2
-MAIL_QUEUE_SIZE = 100
+MAIL_THREADS = 4
+MAIL_QUEUE_SIZE = 1000
 HOUSEKEEPING_SECONDS = 300  # pruning of stale pending rows and expired counters
 # Where links start (app.config); set from the config, or by make_server on loopback.
 PUBLIC_URL_KEY = "NEWSLETTER_PUBLIC_URL"
@@ -597,8 +597,17 @@ def create_app(
         retry_after = limiter.client(client)
         if retry_after:
             return too_many(retry_after)
-        if not mail.submit(lambda: send_confirmation(address, name)):
+        # The job starts once the answer is written (or after a second), so that its
+        # work, which depends on the address, cannot slow the answer down.
+        answered = threading.Event()
+
+        def job() -> None:
+            answered.wait(1.0)
+            send_confirmation(address, name)
+
+        if not mail.submit(job):
             LOG.warning("confirmation queue full: a subscribe request was dropped")
+        check_inbox.call_on_close(answered.set)
         return check_inbox
 
     @app.get("/confirm/<token>")

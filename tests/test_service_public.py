@@ -481,7 +481,7 @@ def test_a_stalled_mail_server_holds_up_no_request(
     # The server accepts connections and then never answers MAIL FROM.
     mail = smtp_server(Faults(stall={"MAIL": ALWAYS}))
     addresses = [f"reader{i}@example.org" for i in range(6)]
-    with site(tmp_path, mail, smtp_timeout=3.0, threads=2) as s:
+    with site(tmp_path, mail, smtp_timeout=3.0, threads=2, mail_threads=2) as s:
         for address in addresses:
             assert s.ask(address, timeout=2)[0] == 200  # at once, not after the stall
         queue = mail_queue(s.http.app)
