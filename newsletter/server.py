@@ -53,7 +53,7 @@ from .errors import (
 from .mailqueue import MailQueue
 from .message import UNSUBSCRIBE_PURPOSE
 from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
-from .store import ConfirmationRequest, Status, Store, email_key, normalize_email
+from .store import Status, Store, Subscriber, email_key, normalize_email
 from .tokens import TokenData, TokenSigner, address_fingerprint
 from .transport import Transport, transport_from_config
 
@@ -518,11 +518,18 @@ def create_app(
             drop_db()
             return
         if wanted.send:
-            deliver(wanted, base)
+            try:
+                sent = deliver(wanted.subscriber, base)
+            except Exception:
+                LOG.exception("confirmation email not sent")
+                sent = False
+            if not sent:
+                with writing:
+                    db().release_confirmation(wanted)
         tidy()
 
-    def deliver(wanted: ConfirmationRequest, base: str) -> None:
-        subscriber = wanted.subscriber
+    def deliver(subscriber: Subscriber, base: str) -> bool:
+        """Send one confirmation email, within the limits; True if the server took it."""
         over = limiter.mail(subscriber.email)
         if over:
             LOG.warning(
@@ -530,9 +537,7 @@ def create_app(
                 subscriber.id,
                 over,
             )
-            with writing:
-                db().release_confirmation(wanted)
-            return
+            return False
         token = signer.make(CONFIRM_PURPOSE, str(subscriber.id), email_digest(subscriber.email))
         link = f"{base}/confirm/{token}"
         data = confirmation_message(config, subscriber.email, subscriber.name, link, sign=sign)
@@ -544,15 +549,12 @@ def create_app(
                 transport.close()
         except TransportError as exc:
             LOG.error("confirmation email not sent: %s", exc)
-            with writing:
-                db().release_confirmation(wanted)
-            return
+            return False
         if result.outcome in ("failed", "deferred"):
             LOG.warning("confirmation email refused: %s %s", result.code, result.reply)
-            with writing:
-                db().release_confirmation(wanted)
-            return
+            return False
         LOG.info("confirmation email sent to subscriber %s", subscriber.id)
+        return True
 
     def too_many(retry_after: int) -> Response:
         response = page(
