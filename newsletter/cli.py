@@ -613,8 +613,9 @@ def smtp_sink(
     stored = f"storing in {maildir}" if maildir else "counting only"
     if outbox and config is not None:
         stored += f" and {config.outbox_dir}"
-    click.echo(f"smtp-sink listening on {sink.host}:{sink.port}, {stored} (Ctrl-C to stop)")
     try:
+        # Inside the try: a Ctrl-C right after this line (before wait()) must stop cleanly.
+        click.echo(f"smtp-sink listening on {sink.host}:{sink.port}, {stored} (Ctrl-C to stop)")
         sink.wait()
     except KeyboardInterrupt:
         pass
@@ -1125,6 +1126,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Serving on http://{shown}:{running.effective_port}  (Ctrl-C to stop)")
     click.echo(f"Database: {cfg.db_path}")
+    click.echo(f"Links in emails start with {app.config[server.PUBLIC_URL_KEY]}")
     if not cfg.unsubscribe.url:
         click.echo(
             "Warning: [unsubscribe] url is not set: issues will not link to this service.",

@@ -8,6 +8,7 @@ come from environment variables, and only through :class:`Secrets`, whose
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -111,6 +112,14 @@ class ServerSettings:
     # empty: [unsubscribe] url without its last path segment, else the request's own address.
     public_url: str = ""
     threads: int = 8
+    # Reverse proxies whose X-Forwarded-For is believed (IPs or CIDRs, e.g. "127.0.0.1").
+    trusted_proxies: tuple[str, ...] = ()
+    # Subscribe requests per client address per hour (beyond: 429); 0 means no limit.
+    client_limit_per_hour: int = 10
+    # Confirmation emails per mailbox (lower case, no +tag, Gmail without dots) per hour.
+    mailbox_limit_per_hour: int = 3
+    # Confirmation emails per hour in all.
+    total_limit_per_hour: int = 300
 
 
 @dataclass(frozen=True)
@@ -401,6 +410,14 @@ def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text:
         expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is tuple and isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                raise ConfigError(
+                    f"[{section}] {key} must be a list of strings",
+                    where=where,
+                    hint='write it as ["first", "second"]',
+                )
+            value = tuple(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(
                 f"[{section}] {key} must be {expected.__name__}, not {type(value).__name__}",
@@ -492,6 +509,18 @@ def _validate(config: Config, path: Path, text: str) -> None:
         )
     if config.server.threads < 1:
         fail("threads", "[server] threads must be at least 1", "e.g. 8")
+    for key in ("client_limit_per_hour", "mailbox_limit_per_hour", "total_limit_per_hour"):
+        if getattr(config.server, key) < 0:
+            fail(key, f"[server] {key} must not be negative", "use 0 for no limit")
+    for proxy in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            fail(
+                "trusted_proxies",
+                f"[server] trusted_proxies: '{proxy}' is not an IP address or network",
+                'use addresses or CIDRs, e.g. ["127.0.0.1", "10.0.0.0/8"]',
+            )
     if config.bounces.soft_limit < 1:
         fail("soft_limit", "[bounces] soft_limit must be at least 1", "e.g. 3")
     if config.bounces.imap_security not in ("ssl", "starttls", "none"):

@@ -92,6 +92,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX bounces_subscriber ON bounces (subscriber_id);
     CREATE INDEX deliveries_message_id ON deliveries (message_id) WHERE message_id <> '';
     """,
+    # 4: rate-limit counters that every `serve` process shares (newsletter.ratelimit).
+    """
+    CREATE TABLE rate_limits (
+        key TEXT PRIMARY KEY,
+        hits INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX rate_limits_expiry ON rate_limits (expires_at);
+    """,
 )
 
 

@@ -8,17 +8,24 @@ timeout, so a send running at the same time never makes a request fail with
 
 What a page shows never depends on who a token or an address belongs to beyond
 what its holder already knows: a forged token gets a neutral 400 page, and a
-subscribe request gets the same "check your inbox" answer whatever the status of
-the address (no enumeration).
+subscribe request gets the same "check your inbox" answer, after the same work,
+whatever the status of the address (no enumeration): the request only counts it
+against the client's limit and queues it; a background thread (:mod:`.mailqueue`)
+records it and sends the confirmation email.
+
+No absolute link is ever built from a request header: links start with the
+configured public address, or, on loopback only, with the address served.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.policy
+import ipaddress
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +40,7 @@ from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from . import content, render
+from .addresses import normalize_email
 from .config import Config
 from .delivery import outbound_from_config
 from .errors import (
@@ -43,7 +51,9 @@ from .errors import (
     StoreError,
     TransportError,
 )
-from .models import Status
+from .mailqueue import MailQueue
+from .models import Status, Subscriber
+from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
 from .store import Store
 from .tokens import (
     CONFIRM_PURPOSE,
@@ -57,7 +67,15 @@ from .transport import Transport
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 8 * 1024
 MAX_NAME = 100
+# Confirmation emails go out from this many threads, with this many waiting at most.
+MAIL_THREADS = 4
+MAIL_QUEUE_SIZE = 1000
+HOUSEKEEPING_SECONDS = 300  # pruning of stale pending rows and expired counters
+# Where links start (app.config); set from the config, or by make_server on loopback.
+PUBLIC_URL_KEY = "NEWSLETTER_PUBLIC_URL"
+_EXTENSION = "newsletter"
 LOG = logging.getLogger("newsletter.server")
 
 # Our own pages load nothing from anywhere and post only to themselves.
@@ -136,6 +154,14 @@ its way to it. Open it and follow the link to start receiving {{ newsletter }}.<
 <p class="muted">Nothing there after a few minutes? Look in the spam folder, or
 <a href="{{ subscribe_url }}">try again</a> a little later.</p>
 {% endblock %}""",
+    "confirm.html": """{% extends "base.html" %}{% block body %}
+<p>Press the button to start receiving {{ newsletter }}.</p>
+<form method="post">
+<input type="hidden" name="confirm" value="yes">
+<button type="submit">Confirm my subscription</button>
+</form>
+<p class="muted">Nothing changes until you press the button.</p>
+{% endblock %}""",
     "confirmed.html": """{% extends "base.html" %}{% block body %}
 <p>Thank you. You are subscribed to {{ newsletter }}; the next issue will come to your inbox.</p>
 {% if archive %}<p><a href="{{ archive_url }}">Read past issues</a></p>{% endif %}
@@ -154,7 +180,7 @@ its way to it. Open it and follow the link to start receiving {{ newsletter }}.<
 
 someone, probably you, asked to subscribe {{ email }} to {{ newsletter }}.
 
-To confirm, open this link within {{ ttl_hours }} hours:
+To confirm, open this link within {{ ttl_hours }} hours and press the button:
 
 {{ link }}
 
@@ -189,7 +215,11 @@ def _origin(url: str) -> str:
 
 
 def public_base(config: Config) -> str:
-    """Where readers reach the service (no trailing slash), or "" to use the request's."""
+    """Where readers reach the service (no trailing slash), or "" when nothing says.
+
+    Never a request's Host header: with "", :func:`make_server` serves loopback only,
+    and links start with the address it listens on.
+    """
     if config.server.public_url:
         return config.server.public_url.rstrip("/")
     url = config.unsubscribe.url.rstrip("/")
@@ -301,16 +331,22 @@ def create_app(
     store_path: Path | str | None = None,
     *,
     transport_factory: Callable[[], Transport] | None = None,
+    mail_threads: int = MAIL_THREADS,
+    mail_queue_size: int = MAIL_QUEUE_SIZE,
 ) -> Flask:
     """The service's WSGI app for ``config``, on the database at ``store_path``.
 
     ``store_path`` defaults to the workspace database. ``transport_factory`` makes
     the transport for one confirmation email (default: the configured SMTP server).
     Needs NEWSLETTER_SECRET_KEY: the same key signs the unsubscribe links in the issues.
+    Confirmation emails go out from ``mail_threads`` background threads, with at most
+    ``mail_queue_size`` waiting; :func:`close_app` stops them (:class:`RunningService`
+    and :func:`serve_forever` do).
     """
     signer = TokenSigner(config.secrets.secret_key)
     db_path = Path(store_path) if store_path is not None else config.db_path
-    Store.open(db_path).close()  # create or migrate now, not on the first request
+    with Store.open(db_path) as setup:  # create or migrate now, not on the first request
+        setup.prune_pending(timedelta(hours=config.server.confirm_ttl_hours))
     # Confirmation mail leaves the way an issue does: same transport, same DKIM signer.
     outbound = outbound_from_config(config, make_transport=transport_factory)
     archive = _ArchiveCache(config)
@@ -329,7 +365,15 @@ def create_app(
     }
 
     app = Flask(__name__, static_folder=None)
+    # Werkzeug answers "//x" with a redirect to an absolute URL built from the Host header.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.config[PUBLIC_URL_KEY] = public_base(config)
+    storage = SqliteStorage(db_path)
+    limiter = SubscribeLimiter(storage, config.server, config.secrets.secret_key or "")
+    proxies = trusted_networks(config.server.trusted_proxies)
+    mail = MailQueue(threads=mail_threads, size=mail_queue_size)
+    app.extensions[_EXTENSION] = _Background(mail, storage)
 
     # One connection per server thread, kept open: closing the last connection to a
     # WAL database checkpoints it, which costs more than the request itself.
@@ -368,7 +412,15 @@ def create_app(
         return Response(status=code, headers={"Location": _url(path)})
 
     def external_base() -> str:
-        return public_base(config) or request.url_root.rstrip("/")
+        """Where links start: never from a request header (see make_server)."""
+        base = str(app.config.get(PUBLIC_URL_KEY) or "")
+        if not base:
+            raise ServiceError(
+                "no public address to build links with",
+                where="[server] public_url",
+                hint="set it, or serve through make_server on a loopback address",
+            )
+        return base.rstrip("/")
 
     def bad_link(message: str, status: int = 400) -> Response:
         return page("bad_link.html", status, title="This link does not work", message=message)
@@ -437,6 +489,87 @@ def create_app(
     def subscribe_page() -> Response:
         return subscribe_form()
 
+    housekeeping = _Housekeeping(HOUSEKEEPING_SECONDS)
+
+    def tidy() -> None:
+        """Drop pending rows nobody confirmed in time, and expired counters."""
+        if housekeeping.due():
+            with writing:
+                pruned = db().prune_pending(ttl)
+            storage.expire()
+            if pruned:
+                LOG.info("pruned %d unconfirmed subscribers older than %s", pruned, ttl)
+
+    def send_confirmation(address: str, name: str) -> None:
+        """Record a subscribe request and send its confirmation email (a background job).
+
+        A reservation that cannot be used (a limit, a refusal, a failure) is released,
+        so that asking again later sends.
+        """
+        base = external_base()
+        try:
+            with writing:
+                wanted = db().request_confirmation(
+                    address, name, resend_after=resend_after, reason="subscribe-form"
+                )
+        except StoreError as exc:
+            LOG.error("subscribe request not recorded: %s", exc)
+            drop_db()
+            return
+        if wanted.send:
+            try:
+                sent = deliver(wanted.subscriber, base)
+            except Exception:
+                LOG.exception("confirmation email not sent")
+                sent = False
+            if not sent:
+                with writing:
+                    db().release_confirmation(wanted)
+        tidy()
+
+    def deliver(subscriber: Subscriber, base: str) -> bool:
+        """Send one confirmation email, within the limits; True if the server took it."""
+        over = limiter.mail(subscriber.email)
+        if over:
+            LOG.warning(
+                "confirmation email for subscriber %s not sent: the %s limit is reached",
+                subscriber.id,
+                over,
+            )
+            return False
+        token = signer.make(
+            CONFIRM_PURPOSE, str(subscriber.id), address_fingerprint(subscriber.email)
+        )
+        link = f"{base}/confirm/{token}"
+        data = confirmation_message(
+            config, subscriber.email, subscriber.name, link, sign=outbound.sign
+        )
+        try:
+            transport = outbound.make_transport()
+            try:
+                result = transport.send(envelope_from, subscriber.email, data)
+            finally:
+                transport.close()
+        except TransportError as exc:
+            LOG.error("confirmation email not sent: %s", exc)
+            return False
+        if result.outcome in ("failed", "deferred"):
+            LOG.warning("confirmation email refused: %s %s", result.code, result.reply)
+            return False
+        LOG.info("confirmation email sent to subscriber %s", subscriber.id)
+        return True
+
+    def too_many(retry_after: int) -> Response:
+        response = page(
+            "message.html",
+            429,
+            title="Too many requests",
+            message="Too many subscription requests came from your network."
+            " Please try again later.",
+        )
+        response.headers["Retry-After"] = str(retry_after)
+        return response
+
     @app.post("/subscribe")
     def subscribe() -> Response:
         if not same_origin():
@@ -452,55 +585,38 @@ def create_app(
         if request.form.get("website"):
             return check_inbox  # a bot filled the hidden field: say the usual, do nothing
         try:
-            with writing:
-                wanted = db().request_confirmation(
-                    address, name, resend_after=resend_after, reason="subscribe-form"
-                )
-        except StoreError as exc:
-            if "invalid email address" not in exc.message:
-                raise
+            normalize_email(address)
+        except StoreError:
             return subscribe_form(
                 400,
                 error="That does not look like an email address. Please check it.",
                 address=address,
                 name=name,
             )
-        if not wanted.send:
-            return check_inbox
-        subscriber = wanted.subscriber
-        token = signer.make(
-            CONFIRM_PURPOSE, str(subscriber.id), address_fingerprint(subscriber.email)
+        # The same work whatever the address's status: one counter, one queued job.
+        client = client_address(
+            request.remote_addr or "",
+            ",".join(request.headers.getlist("X-Forwarded-For")),
+            proxies,
         )
-        link = f"{external_base()}/confirm/{token}"
-        data = confirmation_message(
-            config, subscriber.email, subscriber.name, link, sign=outbound.sign
-        )
-        transport = outbound.make_transport()
-        try:
-            result = transport.send(envelope_from, subscriber.email, data)
-        except TransportError as exc:
-            LOG.error("confirmation email not sent: %s", exc)
-            with writing:
-                db().release_confirmation(wanted)
-            return unavailable("We could not send the confirmation email just now.")
-        finally:
-            transport.close()
-        if result.outcome in ("failed", "deferred"):
-            LOG.warning("confirmation email refused: %s %s", result.code, result.reply)
-            with writing:
-                db().release_confirmation(wanted)
-            if result.outcome == "failed":
-                return subscribe_form(
-                    400,
-                    error="Our mail server refused this address. Please check it.",
-                    address=address,
-                    name=name,
-                )
-            return unavailable("We could not send the confirmation email just now.")
-        LOG.info("confirmation email sent to subscriber %s", subscriber.id)
+        retry_after = limiter.client(client)
+        if retry_after:
+            return too_many(retry_after)
+        # The job starts once the answer is written (or after a second), so that its
+        # work, which depends on the address, cannot slow the answer down.
+        answered = threading.Event()
+
+        def job() -> None:
+            answered.wait(1.0)
+            send_confirmation(address, name)
+
+        if not mail.submit(job):
+            LOG.warning("confirmation queue full: a subscribe request was dropped")
+        check_inbox.call_on_close(answered.set)
         return check_inbox
 
     @app.get("/confirm/<token>")
+    @app.post("/confirm/<token>")
     def confirm(token: str) -> Response:
         expired = (
             "This confirmation link has expired or is not valid. Subscribe again to get a new one."
@@ -512,6 +628,9 @@ def create_app(
         subscriber = store.get_subscriber(int(data.subject))
         if subscriber is None or address_fingerprint(subscriber.email) != data.context:
             return bad_link(expired)
+        if request.method != "POST":
+            # Link scanners fetch GETs (and HEADs): a GET only asks.
+            return page("confirm.html", title=f"Confirm your subscription to {news.name}")
         issued = datetime.fromtimestamp(data.issued_at, UTC)
         with writing:
             confirmed = store.confirm_subscription(
@@ -644,6 +763,13 @@ def create_app(
 
     @app.after_request
     def headers(response: Response) -> Response:
+        location = response.headers.get("Location")
+        if location is not None:
+            # Werkzeug's own redirects (slashes) are absolute, from the Host header.
+            parts = urlsplit(location)
+            if parts.scheme or parts.netloc:
+                query = f"?{parts.query}" if parts.query else ""
+                response.headers["Location"] = _url(parts.path.lstrip("/") + query)
         response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -652,6 +778,48 @@ def create_app(
         return response
 
     return app
+
+
+@dataclass(frozen=True)
+class _Background:
+    """What an app runs beside its requests, for :func:`close_app`."""
+
+    mail: MailQueue
+    storage: SqliteStorage
+
+
+class _Housekeeping:
+    """True at most once per ``interval`` seconds (and on the first call)."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                return False
+            self._next = now + self._interval
+            return True
+
+
+def mail_queue(app: Flask) -> MailQueue:
+    """The queue ``app`` sends its confirmation emails from (tests wait on it)."""
+    background: _Background = app.extensions[_EXTENSION]
+    return background.mail
+
+
+def close_app(app: Flask, timeout: float = 5.0) -> int:
+    """Stop ``app``'s background work: confirmation emails not started are dropped (their
+    requests recorded nothing; asking again sends), running ones get ``timeout`` seconds.
+    Returns how many were dropped."""
+    background: _Background = app.extensions[_EXTENSION]
+    dropped = background.mail.close(timeout)
+    if background.mail.pending == 0:  # else a job left running may still count
+        background.storage.close()
+    return dropped
 
 
 # --- serving ----------------------------------------------------------------------------
@@ -671,8 +839,14 @@ class RunningService:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def stop(self) -> None:
-        """Close the listening socket and every connection, and end the thread.
+    @property
+    def app(self) -> Flask:
+        app: Flask = self.server.newsletter_app
+        return app
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listening socket and every connection, end the thread, then the
+        app's background work (see :func:`close_app`; ``timeout`` for running emails).
 
         The closing runs on the server's own thread (through its trigger): closing
         sockets under a running select() from here would break it.
@@ -682,6 +856,7 @@ class RunningService:
         if self.thread.is_alive():
             self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
             self.thread.join(5)
+        close_app(self.app, timeout)
 
     def __enter__(self) -> RunningService:
         return self
@@ -690,19 +865,60 @@ class RunningService:
         self.stop()
 
 
+# Waitress's limits. Reading a request costs no worker thread (waitress buffers it
+# first), so slow clients cost only a connection each: allow many, drop idle ones soon,
+# and bound what one request may send. poll(), not select(), which stops at 1,024 fds.
+SERVER_LIMITS: dict[str, Any] = {
+    "connection_limit": 1000,
+    "channel_timeout": 10,  # seconds a connection may stay idle between requests
+    "cleanup_interval": 2,  # how often idle connections are looked for
+    "max_request_header_size": MAX_HEADER_BYTES,
+    "max_request_body_size": MAX_REQUEST_BYTES,
+    "asyncore_use_poll": True,
+    "backlog": 1024,
+    # X-Forwarded-For reaches the app, which believes it only from [server] trusted_proxies.
+    "clear_untrusted_proxy_headers": False,
+}
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost": only this machine can connect."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
-    """A waitress server bound to ``host:port`` (0 picks a free port); not yet running."""
+    """A waitress server bound to ``host:port`` (0 picks a free port); not yet running.
+
+    Links in emails start with the app's public address ([server] public_url, or the
+    unsubscribe URL's folder). Without one, only a loopback address is served, and
+    links start with the address served (a local trial); never with a request header.
+    """
     from waitress import create_server
 
+    configured = str(app.config.get(PUBLIC_URL_KEY) or "")
+    if not configured and not is_loopback(host):
+        raise ServiceError(
+            "[server] public_url is not set: serving on a public address would have to"
+            " take links from request headers",
+            where=f"{host}:{port}",
+            hint='set [server] public_url = "https://example.org/newsletter" (where readers'
+            " reach the service), or listen on 127.0.0.1",
+        )
+    _raise_file_limit(int(SERVER_LIMITS["connection_limit"]) + 100)
     try:
-        return create_server(
+        server = create_server(
             app,
             host=host,
             port=port,
             threads=threads,
             ident="newsletter",
             asyncore_loop_timeout=0.2,  # how soon stop() is noticed
-            channel_timeout=60,
+            **SERVER_LIMITS,
         )
     except OSError as exc:
         raise ServiceError(
@@ -710,6 +926,22 @@ def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
             where=f"{host}:{port}",
             hint="is something else running there? choose another --port",
         ) from None
+    if not configured:
+        shown = f"[{host}]" if ":" in host else host
+        app.config[PUBLIC_URL_KEY] = f"http://{shown}:{server.effective_port}"
+    server.newsletter_app = app  # waitress keeps only a wrapper of it
+    return server
+
+
+def _raise_file_limit(wanted: int) -> None:
+    """Each connection is a file descriptor: raise the soft limit when it is lower."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def start_server(
@@ -723,10 +955,12 @@ def start_server(
 
 
 def serve_forever(server: Any) -> None:
-    """Run a server from :func:`make_server` until Ctrl-C."""
+    """Run a server from :func:`make_server` until Ctrl-C, then stop its app's background
+    work (confirmation emails being sent get a few seconds)."""
     from waitress import wasyncore
 
     try:
         server.run()
     finally:
         wasyncore.close_all(server._map)
+        close_app(server.newsletter_app)

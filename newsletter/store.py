@@ -68,6 +68,10 @@ PAGE = 1_000  # rows per query when streaming subscribers
 _STATUS_SYNONYMS = {"subscribed": "active", "cleaned": "bounced"}
 
 
+# The reasons request_confirmation records when it creates a pending subscriber: only
+# such rows are pruned when unconfirmed (an imported pending row is the editor's data).
+FORM_REASONS = ("subscribe", "subscribe-form")
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -1204,6 +1208,29 @@ class Store:
             conn.execute("UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,))
             conn.execute("DELETE FROM confirmations WHERE subscriber_id = ?", (subscriber_id,))
             return self._get(conn, subscriber_id)
+
+    def prune_pending(self, ttl: timedelta, *, now: datetime | None = None) -> int:
+        """Delete subscribers who asked through the form and never confirmed in time.
+
+        A row goes when it is still ``pending`` from its creation by
+        :meth:`request_confirmation` (no other status change, no delivery) and neither
+        it nor its last confirmation email is younger than ``ttl``: every link it was
+        sent has expired. Returns how many were deleted.
+        """
+        cutoff = _iso((now or datetime.now(UTC)) - ttl)
+        reasons = ", ".join("?" * len(FORM_REASONS))
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM subscribers WHERE id IN (SELECT s.id FROM subscribers s"
+                " WHERE s.status = 'pending' AND s.status_changed_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM confirmations c"
+                "  WHERE c.subscriber_id = s.id AND c.sent_at >= ?)"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.subscriber_id = s.id)"
+                " AND NOT EXISTS (SELECT 1 FROM subscriber_events e WHERE e.subscriber_id = s.id"
+                f"  AND (e.old_status IS NOT NULL OR e.reason NOT IN ({reasons}))))",
+                (cutoff, cutoff, *FORM_REASONS),
+            )
+            return cursor.rowcount
 
     def sent_issue_keys(self) -> list[str]:
         """Issues that at least one subscriber was sent, oldest snapshot first (the archive)."""
