@@ -34,8 +34,13 @@ from newsletter.tokens import TokenSigner
 
 KEY = "bench-secret-key-0123456789abcdef"
 ISSUE = "001-bench"
-CORPUS = Path(__file__).parents[1] / "tests" / "bounces"
+CORPUS = Path(__file__).parents[1] / "tests" / "inbound"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def _is_bounce(name: str) -> bool:
+    """The corpus's delivery reports (not its complaints, replies and broken mail)."""
+    return not name.startswith(("arf-", "autoreply-", "unsubscribe-", "malformed-", "not-a-"))
 
 
 def workspace(root: Path, smtp_port: int) -> config.Config:
@@ -202,7 +207,7 @@ def main() -> None:
         service.stop()
         sink.stop()
 
-        names = sorted(p.name for p in CORPUS.glob("*.eml"))
+        names = sorted(p.name for p in CORPUS.glob("*.eml") if _is_bounce(p.name))
         mbox_path = Path(tmp) / "bounces.mbox"
         box = mailbox.mbox(mbox_path)
         for n in range(args.bounces):
