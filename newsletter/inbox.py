@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.header import decode_header, make_header
+from email.header import decode_header
 from email.parser import BytesFeedParser, HeaderParser
 from email.utils import collapse_rfc2231_value, getaddresses, parseaddr, parsedate_to_datetime
 from enum import StrEnum
@@ -56,16 +56,15 @@ class Limits:
     """Bounds that keep one hostile message to well under a second and a few MB of memory.
 
     The stdlib parser costs about a microsecond per line per level of nesting, so lines
-    and depth are capped before and while parsing; the heuristic detectors only ever see
-    ``max_text`` characters, in lines of at most ``max_line`` characters.
+    and depth are capped before and while parsing. (The heuristic detectors, some 30
+    microseconds a line and quadratic in a line's length, see a fixed, smaller budget.)
     """
 
     max_bytes: int = 10_000_000
-    max_lines: int = 200_000
+    max_lines: int = 100_000  # a 7 MB base64 attachment; our returned message is far less
     max_parts: int = 500  # MIME parts, delivery-status blocks included
     max_depth: int = 20  # nesting of multipart and message/* parts
     max_text: int = 256_000  # decoded text characters read from the body
-    max_line: int = 500  # characters of one line the heuristic detectors see
     max_recipients: int = 100  # Feedback records from one message
 
 
@@ -103,11 +102,22 @@ _QUOTED_ID = re.compile(
 )
 _ANGLE_ID = re.compile(r"<[^<>\s]{1,250}>")
 _NEAR = 800  # characters after an address that may hold its status
-_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"]{1,200}@[^@\s<>()\[\],;:\"]{1,255}")
+# What flufl.bounce's detectors read: the start of the text, where a bounce says who failed.
+_DETECTOR_LINES = 2_000
+_DETECTOR_LINE = 200
+_DETECTOR_TEXT = 64_000
+_ADDRESS = re.compile(
+    r"[^@\s<>()\[\],;:\"\x00-\x1f\x7f]{1,200}@[^@\s<>()\[\],;:\"\x00-\x1f\x7f]{1,255}"
+)
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,200}[ \t]*:")
 _COMMENT = re.compile(r"\([^()]*\)")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Controls (C0, C1), line separators and bidi overrides: never in text we hand on.
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 _HEAD_SCAN = 65_536
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,500}")
+_BINARY = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
 _HEADER_CHARS = 4_000  # characters of one header field value that are read
 _DIAGNOSTIC_CHARS = 500
 _MAX_IDS = 10
@@ -215,7 +225,9 @@ def _precheck(data: bytes, limits: Limits) -> None:
     if not _HEADER_LINE.match(head):
         raise _Unreadable("not a mail (it does not start with a header field)")
     block = re.split(rb"\r?\n\r?\n|\r\r", head, maxsplit=1)[0]
-    if re.search(rb"[\x00-\x08\x0e-\x1f\x7f]", block):
+    # A NUL, or controls that no text has (ESC is in raw ISO-2022-JP headers).
+    controls = len(_BINARY.findall(block))
+    if b"\x00" in block or controls > len(block) // 20:
         raise _Unreadable("binary data in the header")
 
 
@@ -274,21 +286,35 @@ def _hash_id(data: bytes) -> str:
 def _event_id(fields: _Fields, data: bytes) -> str:
     """Its Message-ID ("mid:<...>", as bounces.py has always keyed mails), else its hash."""
     message_id = fields.text("message-id")
-    if message_id and len(message_id) <= 500:
+    if _PRINTABLE_ID.fullmatch(message_id):
         return f"mid:{message_id}"
-    return _hash_id(data)
+    return _hash_id(data)  # none, or one that is no identifier (spaces, 8-bit bytes)
 
 
 # --- text helpers -------------------------------------------------------------------------
 
 
 def _clean(text: str, limit: int = _HEADER_CHARS) -> str:
-    """Printable, one-line text: 8-bit bytes read as UTF-8, controls and runs of space gone."""
+    """Printable, one-line text: 8-bit bytes read, controls and runs of space gone."""
+    return " ".join(_CONTROL.sub(" ", _unescape(text[: limit * 2])).split())[:limit]
+
+
+def _unescape(text: str) -> str:
+    """Text with the parser's escaped 8-bit bytes read as UTF-8, else as Windows-1252."""
+    if text.isascii():
+        return text
     try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return " ".join(_CONTROL.sub(" ", text[: limit * 2]).split())[:limit]
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return _bytes_text(raw)
+
+
+def _bytes_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", "replace")
 
 
 def _decoded_words(text: str) -> str:
@@ -296,9 +322,21 @@ def _decoded_words(text: str) -> str:
     if "=?" not in text:
         return text
     try:
-        return str(make_header(decode_header(text)))
+        chunks = decode_header(text)
     except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
         return text
+    out = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):
+            out.append(chunk)
+        elif charset is None or charset == "unknown-8bit":
+            out.append(chunk.decode("raw-unicode-escape", "replace"))  # the text around them
+        else:
+            try:
+                out.append(chunk.decode(charset, "replace"))
+            except (LookupError, UnicodeError, ValueError, TypeError):
+                out.append(_bytes_text(chunk))
+    return "".join(out)
 
 
 def _uncomment(text: str) -> str:
@@ -357,11 +395,13 @@ def _decoded_text(part: Message) -> str:
     if not isinstance(payload, bytes):
         raw = part.get_payload()
         return raw if isinstance(raw, str) else ""
-    charset = part.get_content_charset() or "utf-8"
+    charset = part.get_content_charset()
+    if not charset:
+        return _bytes_text(payload)
     try:
         return payload.decode(charset, "replace")
     except (LookupError, UnicodeError, ValueError, TypeError):
-        return payload.decode("utf-8", "replace")
+        return _bytes_text(payload)
 
 
 class _Fields:
@@ -753,8 +793,9 @@ def _read_heuristics(mail: _Mail, found: _Found, refs: _Refs) -> None:
     flufl.bounce's "temporary" failures are "still trying" warnings (DSN ``delayed``
     and warning texts). A failure it calls permanent is a bounce whose class comes from
     the status in the text: a server that gave up after days of 4.x.x answers sends a
-    soft bounce. The detectors read a trimmed copy of the text (``Limits.max_text`` in
-    lines of ``Limits.max_line``), which bounds their regular expressions.
+    soft bounce. The detectors read a trimmed copy of the text (``_DETECTOR_LINES`` lines
+    of at most ``_DETECTOR_LINE`` characters, ``_DETECTOR_TEXT`` in all), which bounds
+    their time and their regular expressions' backtracking.
     """
     body = mail.body
     lowered = body.lower()
@@ -802,7 +843,7 @@ def _read_heuristics(mail: _Mail, found: _Found, refs: _Refs) -> None:
 
 
 def _detected(raw: bytes) -> str:
-    address = raw.decode("ascii", "replace").strip().strip("<>")
+    address = _clean(raw.decode("ascii", "replace"), 500).strip("<>")
     return address if _ADDRESS.fullmatch(address) else ""
 
 
@@ -815,21 +856,28 @@ def _near(text: str, lowered: str, address: str) -> str:
 def _trim_for_detectors(mail: _Mail) -> None:
     """Give the detectors decoded text within bounds, and nothing of the binary parts."""
     texts = {id(part): text for part, text in mail.texts}
+    lines_left, chars_left = _DETECTOR_LINES, _DETECTOR_TEXT
     for part in mail.parts:
         if part.is_multipart():
             continue
-        text = texts.get(id(part), "")
-        lines = (line[: mail.limits.max_line] for line in text.splitlines())
-        part.set_payload("\n".join(lines) + ("\n" if text else ""))
+        kept = []
+        for line in texts.get(id(part), "").splitlines()[:lines_left]:
+            if chars_left <= 0:
+                break
+            kept.append(line[: min(_DETECTOR_LINE, chars_left)])
+            chars_left -= len(kept[-1]) + 1
+        lines_left -= len(kept)
+        part.set_payload("".join(line + "\n" for line in kept))
         if "content-transfer-encoding" in part:
             part.replace_header("Content-Transfer-Encoding", "8bit")
-    for part in mail.parts:
-        for name in ("From", "Subject", "X-Failed-Recipients"):
-            values = part.get_all(name)
-            if values and any(not isinstance(v, str) for v in values):
-                del part[name]  # 8-bit bytes made a Header object flufl cannot .lower()
-                for value in values:
-                    part[name] = _clean(str(value))
+    # The fields the detectors read, as plain text: raw 8-bit bytes make Header objects
+    # they cannot .lower(), and nested comments make the stdlib's address parser recurse.
+    for name in ("From", "Subject", "X-Failed-Recipients", "X-Mailer"):
+        values = mail.fields.raw(name.lower())
+        if values:
+            del mail.msg[name]
+            for value in values:
+                mail.msg[name] = _uncomment(_clean(value))
 
 
 def _yahoo_style(body: str) -> list[str]:
