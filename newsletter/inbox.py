@@ -92,6 +92,8 @@ class _Unreadable(Exception):
 
 
 _log = logging.getLogger(__name__)
+# flufl.bounce logs a traceback for a detector that fails; classify() catches it and goes on.
+logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
 # An RFC 3463 status code, not part of a longer dotted number (an IP address, a version).
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
@@ -128,13 +130,15 @@ _BODY_TOKEN = re.compile(rf"\bunsubscribe\s+({_TOKEN})(?![\w.-])", re.I)
 _MAILTO_TOKEN = re.compile(rf"subject=unsubscribe(?:%20|\+|\s)({_TOKEN})(?![\w.-])", re.I)
 _URL_TOKEN = re.compile(rf"https?://[^\s<>]*/({_TOKEN})(?:[?#][^\s<>]*)?(?=>|$|\s|,)", re.I)
 _PLAIN_UNSUBSCRIBE = re.compile(
-    r"(?:please\s+)?unsubscribe(?:\s+(?:me|please))*(?:\s+from\b[^?]*)?[.!]*", re.I
+    # "unsubscribe", "please unsubscribe me from ...", or one word that may be a broken token
+    r"(?:please\s+)?unsubscribe(?:\s+(?:me|please))*(?:\s+from\b[^?]*|\s+[\w.%+=-]{8,200})?[.!]*",
+    re.I,
 )
 _SUBJECT_PREFIX = re.compile(r"^\s*(?:(?:re|fwd?|aw|wg|sv|tr)\s*:\s*)+", re.I)
 _AUTO_SUBJECT = re.compile(
     r"^\s*(?:auto(?:matic)?[ _-]?(?:reply|response|answer|antwort)|autoreply|auto\s*:"
     r"|out[ -]of[ -](?:the[ -])?office|ooo\b|abwesenheit|automatische antwort"
-    r"|r[ée]ponse automatique|absence|respuesta autom[áa]tica|fuera de la oficina"
+    r"|r[ée]ponse automatique|absente? du bureau|respuesta autom[áa]tica|fuera de la oficina"
     r"|risposta automatica|away from (?:the )?office|on vacation|vacation reply)",
     re.I,
 )
@@ -163,7 +167,7 @@ def classify(
     try:
         return _classify(bytes(data), limits, verp_prefix)
     except Exception as exc:  # a last guard: one message must never stop a run
-        _log.warning("inbound message could not be read", exc_info=True)
+        _log.debug("inbound message could not be read", exc_info=True)
         return Inbound(
             kind=InboundKind.UNREADABLE,
             event_id=_hash_id(bytes(data)),
@@ -175,16 +179,6 @@ def _classify(data: bytes, limits: Limits, verp_prefix: str) -> Inbound:
     """``classify`` without the last guard (the property tests call this one)."""
     try:
         _precheck(data, limits)
-    except _Unreadable as problem:
-        head = _head_fields(data)
-        return Inbound(
-            kind=InboundKind.UNREADABLE,
-            event_id=_event_id(head, data),
-            reason=problem.reason,
-            subject=head.text("subject"),
-            sender=head.address("from"),
-        )
-    try:
         msg = _parse(data, limits)
     except _Unreadable as problem:
         head = _head_fields(data)
@@ -613,7 +607,11 @@ def _complaint(mail: _Mail) -> Inbound | None:
         if part.get_content_type() == "message/feedback-report":
             report = _feedback_report_fields(part)
             break
-    jmrp = any("x-hmxmroriginalrecipient" in fields for fields in mail.returned)
+    # Microsoft's JMRP: no report part, only the returned message with this field (which a
+    # delivery report returning a message received at Microsoft can also carry).
+    jmrp = any("x-hmxmroriginalrecipient" in fields for fields in mail.returned) and not any(
+        part.get_content_type() == "message/delivery-status" for part in mail.parts
+    )
     declared = "feedback-report" in _param(mail.msg, "report-type").lower()
     if report is None and not (jmrp or declared):
         return None
@@ -723,8 +721,8 @@ def _delivery_report(mail: _Mail) -> Inbound | None:
     if status_parts:
         actions = ", ".join(sorted(set(found.actions))) or "no recipient"
         return mail.result(InboundKind.DSN, f"a delivery report with no failure ({actions})")
-    local = mail.sender.split("@")[0].lower()
-    if local in _DAEMONS and _BOUNCE_SUBJECT.search(mail.subject):
+    local = (mail.sender or mail.fields.text("from")).split("@")[0].lower()
+    if any(name in local for name in _DAEMONS) and _BOUNCE_SUBJECT.search(mail.subject):
         return mail.result(
             InboundKind.DSN, "a delivery report that names no recipient we could read"
         )
@@ -803,7 +801,7 @@ def _read_heuristics(mail: _Mail, found: _Found, refs: _Refs) -> None:
     try:
         temporary, permanent = all_failures(mail.msg)
     except Exception:  # third-party heuristics on hostile input: their failure is no bounce
-        _log.warning("flufl.bounce failed on a message", exc_info=True)
+        _log.debug("flufl.bounce failed on a message", exc_info=True)
         temporary, permanent = frozenset(), frozenset()
     addresses = [_detected(raw) for raw in sorted(permanent)]
     if not permanent and not temporary and not found.feedback:
@@ -858,6 +856,7 @@ def _trim_for_detectors(mail: _Mail) -> None:
     texts = {id(part): text for part, text in mail.texts}
     lines_left, chars_left = _DETECTOR_LINES, _DETECTOR_TEXT
     for part in mail.parts:
+        _plain_fields(part)
         if part.is_multipart():
             continue
         kept = []
@@ -878,6 +877,17 @@ def _trim_for_detectors(mail: _Mail) -> None:
             del mail.msg[name]
             for value in values:
                 mail.msg[name] = _uncomment(_clean(value))
+
+
+def _plain_fields(part: Message) -> None:
+    """A part's fields with 8-bit bytes read as text (else the stdlib hands out Headers)."""
+    items = [(str(name), str(value)) for name, value in part.raw_items()]
+    if all(value.isascii() for _name, value in items):
+        return
+    for name, _value in items:
+        del part[name]
+    for name, value in items:
+        part[name] = _clean(value)
 
 
 def _yahoo_style(body: str) -> list[str]:

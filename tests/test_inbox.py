@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 import random
 import re
 from dataclasses import dataclass, fields
@@ -266,6 +267,61 @@ def test_status_classes_and_actions() -> None:
     ]
 
 
+def mail_with(subject: str, body: str = "Hello.\n", extra: str = "") -> bytes:
+    return (
+        f"From: Reader <reader@example.com>\nTo: editor@example.org\nSubject: {subject}\n"
+        f"Message-ID: <m@example.com>\n{extra}\n{body}"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("subject", "kind"),
+    [
+        ("Unsubscribe", UNSUB),
+        ("Re: unsubscribe me please", UNSUB),
+        ("Please unsubscribe me from The Test Gazette.", UNSUB),
+        ("Your unsubscribe link is broken", OTHER),
+        ("Re: Unsubscribe? How?", OTHER),
+        ("unsubscribe not-a-token", UNSUB),  # a plain unsubscribe, without a token
+        (f"Re: unsubscribe {U1}", UNSUB),
+        ("Automatic reply: Tides", AUTO),
+        ("Out of Office: Tides", AUTO),
+        ("Absence of tide tables in this issue", OTHER),
+        ("Re: Tides and Timetables", OTHER),
+    ],
+)
+def test_subjects(subject: str, kind: InboundKind) -> None:
+    assert classify(mail_with(subject)).kind == kind
+
+
+def test_auto_submitted_no_is_not_an_auto_reply() -> None:
+    assert classify(mail_with("Re: Tides", extra="Auto-Submitted: no\n")).kind == OTHER
+    assert classify(mail_with("Re: Tides", extra="Auto-Submitted: auto-generated\n")).kind == AUTO
+
+
+def test_a_bounce_that_names_nobody_is_still_a_delivery_report() -> None:
+    data = (
+        b"From: Mail Delivery System <MAILER-DAEMON@mail.example.org>\nTo: editor@example.org\n"
+        b"Subject: Undelivered Mail Returned to Sender\nMessage-ID: <n@mail.example.org>\n\n"
+        b"Something went wrong, but we will not say what.\n"
+    )
+    inbound = classify(data)
+    assert (inbound.kind, inbound.feedback) == (DSN, ())
+    assert "names no recipient" in inbound.reason
+
+
+def test_a_delivery_report_returning_a_microsoft_message_is_not_a_complaint() -> None:
+    blocks = "Final-Recipient: rfc822; sam@example.com\nAction: failed\nStatus: 5.2.2\n\n"
+    data = dsn_with(blocks).replace(
+        b"--b--\n",
+        b"--b\nContent-Type: text/rfc822-headers\n\nX-HmXmrOriginalRecipient: <sam@example.com>\n"
+        b"Message-ID: <177244284518.1001.18@example.org>\n\n--b--\n",
+    )
+    inbound = classify(data)
+    assert inbound.kind == DSN
+    assert [(f.kind, f.recipient) for f in inbound.feedback] == [(HARD, "sam@example.com")]
+
+
 # --- the real message we send, coming back ------------------------------------------------
 
 
@@ -438,6 +494,17 @@ def test_hostile_headers_are_read_without_harm() -> None:
     assert inbound.subject.startswith("café ") and "\x1b" not in inbound.subject
     assert "\u202e" not in inbound.subject
     assert_clean(inbound)
+
+
+def test_8bit_fields_do_not_trip_the_detectors(caplog: pytest.LogCaptureFixture) -> None:
+    # flufl.bounce calls .lower() on fields, which raw 8-bit bytes would make Header objects.
+    blocks = "Final-Recipient: rfc822; a@example.com\nAction: f\xe4iled\nStatus: 5.1.1\n\n"
+    data = dsn_with(blocks).replace(b"f\xc3\xa4iled", b"f\xe4iled")
+    data = data.replace(b"From: MAILER-DAEMON@", b"From: \xff MAILER-DAEMON@")
+    with caplog.at_level(logging.DEBUG):
+        inbound = classify(data)
+    assert inbound.kind == DSN and inbound.feedback == ()
+    assert not [r for r in caplog.records if r.name.startswith(("newsletter", "flufl"))]
 
 
 def test_the_last_guard_turns_any_failure_into_unreadable(
