@@ -133,8 +133,12 @@ def main() -> None:
         f"p99 {sorted(ordinary)[int(len(ordinary) * 0.99)] * 1000:.2f} ms"
     )
     print("  kinds: " + ", ".join(f"{kind} {n:,}" for kind, n in kinds.most_common()))
+    print("pathological messages:")
+    for elapsed, label, what in timings:
+        if not label.endswith(".eml"):
+            print(f"  {elapsed * 1000:8.1f} ms  {label:<40} {what[:70]}")
     print("slowest single messages:")
-    for elapsed, label, what in sorted(timings, reverse=True)[:10]:
+    for elapsed, label, what in sorted(timings, reverse=True)[:5]:
         print(f"  {elapsed * 1000:8.1f} ms  {label:<40} {what[:70]}")
 
 
