@@ -47,16 +47,25 @@ from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner
 
 KEY = "bench-secret-key-0123456789abcdef"
 ISSUE = "001-bench"
-CORPUS = Path(__file__).parents[1] / "tests" / "bounces"
+CORPUS = Path(__file__).parents[1] / "tests" / "inbound"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 # No limits: the throughput and timing scenarios measure the service, not the limiter.
-UNLIMITED = "client_limit_per_hour = 0\nmailbox_limit_per_hour = 0\ntotal_limit_per_hour = 0\n"
+UNLIMITED = "client_limit_per_hour = 0
+mailbox_limit_per_hour = 0
+total_limit_per_hour = 0
+"
+
+
+def _is_bounce(name: str) -> bool:
+    """The corpus's delivery reports (not its complaints, replies and broken mail)."""
+    return not name.startswith(("arf-", "autoreply-", "unsubscribe-", "malformed-", "not-a-"))
 
 
 def workspace(
-    root: Path, smtp_port: int, server: str = "resend_interval_minutes = 0\n" + UNLIMITED
+    root: Path, smtp_port: int, server: str = "resend_interval_minutes = 0
+" + UNLIMITED
 ) -> config.Config:
     folder = root / "issues" / ISSUE
     (folder / "articles").mkdir(parents=True)
@@ -398,7 +407,7 @@ def main() -> None:
         sink.stop()
         bombing(Path(tmp))
 
-        names = sorted(p.name for p in CORPUS.glob("*.eml"))
+        names = sorted(p.name for p in CORPUS.glob("*.eml") if _is_bounce(p.name))
         mbox_path = Path(tmp) / "bounces.mbox"
         box = mailbox.mbox(mbox_path)
         for n in range(args.bounces):

@@ -1,12 +1,7 @@
 """Bounce processing: read bounce mail, find who bounced and how, update the list.
 
-Detection is two-layered. Standard delivery status notifications (RFC 3464:
-a ``multipart/report`` with a ``message/delivery-status`` part, which Postfix,
-Gmail, Outlook/Exchange and most modern servers send) are parsed here, field by
-field: ``Action``, ``Status``, ``Original-Recipient``/``Final-Recipient``,
-``Diagnostic-Code``, dates. Everything else (Exim's and qmail's plain-text
-bounces, old sendmail...) goes through flufl.bounce's heuristic detectors, and
-the status code is then read from the text near the address.
+``inbox.classify`` reads each mail (standard DSNs field by field, the others through
+flufl.bounce's detectors); this module keeps its bounces and applies them.
 
 A 5.x.x status is a hard bounce, 4.x.x a soft one; ``delayed`` warnings are not
 bounces (the server is still trying). The bounce is matched to the issue (and,
@@ -21,25 +16,18 @@ messages are also flagged ``\\Seen`` once processed.
 from __future__ import annotations
 
 import contextlib
-import email
-import email.message
-import email.policy
-import hashlib
 import imaplib
 import mailbox
-import re
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from flufl.bounce import all_failures
-
 from .config import Config
 from .errors import BounceError, ConfigError, TransportError
+from .feedback import FeedbackKind
+from .inbox import classify
 from .models import Bounce, BounceKind, BounceRecord
 from .store import Store
 
@@ -50,16 +38,8 @@ __all__ = [
     "detect",
     "fetch_imap",
     "import_path",
-    "message_key",
     "process_message",
 ]
-
-# An RFC 3463 status code, not part of a longer dotted number (an IP address, a version).
-_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-# An SMTP reply code at the start of a reply ("550 ", "550-", "550 5.1.1").
-_REPLY = re.compile(r"(?<!\d)([245])\d\d(?=[ -])")
-_MESSAGE_ID = re.compile(r"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
-_NEAR = 800  # characters after an address that may hold its status
 
 
 @dataclass(frozen=True)
@@ -111,209 +91,31 @@ class BounceSummary:
 # --- detection ----------------------------------------------------------------------------
 
 
-def parse(data: bytes) -> email.message.Message:
-    """The mail as the classic ``Message`` API that flufl.bounce and DSN parts need."""
-    return email.message_from_bytes(data, policy=email.policy.compat32)
-
-
-def message_key(msg: email.message.Message, data: bytes) -> str:
-    """What identifies a mail across imports and fetches: its Message-ID, else its hash."""
-    message_id = str(msg.get("Message-ID", "") or "").strip()
-    if message_id:
-        return f"mid:{message_id}"
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
-def _text(value: object) -> str:
-    return " ".join(str(value or "").split())
-
-
-def _date(value: object) -> datetime | None:
-    text = _text(value)
-    if not text:
-        return None
-    try:
-        parsed = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    # "-0000" means UTC with no claim about local time (RFC 5322 3.3).
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
-def _status_of(*texts: str) -> str:
-    """The first status code in ``texts``, or one made from an SMTP reply code ("5.0.0")."""
-    for text in texts:
-        match = _STATUS.search(text)
-        if match:
-            return ".".join(match.groups())
-    for text in texts:
-        match = _REPLY.search(text)
-        if match:
-            return f"{match.group(1)}.0.0"
-    return ""
-
-
-def _address(value: object) -> str:
-    """The address of an ``Original-Recipient``/``Final-Recipient`` field ("rfc822; a@b")."""
-    text = _text(value)
-    kind, sep, address = text.partition(";")
-    if not sep:
-        address = kind
-    elif kind.strip().lower() not in ("rfc822", ""):
-        return ""
-    return parseaddr(address.strip())[1].strip()
-
-
-def _original_message_id(msg: email.message.Message) -> str:
-    """The Message-ID of the message that bounced, from the returned copy or its headers."""
-    for part in msg.walk():
-        kind = part.get_content_type()
-        if kind in ("message/rfc822", "message/global"):
-            payload = part.get_payload()
-            inner = payload[0] if isinstance(payload, list) and payload else None
-            if isinstance(inner, email.message.Message) and inner.get("Message-ID"):
-                return _text(inner["Message-ID"])
-        elif kind in ("text/rfc822-headers", "text/global-headers"):
-            found = _MESSAGE_ID.search(_decoded(part))
-            if found:
-                return found.group(1)
-    own = _text(msg.get("Message-ID", ""))
-    for found in _MESSAGE_ID.finditer(_body_text(msg)):
-        if found.group(1) != own:
-            return found.group(1)
-    return ""
-
-
-def _decoded(part: email.message.Message) -> str:
-    payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        charset = part.get_content_charset() or "utf-8"
-        try:
-            return payload.decode(charset, "replace")
-        except LookupError:
-            return payload.decode("utf-8", "replace")
-    raw = part.get_payload()
-    return raw if isinstance(raw, str) else ""
-
-
-def _body_text(msg: email.message.Message) -> str:
-    """All the text a person would read in the bounce (and any quoted headers)."""
-    pieces = []
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        if part.get_content_maintype() == "text":
-            pieces.append(_decoded(part))
-    return "\n".join(pieces)
-
-
-def _dsn_bounces(
-    msg: email.message.Message, original_id: str, fallback_date: datetime | None
-) -> tuple[list[Bounce], list[str]]:
-    """Bounces and delayed addresses from every ``message/delivery-status`` part."""
-    bounces: list[Bounce] = []
-    delayed: list[str] = []
-    for part in msg.walk():
-        if part.get_content_type() != "message/delivery-status":
-            continue
-        blocks = part.get_payload()
-        if not isinstance(blocks, list) or not blocks:
-            continue
-        per_message = blocks[0]
-        arrival = None
-        if isinstance(per_message, email.message.Message):
-            arrival = _date(per_message.get("Arrival-Date"))
-        for block in blocks[1:] if len(blocks) > 1 else blocks:
-            if not isinstance(block, email.message.Message):
-                continue
-            address = _address(block.get("Original-Recipient")) or _address(
-                block.get("Final-Recipient")
-            )
-            action = _text(block.get("Action")).lower()
-            if not address or "@" not in address:
-                continue
-            if action.startswith("delayed"):
-                delayed.append(address)
-                continue
-            if not action.startswith(("failed", "error")):
-                continue  # delivered, relayed, expanded: not a failure
-            diagnostic = _text(block.get("Diagnostic-Code"))
-            status = _status_of(_text(block.get("Status")), diagnostic)
-            kind = BounceKind.SOFT if status.startswith("4") else BounceKind.HARD
-            bounces.append(
-                Bounce(
-                    email=address,
-                    kind=kind,
-                    status=status or "5.0.0",
-                    diagnostic=diagnostic,
-                    original_message_id=original_id,
-                    # When the server gave up: its last attempt, else the report's date.
-                    reported_at=_date(block.get("Last-Attempt-Date")) or fallback_date or arrival,
-                )
-            )
-    return bounces, delayed
-
-
-def _near(text: str, address: str) -> str:
-    """The text after the first mention of ``address`` (where its reason usually is)."""
-    at = text.lower().find(address.lower())
-    return "" if at < 0 else text[at : at + len(address) + _NEAR]
-
-
-def _heuristic_bounces(
-    msg: email.message.Message, original_id: str, date: datetime | None, known: set[str]
-) -> tuple[list[Bounce], list[str]]:
-    """Failures flufl.bounce finds that the DSN parts did not name, and its warnings.
-
-    flufl.bounce's "temporary" failures are "still trying" warnings (DSN ``delayed``
-    and warning texts), so they are not bounces. A failure it calls permanent is a
-    bounce whose class comes from the status in the text: a server that gave up after
-    days of 4.x.x answers sends a soft bounce.
-    """
-    temporary, permanent = all_failures(msg)
-    text = _body_text(msg)
-    found: list[Bounce] = []
-    for raw in sorted(permanent):
-        address = raw.decode("ascii", "replace").strip()
-        if "@" not in address or address.lower() in known:
-            continue
-        known.add(address.lower())
-        window = _near(text, address)
-        status = _status_of(window) or "5.0.0"
-        lines = [s.strip() for s in window.splitlines()[1:] if s.strip()]
-        line = next((s for s in lines if status in s), lines[0] if lines else "")
-        found.append(
-            Bounce(
-                email=address,
-                kind=BounceKind.SOFT if status.startswith("4") else BounceKind.HARD,
-                status=status,
-                diagnostic=line[:300],
-                original_message_id=original_id,
-                reported_at=date,
-            )
-        )
-    warnings = [
-        address
-        for raw in sorted(temporary)
-        if "@" in (address := raw.decode("ascii", "replace").strip())
-        and address.lower() not in known
-    ]
-    return found, warnings
-
-
 def detect(data: bytes) -> Detected:
-    """Who bounced, how (hard or soft, status code, diagnostic) and for which message."""
-    msg = parse(data)
-    date = _date(msg.get("Date"))
-    original_id = _original_message_id(msg)
-    bounces, delayed = _dsn_bounces(msg, original_id, date)
-    known = {b.email.lower() for b in bounces} | {a.lower() for a in delayed}
-    more, warnings = _heuristic_bounces(msg, original_id, date, known)
+    """Who bounced, how (hard or soft, status code, diagnostic) and for which message.
+
+    The reading is ``inbox.classify``'s; this keeps only the bounces and delay warnings.
+    """
+    inbound = classify(data)
+    bounces = tuple(
+        Bounce(
+            email=item.recipient,
+            kind=BounceKind.SOFT if item.kind == FeedbackKind.SOFT_BOUNCE else BounceKind.HARD,
+            status=item.status or "5.0.0",
+            diagnostic=item.diagnostic,
+            original_message_id=item.message_ids[0] if item.message_ids else "",
+            reported_at=item.reported_at,
+        )
+        for item in inbound.feedback
+        if item.recipient and item.kind in (FeedbackKind.HARD_BOUNCE, FeedbackKind.SOFT_BOUNCE)
+    )
+    delayed = tuple(
+        item.recipient
+        for item in inbound.feedback
+        if item.recipient and item.kind == FeedbackKind.DELAY
+    )
     return Detected(
-        message_key=message_key(msg, data),
-        bounces=tuple(bounces + more),
-        delayed=tuple(delayed + warnings),
-        subject=_text(msg.get("Subject")),
+        message_key=inbound.event_id, bounces=bounces, delayed=delayed, subject=inbound.subject
     )
 
 

@@ -8,6 +8,7 @@ after checking that it refers to a message we sent to that subscriber.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 __all__ = ["Feedback", "FeedbackKind"]
@@ -39,3 +40,4 @@ class Feedback:
     verp_token: str | None = None  # from a bounces+TOKEN@domain envelope address
     unsubscribe_token: str | None = None  # from a mailto unsubscribe's subject or body
     sender: str | None = None  # the From address of a mailto unsubscribe
+    reported_at: datetime | None = None  # when it happened, as the report says (else None)
