@@ -52,10 +52,7 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 # No limits: the throughput and timing scenarios measure the service, not the limiter.
-UNLIMITED = "client_limit_per_hour = 0
-mailbox_limit_per_hour = 0
-total_limit_per_hour = 0
-"
+UNLIMITED = "client_limit_per_hour = 0\nmailbox_limit_per_hour = 0\ntotal_limit_per_hour = 0\n"
 
 
 def _is_bounce(name: str) -> bool:
@@ -64,8 +61,7 @@ def _is_bounce(name: str) -> bool:
 
 
 def workspace(
-    root: Path, smtp_port: int, server: str = "resend_interval_minutes = 0
-" + UNLIMITED
+    root: Path, smtp_port: int, server: str = "resend_interval_minutes = 0\n" + UNLIMITED
 ) -> config.Config:
     folder = root / "issues" / ISSUE
     (folder / "articles").mkdir(parents=True)

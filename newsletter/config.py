@@ -28,6 +28,9 @@ ENV_SECRET_KEY = "NEWSLETTER_SECRET_KEY"
 ENV_DKIM_KEY_FILE = "NEWSLETTER_DKIM_KEY_FILE"
 ENV_IMAP_PASSWORD = "NEWSLETTER_IMAP_PASSWORD"
 ENV_DB = "NEWSLETTER_DB"
+ENV_MAILGUN_SIGNING_KEY = "NEWSLETTER_MAILGUN_SIGNING_KEY"
+ENV_POSTMARK_PASSWORD = "NEWSLETTER_POSTMARK_PASSWORD"
+ENV_SENDGRID_PUBLIC_KEY = "NEWSLETTER_SENDGRID_PUBLIC_KEY"
 
 _KEY_CHARS = re.compile(r"^[A-Za-z0-9_-]+$")
 # A DKIM selector or domain: dot-separated labels of letters, digits and inner hyphens.
@@ -142,6 +145,19 @@ class FetchSettings:
     max_bytes: int = 5_000_000  # a page or feed larger than this is refused
 
 
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Email services' event webhooks; their keys and passwords come from the environment."""
+
+    ses_topic_arns: tuple[str, ...] = ()  # SNS topics whose SES notifications are accepted
+    postmark_username: str = ""  # the Basic auth user put in Postmark's webhook URL
+    postmark_networks: tuple[str, ...] = ()  # if set, Postmark requests only from these CIDRs
+
+
+# An SNS topic ARN: arn:aws[-partition]:sns:<region>:<12-digit account>:<topic name>.
+SNS_TOPIC_ARN_RE = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_.-]{1,256}")
+
+
 class Secrets:
     """Secrets from the environment; ``repr`` never shows them.
 
@@ -150,8 +166,16 @@ class Secrets:
     """
 
     __slots__ = ("_values",)
-    _values: tuple[str | None, str | None, str | None, str | None]
-    NAMES = ("smtp_password", "secret_key", "dkim_key_file", "imap_password")
+    _values: tuple[str | None, ...]
+    NAMES = (
+        "smtp_password",
+        "secret_key",
+        "dkim_key_file",
+        "imap_password",
+        "mailgun_signing_key",
+        "postmark_password",
+        "sendgrid_public_key",
+    )
 
     def __init__(
         self,
@@ -159,8 +183,19 @@ class Secrets:
         secret_key: str | None = None,
         dkim_key_file: str | None = None,
         imap_password: str | None = None,
+        mailgun_signing_key: str | None = None,
+        postmark_password: str | None = None,
+        sendgrid_public_key: str | None = None,
     ) -> None:
-        values = (smtp_password, secret_key, dkim_key_file, imap_password)
+        values = (
+            smtp_password,
+            secret_key,
+            dkim_key_file,
+            imap_password,
+            mailgun_signing_key,
+            postmark_password,
+            sendgrid_public_key,
+        )
         object.__setattr__(self, "_values", values)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -181,6 +216,18 @@ class Secrets:
     @property
     def imap_password(self) -> str | None:
         return self._values[3]
+
+    @property
+    def mailgun_signing_key(self) -> str | None:
+        return self._values[4]
+
+    @property
+    def postmark_password(self) -> str | None:
+        return self._values[5]
+
+    @property
+    def sendgrid_public_key(self) -> str | None:
+        return self._values[6]
 
     def replace(self, **changes: str | None) -> Secrets:
         """A copy with some values changed (the demo's throwaway key, tests)."""
@@ -211,6 +258,9 @@ class Secrets:
             secret_key=env.get(ENV_SECRET_KEY) or None,
             dkim_key_file=env.get(ENV_DKIM_KEY_FILE) or None,
             imap_password=env.get(ENV_IMAP_PASSWORD) or None,
+            mailgun_signing_key=env.get(ENV_MAILGUN_SIGNING_KEY) or None,
+            postmark_password=env.get(ENV_POSTMARK_PASSWORD) or None,
+            sendgrid_public_key=env.get(ENV_SENDGRID_PUBLIC_KEY) or None,
         )
 
 
@@ -227,6 +277,7 @@ class Config:
     server: ServerSettings = ServerSettings()
     bounces: BounceSettings = BounceSettings()
     fetch: FetchSettings = FetchSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     secrets: Secrets = field(default_factory=Secrets)
     db_override: Path | None = None
 
@@ -298,6 +349,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "bounces": BounceSettings,
     "fetch": FetchSettings,
+    "webhooks": WebhookSettings,
 }
 
 # Keys that look like secrets are refused in the file, with a pointer to the env var.
@@ -308,6 +360,11 @@ _SECRET_KEYS = {
     "secret_key": ENV_SECRET_KEY,
     "imap_password": ENV_IMAP_PASSWORD,
     "private_key": ENV_DKIM_KEY_FILE,
+    "signing_key": ENV_MAILGUN_SIGNING_KEY,
+    "mailgun_signing_key": ENV_MAILGUN_SIGNING_KEY,
+    "postmark_password": ENV_POSTMARK_PASSWORD,
+    "public_key": ENV_SENDGRID_PUBLIC_KEY,
+    "sendgrid_public_key": ENV_SENDGRID_PUBLIC_KEY,
 }
 
 T = TypeVar("T")
@@ -410,12 +467,12 @@ def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text:
         expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if expected is tuple and isinstance(value, list):
-            if not all(isinstance(item, str) for item in value):
+        if expected is tuple:  # a list of strings
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise ConfigError(
                     f"[{section}] {key} must be a list of strings",
                     where=where,
-                    hint='write it as ["first", "second"]',
+                    hint='write it as ["...", "..."]',
                 )
             value = tuple(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -533,6 +590,22 @@ def _validate(config: Config, path: Path, text: str) -> None:
         fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")
     if config.fetch.max_bytes < 1:
         fail("max_bytes", "[fetch] max_bytes must be at least 1", "set it to e.g. 5000000")
+    for arn in config.webhooks.ses_topic_arns:
+        if not SNS_TOPIC_ARN_RE.fullmatch(arn):
+            fail(
+                "ses_topic_arns",
+                f"[webhooks] ses_topic_arns: '{arn[:100]}' is not an SNS topic ARN",
+                "copy it from the SNS console, e.g. arn:aws:sns:us-east-1:123456789012:bounces",
+            )
+    for network in config.webhooks.postmark_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            fail(
+                "postmark_networks",
+                f"[webhooks] postmark_networks: '{network[:100]}' is not an IP address or network",
+                "write addresses or CIDRs such as 203.0.113.0/24",
+            )
 
 
 def _read_text(path: Path) -> str:

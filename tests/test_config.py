@@ -14,6 +14,7 @@ from newsletter.config import (
     Secrets,
     SmtpSettings,
     UnsubscribeSettings,
+    WebhookSettings,
 )
 from newsletter.errors import ConfigError
 
@@ -89,6 +90,10 @@ def test_unknown_section_names_the_section_and_its_line(tmp_path: Path) -> None:
         ("smtp", "password", config.ENV_SMTP_PASSWORD),
         ("newsletter", "secret_key", config.ENV_SECRET_KEY),
         ("bounces", "imap_password", config.ENV_IMAP_PASSWORD),
+        ("webhooks", "mailgun_signing_key", config.ENV_MAILGUN_SIGNING_KEY),
+        ("webhooks", "signing_key", config.ENV_MAILGUN_SIGNING_KEY),
+        ("webhooks", "postmark_password", config.ENV_POSTMARK_PASSWORD),
+        ("webhooks", "sendgrid_public_key", config.ENV_SENDGRID_PUBLIC_KEY),
     ],
 )
 def test_secrets_in_the_file_are_refused_with_the_env_var(
@@ -137,12 +142,26 @@ def test_secrets_repr_never_shows_values() -> None:
             config.ENV_SMTP_PASSWORD: "pw-aaaaaaaaaaaa",
             config.ENV_SECRET_KEY: "key-bbbbbbbbbbbb",
             config.ENV_IMAP_PASSWORD: "imap-cccccccccc",
+            config.ENV_MAILGUN_SIGNING_KEY: "mg-dddddddddddd",
+            config.ENV_POSTMARK_PASSWORD: "pm-eeeeeeeeeeee",
+            config.ENV_SENDGRID_PUBLIC_KEY: "sg-ffffffffffff",
         }
     )
     assert secrets.smtp_password == "pw-aaaaaaaaaaaa"
+    assert secrets.mailgun_signing_key == "mg-dddddddddddd"
+    assert secrets.postmark_password == "pm-eeeeeeeeeeee"
+    assert secrets.sendgrid_public_key == "sg-ffffffffffff"
     shown = f"{secrets!r} {secrets} {Config(root=Path('.'), secrets=secrets)!r}"
-    for value in ("pw-aaaaaaaaaaaa", "key-bbbbbbbbbbbb", "imap-cccccccccc"):
+    for value in (
+        "pw-aaaaaaaaaaaa",
+        "key-bbbbbbbbbbbb",
+        "imap-cccccccccc",
+        "mg-dddddddddddd",
+        "pm-eeeeeeeeeeee",
+        "sg-ffffffffffff",
+    ):
         assert value not in shown
+    assert "postmark_password=<set>" in shown
     assert "smtp_password=<set>" in shown
     assert "dkim_key_file=None" in shown
 
@@ -217,3 +236,49 @@ def test_a_database_in_a_folder_that_does_not_exist_is_refused(tmp_path: Path) -
         config.load(tmp_path, environ={"NEWSLETTER_DB": str(tmp_path / "nope" / "x.db")})
     assert not (tmp_path / "typo").exists()
     assert config.load(tmp_path, environ={}, db=tmp_path / "x.db").db_path == tmp_path / "x.db"
+
+
+def test_webhooks_section_reads_lists_and_names(tmp_path: Path) -> None:
+    write_config(
+        tmp_path,
+        "[webhooks]\n"
+        'ses_topic_arns = ["arn:aws:sns:us-east-1:123456789012:ses-feedback",\n'
+        '                  "arn:aws-us-gov:sns:us-gov-west-1:123456789012:bounces.fifo"]\n'
+        'postmark_username = "hooks"\n'
+        'postmark_networks = ["50.31.156.0/24", "2001:db8::/32", "3.134.147.250"]\n',
+    )
+    cfg = config.load(tmp_path, environ={config.ENV_POSTMARK_PASSWORD: "pm-secret"})
+    assert cfg.webhooks == WebhookSettings(
+        ses_topic_arns=(
+            "arn:aws:sns:us-east-1:123456789012:ses-feedback",
+            "arn:aws-us-gov:sns:us-gov-west-1:123456789012:bounces.fifo",
+        ),
+        postmark_username="hooks",
+        postmark_networks=("50.31.156.0/24", "2001:db8::/32", "3.134.147.250"),
+    )
+    assert cfg.secrets.postmark_password == "pm-secret"
+    write_config(tmp_path, "# nothing\n")
+    assert config.load(tmp_path, environ={}).webhooks == WebhookSettings()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (
+            'ses_topic_arns = ["arn:aws:sqs:us-east-1:123456789012:q"]',
+            2,
+            "'arn:aws:sqs:us-east-1:123456789012:q' is not an SNS topic ARN",
+        ),
+        ('ses_topic_arns = "arn:aws:sns:us-east-1:123456789012:t"', 2, "must be a list of strings"),
+        ("ses_topic_arns = [1, 2]", 2, "must be a list of strings"),
+        ('postmark_networks = ["50.31.156.0/33"]', 2, "is not an IP address or network"),
+        ("postmark_username = 5", 2, "postmark_username must be str, not int"),
+    ],
+)
+def test_bad_webhooks_values_name_the_key_and_line(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    path = write_config(tmp_path, f"[webhooks]\n{text}\n")
+    error = load_error(tmp_path)
+    assert error.startswith(f"{path}:{line}: [webhooks] ")
+    assert message in error
