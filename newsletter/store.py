@@ -41,6 +41,7 @@ MEMORY = ":memory:"
 BUSY_TIMEOUT_MS = 30_000  # a 1M-row import holds the write lock for a few seconds
 IMPORT_CHUNK = 5_000
 MAX_KEPT_ROW_ERRORS = 1_000  # ImportReport.errors keeps this many; on_error sees them all
+MAX_IMPORTED_NAME = 200  # characters; a longer "name" is a mistake, e.g. a swallowed row
 PAGE = 1_000  # rows per query when streaming subscribers
 
 
@@ -1004,6 +1005,16 @@ class Store:
             end = reader.line_num
             for row in reader:
                 line, end = end + 1, reader.line_num
+                if end != line:
+                    # A quote that never closes reads every later row into one value: the
+                    # file cannot be split into rows we can trust, so none of it is imported.
+                    raise StoreError(
+                        f"a double quote opens a value that runs on to line {end}"
+                        " (a stray quote?)",
+                        where=f"{path}:{line}",
+                        hint="a value cannot span lines: close or remove that quote;"
+                        " nothing was imported",
+                    )
                 if not row:
                     continue
                 email = row[email_i].strip() if email_i < len(row) else ""
@@ -1035,6 +1046,9 @@ class Store:
                         continue
                     status = statuses.get(given, "active")
                 name = row[name_i].strip() if name_i is not None and name_i < len(row) else ""
+                if len(name) > MAX_IMPORTED_NAME:
+                    bad(line, f"the name has {len(name)} characters (at most {MAX_IMPORTED_NAME})")
+                    continue
                 fields_json = "{}"
                 if field_cols:
                     values = {
