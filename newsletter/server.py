@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +43,7 @@ from .errors import (
     StoreError,
     TransportError,
 )
-from .message import UNSUBSCRIBE_PURPOSE
+from .message import UNSUBSCRIBE_PURPOSE, to_field
 from .store import Status, Store, email_key
 from .tokens import TokenData, TokenSigner, address_fingerprint
 from .transport import Transport, transport_from_config
@@ -220,7 +220,6 @@ def confirmation_message(
     }
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = news.sender
-    msg["To"] = formataddr((name, address))
     msg["Subject"] = subject
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = make_msgid(domain=config.sender_domain)
@@ -234,8 +233,24 @@ def confirmation_message(
         subtype="html",
         cte="quoted-printable",
     )
+    # The To line is written by hand, after From: the email package's folder can split a
+    # quoted name at its commas, and a stranger types this name.
     data = msg.as_bytes()
+    after_from = _HEADER_END.search(data)
+    assert after_from is not None
+    data = b"".join(
+        (
+            data[: after_from.end()],
+            b"To:",
+            to_field(name, address),
+            b"\r\n",
+            data[after_from.end() :],
+        )
+    )
     return sign(data) if sign is not None else data
+
+
+_HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
 
 
 def _clean_name(value: str) -> str:

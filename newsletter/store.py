@@ -1009,8 +1009,7 @@ class Store:
                     # A quote that never closes reads every later row into one value: the
                     # file cannot be split into rows we can trust, so none of it is imported.
                     raise StoreError(
-                        f"a double quote opens a value that runs on to line {end}"
-                        " (a stray quote?)",
+                        f"a double quote opens a value that runs on to line {end} (a stray quote?)",
                         where=f"{path}:{line}",
                         hint="a value cannot span lines: close or remove that quote;"
                         " nothing was imported",
