@@ -496,7 +496,7 @@ def test_export_neutralises_formulas_and_import_gives_them_back(
     assert rows[0] == ["email", "name", "status", "created_at", "'=key", "note"]
     cells = [cell for row in rows for cell in row]
     assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
-    assert ["'=cmd@example.com", "Plain O'Neil"] == rows[-1][:2] and rows[-1][-1] == "it's fine"
+    assert rows[-1][:2] == ["'=cmd@example.com", "Plain O'Neil"] and rows[-1][-1] == "it's fine"
     assert [row[1] for row in rows[1:-1]] == ["'" + formula for formula in FORMULAS]
     with Store.open(":memory:") as fresh:
         report = fresh.import_csv(write(tmp_path / "export.csv", out.getvalue()))
