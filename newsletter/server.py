@@ -198,6 +198,9 @@ def public_base(config: Config) -> str:
     return ""
 
 
+_HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
+
+
 def confirmation_message(
     config: Config,
     address: str,
@@ -248,9 +251,6 @@ def confirmation_message(
         )
     )
     return sign(data) if sign is not None else data
-
-
-_HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
 
 
 def _clean_name(value: str) -> str:

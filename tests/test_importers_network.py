@@ -64,17 +64,19 @@ def settings(*, allow_private: bool = False) -> FetchSettings:
         ("::", "unspecified"),
         ("224.0.0.1", "multicast"),
         ("ff02::1", "multicast"),
-        ("240.0.0.1", "private"),
+        ("240.0.0.1", None),  # reserved
         ("::ffff:127.0.0.1", "loopback"),
         ("::ffff:10.0.0.1", "private"),
         ("64:ff9b::a9fe:a9fe", "cloud metadata"),  # NAT64 of 169.254.169.254
         ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
-        ("192.0.2.10", "private"),  # documentation range
-        ("198.18.0.1", "private"),  # benchmarking range
+        ("192.0.2.10", None),  # documentation
+        ("198.18.0.1", None),  # benchmarking
     ],
 )
-def test_addresses_off_the_public_internet_are_named(address: str, kind: str) -> None:
-    assert network.blocked_reason(ipaddress.ip_address(address)) == kind
+def test_addresses_off_the_public_internet_are_named(address: str, kind: str | None) -> None:
+    """(None: refused, under whichever name this Python's ipaddress module files it.)"""
+    reason = network.blocked_reason(ipaddress.ip_address(address))
+    assert reason is not None and reason == (kind or reason)
 
 
 @pytest.mark.parametrize("address", ["93.184.215.14", "8.8.8.8", "2606:4700:4700::1111"])
