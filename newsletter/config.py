@@ -143,6 +143,9 @@ class FetchSettings:
 
     timeout: float = 20.0  # seconds to connect, and to wait for each piece of the answer
     max_bytes: int = 5_000_000  # a page or feed larger than this is refused
+    # Fetch from loopback, private, link-local (cloud metadata) addresses too: for an
+    # intranet. Off, a URL or redirect that leads there is refused.
+    allow_private: bool = False
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ class Issue:
     intro: str
     articles: tuple[Article, ...]
     explicit_subject: str = ""
+    intro_line: int = 1  # line of issue.md where the intro starts, for error messages
 
     @property
     def slug(self) -> str:
@@ -295,7 +296,7 @@ def read_issue(folder: Path) -> Issue:
             f"no {ISSUE_FILE} in this folder", where=str(folder), hint="is this an issue folder?"
         )
     text = read_text(path)
-    data, intro, _ = split_front_matter(text, path)
+    data, intro, intro_line = split_front_matter(text, path)
     _reject_unknown_fields(data, ISSUE_FIELDS, path, text)
     number = data.get("number")
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
@@ -349,6 +350,7 @@ def read_issue(folder: Path) -> Issue:
         intro=intro.strip(),
         articles=tuple(articles),
         explicit_subject=_as_str(data.get("subject"), str(path), "subject"),
+        intro_line=intro_line + intro[: len(intro) - len(intro.lstrip())].count("\n"),
     )
 
 

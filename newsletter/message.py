@@ -8,6 +8,7 @@ premailer or EmailMessage work happens per recipient.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email.policy
 import email.quoprimime
@@ -17,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from email.utils import formatdate, make_msgid, parseaddr
 from types import MappingProxyType
 from urllib.parse import quote
 
@@ -132,10 +133,7 @@ class MessageTemplate:
         self, key: str, recipient: Recipient, message_id: str, unsubscribe: str
     ) -> bytes:
         if key == _TO:
-            folded = _POLICY.fold_binary("To", formataddr((recipient.name, recipient.email)))
-            # Everything after the colon: " value", or "\r\n value" when a long name
-            # makes the policy fold before it (slicing off "To: " would leave a bare LF).
-            return folded[len(b"To:") : -2]
+            return to_field(recipient.name, recipient.email)
         if key == _MESSAGE_ID:
             return message_id.encode("ascii")
         if key == _DATE:
@@ -170,6 +168,61 @@ def header_safe_name(name: str) -> str:
     """A display name that cannot break or overlong a header: controls become spaces."""
     cleaned = " ".join(_HEADER_BREAKERS.sub(" ", name).split())
     return cleaned[:MAX_NAME_IN_HEADER].rstrip()
+
+
+# A display name of plain words (RFC 5322 atoms) needs no quoting or encoding.
+_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_FOLD_AT = 78  # RFC 5322's recommended line length
+_ENCODED_CHUNK = 45  # UTF-8 bytes per encoded-word: "=?utf-8?b?" + 60 base64 + "?=" = 72
+
+
+def to_field(name: str, address: str) -> bytes:
+    """What follows ``To:`` on the wire for one reader: one address, whatever the name.
+
+    The email package's folder can split a quoted name at a comma, leaving a To that
+    parses as two addresses ("Dr. Jane Q. Public, Head of ..."), or lets a name typed into
+    the public form add a recipient. So the name is written here: plain words as they are,
+    other short ASCII as one quoted-string that is never folded, anything else (unicode,
+    long, looks like an encoded-word) as RFC 2047 encoded-words, which fold between
+    themselves. Lines stay within 78 unless the address alone is longer. ``address`` must
+    be a checked ASCII addr-spec.
+    """
+    name = header_safe_name(name)
+    longest = _FOLD_AT - len("To: ")
+    words: list[str] = []
+    if name and "=?" not in name and name.isascii():
+        if _ATOMS.fullmatch(name):
+            words = name.split(" ")
+        else:
+            words = ['"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"']
+        if max(len(word) for word in words) > longest:
+            words = []
+    if name and not words:
+        words = _encoded_words(name)
+    words.append(f"<{address}>" if words else address)
+    out: list[str] = []
+    column = len("To:")
+    for word in words:
+        if out and column + 1 + len(word) > _FOLD_AT:
+            out.append("\r\n")
+            column = 0
+        out.append(" " + word)
+        column += 1 + len(word)
+    return "".join(out).encode("ascii")
+
+
+def _encoded_words(text: str) -> list[str]:
+    """``text`` as base64 encoded-words, each cut at a character boundary."""
+    data = text.encode("utf-8", "replace")
+    words = []
+    start = 0
+    while start < len(data):
+        end = min(start + _ENCODED_CHUNK, len(data))
+        while end < len(data) and 0x80 <= data[end] < 0xC0:  # inside a character
+            end -= 1
+        words.append(f"=?utf-8?b?{base64.b64encode(data[start:end]).decode('ascii')}?=")
+        start = end
+    return words
 
 
 def _values(recipient: Recipient, unsubscribe_url: str) -> dict[str, str]:

@@ -29,8 +29,8 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from .config import Config
-from .content import Article, Issue, require_buildable
-from .errors import RenderError
+from .content import ISSUE_FILE, Article, Issue, require_buildable
+from .errors import ContentError, RenderError
 from .files import atomic_write_bytes
 from .package_data import default_theme_dir
 
@@ -148,6 +148,32 @@ def _markdown() -> MarkdownIt:
     return md
 
 
+# Blocks whose inside markdown-it parses one level deeper; past maxNesting it drops it.
+_CONTAINERS = frozenset({"blockquote_open", "list_item_open"})
+
+
+def _parse(text: str, where: str, first_line: int) -> list[Token]:
+    """markdown-it's tokens, or an error where it would silently drop what is nested deeper.
+
+    Past ``maxNesting`` (20) levels markdown-it skips the rest of the block: a 5,000-level
+    quote, or a page imported with one, would lose its text and all that follows. The limit
+    guards against recursion, so it stays; the editor is told where instead.
+    """
+    md = _markdown()
+    tokens = md.parse(text)
+    deepest = md.options.maxNesting - 1
+    for token in tokens:
+        if token.level >= deepest and token.type in _CONTAINERS:
+            line = first_line + (token.map[0] if token.map else 0)
+            raise ContentError(
+                f"quotes or lists nested more than {deepest} levels deep (a list level"
+                " counts two): what is inside would be left out of the email",
+                where=f"{where}:{line}" if where else f"line {line}",
+                hint="use fewer '>' or indent the list less",
+            )
+    return tokens
+
+
 def _rewrite_images(
     tokens: Sequence[Token], asset_base: str, warnings: list[str], where: str
 ) -> None:
@@ -175,14 +201,24 @@ def asset_url(src: str, asset_base: str) -> str:
 
 
 def markdown_html(
-    text: str, *, asset_base: str = "", warnings: list[str] | None = None, where: str = ""
+    text: str,
+    *,
+    asset_base: str = "",
+    warnings: list[str] | None = None,
+    where: str = "",
+    first_line: int = 1,
 ) -> str:
     """Markdown to HTML for an email body (images with a title become captioned figures)."""
-    return _tokens_html(_markdown().parse(text), asset_base, warnings, where)
+    return _tokens_html(_parse(text, where, first_line), asset_base, warnings, where)
 
 
 def markdown_both(
-    text: str, *, asset_base: str = "", warnings: list[str] | None = None, where: str = ""
+    text: str,
+    *,
+    asset_base: str = "",
+    warnings: list[str] | None = None,
+    where: str = "",
+    first_line: int = 1,
 ) -> tuple[str, str]:
     """``(markdown_html(...), markdown_text(text))`` from one parse.
 
@@ -190,16 +226,18 @@ def markdown_both(
     text seen before: re-rendering after one article changed (the preview server,
     `issue show` then `build`) converts only that article again.
     """
-    markup, plain, found = _markdown_both(text, asset_base, where)
+    markup, plain, found = _markdown_both(text, asset_base, where, first_line)
     if warnings is not None:
         warnings.extend(found)
     return markup, plain
 
 
 @lru_cache(maxsize=256)
-def _markdown_both(text: str, asset_base: str, where: str) -> tuple[str, str, tuple[str, ...]]:
+def _markdown_both(
+    text: str, asset_base: str, where: str, first_line: int
+) -> tuple[str, str, tuple[str, ...]]:
     warnings: list[str] = []
-    tokens = _markdown().parse(text)
+    tokens = _parse(text, where, first_line)
     plain = _TextWriter(TEXT_WIDTH).render(tokens)  # before _tokens_html rewrites image srcs
     return _tokens_html(tokens, asset_base, warnings, where), plain, tuple(warnings)
 
@@ -254,7 +292,7 @@ def _captioned_images(body: str) -> str:
 
 def markdown_text(text: str, width: int = TEXT_WIDTH) -> str:
     """Markdown to readable plain text: lists numbered, quotes marked, links written out."""
-    return _TextWriter(width).render(_markdown().parse(text))
+    return _TextWriter(width).render(_parse(text, "", 1))
 
 
 def _join_blocks(blocks: Sequence[str], depths: Sequence[int]) -> str:
@@ -546,9 +584,15 @@ def _article_views(
     for number, article in enumerate(issue.articles, start=1):
         where = str(article.path)
         body_html, body_text = markdown_both(
-            article.body, asset_base=asset_base, warnings=warnings, where=where
+            article.body,
+            asset_base=asset_base,
+            warnings=warnings,
+            where=where,
+            first_line=article.body_line,
         )
-        bio_html, bio_text = markdown_both(article.bio) if article.bio else ("", "")
+        bio_html, bio_text = (
+            markdown_both(article.bio, where=f"{where} (bio)") if article.bio else ("", "")
+        )
         views.append(
             _ArticleView(
                 number=number,
@@ -585,7 +629,11 @@ def _context(
 ) -> dict[str, Any]:
     news = config.newsletter
     intro_html, intro_text = markdown_both(
-        issue.intro, asset_base=asset_base, warnings=warnings, where=str(issue.path)
+        issue.intro,
+        asset_base=asset_base,
+        warnings=warnings,
+        where=str(issue.path / ISSUE_FILE),
+        first_line=issue.intro_line,
     )
     return {
         "newsletter": news,

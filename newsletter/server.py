@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,6 +52,7 @@ from .errors import (
     TransportError,
 )
 from .mailqueue import MailQueue
+from .message import to_field
 from .models import Status, Subscriber
 from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
 from .store import Store
@@ -228,6 +229,9 @@ def public_base(config: Config) -> str:
     return ""
 
 
+_HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
+
+
 def confirmation_message(
     config: Config,
     address: str,
@@ -250,7 +254,6 @@ def confirmation_message(
     }
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = news.sender
-    msg["To"] = formataddr((name, address))
     msg["Subject"] = subject
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = make_msgid(domain=config.sender_domain)
@@ -264,7 +267,20 @@ def confirmation_message(
         subtype="html",
         cte="quoted-printable",
     )
+    # The To line is written by hand, after From: the email package's folder can split a
+    # quoted name at its commas, and a stranger types this name.
     data = msg.as_bytes()
+    after_from = _HEADER_END.search(data)
+    assert after_from is not None
+    data = b"".join(
+        (
+            data[: after_from.end()],
+            b"To:",
+            to_field(name, address),
+            b"\r\n",
+            data[after_from.end() :],
+        )
+    )
     return sign(data) if sign is not None else data
 
 

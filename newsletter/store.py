@@ -62,6 +62,7 @@ MEMORY = ":memory:"
 BUSY_TIMEOUT_MS = 30_000  # a 1M-row import holds the write lock for a few seconds
 IMPORT_CHUNK = 5_000
 MAX_KEPT_ROW_ERRORS = 1_000  # ImportReport.errors keeps this many; on_error sees them all
+MAX_IMPORTED_NAME = 200  # characters; a longer "name" is a mistake, e.g. a swallowed row
 PAGE = 1_000  # rows per query when streaming subscribers
 
 # Words other tools write in a `status` column (Mailchimp: subscribed, cleaned).
@@ -155,6 +156,21 @@ def _delivery_by_message_id(conn: sqlite3.Connection, message_id: str) -> tuple[
         (f"<{bare}>", bare),
     ).fetchone()
     return None if row is None else (row[0], int(row[1]))
+
+
+# A cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection
+# list): the export puts an apostrophe in front, which spreadsheets show as text.
+_FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
+
+
+def _neutralise(cell: str) -> str:
+    """A cell a spreadsheet shows as text; apostrophes already there get one more."""
+    return "'" + cell if _FORMULA_START.match(cell) else cell
+
+
+def _restore(cell: str) -> str:
+    """The value ``_neutralise`` wrote ``cell`` for: one leading apostrophe comes off."""
+    return cell[1:] if cell[:1] == "'" and _FORMULA_START.match(cell, 1) else cell
 
 
 def _first_bad_utf8_line(path: Path) -> int:
@@ -501,6 +517,8 @@ class Store:
         """Write subscribers as CSV (email, name, status, created_at, then fields); returns rows.
 
         ``import_csv`` reads this back: ``status`` suppresses new rows, ``created_at`` is ignored.
+        A cell a spreadsheet would run (``=``, ``+``, ``-``, ``@``, tab, CR first) gets a
+        leading apostrophe, which the import takes off again.
         """
         where = "" if status is None else " WHERE s.status = ?"
         params: tuple[Any, ...] = () if status is None else (Status(status).value,)
@@ -513,16 +531,16 @@ class Store:
             )
         ]
         writer = csv.writer(out)
-        writer.writerow(["email", "name", "status", "created_at", *keys])
+        writer.writerow(["email", "name", "status", "created_at", *map(_neutralise, keys)])
         count = 0
         for sub in self.list_subscribers(status):
             writer.writerow(
                 [
-                    sub.email,
-                    sub.name,
+                    _neutralise(sub.email),
+                    _neutralise(sub.name),
                     sub.status.value,
                     sub.created_at.isoformat(),
-                    *(sub.fields.get(key, "") for key in keys),
+                    *(_neutralise(sub.fields.get(key, "")) for key in keys),
                 ]
             )
             count += 1
@@ -611,7 +629,7 @@ class Store:
         delimiter = max((",", ";", "\t"), key=first.count)
         reader = csv.reader(itertools.chain([first], handle), delimiter=delimiter)
         try:
-            header = [cell.strip() for cell in next(reader)]
+            header = [_restore(cell.strip()) for cell in next(reader)]
             lowered = [cell.lower() for cell in header]
             named = [cell for cell in lowered if cell]
             if len(set(named)) != len(named):
@@ -663,9 +681,18 @@ class Store:
             end = reader.line_num
             for row in reader:
                 line, end = end + 1, reader.line_num
+                if end != line:
+                    # A quote that never closes reads every later row into one value: the
+                    # file cannot be split into rows we can trust, so none of it is imported.
+                    raise StoreError(
+                        f"a double quote opens a value that runs on to line {end} (a stray quote?)",
+                        where=f"{path}:{line}",
+                        hint="a value cannot span lines: close or remove that quote;"
+                        " nothing was imported",
+                    )
                 if not row:
                     continue
-                email = row[email_i].strip() if email_i < len(row) else ""
+                email = _restore(row[email_i].strip()) if email_i < len(row) else ""
                 if not email:
                     if any(cell.strip() for cell in row):
                         rows += 1
@@ -693,11 +720,18 @@ class Store:
                         )
                         continue
                     status = statuses.get(given, "active")
-                name = row[name_i].strip() if name_i is not None and name_i < len(row) else ""
+                name = (
+                    _restore(row[name_i].strip())
+                    if name_i is not None and name_i < len(row)
+                    else ""
+                )
+                if len(name) > MAX_IMPORTED_NAME:
+                    bad(line, f"the name has {len(name)} characters (at most {MAX_IMPORTED_NAME})")
+                    continue
                 fields_json = "{}"
                 if field_cols:
                     values = {
-                        key: value
+                        key: _restore(value)
                         for i, key in field_cols
                         if i < len(row) and (value := row[i].strip())
                     }

@@ -15,8 +15,14 @@ from newsletter.config import Config
 BASE_URL = "https://example.org/ledger"
 
 
-def make_workspace(root: Path, *, timeout: float = 5.0, max_bytes: int = 2_000_000) -> Config:
-    """A workspace with issue 1 (empty) and the given fetch limits."""
+def make_workspace(
+    root: Path, *, timeout: float = 5.0, max_bytes: int = 2_000_000, allow_private: bool = True
+) -> Config:
+    """A workspace with issue 1 (empty) and the given fetch limits.
+
+    ``allow_private`` is on by default here, and only here: the test pages are served
+    from 127.0.0.1, which a real workspace refuses to fetch from.
+    """
     root.mkdir(parents=True, exist_ok=True)
     (root / "newsletter.toml").write_text(
         "[newsletter]\n"
@@ -26,7 +32,8 @@ def make_workspace(root: Path, *, timeout: float = 5.0, max_bytes: int = 2_000_0
         'tagline = "Weekly notes on harbours"\n'
         "\n[fetch]\n"
         f"timeout = {timeout}\n"
-        f"max_bytes = {max_bytes}\n",
+        f"max_bytes = {max_bytes}\n"
+        f"allow_private = {'true' if allow_private else 'false'}\n",
         encoding="utf-8",
     )
     cfg = config_module.load(root)

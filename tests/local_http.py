@@ -9,6 +9,7 @@ thread, with no sleeps.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ Route = Reply | Callable[[Request], Reply]
 class LocalServer:
     """Serve ``routes`` (path -> Reply) until closed; ``requests`` records what came in."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.scheme = "https" if tls else "http"
         self.routes: dict[str, Route] = {}
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -82,12 +84,14 @@ class LocalServer:
 
         self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:  # the handshake happens on accept, in the serving thread
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = int(self.httpd.server_address[1])
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def requests_for(self, path: str) -> list[Request]:
         with self._lock:
@@ -105,9 +109,9 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
-def serve() -> Iterator[LocalServer]:
+def serve(tls: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
     """Generator for a pytest fixture: a running server, closed afterwards."""
-    server = LocalServer()
+    server = LocalServer(tls)
     try:
         yield server
     finally:

@@ -53,6 +53,23 @@ def test_a_bad_csv_is_one_line_and_exit_1(workspace: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_a_stray_quote_is_one_error_line_exit_1_and_nothing_written(workspace: Path) -> None:
+    lines = ["email,name", *(f"r{i}@example.com,Reader {i}" for i in range(1_000))]
+    lines[11] = 'r10@example.com,"Bob the builder'
+    csv_file = workspace / "list.csv"
+    csv_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run(workspace, "import", str(csv_file))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        f"Error: {csv_file}:12: a double quote opens a value that runs on to line 1001"
+        " (a stray quote?); a value cannot span lines: close or remove that quote;"
+        " nothing was imported"
+    ]
+    assert result.stdout == ""
+    with db(workspace) as store:
+        assert store.count() == 0
+
+
 def test_a_file_with_only_bad_rows_exits_1(workspace: Path) -> None:
     csv_file = workspace / "bad.csv"
     csv_file.write_text("email\nnope\nalso-nope\n", encoding="utf-8")

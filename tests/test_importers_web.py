@@ -153,7 +153,9 @@ def test_fetch_sends_user_agent_and_follows_redirects(server: LocalServer, tmp_p
 
 
 def _settings(**changes: float) -> FetchSettings:
-    return FetchSettings(**{"timeout": 5.0, "max_bytes": 100_000, **changes})  # type: ignore[arg-type]
+    """Fetch settings for the local test server: allow_private, since it is on 127.0.0.1."""
+    values = {"timeout": 5.0, "max_bytes": 100_000, "allow_private": True, **changes}
+    return FetchSettings(**values)  # type: ignore[arg-type]
 
 
 def test_unreachable_host() -> None:

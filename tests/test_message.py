@@ -12,6 +12,7 @@ from pathlib import Path
 import mjml
 import premailer
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from newsletter import config, message, render
 from newsletter.config import Config
@@ -20,6 +21,7 @@ from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
 from newsletter.render import RenderedIssue
 from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
+from tests.address_headers import ADDRESSES, NAMES, assert_one_recipient
 from tests.conftest import TEST_SECRET_KEY
 from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
 
@@ -186,6 +188,34 @@ def test_control_and_line_break_characters_in_a_name_never_make_a_header(
 def test_a_huge_name_is_cut_so_the_to_line_stays_short(template: MessageTemplate) -> None:
     data = template.personalise(Recipient(email="ann@example.org", name="A" * 1200)).data
     assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Dr. Jane Q. Public, Head of Communications at Port Example Harbour Authority",
+        "Friend, attacker@evil.example, and a few more words to make the line fold",
+        'Ann "the first" Lee \\ and co.',
+        "Zoë Łukasiewicz-Ørsted, 東京",
+        "x" * 300,
+    ],
+)
+def test_a_name_with_commas_never_adds_a_recipient(template: MessageTemplate, name: str) -> None:
+    """A comma in a long name once folded into two addresses: "Dr." and the subscriber."""
+    data = template.personalise(Recipient(email="ann@example.org", name=name)).data
+    assert_one_recipient(data, "ann@example.org", name)
+
+
+@given(name=NAMES, address=ADDRESSES)
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_every_to_header_names_exactly_the_subscriber(
+    template: MessageTemplate, name: str, address: str
+) -> None:
+    data = template.personalise(Recipient(email=address, name=name)).data
+    assert_one_recipient(data, address, name)
+    assert max(len(line) for line in wire_lines(data)) <= 998
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from newsletter import config, message, package_data, render
 from newsletter.config import Config
 from newsletter.content import Article, Issue
-from newsletter.errors import RenderError
+from newsletter.errors import ContentError, RenderError
 from newsletter.render import RenderedIssue
 from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
 
@@ -555,6 +555,59 @@ def test_markdown_text_lists_quotes_links_and_nesting() -> None:
     assert "[Image: Alt text] A caption" in text
     assert "* * *" in text
     assert "    code block" in text
+
+
+def _append(path: Path, text: str) -> int:
+    """Add ``text`` at the end of a file; returns the line it starts on."""
+    before = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
+    path.write_text(before + text, encoding="utf-8")
+    return before.count("\n") + 1
+
+
+@pytest.mark.parametrize(
+    ("deep", "lost", "offset"),
+    [
+        (">" * 5_000 + " buried\n\nThe paragraph after it.\n", "buried", 0),
+        ("".join("  " * i + f"- level {i}\n" for i in range(12)), "level 11", 9),
+        ("> - " * 12 + "buried\n", "buried", 0),
+    ],
+)
+def test_markdown_nested_too_deep_is_an_error_at_its_line(
+    cfg: Config, deep: str, lost: str, offset: int
+) -> None:
+    """markdown-it stops at 20 levels and drops the rest: once without a word."""
+    folder = cfg.issues_dir / EXAMPLE_SLUG
+    article = sorted((folder / "articles").glob("*.md"))[1]
+    line = _append(article, "A last paragraph.\n\n" + deep) + 2 + offset
+    issue = example_issue(cfg)
+    with pytest.raises(ContentError, match="nested more than") as info:
+        render.render_issue(issue, cfg)
+    assert info.value.where == f"{article}:{line}"
+    assert "\n" not in str(info.value)
+    with pytest.raises(ContentError, match="nested more than"):
+        render.markdown_text(deep)
+    assert lost in deep and lost not in render._markdown().render(deep)  # gone, unchecked
+
+
+def test_markdown_nested_too_deep_in_the_intro_names_issue_md(cfg: Config) -> None:
+    issue_md = cfg.issues_dir / EXAMPLE_SLUG / "issue.md"
+    line = _append(issue_md, ">" * 40 + " deep\n")
+    with pytest.raises(ContentError) as info:
+        render.render_issue(example_issue(cfg), cfg)
+    assert info.value.where == f"{issue_md}:{line}"
+
+
+def test_nesting_up_to_the_limit_keeps_every_word() -> None:
+    quotes = ">" * 19 + " nineteen quotes deep\n\nafter\n"
+    lists = "".join("  " * i + f"- level {i}\n" for i in range(9)) + "\nafter the list\n"
+    inline = "*" * 60 + "starred" + "*" * 60 + " " + "[" * 40 + "bracketed" + "]" * 40 + "\n"
+    for source, words in (
+        (quotes, ["nineteen quotes deep", "after"]),
+        (lists, [*(f"level {i}" for i in range(9)), "after the list"]),
+        (inline, ["starred", "bracketed"]),
+    ):
+        markup, plain = render.markdown_both(source)
+        assert all(word in markup and word in plain for word in words), (source, plain)
 
 
 def test_build_writes_the_three_files_and_images(issue: Issue, cfg: Config, tmp_path: Path) -> None:

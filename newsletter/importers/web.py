@@ -27,6 +27,7 @@ import urllib3
 from .. import __version__
 from ..config import Config, FetchSettings
 from ..errors import ImportSourceError
+from . import network
 from .common import ImportedArticle, plain_text, safe_link
 
 if TYPE_CHECKING:
@@ -97,6 +98,10 @@ def _where(parts: urllib.parse.SplitResult) -> str:
     return f"{parts.hostname}:{port}"
 
 
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
 def fetch(
     url: str,
     settings: FetchSettings,
@@ -109,29 +114,37 @@ def fetch(
 ) -> FetchResult:
     """GET ``url`` and return its body, or raise one :class:`ImportSourceError`.
 
-    Redirects are followed (at most 5). A 304 is returned as-is with an empty body,
-    for conditional feed requests. ``content_types`` (when given) is checked before
-    the body is read, and the body is streamed so a large answer is cut off at
+    Redirects are followed (at most 5), each hop's host checked like the first
+    (see :mod:`.network`: no loopback, private or metadata addresses unless
+    ``settings.allow_private``). A 304 is returned as-is with an empty body, for
+    conditional feed requests. ``content_types`` (when given) is checked before the
+    body is read, and the body is streamed so a large answer is cut off at
     ``settings.max_bytes`` instead of being read whole.
     """
     parts = check_url(url)
     where = _where(parts)
     timeout = urllib3.Timeout(connect=settings.timeout, read=settings.timeout)
     deadline = time.monotonic() + 4 * settings.timeout
-    retries = urllib3.Retry(
-        total=5, connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True
-    )
-    pool = urllib3.PoolManager(
-        headers={"User-Agent": agent, "Accept": accept, **(headers or {})},
-        timeout=timeout,
-        retries=retries,
-    )
+    sent = {"User-Agent": agent, "Accept": accept, **(headers or {})}
     try:
-        response = pool.request("GET", url, preload_content=False, redirect=True)
-        try:
-            return _read(response, url, where, settings, deadline, content_types, what)
-        finally:
-            response.release_conn()
+        for hop in range(MAX_REDIRECTS + 1):
+            addresses = network.resolve(
+                parts, where, allow_private=settings.allow_private, redirect=hop > 0
+            )
+            pool, response = network.open_pinned(parts, addresses, headers=sent, timeout=timeout)
+            try:
+                location = response.headers.get("location", "")
+                if response.status not in _REDIRECTS or not location:
+                    return _read(response, url, where, settings, deadline, content_types, what)
+            finally:
+                response.release_conn()
+                pool.close()
+            url = urllib.parse.urljoin(url, location.strip())
+            parts = _redirect_target(url, where)
+            where = _where(parts)
+        raise ImportSourceError(
+            "too many redirects", where=where, hint="check the URL in a browser"
+        )
     except ImportSourceError:
         raise
     except urllib3.exceptions.HTTPError as exc:
@@ -140,8 +153,17 @@ def fetch(
         raise ImportSourceError(
             f"could not fetch the {what}: {exc}", where=where, hint="check the URL"
         ) from None
-    finally:
-        pool.clear()
+
+
+def _redirect_target(url: str, where: str) -> urllib.parse.SplitResult:
+    try:
+        return check_url(url)
+    except ImportSourceError:
+        raise ImportSourceError(
+            f"a redirect led to an address that cannot be fetched ({url})",
+            where=where,
+            hint="only http and https pages are fetched",
+        ) from None
 
 
 def _read(
@@ -153,9 +175,7 @@ def _read(
     content_types: tuple[str, ...] | None,
     what: str,
 ) -> FetchResult:
-    final_url = response.url or url
-    if final_url and not final_url.startswith(("http://", "https://")):
-        final_url = urllib.parse.urljoin(url, final_url)
+    final_url = url
     result_headers = {k.lower(): v for k, v in response.headers.items()}
     if response.status == 304:
         return FetchResult(final_url, 304, result_headers, b"")
@@ -216,30 +236,21 @@ def _too_large(what: str, where: str, limit: int) -> ImportSourceError:
 def _network_error(
     exc: urllib3.exceptions.HTTPError, where: str, settings: FetchSettings
 ) -> ImportSourceError:
-    reason: object = exc
-    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        reason = exc.reason
     hint = "check the URL, your connection, or try again later"
-    if isinstance(reason, urllib3.exceptions.NameResolutionError):
-        message = "unknown host name"
-    elif isinstance(reason, urllib3.exceptions.NewConnectionError):
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
         # (a subclass of ConnectTimeoutError in urllib3 2, so it comes first)
         message = "could not connect (connection refused or unreachable)"
-    elif isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+    elif isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         message = f"no connection after {settings.timeout:g} s (timed out)"
-    elif isinstance(reason, urllib3.exceptions.ReadTimeoutError):
+    elif isinstance(exc, urllib3.exceptions.ReadTimeoutError):
         message = f"the server sent nothing for {settings.timeout:g} s (timed out)"
         hint = "try again later, or raise [fetch] timeout in newsletter.toml"
-    elif isinstance(reason, urllib3.exceptions.SSLError):
+    elif isinstance(exc, urllib3.exceptions.SSLError):
         message = "the secure connection failed (TLS certificate or protocol)"
-    elif isinstance(exc, urllib3.exceptions.MaxRetryError) and "redirect" in str(reason):
-        message = "too many redirects"
-    elif isinstance(reason, urllib3.exceptions.ProtocolError):
+    elif isinstance(exc, urllib3.exceptions.ProtocolError):
         message = "the connection broke off"
-    elif isinstance(reason, urllib3.exceptions.LocationValueError):
-        message = f"a redirect led to an address that cannot be fetched ({reason})"
     else:
-        message = f"could not fetch: {reason}"
+        message = f"could not fetch: {exc}"
     return ImportSourceError(message, where=where, hint=hint)
 
 
