@@ -28,8 +28,9 @@ import mjml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
+from . import images
 from .config import Config
-from .content import Article, Issue, check_issue
+from .content import _MD_IMAGE, Article, Issue, check_issue
 from .errors import RenderError
 from .files import atomic_write_bytes
 
@@ -70,6 +71,9 @@ class RenderedIssue:
     placeholders: Mapping[str, str]
     assets: tuple[tuple[Path, str], ...] = ()
     warnings: tuple[str, ...] = ()
+    # Body images with no alt text that are not marked decorative (``![""](...)``):
+    # "FILE: image 'SRC'" each. Sending refuses while there are any.
+    missing_alt: tuple[str, ...] = ()
 
     @property
     def html_size(self) -> int:
@@ -151,17 +155,40 @@ def _markdown() -> MarkdownIt:
     return md
 
 
+DECORATIVE_ALT = ('""', "''")  # ![""](rule.png): an image that says nothing, alt=""
+
+
+def is_decorative(image: Token) -> bool:
+    """An image whose alt text the editor wrote as ``""``: decoration, skipped by readers."""
+    return image.content.strip() in DECORATIVE_ALT
+
+
 def _rewrite_images(
-    tokens: Sequence[Token], asset_base: str, warnings: list[str], where: str
+    tokens: Sequence[Token],
+    asset_base: str,
+    warnings: list[str],
+    where: str,
+    widths: Mapping[str, int] | None = None,
+    missing: list[str] | None = None,
 ) -> None:
     for token in tokens:
         for child in token.children or ():
             if child.type == "image":
                 src = str(child.attrs.get("src", ""))
                 child.attrs["src"] = asset_url(src, asset_base)
+                if widths and src in widths:
+                    child.attrs["width"] = str(widths[src])
+                if is_decorative(child):
+                    child.children = []  # rendered as alt=""
+                    continue
                 alt = "".join(c.content for c in child.children or ())
                 if not alt.strip():
-                    warnings.append(f"{where}: image '{src}' has no alt text")
+                    warnings.append(
+                        f"{where}: image '{src}' has no alt text (write ![\"\"](...) if it"
+                        " is only decoration)"
+                    )
+                    if missing is not None:
+                        missing.append(f"{where}: image '{src}'")
 
 
 def asset_url(src: str, asset_base: str) -> str:
@@ -185,33 +212,69 @@ def markdown_html(
 
 
 def markdown_both(
-    text: str, *, asset_base: str = "", warnings: list[str] | None = None, where: str = ""
+    text: str,
+    *,
+    asset_base: str = "",
+    warnings: list[str] | None = None,
+    where: str = "",
+    image_dir: Path | None = None,
+    missing_alt: list[str] | None = None,
 ) -> tuple[str, str]:
     """``(markdown_html(...), markdown_text(text))`` from one parse.
 
     An issue is mostly Markdown, so this is most of a render. Results are kept for
     text seen before: re-rendering after one article changed (the preview server,
-    `issue show` then `build`) converts only that article again.
+    `issue show` then `build`) converts only that article again. ``image_dir`` is
+    where the text's image paths start, to show each image at its own width.
     """
-    markup, plain, found = _markdown_both(text, asset_base, where)
+    widths = image_widths(text, image_dir) if image_dir is not None else ()
+    markup, plain, found, missing = _markdown_both(text, asset_base, where, widths)
     if warnings is not None:
         warnings.extend(found)
+    if missing_alt is not None:
+        missing_alt.extend(missing)
     return markup, plain
 
 
+def image_widths(text: str, image_dir: Path) -> tuple[tuple[str, int], ...]:
+    """(src, width to show it at) for each local image the Markdown ``text`` uses.
+
+    Read outside the render cache, so a replaced image file is seen at once.
+    """
+    found: dict[str, int] = {}
+    for match in _MD_IMAGE.finditer(text):
+        src = match.group(1)
+        path = image_dir / src
+        if src in found or re.match(r"^[a-z][a-z0-9+.-]*:|^//", src, re.I) or not path.is_file():
+            continue
+        found[src] = images.info(path).display_width
+    return tuple(found.items())
+
+
 @lru_cache(maxsize=256)
-def _markdown_both(text: str, asset_base: str, where: str) -> tuple[str, str, tuple[str, ...]]:
+def _markdown_both(
+    text: str, asset_base: str, where: str, widths: tuple[tuple[str, int], ...] = ()
+) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
     warnings: list[str] = []
+    missing: list[str] = []
     tokens = _markdown().parse(text)
     plain = _TextWriter(TEXT_WIDTH).render(tokens)  # before _tokens_html rewrites image srcs
-    return _tokens_html(tokens, asset_base, warnings, where), plain, tuple(warnings)
+    markup = _tokens_html(tokens, asset_base, warnings, where, dict(widths), missing)
+    return markup, plain, tuple(warnings), tuple(missing)
 
 
 def _tokens_html(
-    tokens: Sequence[Token], asset_base: str, warnings: list[str] | None, where: str
+    tokens: Sequence[Token],
+    asset_base: str,
+    warnings: list[str] | None,
+    where: str,
+    widths: Mapping[str, int] | None = None,
+    missing: list[str] | None = None,
 ) -> str:
     md = _markdown()
-    _rewrite_images(tokens, asset_base, warnings if warnings is not None else [], where)
+    _rewrite_images(
+        tokens, asset_base, warnings if warnings is not None else [], where, widths, missing
+    )
     rendered = str(md.renderer.render(tokens, md.options, {}))
     if _has_raw_html(tokens):
         rendered = _clean_html(rendered)
@@ -245,7 +308,13 @@ def _captioned_images(body: str) -> str:
         tag = match.group(1)
         title = re.search(r'title="([^"]*)"', tag)
         tag = re.sub(r'\s*title="[^"]*"', "", tag)
-        image = f'{tag} class="body-image" width="552" />'
+        # Its own width (read from the file), at most the column's: a narrow image is not
+        # stretched. Remote images, whose size is unknown, get the column's.
+        own = re.search(r'\swidth="(\d+)"', tag)
+        width = min(int(own.group(1)), images.COLUMN_WIDTH) if own else images.COLUMN_WIDTH
+        tag = re.sub(r'\s*width="[^"]*"', "", tag)
+        style = f' style="max-width:{width}px"' if width < images.COLUMN_WIDTH else ""
+        image = f'{tag} class="body-image" width="{width}"{style} />'
         caption = f'<p class="caption">{title.group(1)}</p>' if title else ""
         return f'<div class="figure">{image}{caption}</div>'
 
@@ -377,6 +446,8 @@ class _TextWriter:
                 if href and href != label and not href.startswith("#"):
                     out.append(f" <{href}>")
             elif child.type == "image":
+                if is_decorative(child):
+                    continue
                 alt = "".join(c.content for c in child.children or ())
                 title = str(child.attrs.get("title", "") or "")
                 out.append(f"[Image: {alt or title or 'picture'}]")
@@ -523,6 +594,7 @@ class _ArticleView:
     url: str
     image: str
     image_alt: str
+    image_width: int  # the lead image's width in the email: its own, at most the column's
     summary: str
     body_html: str
     body_text: str
@@ -543,13 +615,28 @@ def _nonce(issue: Issue, config: Config) -> str:
 
 
 def _article_views(
-    issue: Issue, config: Config, asset_base: str, warnings: list[str]
+    issue: Issue,
+    config: Config,
+    asset_base: str,
+    warnings: list[str],
+    missing_alt: list[str] | None = None,
 ) -> list[_ArticleView]:
     views = []
     for number, article in enumerate(issue.articles, start=1):
         where = str(article.path)
         body_html, body_text = markdown_both(
-            article.body, asset_base=asset_base, warnings=warnings, where=where
+            article.body,
+            asset_base=asset_base,
+            warnings=warnings,
+            where=where,
+            image_dir=article.path.parent,
+            missing_alt=missing_alt,
+        )
+        lead = article.path.parent / article.image if article.image else None
+        lead_width = (
+            images.info(lead).display_width
+            if lead is not None and lead.is_file()
+            else images.COLUMN_WIDTH
         )
         bio_html, bio_text = markdown_both(article.bio) if article.bio else ("", "")
         views.append(
@@ -561,6 +648,7 @@ def _article_views(
                 url=article.url,
                 image=asset_url(article.image, asset_base) if article.image else "",
                 image_alt=article.image_alt,
+                image_width=lead_width,
                 summary=article.summary,
                 body_html=body_html,
                 body_text=body_text,
@@ -585,10 +673,17 @@ def _context(
     web: bool,
     asset_base: str,
     warnings: list[str],
+    missing_alt: list[str] | None = None,
 ) -> dict[str, Any]:
     news = config.newsletter
+    urls = config.public_urls
     intro_html, intro_text = markdown_both(
-        issue.intro, asset_base=asset_base, warnings=warnings, where=str(issue.path)
+        issue.intro,
+        asset_base=asset_base,
+        warnings=warnings,
+        where=str(issue.path),
+        image_dir=issue.path / "articles",
+        missing_alt=missing_alt,
     )
     return {
         "newsletter": news,
@@ -598,11 +693,13 @@ def _context(
         "issue_date": format_date(issue.date, news.issue_date_format),
         "intro_html": intro_html,
         "intro_text": intro_text,
-        "articles": _article_views(issue, config, asset_base, warnings),
+        "articles": _article_views(issue, config, asset_base, warnings, missing_alt),
         "recipient": recipient,
         "web": web,
-        "web_url": f"{news.base_url.rstrip('/')}/{issue.slug}/",
-        "archive_url": news.base_url,
+        "web_url": urls.issue(issue.slug),
+        "archive_url": urls.home,
+        "feed_url": urls.feed,
+        "subscribe_url": urls.subscribe,
         "locale": news.locale,
     }
 
@@ -761,15 +858,12 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     address (``base_url/slug``), ``""`` for paths relative to the build folder.
     """
     check_issue(issue)
-    base = (
-        f"{config.newsletter.base_url.rstrip('/')}/{issue.slug}"
-        if asset_base is None
-        else asset_base
-    )
+    base = config.public_urls.issue(issue.slug).rstrip("/") if asset_base is None else asset_base
     env = workspace_environment(config)
     subject = issue.subject(config.newsletter.subject_max_length)
     placeholders = Placeholders(_nonce(issue, config))
     warnings: list[str] = []
+    missing_alt: list[str] = []
     email_ctx = _context(
         issue,
         config,
@@ -778,6 +872,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         web=False,
         asset_base=base,
         warnings=warnings,
+        missing_alt=missing_alt,
     )
     email_mjml = _render_template(env, EMAIL_TEMPLATE, email_ctx)
     email_template = _template_file(env, EMAIL_TEMPLATE)
@@ -803,6 +898,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         placeholders=MappingProxyType(dict(placeholders.used)),
         assets=tuple(_assets(issue)),
         warnings=tuple(dict.fromkeys(warnings)),
+        missing_alt=tuple(dict.fromkeys(missing_alt)),
     )
     if rendered.over_gmail_clip:
         warnings.append(

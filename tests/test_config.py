@@ -40,7 +40,8 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     assert cfg.newsletter == NewsletterSettings()
     assert cfg.smtp == SmtpSettings()
     assert cfg.delivery == DeliverySettings()
-    assert cfg.unsubscribe == UnsubscribeSettings()
+    # The https unsubscribe link derives from the public address.
+    assert cfg.unsubscribe == UnsubscribeSettings(url="https://example.org/newsletter/u")
     assert cfg.secrets == Secrets()
     assert cfg.newsletter.date_format == "{month}/{day}/{yy}"
     assert cfg.state_dir == tmp_path.resolve() / ".newsletter"

@@ -47,7 +47,7 @@ CONFIG = """\
 name = "The Test Gazette"
 tagline = "Small news, read closely."
 sender = "The Test Gazette <editor@example.org>"
-base_url = "https://example.org/gazette/archive"
+base_url = "https://example.org/gazette"
 postal_address = "1 Example Street, Example Town"
 
 [smtp]
