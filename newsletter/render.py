@@ -915,6 +915,11 @@ def _tidy_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
+def issue_images(issue: Issue) -> list[tuple[Path, str]]:
+    """(original file, path relative to the issue's page) of each local image, in order."""
+    return list(_assets(issue))
+
+
 def _assets(issue: Issue) -> Iterator[tuple[Path, str]]:
     seen: set[str] = set()
     for article in issue.articles:

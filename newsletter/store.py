@@ -165,6 +165,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX bounces_subscriber ON bounces (subscriber_id);
     CREATE INDEX deliveries_message_id ON deliveries (message_id) WHERE message_id <> '';
     """,
+    # 4: which issues are on the web (`newsletter publish`, and every send, publish first).
+    """
+    CREATE TABLE publications (
+        issue_key TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('published', 'withdrawn')),
+        published_at TEXT NOT NULL,
+        changed_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -1562,6 +1571,24 @@ class Store:
             " ORDER BY i.snapshot_at, i.issue_key"
         )
         return [row[0] for row in rows]
+
+    # -- publications ----------------------------------------------------------------------
+
+    def set_published(self, issue_key: str, published: bool = True) -> None:
+        """Record that an issue's page is on the web (or was taken down)."""
+        state = "published" if published else "withdrawn"
+        now = _now()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO publications (issue_key, state, published_at, changed_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (issue_key) DO UPDATE"
+                " SET state = excluded.state, changed_at = excluded.changed_at",
+                (issue_key, state, now, now),
+            )
+
+    def publication_states(self) -> dict[str, str]:
+        """issue_key -> 'published' or 'withdrawn', for every issue ever published."""
+        return dict(self._all("SELECT issue_key, state FROM publications"))
 
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
         """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
