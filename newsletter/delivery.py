@@ -20,6 +20,7 @@ What a run guarantees, whatever stops it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import queue
 import threading
@@ -646,15 +647,24 @@ def send_test(
     transport: Transport,
     *,
     sign: Signer | None = None,
+    as_subscriber: Subscriber | None = None,
 ) -> list[SendResult]:
-    """Proof copies with "[TEST]" in the subject; the ledger is not touched."""
+    """Proof copies with "[TEST]" in the subject; the ledger is not touched.
+
+    With ``as_subscriber`` each proof is that reader's copy (name, address, fields)
+    sent to the test address; its unsubscribe link names the test address, not them.
+    """
     template = prepare(rendered, config, subject_prefix="[TEST] ", sign=sign)
     out: list[SendResult] = []
     try:
         for address in addresses:
+            reader = (
+                Recipient(email=address) if as_subscriber is None else recipient_of(as_subscriber)
+            )
             try:
                 outgoing = template.personalise(
-                    Recipient(email=address, subscriber_id=f"test:{address}")
+                    dataclasses.replace(reader, subscriber_id=f"test:{address}"),
+                    to=address,
                 )
             except ValueError as exc:
                 out.append(SendResult(address, "failed", None, str(exc)))

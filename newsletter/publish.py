@@ -267,6 +267,20 @@ def publish_issue(config: Config, store: Store, issue: Issue) -> Published:
     return Published(issue, config.public_urls.issue(issue.slug), already, weight)
 
 
+def require_alt_text(rendered: render.RenderedIssue) -> None:
+    """Refuse to send an issue with an image that says nothing to readers who cannot see it."""
+    if not rendered.missing_alt:
+        return
+    first, _, image = rendered.missing_alt[0].rpartition(": ")
+    more = len(rendered.missing_alt) - 1
+    raise PublishError(
+        f"{image} has no alt text" + (f" (and {more} more images)" if more else ""),
+        where=first,
+        hint='describe it: ![A ferry at dusk](...), or write ![""](...) if it is only decoration;'
+        " `newsletter check` lists them all",
+    )
+
+
 @dataclass(frozen=True)
 class Withdrawn:
     """What ``publish --undo`` did: the page is down; images stay if emails point at them."""
