@@ -482,7 +482,9 @@ def _derive_public_urls(
     unsubscribe: UnsubscribeSettings = sections.get("unsubscribe", UnsubscribeSettings())
     given = data.get("unsubscribe", {})
     if "url" not in given:
-        sections["unsubscribe"] = dataclasses.replace(unsubscribe, url=urls.unsubscribe)
+        # One-click unsubscribe needs https: a plain-http address (a local trial) has none.
+        derived = urls.unsubscribe if parts.scheme == "https" else ""
+        sections["unsubscribe"] = dataclasses.replace(unsubscribe, url=derived)
     elif unsubscribe.url and unsubscribe.url.rstrip("/") != urls.unsubscribe:
         old_base = unsubscribe.url.rstrip("/").removesuffix("/u")
         if base.endswith("/archive") and base.removesuffix("/archive") == old_base:

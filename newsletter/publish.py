@@ -379,7 +379,7 @@ margin:0 0 1rem}
 .meta{margin:0;font:.8rem/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:#5c5c5c;
 text-transform:uppercase;letter-spacing:.06em}
 .issue h3{font-size:1.35rem;line-height:1.25;margin:.3rem 0 .4rem}
-.issue h3 a{color:#111;text-decoration:none}
+.issue h3 a{color:#1d4e89;text-decoration:none}
 .issue h3 a:hover,.issue h3 a:focus{text-decoration:underline}
 .issue p.description{margin:0 0 .5rem;color:#3d3d3d}
 .issue ul{margin:0;padding-left:1.1rem;font-size:.95rem;color:#3d3d3d}
