@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
-from functools import partial
+from functools import cache, partial
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,6 +101,7 @@ Ridership on the night bus doubled in a year.
 """
 
 
+@cache
 def jpeg(width: int, height: int) -> bytes:
     """A photo-like JPEG (a gradient under noise): heavy at full size, as photos are."""
     gradient = Image.linear_gradient("L").resize((width, height))
@@ -126,7 +127,7 @@ def write_workspace(root: Path, smtp_port: int, base: str = BASE) -> None:
         folder = root / "issues" / key
         (folder / "articles").mkdir(parents=True)
         (folder / "images").mkdir()
-        (folder / "images" / "wall.jpg").write_bytes(jpeg(2400, 1600))
+        (folder / "images" / "wall.jpg").write_bytes(jpeg(1800, 1200))
         (folder / "images" / "plan.png").write_bytes(png(300, 200))
         (folder / "images" / "rule.png").write_bytes(png(600, 8, (200, 190, 170)))
         (folder / "issue.md").write_text(
@@ -266,7 +267,7 @@ def test_every_public_image_and_link_of_a_sent_email_answers_before_and_after_th
     served = Image.open(io.BytesIO(data))
     assert served.width == images.MAX_WIDTH and len(data) <= images.MAX_BYTES
     original = site.config.issues_dir / ISSUE / "images" / "wall.jpg"
-    assert Image.open(original).width == 2400
+    assert Image.open(original).width == 1800
 
 
 def test_publish_puts_an_unsent_issue_up_and_undo_takes_it_down(site: Site) -> None:
