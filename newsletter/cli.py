@@ -1048,8 +1048,9 @@ def send(
                 fail(
                     f"--as {as_email}: no such subscriber; `newsletter subscribers list` shows them"
                 )
-            published = publish.publish_issue(cfg, store, issue_item)
-        click.echo(f"Published:  {published.url}{_placeholder_mark(cfg)}")
+            published = publish.publish_issue(cfg, store, issue_item, listed=False)
+        unlisted = "" if published.listed else " (unlisted until sent or published)"
+        click.echo(f"Published:  {published.url}{unlisted}{_placeholder_mark(cfg)}")
         results = delivery.send_test(
             cfg,
             rendered,

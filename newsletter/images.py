@@ -165,13 +165,15 @@ class ImageWeight:
     original_bytes: int
     published_bytes: int
     resized: int  # images that get a lighter copy
+    estimated: bool = False  # published_bytes counts large images as the byte budget
 
     def describe(self) -> str:
         text = f"{self.count} images, {self.original_bytes / 1024:.0f} KB"
         if self.resized:
+            about = "at most " if self.estimated else ""
             text += (
-                f" ({self.published_bytes / 1024:.0f} KB as published: {self.resized} resized"
-                f" to at most {MAX_WIDTH} px wide)"
+                f" ({about}{self.published_bytes / 1024:.0f} KB as published: {self.resized}"
+                f" resized to at most {MAX_WIDTH} px wide)"
             )
         return text
 
@@ -196,4 +198,4 @@ def weight(sources: Iterable[Path], cache_dir: Path | None = None) -> ImageWeigh
             served = published_file(source, cache_dir)
             resized += served != source
             published += served.stat().st_size
-    return ImageWeight(count, original, published, resized)
+    return ImageWeight(count, original, published, resized, estimated=cache_dir is None)

@@ -9,9 +9,11 @@ One layout, whether ``newsletter serve`` answers or a static host does (see
     BASE/SLUG/images/...  its images, as the email's ``src`` points at them
 
 Which issues are on the web is in the database (``publications``): ``publish``
-puts a page up and ``send`` publishes first; ``publish --undo`` takes it down,
-but the images of an issue that was sent stay, since emails point at them.
-Issues sent before publishing existed count as published. Nothing here
+puts a page up and ``send`` publishes first; a proof (``send --test``) puts it up
+unlisted (it answers at its address, but the index and the feed do not show it
+until it is sent or published). ``publish --undo`` takes it down, but the images
+of an issue that was sent stay, since emails point at them. Issues sent before
+publishing existed count as published. Nothing here
 carries a name, an address or a token: the pages are rendered with the
 personal placeholders left blank, and that is checked.
 """
@@ -57,8 +59,10 @@ class PublishError(NewsletterError):
 
 @dataclass(frozen=True)
 class Visibility:
-    """Which issues' pages are public, and whose images are (pages, plus every sent issue)."""
+    """Which issues the index and feed list, whose pages answer (listed ones, plus those
+    a proof put up), and whose images do (pages, plus every sent issue)."""
 
+    listed: frozenset[str]
     pages: frozenset[str]
     assets: frozenset[str]
 
@@ -67,9 +71,10 @@ def visibility(store: Store) -> Visibility:
     """What the web shows now, from the database."""
     states = store.publication_states()
     sent = set(store.sent_issue_keys())
-    pages = {key for key, state in states.items() if state == "published"}
-    pages |= {key for key in sent if key not in states}  # sent before `publish` existed
-    return Visibility(frozenset(pages), frozenset(pages | sent))
+    listed = {key for key, state in states.items() if state == "published"}
+    listed |= {key for key in sent if key not in states}  # sent before `publish` existed
+    pages = listed | {key for key, state in states.items() if state == "unlisted"}
+    return Visibility(frozenset(listed), frozenset(pages), frozenset(pages | sent))
 
 
 def issue_folder(config: Config, slug: str) -> Path | None:
@@ -239,13 +244,18 @@ class Published:
     url: str
     already: bool  # it was on the web before
     weight: images.ImageWeight
+    listed: bool  # in the index and the feed
 
 
-def publish_issue(config: Config, store: Store, issue: Issue) -> Published:
+def publish_issue(
+    config: Config, store: Store, issue: Issue, *, listed: bool = True
+) -> Published:
     """Put the issue's page and images on the web: check both build, then record it.
 
-    Large images get their lighter copy now, once. Refuses (nothing recorded) when
-    the page cannot be built or an image cannot be read.
+    ``listed=False`` (a proof) makes them answer without showing the issue in the
+    index and the feed, unless it is listed already. Large images get their lighter
+    copy now, once. Refuses (nothing recorded) when the page cannot be built or an
+    image cannot be read.
     """
     if issue.key in RESERVED:
         raise PublishError(
@@ -262,9 +272,12 @@ def publish_issue(config: Config, store: Store, issue: Issue) -> Published:
             where=exc.where or str(issue.path),
             hint=exc.hint or "fix it, then publish (or send) again",
         ) from None
-    already = issue.key in visibility(store).pages
-    store.set_published(issue.key)
-    return Published(issue, config.public_urls.issue(issue.slug), already, weight)
+    before = visibility(store)
+    listed = listed or issue.key in before.listed
+    store.set_publication(issue.key, "published" if listed else "unlisted")
+    return Published(
+        issue, config.public_urls.issue(issue.slug), issue.key in before.pages, weight, listed
+    )
 
 
 def require_alt_text(rendered: render.RenderedIssue) -> None:
@@ -293,7 +306,7 @@ class Withdrawn:
 def unpublish_issue(config: Config, store: Store, issue: Issue) -> Withdrawn:
     """Take the issue's page (and listing, and feed entry) down."""
     before = visibility(store)
-    store.set_published(issue.key, published=False)
+    store.set_publication(issue.key, "withdrawn")
     kept: tuple[str, ...] = ()
     if issue.key in visibility(store).assets:
         kept = tuple(relative for _source, relative in render.issue_images(issue))
@@ -531,7 +544,7 @@ def export_archive(config: Config, store: Store, out_dir: Path) -> Export:
             hint="create it first, or fix the path",
         )
     seen = visibility(store)
-    entries = archive_entries(config, seen.pages)
+    entries = archive_entries(config, seen.listed)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         written: dict[Path, int] = {}

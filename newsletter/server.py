@@ -483,7 +483,7 @@ def create_app(
         return page(
             "confirmed.html",
             title="You are subscribed",
-            archive=bool(publish.visibility(db()).pages),
+            archive=bool(publish.visibility(db()).listed),
             archive_url=_url(""),
         )
 
@@ -500,7 +500,7 @@ def create_app(
         return page("message.html", 404, title="Not found", message="There is no such page.")
 
     def entries() -> list[publish.ArchiveEntry]:
-        return publish.archive_entries(config, publish.visibility(db()).pages)
+        return publish.archive_entries(config, publish.visibility(db()).listed)
 
     @app.get("/")
     def archive_index() -> Response:

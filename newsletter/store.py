@@ -169,7 +169,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE publications (
         issue_key TEXT PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('published', 'withdrawn')),
+        state TEXT NOT NULL CHECK (state IN ('published', 'unlisted', 'withdrawn')),
         published_at TEXT NOT NULL,
         changed_at TEXT NOT NULL
     ) WITHOUT ROWID;
@@ -1574,9 +1574,11 @@ class Store:
 
     # -- publications ----------------------------------------------------------------------
 
-    def set_published(self, issue_key: str, published: bool = True) -> None:
-        """Record that an issue's page is on the web (or was taken down)."""
-        state = "published" if published else "withdrawn"
+    def set_publication(self, issue_key: str, state: str) -> None:
+        """Record whether an issue's page is on the web: ``published`` (and listed),
+        ``unlisted`` (answers at its address, for proofs) or ``withdrawn``."""
+        if state not in ("published", "unlisted", "withdrawn"):
+            raise ValueError(f"unknown publication state {state!r}")
         now = _now()
         with self._transaction() as conn:
             conn.execute(
@@ -1587,7 +1589,7 @@ class Store:
             )
 
     def publication_states(self) -> dict[str, str]:
-        """issue_key -> 'published' or 'withdrawn', for every issue ever published."""
+        """issue_key -> 'published', 'unlisted' or 'withdrawn', for every issue ever published."""
         return dict(self._all("SELECT issue_key, state FROM publications"))
 
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:

@@ -249,6 +249,10 @@ def test_every_public_image_and_link_of_a_sent_email_answers_before_and_after_th
     assert f"{BASE}/{ISSUE}/images/plan.png" in urls and "u" in kinds  # images, unsubscribe
     # Published but never sent: the proof's every public address answers 200.
     assert_all_answer(site, urls)
+    # A proof does not announce the issue: the index and the feed do not list it yet.
+    assert "(unlisted until sent or published)" in proof.stdout
+    assert b"Tides and Timetables" not in site.get("/")[2]
+    assert feedparser.parse(site.get("/feed.xml")[2]).entries == []
 
     sent = site.run("send", "1", "--yes")
     assert sent.exit_code == 0, sent.output
@@ -261,6 +265,7 @@ def test_every_public_image_and_link_of_a_sent_email_answers_before_and_after_th
         urls = public_links(html_part(message))
         assert any("/u/" in url for url in urls)
         assert_all_answer(site, urls)
+    assert b"Tides and Timetables" in site.get("/")[2]  # sent: listed
     # The large photo is served resized, the original stays in the issue folder.
     status, headers, data = site.get(f"/newsletter/{ISSUE}/images/wall.jpg")
     assert status == 200 and headers["content-type"] == "image/jpeg"
