@@ -247,9 +247,7 @@ class Published:
     listed: bool  # in the index and the feed
 
 
-def publish_issue(
-    config: Config, store: Store, issue: Issue, *, listed: bool = True
-) -> Published:
+def publish_issue(config: Config, store: Store, issue: Issue, *, listed: bool = True) -> Published:
     """Put the issue's page and images on the web: check both build, then record it.
 
     ``listed=False`` (a proof) makes them answer without showing the issue in the
