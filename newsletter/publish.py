@@ -112,6 +112,7 @@ class IssuePage:
 
 
 def image_cache(config: Config) -> Path:
+    """Where the lighter copies of large images are kept (``build`` uses the same)."""
     return config.publish_dir / "images"
 
 

@@ -22,6 +22,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import unquote
 
 import jinja2
 import mjml
@@ -176,8 +177,9 @@ def _rewrite_images(
             if child.type == "image":
                 src = str(child.attrs.get("src", ""))
                 child.attrs["src"] = asset_url(src, asset_base)
-                if widths and src in widths:
-                    child.attrs["width"] = str(widths[src])
+                width = widths.get(src) or widths.get(unquote(src)) if widths else None
+                if width:
+                    child.attrs["width"] = str(width)
                 if is_decorative(child):
                     child.children = []  # rendered as alt=""
                     continue
@@ -945,7 +947,8 @@ def visible_text(markup: str) -> str:
 
 
 def build(issue: Issue, config: Config, out_dir: Path | None = None) -> BuildResult:
-    """Render and write ``email.html``, ``email.txt``, ``web.html`` and the images."""
+    """Render and write ``email.html``, ``email.txt``, ``web.html`` and the images (as
+    readers get them: a large one is resized once, its original stays in the issue)."""
     rendered = render_issue(issue, config)
     out = out_dir or config.build_dir / issue.slug
     files = {
@@ -959,6 +962,6 @@ def build(issue: Issue, config: Config, out_dir: Path | None = None) -> BuildRes
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, tmp)
+        shutil.copyfile(images.published_file(source, config.publish_dir / "images"), tmp)
         tmp.replace(target)
     return BuildResult(rendered=rendered, out_dir=out, files={n: len(d) for n, d in files.items()})

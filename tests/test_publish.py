@@ -564,6 +564,8 @@ def test_build_writes_a_sample_for_an_example_reader(site: Site) -> None:
     sample = (out / "sample.html").read_text(encoding="utf-8")
     assert "Hello Sam," in sample and "reader@example.org" in sample
     assert render.find_placeholders(sample) == []
+    with Image.open(out / "images" / "wall.jpg") as built:  # as readers get it
+        assert built.width == images.MAX_WIDTH
     assert "%%nl:" in (out / "email.html").read_text(encoding="utf-8")  # the template
     parsed = email.message_from_bytes(
         (out / "sample.eml").read_bytes(), policy=email.policy.default
