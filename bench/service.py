@@ -67,7 +67,8 @@ def workspace(
     (folder / "articles").mkdir(parents=True)
     (root / "newsletter.toml").write_text(
         '[newsletter]\nname = "Bench"\nsender = "Bench <editor@example.org>"\n'
-        f'[smtp]\nport = {smtp_port}\n[unsubscribe]\nurl = "https://example.org/b/u"\n'
+        'base_url = "https://example.org/b"\n'
+        f"[smtp]\nport = {smtp_port}\n"
         f"[server]\n{server}",
         encoding="utf-8",
     )
@@ -392,9 +393,9 @@ def main() -> None:
                 store.record_results(
                     DeliveryResult(ISSUE, c.subscriber.id, DeliveryState.SENT, "250") for c in batch
                 )
-        first, _, _ = hammer(service.port, [("GET", f"/archive/{ISSUE}/", None)], 1)
+        first, _, _ = hammer(service.port, [("GET", f"/{ISSUE}/", None)], 1)
         print(f"archive page, first request (renders the issue): {first * 1000:.0f} ms")
-        pages = [("GET", f"/archive/{ISSUE}/", None)] * 500
+        pages = [("GET", f"/{ISSUE}/", None)] * 500
         elapsed, latencies, errors = hammer(service.port, pages, args.clients)
         report("archive page, cached", len(pages), elapsed, latencies, errors)
         service.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from . import dkim, message, render
+from . import dkim, images, message, publish, render
 from .config import Config
 from .content import Issue
 from .errors import ConfigError, NewsletterError
@@ -34,6 +34,8 @@ Level = Literal["error", "warning", "info"]
 LEVELS: tuple[Level, ...] = ("error", "warning", "info")
 TEXT_MIN_RATIO = 0.5  # text part words / HTML visible words below this is "much shorter"
 SPAM_TIMEOUT = 120.0
+HEAVY_IMAGES_BYTES = 1_000_000  # images readers download with one issue, above this: a warning
+ONLINE_DEADLINE = 60.0  # seconds `check --online` waits for all answers together
 SPAM_INSTALL_HINT = "install it with `apt-get install spamassassin` (Debian/Ubuntu) and run again"
 REQUIRED_HEADERS = (
     "From",
@@ -105,13 +107,18 @@ class CheckReport:
         return data
 
 
-def check_issue(config: Config, issue: Issue, *, spam: bool = False) -> CheckReport:
-    """Render ``issue`` and run every check on it; ``spam`` also runs SpamAssassin."""
+def check_issue(
+    config: Config, issue: Issue, *, spam: bool = False, online: bool = False
+) -> CheckReport:
+    """Render ``issue`` and run every check on it; ``spam`` also runs SpamAssassin, and
+    ``online`` requests every image and link of the email."""
     rendered = render.render_issue(issue, config)
     sample = message.sample_message(rendered, config)
     findings = [
         *_check_size(rendered),
         *_check_html(rendered, issue, config.root),
+        *_check_public(rendered, config),
+        *(_check_online(rendered, config) if online else ()),
         *_check_body(rendered, config),
         *_check_subject(rendered, config),
         *check_headers(sample, config),
@@ -224,12 +231,13 @@ def _check_html(rendered: RenderedIssue, issue: Issue, root: Path) -> Iterator[F
         src = image.attrs.get("src", "")
         name = src.rsplit("/", 1)[-1] or src
         where = locate(name, image.line)
-        if not image.attrs.get("alt", "").strip():
+        if "alt" not in image.attrs:  # alt="" is decorative (or in rendered.missing_alt)
             yield Finding(
-                "warning",
+                "error",
                 "image-alt",
                 f"image {name} has no alt text: readers with images off (the default in "
-                "many clients) see nothing; add a description",
+                'many clients) see nothing; add alt="a description" (alt="" if it is only '
+                "decoration); send refuses until then",
                 where,
             )
         width = image.attrs.get("width", "").strip()
@@ -243,6 +251,17 @@ def _check_html(rendered: RenderedIssue, issue: Issue, root: Path) -> Iterator[F
                 where,
             )
         yield from _check_url(src, "image", locate(name, image.line), rendered)
+    for missing in rendered.missing_alt:
+        path, _, image_name = missing.rpartition(": ")
+        src = image_name.removeprefix("image ").strip("'")
+        yield Finding(
+            "error",
+            "image-alt",
+            f"{image_name} has no alt text: readers with images off (the default in many "
+            'clients) see nothing; describe it, or write ![""](...) if it is only decoration; '
+            "send refuses until then",
+            _Locator(issue, root)(src, 0) if src else path,
+        )
     for link in scan.links:
         where = locate(link.href, link.line)
         yield from _check_url(link.href, "link", where, rendered)
@@ -255,6 +274,118 @@ def _check_html(rendered: RenderedIssue, issue: Issue, root: Path) -> Iterator[F
                 "see a blank link; give it words",
                 where,
             )
+
+
+# --- the public address: placeholder, served, online ------------------------------------
+
+
+def _email_urls(rendered: RenderedIssue) -> list[tuple[str, str, int]]:
+    """(kind, url, line) of every image and link in the email HTML, without per-reader ones."""
+    scan = _Scan()
+    scan.feed(rendered.html)
+    scan.close()
+    found = [("image", i.attrs.get("src", "").strip(), i.line) for i in scan.images]
+    found += [("link", link.href, link.line) for link in scan.links]
+    return [
+        (kind, url, line)
+        for kind, url, line in found
+        if url and url not in rendered.placeholders and not render.find_placeholders(url)
+    ]
+
+
+def _check_public(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
+    urls = config.public_urls
+    where = f"{config.path}: [newsletter] base_url"
+    if urls.is_placeholder:
+        yield Finding(
+            "warning",
+            "public-url-placeholder",
+            f"the public address {urls.base} is a placeholder: the issue's images, its web "
+            "link and the unsubscribe link would not work for readers; set base_url to where "
+            "`newsletter serve` (or your copy of `publish --to`) answers",
+            where,
+        )
+    slug = rendered.issue.slug
+    assets = {relative for _source, relative in rendered.assets}
+    others: dict[str, tuple[str, str, int]] = {}
+    for kind, url, line in dict.fromkeys(_email_urls(rendered)):
+        found = publish.route(config, url)
+        if found is None or found.kind in ("index", "feed", "service"):
+            continue
+        problem = ""
+        if found.slug != slug:
+            folder = publish.issue_folder(config, found.slug)
+            if folder is None:
+                problem = f"there is no issue '{found.slug}' to serve there"
+            else:
+                others[found.slug] = (kind, url, line)
+        elif found.kind == "asset" and found.relative not in assets:
+            problem = f"{found.relative} is not one of this issue's images"
+        if problem:
+            yield Finding(
+                "error",
+                f"{kind}-not-served",
+                f"{kind} {_short(url)} would not be served at its address: {problem}",
+                f"email.html:{line}",
+            )
+    if others and config.db_path.is_file():
+        from .store import Store
+
+        with Store.open(config.db_path) as store:
+            visible = publish.visibility(store)
+        for other, (kind, url, line) in others.items():
+            needed = visible.pages if kind == "link" else visible.assets
+            if other not in needed:
+                yield Finding(
+                    "error",
+                    f"{kind}-not-served",
+                    f"{kind} {_short(url)} would not be served: issue {other} is not "
+                    f"published; `newsletter publish {other}` first",
+                    f"email.html:{line}",
+                )
+    weight = images.weight(source for source, _ in rendered.assets)
+    if weight.count:
+        level: Level = "warning" if weight.published_bytes > HEAVY_IMAGES_BYTES else "info"
+        advice = "; readers on phones wait for every one" if level == "warning" else ""
+        yield Finding(level, "image-weight", f"images: {weight.describe()}{advice}")
+
+
+def _check_online(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
+    """Request every image and link of the email; each failure is an error."""
+    from . import linkcheck
+
+    wanted = list(
+        dict.fromkeys(
+            (kind, url)
+            for kind, url, _line in _email_urls(rendered)
+            if url.lower().startswith(("http://", "https://"))
+        )
+    )
+    results = linkcheck.check_urls(
+        wanted,
+        timeout=config.fetch.timeout,
+        deadline=ONLINE_DEADLINE,
+        user_agent=f"newsletter/{_version()} (+{config.public_urls.base}; link check)",
+    )
+    failed = [result for result in results if not result.ok]
+    for result in failed:
+        yield Finding(
+            "error",
+            f"online-{result.kind}",
+            f"{result.kind} {_short(result.url)}: {result.problem}",
+        )
+    yield Finding(
+        "info",
+        "online",
+        f"requested {len(results)} images and links: {len(results) - len(failed)} answered, "
+        f"{len(failed)} failed (per-reader unsubscribe links are not requested)",
+    )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _check_url(url: str, kind: str, where: str, rendered: RenderedIssue) -> Iterator[Finding]:

@@ -287,9 +287,13 @@ def issue_show(ctx: Context, issue_ref: str) -> None:
     words = sum(a.word_count for a in item.articles)
     click.echo(f"Total: {len(item.articles)} articles, {words} words")
     if item.articles:
+        from . import images
+
         rendered = render.render_issue(item, cfg)
         note = "  (over Gmail's ~102 KB clip!)" if rendered.over_gmail_clip else ""
         click.echo(f"Email HTML: {_kb(rendered.html_size)}{note}")
+        weight = images.weight(source for source, _ in rendered.assets)
+        click.echo(f"Images:     {weight.describe()}")
 
 
 @main.command()
@@ -304,12 +308,19 @@ def issue_show(ctx: Context, issue_ref: str) -> None:
 @pass_ctx
 @handle_errors
 def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
-    """Render ISSUE to email.html, email.txt and web.html."""
+    """Render ISSUE to email.html, email.txt and web.html, and sample.html and sample.eml
+    filled in for an example reader."""
+    from . import message
+    from .files import atomic_write_bytes
+
     cfg = ctx.config()
     result = render.build(_issue(cfg, issue_ref), cfg, out_dir)
     rendered = result.rendered
+    samples = message.sample_files(rendered, cfg)
+    for name, data in samples.items():
+        atomic_write_bytes(result.out_dir / name, data)
     click.echo(f"Subject: {rendered.subject}")
-    for name, size in result.files.items():
+    for name, size in {**result.files, **{n: len(d) for n, d in samples.items()}}.items():
         click.echo(f"  {result.out_dir / name}  {_kb(size)}")
     for warning in rendered.warnings:
         click.echo(f"Warning: {warning}", err=True)
@@ -442,17 +453,22 @@ def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("issue_ref", metavar="ISSUE")
 @click.option("--spam", is_flag=True, help="Also score a sample message with SpamAssassin (-L).")
+@click.option(
+    "--online",
+    is_flag=True,
+    help="Also request every image and link of the email (HEAD, else GET) and list failures.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_ctx
 @handle_errors
-def check(ctx: Context, issue_ref: str, spam: bool, as_json: bool) -> None:
+def check(ctx: Context, issue_ref: str, spam: bool, online: bool, as_json: bool) -> None:
     """Say what would hurt ISSUE's delivery; exit 1 when there are errors."""
     import json
 
     from . import check as check_module
 
     cfg = ctx.config()
-    report = check_module.check_issue(cfg, _issue(cfg, issue_ref), spam=spam)
+    report = check_module.check_issue(cfg, _issue(cfg, issue_ref), spam=spam, online=online)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -825,6 +841,85 @@ def subscribers_count(ctx: Context) -> None:
     click.echo(f"{'total':<13}{sum(counts.values()):>9}")
 
 
+# --- publishing ---
+
+
+@main.command("publish")
+@click.argument("issue_ref", metavar="[ISSUE]", required=False)
+@click.option(
+    "--to",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the whole archive as static files into DIR (index.html, feed.xml, one "
+    "folder per issue), for any web server or static host.",
+)
+@click.option(
+    "--undo",
+    is_flag=True,
+    help="Take ISSUE's page down (its images stay while sent emails point at them).",
+)
+@pass_ctx
+@handle_errors
+def publish_command(ctx: Context, issue_ref: str | None, out_dir: Path | None, undo: bool) -> None:
+    """Put ISSUE's web page and images at their public address ([newsletter] base_url).
+
+    `send` does this first by itself; publishing earlier makes the page and images
+    answer before any copy goes out (for proofs, and `check --online`).
+    """
+    from . import publish
+
+    if issue_ref is None and (undo or out_dir is None):
+        fail("name the ISSUE to publish (or to take down with --undo), or give --to DIR")
+    cfg = ctx.config()
+    urls = cfg.public_urls
+    with _open_store(ctx) as store:
+        if issue_ref is not None and undo:
+            withdrawn = publish.unpublish_issue(cfg, store, _issue(cfg, issue_ref))
+            item = withdrawn.issue
+            state = "Took down" if withdrawn.was_published else "Was not on the web:"
+            click.echo(f"{state} issue {item.number} ({item.slug}): {urls.issue(item.slug)}")
+            if withdrawn.images_kept:
+                click.echo(
+                    f"Its {len(withdrawn.images_kept)} images stay: the issue was sent, and "
+                    "those emails show them:"
+                )
+                for relative in withdrawn.images_kept:
+                    click.echo(f"  {urls.asset(item.slug, relative)}")
+            else:
+                click.echo("Its images are no longer served either (no email was sent with them).")
+        elif issue_ref is not None:
+            done = publish.publish_issue(cfg, store, _issue(cfg, issue_ref))
+            again = " (already published; refreshed)" if done.already else ""
+            click.echo(f"Published issue {done.issue.number}{again}: {done.url}")
+            click.echo(f"Images:   {done.weight.describe()}")
+            click.echo(f"Archive:  {urls.home}   Feed: {urls.feed}")
+        if out_dir is not None:
+            export = publish.export_archive(cfg, store, out_dir)
+            click.echo(
+                f"Wrote the archive to {export.out_dir}: {len(export.pages)} issue pages, "
+                f"{export.files} files, {_kb(export.bytes)}"
+            )
+            click.echo(f"Serve that folder at {urls.home} (links inside are relative).")
+    if urls.is_placeholder:
+        click.echo(f"Warning: {_placeholder_note(cfg)}", err=True)
+
+
+def _placeholder_mark(cfg: Config) -> str:
+    if not cfg.public_urls.is_placeholder:
+        return ""
+    return (
+        f"  ({cfg.public_urls.host} is a placeholder: images and links will not work for readers)"
+    )
+
+
+def _placeholder_note(cfg: Config) -> str:
+    return (
+        f"the public address {cfg.public_urls.base} is a placeholder: readers' images and "
+        "links will not work; set [newsletter] base_url to where `newsletter serve` answers"
+    )
+
+
 # --- sending commands ---
 
 
@@ -896,6 +991,13 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     help="Send a [TEST] proof copy to ADDR (repeatable); the ledger is not touched.",
 )
 @click.option(
+    "--as",
+    "as_email",
+    default=None,
+    metavar="SUBSCRIBER_EMAIL",
+    help="With --test: the proof is this subscriber's copy (their name and fields).",
+)
+@click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Send at most N messages in this run."
 )
 @click.option(
@@ -926,6 +1028,7 @@ def send(
     yes: bool,
     dry_run: bool,
     test_addresses: tuple[str, ...],
+    as_email: str | None,
     limit: int | None,
     rate: float | None,
     connections: int | None,
@@ -937,11 +1040,32 @@ def send(
     Exit status: 0 when every recipient of this run was sent to, 1 when one
     failed or the run stopped, 75 when some were deferred for a later run.
     """
+    from . import publish
+
+    if as_email is not None and not test_addresses:
+        fail("--as works with --test: send --test YOUR_ADDRESS --as SUBSCRIBER_EMAIL")
     cfg = ctx.config()
     outbound = delivery.outbound_from_config(cfg)  # settings and DKIM key, before rendering
-    rendered = render.render_issue(_issue(cfg, issue_ref), cfg)
+    issue_item = _issue(cfg, issue_ref)
+    rendered = render.render_issue(issue_item, cfg)
+    if not dry_run and not test_addresses:
+        publish.require_alt_text(rendered)  # before anything is recorded
     if test_addresses:
-        results = delivery.prepare_send(cfg, rendered, outbound=outbound).send_test(test_addresses)
+        for missing in rendered.missing_alt:
+            click.echo(f"Warning: {missing} has no alt text (a real send refuses)", err=True)
+        # The page and images the proof points at answer before it goes out.
+        with _open_store(ctx) as store:
+            reader = store.get_subscriber(as_email) if as_email is not None else None
+            if as_email is not None and reader is None:
+                fail(
+                    f"--as {as_email}: no such subscriber; `newsletter subscribers list` shows them"
+                )
+            published = publish.publish_issue(cfg, store, issue_item, listed=False)
+        unlisted = "" if published.listed else " (unlisted until sent or published)"
+        click.echo(f"Published:  {published.url}{unlisted}{_placeholder_mark(cfg)}")
+        results = delivery.prepare_send(cfg, rendered, outbound=outbound).send_test(
+            test_addresses, as_subscriber=reader
+        )
         for result in results:
             click.echo(
                 f"{result.outcome:<9} {result.recipient}  {result.code or ''} {result.reply}".rstrip()
@@ -986,6 +1110,7 @@ def send(
             )
         click.echo(f"Size:       {_kb(plan.message_size)} per message")
         click.echo(f"Transport:  {plan.transport}")
+        click.echo(f"Web page:   {cfg.public_urls.issue(issue_item.slug)}{_placeholder_mark(cfg)}")
         if plan.recipients == 0:
             click.echo("Nothing to send.")
             return
@@ -1003,6 +1128,8 @@ def send(
             if not confirmed:
                 click.echo("Not sent.")
                 sys.exit(1)
+        # The page and images every copy points at answer before the first one goes out.
+        publish.publish_issue(cfg, store, issue_item)
         bar: Any = None
 
         def show(progress: delivery.Progress) -> None:
@@ -1126,7 +1253,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"Serving on http://{shown}:{running.effective_port}  (Ctrl-C to stop)")
     click.echo(f"Database: {cfg.db_path}")
-    click.echo(f"Links in emails start with {app.config[server.PUBLIC_URL_KEY]}")
+    click.echo(f"Public address: {cfg.public_urls.base}/{_placeholder_mark(cfg)}")
     if not cfg.unsubscribe.url:
         click.echo(
             "Warning: [unsubscribe] url is not set: issues will not link to this service.",

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -46,6 +47,8 @@ class NewsletterSettings:
     tagline: str = ""
     sender: str = "My Newsletter <newsletter@example.org>"
     reply_to: str = ""
+    # The publication's public address: the archive's home page. Issue pages, images,
+    # the feed and the service's endpoints (/u, /subscribe, /confirm) all live under it.
     base_url: str = "https://example.org/newsletter"
     list_id: str = ""
     locale: str = "en"
@@ -99,7 +102,9 @@ class DkimSettings:
 class UnsubscribeSettings:
     """Where unsubscribe links point: an https endpoint and/or a mailto."""
 
-    url: str = ""  # e.g. https://example.org/newsletter/u  (token appended)
+    # base_url + "/u" (token appended); loading fills it in unless the file says url = ""
+    # (no https link: mailto only). Any other value is refused: it must not disagree.
+    url: str = ""
     mailto: str = ""  # e.g. unsubscribe@example.org
 
 
@@ -111,8 +116,7 @@ class ServerSettings:
     port: int = 8080
     confirm_ttl_hours: int = 48
     resend_interval_minutes: int = 10
-    # The https address readers reach the service at (confirmation links start with it);
-    # empty: [unsubscribe] url without its last path segment, else the request's own address.
+    # Kept for old configs only: it must equal [newsletter] base_url, the one public address.
     public_url: str = ""
     threads: int = 8
     # Reverse proxies whose X-Forwarded-For is believed (IPs or CIDRs, e.g. "127.0.0.1").
@@ -159,6 +163,71 @@ class WebhookSettings:
 
 # An SNS topic ARN: arn:aws[-partition]:sns:<region>:<12-digit account>:<topic name>.
 SNS_TOPIC_ARN_RE = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_.-]{1,256}")
+
+
+PLACEHOLDER_DOMAINS = ("example.org", "example.com", "example.net")
+
+
+@dataclass(frozen=True)
+class PublicUrls:
+    """Every address a reader reaches, derived from ``[newsletter] base_url`` alone.
+
+    The archive's home is the base itself; each issue's page and images live at
+    ``base/SLUG/``, the feed at ``base/feed.xml`` and the service's endpoints at
+    ``base/u``, ``base/subscribe`` and ``base/confirm``, so none of them can disagree.
+    """
+
+    base: str  # no trailing slash
+
+    @property
+    def home(self) -> str:
+        """The archive's index page."""
+        return f"{self.base}/"
+
+    def issue(self, slug: str) -> str:
+        """An issue's web page (the "read on the web" link)."""
+        return f"{self.base}/{slug}/"
+
+    def asset(self, slug: str, relative: str) -> str:
+        """One of an issue's images, ``relative`` to its folder (``images/x.png``)."""
+        return f"{self.base}/{slug}/{relative}"
+
+    @property
+    def feed(self) -> str:
+        return f"{self.base}/feed.xml"
+
+    @property
+    def subscribe(self) -> str:
+        return f"{self.base}/subscribe"
+
+    @property
+    def unsubscribe(self) -> str:
+        return f"{self.base}/u"
+
+    @property
+    def confirm(self) -> str:
+        return f"{self.base}/confirm"
+
+    @property
+    def path_prefix(self) -> str:
+        """The base's path ("/newsletter"; "" at a domain's root), as a proxy may keep it."""
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.base).path.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        from urllib.parse import urlsplit
+
+        return (urlsplit(self.base).hostname or "").lower()
+
+    @property
+    def is_placeholder(self) -> bool:
+        """True for example.org/.com/.net (and their subdomains): nobody reads there."""
+        return any(
+            self.host == domain or self.host.endswith("." + domain)
+            for domain in PLACEHOLDER_DOMAINS
+        )
 
 
 class Secrets:
@@ -323,6 +392,16 @@ class Config:
         return self.db_override or self.state_dir / "newsletter.db"
 
     @property
+    def public_urls(self) -> PublicUrls:
+        """Where readers reach the publication: every public address derives from this."""
+        return PublicUrls(self.newsletter.base_url.strip().rstrip("/"))
+
+    @property
+    def publish_dir(self) -> Path:
+        """Resized images and other files publishing prepares once (under .newsletter/)."""
+        return self.state_dir / "publish"
+
+    @property
     def sender_domain(self) -> str:
         from email.utils import parseaddr
 
@@ -431,6 +510,7 @@ def load(
                 hint="see README.md for the config format",
             )
         sections[name] = _build(_SECTIONS[name], name, value, path, text)
+    sections = _derive_public_urls(sections, data, path, text)
     db_env = env.get(ENV_DB)
     override = db or (Path(db_env) if db_env else None)
     if override is not None and str(override) != ":memory:" and not override.parent.is_dir():
@@ -447,6 +527,55 @@ def load(
     )
     _validate(config, path, text)
     return config
+
+
+def _derive_public_urls(
+    sections: dict[str, Any], data: dict[str, Any], path: Path, text: str
+) -> dict[str, Any]:
+    """Fill in ``[unsubscribe] url`` from ``base_url``; refuse addresses that disagree with it.
+
+    Older configs set the unsubscribe and service addresses separately (and the README
+    once put base_url at ``.../archive``); those keys are accepted when they agree.
+    """
+    news: NewsletterSettings = sections.get("newsletter", NewsletterSettings())
+    base = news.base_url.strip().rstrip("/")
+    base_line = f"{path}:{_line_of(text, 'base_url')}"
+    parts = urlsplit(base)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(
+            f"[newsletter] base_url '{news.base_url}' is not a web address",
+            where=base_line,
+            hint='write where readers reach the publication, e.g. "https://example.org/newsletter"',
+        )
+    urls = PublicUrls(base)
+    unsubscribe: UnsubscribeSettings = sections.get("unsubscribe", UnsubscribeSettings())
+    given = data.get("unsubscribe", {})
+    if "url" not in given:
+        # One-click unsubscribe needs https: a plain-http address (a local trial) has none.
+        derived = urls.unsubscribe if parts.scheme == "https" else ""
+        sections["unsubscribe"] = dataclasses.replace(unsubscribe, url=derived)
+    elif unsubscribe.url and unsubscribe.url.rstrip("/") != urls.unsubscribe:
+        old_base = unsubscribe.url.rstrip("/").removesuffix("/u")
+        if base.endswith("/archive") and base.removesuffix("/archive") == old_base:
+            raise ConfigError(
+                "[newsletter] base_url is the publication's address now, not its archive's",
+                where=base_line,
+                hint=f'set base_url = "{old_base}" (old links under /archive/ keep working) '
+                "and remove [unsubscribe] url",
+            )
+        raise ConfigError(
+            f"[unsubscribe] url must be {urls.unsubscribe}, derived from [newsletter] base_url",
+            where=f"{path}:{_line_of(text, 'url')}",
+            hint='remove the line (it is derived), or write url = "" to send a mailto link only',
+        )
+    server: ServerSettings = sections.get("server", ServerSettings())
+    if server.public_url and server.public_url.strip().rstrip("/") != base:
+        raise ConfigError(
+            f"[server] public_url disagrees with [newsletter] base_url ({base})",
+            where=f"{path}:{_line_of(text, 'public_url')}",
+            hint="remove public_url: base_url is the one public address",
+        )
+    return sections
 
 
 def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text: str) -> T:
@@ -555,10 +684,6 @@ def _validate(config: Config, path: Path, text: str) -> None:
                 f"[dkim] {key} '{value}' has illegal characters",
                 "use letters, digits and hyphens, with dots between labels",
             )
-    if config.server.public_url and not config.server.public_url.startswith(
-        ("https://", "http://")
-    ):
-        fail("public_url", "[server] public_url must start with https://", "use the full address")
     if config.server.confirm_ttl_hours < 1:
         fail("confirm_ttl_hours", "[server] confirm_ttl_hours must be at least 1", "e.g. 48")
     if config.server.resend_interval_minutes < 0:
@@ -649,6 +774,9 @@ name = "{name}"
 tagline = ""
 sender = "{name} <newsletter@example.org>"
 reply_to = ""
+# Where readers reach the publication: the archive's home page. Issue pages and their
+# images, the feed (feed.xml) and the service's addresses (/u to unsubscribe,
+# /subscribe, /confirm) all live under it. Run `newsletter serve` there (see README).
 base_url = "https://example.org/newsletter"
 date_format = "{{month}}/{{day}}/{{yy}}"
 postal_address = ""
@@ -660,7 +788,7 @@ security = "none"      # starttls | ssl | none
 username = ""
 
 [unsubscribe]
-url = ""               # https endpoint of `newsletter serve`, e.g. https://example.org/newsletter/u
+# The https link is base_url + "/u" (answered by `newsletter serve`); add a mailto too:
 mailto = ""            # e.g. unsubscribe@example.org
 """
 

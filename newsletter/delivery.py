@@ -21,6 +21,7 @@ What a run guarantees, whatever stops it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import queue
 import threading
@@ -306,8 +307,14 @@ class PreparedSend:
             count += 1
         return DryRunReport(count, size, time.monotonic() - started, tuple(invalid))
 
-    def send_test(self, addresses: Sequence[str]) -> list[SendResult]:
-        """Proof copies with "[TEST]" in the subject over one connection; no ledger."""
+    def send_test(
+        self, addresses: Sequence[str], *, as_subscriber: Subscriber | None = None
+    ) -> list[SendResult]:
+        """Proof copies with "[TEST]" in the subject over one connection; no ledger.
+
+        With ``as_subscriber`` each proof is that reader's copy (name, address, fields)
+        sent to the test address; its unsubscribe link names the test address, not them.
+        """
         template = prepare(
             self.rendered, self.config, subject_prefix="[TEST] ", sign=self.outbound.sign
         )
@@ -315,9 +322,15 @@ class PreparedSend:
         out: list[SendResult] = []
         try:
             for address in addresses:
+                reader = (
+                    Recipient(email=address)
+                    if as_subscriber is None
+                    else recipient_of(as_subscriber)
+                )
                 try:
                     outgoing = template.personalise(
-                        Recipient(email=address, subscriber_id=f"test:{address}")
+                        dataclasses.replace(reader, subscriber_id=f"test:{address}"),
+                        to=address,
                     )
                 except ValueError as exc:
                     out.append(SendResult(address, "failed", None, str(exc)))

@@ -24,7 +24,12 @@ from urllib.parse import quote
 
 from .config import Config
 from .errors import ConfigError
-from .render import RenderedIssue, find_placeholders, split_on_placeholders
+from .render import (
+    RenderedIssue,
+    fill_placeholders,
+    find_placeholders,
+    split_on_placeholders,
+)
 from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
 
 _POLICY = email.policy.SMTP
@@ -99,12 +104,15 @@ class MessageTemplate:
             UNSUBSCRIBE_PURPOSE, subject, self.issue_key, issued_at=self.issued_at
         )
 
-    def personalise(self, recipient: Recipient) -> OutgoingMessage:
-        """The finished message for one recipient: substitution, then signing if configured."""
-        if _breaks_header(recipient.email) or not recipient.email.isascii():
-            raise RecipientError(
-                f"address {recipient.email!r} cannot go in a header without SMTPUTF8"
-            )
+    def personalise(self, recipient: Recipient, *, to: str | None = None) -> OutgoingMessage:
+        """The finished message for one recipient: substitution, then signing if configured.
+
+        ``to`` puts another address in the To header (a proof that shows one reader's
+        copy but goes to the editor); the body still shows ``recipient``'s values.
+        """
+        for address in (recipient.email, to or recipient.email):
+            if _breaks_header(address) or not address.isascii():
+                raise RecipientError(f"address {address!r} cannot go in a header without SMTPUTF8")
         recipient = dataclasses.replace(recipient, name=header_safe_name(recipient.name))
         message_id = make_msgid(domain=self.sender_domain)
         unsubscribe = self.unsubscribe_link(recipient)
@@ -116,7 +124,7 @@ class MessageTemplate:
                 continue
             part, key = segment
             if part == "header":
-                out.append(self._header_value(key, recipient, message_id, unsubscribe))
+                out.append(self._header_value(key, recipient, message_id, unsubscribe, to))
             else:
                 value = values.get(key, "")
                 if part == "html":
@@ -130,10 +138,15 @@ class MessageTemplate:
         return OutgoingMessage(recipient=recipient.email, message_id=message_id, data=data)
 
     def _header_value(
-        self, key: str, recipient: Recipient, message_id: str, unsubscribe: str
+        self,
+        key: str,
+        recipient: Recipient,
+        message_id: str,
+        unsubscribe: str,
+        to: str | None = None,
     ) -> bytes:
         if key == _TO:
-            return to_field(recipient.name, recipient.email)
+            return to_field(recipient.name, to or recipient.email)
         if key == _MESSAGE_ID:
             return message_id.encode("ascii")
         if key == _DATE:
@@ -402,6 +415,26 @@ def sample_message(
     left = set(find_placeholders(data.decode("ascii", "replace"))) & set(rendered.placeholders)
     assert not left, left
     return data
+
+
+def sample_files(rendered: RenderedIssue, config: Config) -> dict[str, bytes]:
+    """``sample.eml`` (the whole message an example reader gets) and ``sample.html`` (its
+    HTML, filled in), to open beside the template that still has its placeholders."""
+    if config.secrets.secret_key is None:
+        config = _with_preview_key(config)
+    template = prepare(rendered, config, require_unsubscribe=False)
+    reader = sample_recipient()
+    values = _values(reader, template.unsubscribe_link(reader))
+
+    def fill(match: re.Match[str]) -> str:
+        key = rendered.placeholders.get(match.group(0))
+        return match.group(0) if key is None else html.escape(values.get(key, ""), quote=True)
+
+    page = fill_placeholders(rendered.html, fill)
+    return {
+        "sample.html": page.encode("utf-8"),
+        "sample.eml": template.personalise(reader).data,
+    }
 
 
 def _with_preview_key(config: Config) -> Config:

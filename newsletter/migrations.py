@@ -101,6 +101,15 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX rate_limits_expiry ON rate_limits (expires_at);
     """,
+    # 5: which issues are on the web (`newsletter publish`, and every send, publish first).
+    """
+    CREATE TABLE publications (
+        issue_key TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('published', 'unlisted', 'withdrawn')),
+        published_at TEXT NOT NULL,
+        changed_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 

@@ -16,20 +16,22 @@ import re
 import shutil
 import textwrap
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import unquote
 
 import jinja2
 import mjml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
+from . import images
 from .config import Config
-from .content import ISSUE_FILE, Article, Issue, require_buildable
+from .content import _MD_IMAGE, ISSUE_FILE, Article, Issue, require_buildable
 from .errors import ContentError, RenderError
 from .files import atomic_write_bytes
 from .package_data import default_theme_dir
@@ -66,6 +68,9 @@ class RenderedIssue:
     placeholders: Mapping[str, str]
     assets: tuple[tuple[Path, str], ...] = ()
     warnings: tuple[str, ...] = ()
+    # Body images with no alt text that are not marked decorative (``![""](...)``):
+    # "FILE: image 'SRC'" each. Sending refuses while there are any.
+    missing_alt: tuple[str, ...] = ()
 
     @property
     def html_size(self) -> int:
@@ -174,17 +179,41 @@ def _parse(text: str, where: str, first_line: int) -> list[Token]:
     return tokens
 
 
+DECORATIVE_ALT = ('""', "''")  # ![""](rule.png): an image that says nothing, alt=""
+
+
+def is_decorative(image: Token) -> bool:
+    """An image whose alt text the editor wrote as ``""``: decoration, skipped by readers."""
+    return image.content.strip() in DECORATIVE_ALT
+
+
 def _rewrite_images(
-    tokens: Sequence[Token], asset_base: str, warnings: list[str], where: str
+    tokens: Sequence[Token],
+    asset_base: str,
+    warnings: list[str],
+    where: str,
+    widths: Mapping[str, int] | None = None,
+    missing: list[str] | None = None,
 ) -> None:
     for token in tokens:
         for child in token.children or ():
             if child.type == "image":
                 src = str(child.attrs.get("src", ""))
                 child.attrs["src"] = asset_url(src, asset_base)
+                width = widths.get(src) or widths.get(unquote(src)) if widths else None
+                if width:
+                    child.attrs["width"] = str(width)
+                if is_decorative(child):
+                    child.children = []  # rendered as alt=""
+                    continue
                 alt = "".join(c.content for c in child.children or ())
                 if not alt.strip():
-                    warnings.append(f"{where}: image '{src}' has no alt text")
+                    warnings.append(
+                        f"{where}: image '{src}' has no alt text (write ![\"\"](...) if it"
+                        " is only decoration)"
+                    )
+                    if missing is not None:
+                        missing.append(f"{where}: image '{src}'")
 
 
 def asset_url(src: str, asset_base: str) -> str:
@@ -219,34 +248,68 @@ def markdown_both(
     warnings: list[str] | None = None,
     where: str = "",
     first_line: int = 1,
+    image_dir: Path | None = None,
+    missing_alt: list[str] | None = None,
 ) -> tuple[str, str]:
     """``(markdown_html(...), markdown_text(text))`` from one parse.
 
     An issue is mostly Markdown, so this is most of a render. Results are kept for
     text seen before: re-rendering after one article changed (the preview server,
-    `issue show` then `build`) converts only that article again.
+    `issue show` then `build`) converts only that article again. ``image_dir`` is
+    where the text's image paths start, to show each image at its own width.
     """
-    markup, plain, found = _markdown_both(text, asset_base, where, first_line)
+    widths = image_widths(text, image_dir) if image_dir is not None else ()
+    markup, plain, found, missing = _markdown_both(text, asset_base, where, first_line, widths)
     if warnings is not None:
         warnings.extend(found)
+    if missing_alt is not None:
+        missing_alt.extend(missing)
     return markup, plain
+
+
+def image_widths(text: str, image_dir: Path) -> tuple[tuple[str, int], ...]:
+    """(src, width to show it at) for each local image the Markdown ``text`` uses.
+
+    Read outside the render cache, so a replaced image file is seen at once.
+    """
+    found: dict[str, int] = {}
+    for match in _MD_IMAGE.finditer(text):
+        src = match.group(1)
+        path = image_dir / src
+        if src in found or re.match(r"^[a-z][a-z0-9+.-]*:|^//", src, re.I) or not path.is_file():
+            continue
+        found[src] = images.info(path).display_width
+    return tuple(found.items())
 
 
 @lru_cache(maxsize=256)
 def _markdown_both(
-    text: str, asset_base: str, where: str, first_line: int
-) -> tuple[str, str, tuple[str, ...]]:
+    text: str,
+    asset_base: str,
+    where: str,
+    first_line: int,
+    widths: tuple[tuple[str, int], ...] = (),
+) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
     warnings: list[str] = []
+    missing: list[str] = []
     tokens = _parse(text, where, first_line)
     plain = _TextWriter(TEXT_WIDTH).render(tokens)  # before _tokens_html rewrites image srcs
-    return _tokens_html(tokens, asset_base, warnings, where), plain, tuple(warnings)
+    markup = _tokens_html(tokens, asset_base, warnings, where, dict(widths), missing)
+    return markup, plain, tuple(warnings), tuple(missing)
 
 
 def _tokens_html(
-    tokens: Sequence[Token], asset_base: str, warnings: list[str] | None, where: str
+    tokens: Sequence[Token],
+    asset_base: str,
+    warnings: list[str] | None,
+    where: str,
+    widths: Mapping[str, int] | None = None,
+    missing: list[str] | None = None,
 ) -> str:
     md = _markdown()
-    _rewrite_images(tokens, asset_base, warnings if warnings is not None else [], where)
+    _rewrite_images(
+        tokens, asset_base, warnings if warnings is not None else [], where, widths, missing
+    )
     rendered = str(md.renderer.render(tokens, md.options, {}))
     if _has_raw_html(tokens):
         rendered = _clean_html(rendered)
@@ -280,7 +343,13 @@ def _captioned_images(body: str) -> str:
         tag = match.group(1)
         title = re.search(r'title="([^"]*)"', tag)
         tag = re.sub(r'\s*title="[^"]*"', "", tag)
-        image = f'{tag} class="body-image" width="552" />'
+        # Its own width (read from the file), at most the column's: a narrow image is not
+        # stretched. Remote images, whose size is unknown, get the column's.
+        own = re.search(r'\swidth="(\d+)"', tag)
+        width = min(int(own.group(1)), images.COLUMN_WIDTH) if own else images.COLUMN_WIDTH
+        tag = re.sub(r'\s*width="[^"]*"', "", tag)
+        style = f' style="max-width:{width}px"' if width < images.COLUMN_WIDTH else ""
+        image = f'{tag} class="body-image" width="{width}"{style} />'
         caption = f'<p class="caption">{title.group(1)}</p>' if title else ""
         return f'<div class="figure">{image}{caption}</div>'
 
@@ -412,6 +481,8 @@ class _TextWriter:
                 if href and href != label and not href.startswith("#"):
                     out.append(f" <{href}>")
             elif child.type == "image":
+                if is_decorative(child):
+                    continue
                 alt = "".join(c.content for c in child.children or ())
                 title = str(child.attrs.get("title", "") or "")
                 out.append(f"[Image: {alt or title or 'picture'}]")
@@ -558,6 +629,7 @@ class _ArticleView:
     url: str
     image: str
     image_alt: str
+    image_width: int  # the lead image's width in the email: its own, at most the column's
     summary: str
     body_html: str
     body_text: str
@@ -578,7 +650,11 @@ def _nonce(issue: Issue, config: Config) -> str:
 
 
 def _article_views(
-    issue: Issue, config: Config, asset_base: str, warnings: list[str]
+    issue: Issue,
+    config: Config,
+    asset_base: str,
+    warnings: list[str],
+    missing_alt: list[str] | None = None,
 ) -> list[_ArticleView]:
     views = []
     for number, article in enumerate(issue.articles, start=1):
@@ -589,6 +665,14 @@ def _article_views(
             warnings=warnings,
             where=where,
             first_line=article.body_line,
+            image_dir=article.path.parent,
+            missing_alt=missing_alt,
+        )
+        lead = article.path.parent / article.image if article.image else None
+        lead_width = (
+            images.info(lead).display_width
+            if lead is not None and lead.is_file()
+            else images.COLUMN_WIDTH
         )
         bio_html, bio_text = (
             markdown_both(article.bio, where=f"{where} (bio)") if article.bio else ("", "")
@@ -602,6 +686,7 @@ def _article_views(
                 url=article.url,
                 image=asset_url(article.image, asset_base) if article.image else "",
                 image_alt=article.image_alt,
+                image_width=lead_width,
                 summary=article.summary,
                 body_html=body_html,
                 body_text=body_text,
@@ -626,14 +711,18 @@ def _context(
     web: bool,
     asset_base: str,
     warnings: list[str],
+    missing_alt: list[str] | None = None,
 ) -> dict[str, Any]:
     news = config.newsletter
+    urls = config.public_urls
     intro_html, intro_text = markdown_both(
         issue.intro,
         asset_base=asset_base,
         warnings=warnings,
         where=str(issue.path / ISSUE_FILE),
         first_line=issue.intro_line,
+        image_dir=issue.path / "articles",
+        missing_alt=missing_alt,
     )
     return {
         "newsletter": news,
@@ -643,11 +732,13 @@ def _context(
         "issue_date": format_date(issue.date, news.issue_date_format),
         "intro_html": intro_html,
         "intro_text": intro_text,
-        "articles": _article_views(issue, config, asset_base, warnings),
+        "articles": _article_views(issue, config, asset_base, warnings, missing_alt),
         "recipient": recipient,
         "web": web,
-        "web_url": f"{news.base_url.rstrip('/')}/{issue.slug}/",
-        "archive_url": news.base_url,
+        "web_url": urls.issue(issue.slug),
+        "archive_url": urls.home,
+        "feed_url": urls.feed,
+        "subscribe_url": urls.subscribe,
         "locale": news.locale,
     }
 
@@ -806,15 +897,12 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     address (``base_url/slug``), ``""`` for paths relative to the build folder.
     """
     require_buildable(issue)
-    base = (
-        f"{config.newsletter.base_url.rstrip('/')}/{issue.slug}"
-        if asset_base is None
-        else asset_base
-    )
+    base = config.public_urls.issue(issue.slug).rstrip("/") if asset_base is None else asset_base
     env = workspace_environment(config)
     subject = issue.subject(config.newsletter.subject_max_length)
     placeholders = Placeholders(_nonce(issue, config))
     warnings: list[str] = []
+    missing_alt: list[str] = []
     email_ctx = _context(
         issue,
         config,
@@ -823,6 +911,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         web=False,
         asset_base=base,
         warnings=warnings,
+        missing_alt=missing_alt,
     )
     email_mjml = _render_template(env, EMAIL_TEMPLATE, email_ctx)
     email_template = _template_file(env, EMAIL_TEMPLATE)
@@ -848,6 +937,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
         placeholders=MappingProxyType(dict(placeholders.used)),
         assets=tuple(_assets(issue)),
         warnings=tuple(dict.fromkeys(warnings)),
+        missing_alt=tuple(dict.fromkeys(missing_alt)),
     )
     if rendered.over_gmail_clip:
         warnings.append(
@@ -862,6 +952,11 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
 def _tidy_text(text: str) -> str:
     """Collapse runs of blank lines the template leaves, and end with one newline."""
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def issue_images(issue: Issue) -> list[tuple[Path, str]]:
+    """(original file, path relative to the issue's page) of each local image, in order."""
+    return list(_assets(issue))
 
 
 def _assets(issue: Issue) -> Iterator[tuple[Path, str]]:
@@ -886,6 +981,11 @@ def split_on_placeholders(text: str) -> list[str]:
     return _PLACEHOLDER_RE.split(text)
 
 
+def fill_placeholders(text: str, fill: Callable[[re.Match[str]], str]) -> str:
+    """``text`` with every placeholder-shaped token replaced by ``fill(match)``."""
+    return _PLACEHOLDER_RE.sub(fill, text)
+
+
 def visible_text(markup: str) -> str:
     """The text a reader sees in an HTML document (for size comparisons and checks)."""
     markup = re.sub(r"(?is)<(style|script|head)\b.*?</\1>", " ", markup)
@@ -895,7 +995,8 @@ def visible_text(markup: str) -> str:
 
 
 def build(issue: Issue, config: Config, out_dir: Path | None = None) -> BuildResult:
-    """Render and write ``email.html``, ``email.txt``, ``web.html`` and the images."""
+    """Render and write ``email.html``, ``email.txt``, ``web.html`` and the images (as
+    readers get them: a large one is resized once, its original stays in the issue)."""
     rendered = render_issue(issue, config)
     out = out_dir or config.build_dir / issue.slug
     files = {
@@ -909,6 +1010,6 @@ def build(issue: Issue, config: Config, out_dir: Path | None = None) -> BuildRes
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, tmp)
+        shutil.copyfile(images.published_file(source, config.publish_dir / "images"), tmp)
         tmp.replace(target)
     return BuildResult(rendered=rendered, out_dir=out, files={n: len(d) for n, d in files.items()})

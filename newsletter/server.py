@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
-import ipaddress
 import logging
 import re
 import threading
@@ -39,14 +38,12 @@ import jinja2
 from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from . import content, render
+from . import publish
 from .addresses import normalize_email
 from .config import Config
 from .delivery import outbound_from_config
 from .errors import (
-    ContentError,
     NewsletterError,
-    RenderError,
     ServiceError,
     StoreError,
     TransportError,
@@ -74,8 +71,6 @@ MAX_NAME = 100
 MAIL_THREADS = 4
 MAIL_QUEUE_SIZE = 1000
 HOUSEKEEPING_SECONDS = 300  # pruning of stale pending rows and expired counters
-# Where links start (app.config); set from the config, or by make_server on loopback.
-PUBLIC_URL_KEY = "NEWSLETTER_PUBLIC_URL"
 _EXTENSION = "newsletter"
 LOG = logging.getLogger("newsletter.server")
 
@@ -90,6 +85,11 @@ ARCHIVE_CSP = (
     " https:; font-src https: data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
 ASSET_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+# The archive's index posts its subscribe form to the public address's /subscribe.
+INDEX_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self' {origin};"
+    " frame-ancestors 'none'; base-uri 'none'"
+)
 
 _PAGES = {
     "base.html": """<!doctype html>
@@ -167,13 +167,6 @@ its way to it. Open it and follow the link to start receiving {{ newsletter }}.<
 <p>Thank you. You are subscribed to {{ newsletter }}; the next issue will come to your inbox.</p>
 {% if archive %}<p><a href="{{ archive_url }}">Read past issues</a></p>{% endif %}
 {% endblock %}""",
-    "archive.html": """{% extends "base.html" %}{% block body %}
-{% if issues %}<ul>
-{% for item in issues %}<li><a href="{{ item.href }}">{{ item.title }}</a>
-<span class="muted">· No. {{ item.number }} · {{ item.date }}</span></li>
-{% endfor %}</ul>{% else %}<p>No issue has been sent yet.</p>{% endif %}
-<p><a href="{{ subscribe_url }}">Subscribe</a></p>
-{% endblock %}""",
     "message.html": """{% extends "base.html" %}{% block body %}
 <p>{{ message }}</p>
 {% endblock %}""",
@@ -216,17 +209,32 @@ def _origin(url: str) -> str:
 
 
 def public_base(config: Config) -> str:
-    """Where readers reach the service (no trailing slash), or "" when nothing says.
+    """Where readers reach the service (no trailing slash): the one public address."""
+    return config.public_urls.base
 
-    Never a request's Host header: with "", :func:`make_server` serves loopback only,
-    and links start with the address it listens on.
+
+class PublicPrefix:
+    """WSGI middleware: answer under the public address's path too.
+
+    With ``base_url = https://example.org/newsletter``, a proxy that strips the
+    prefix sends ``/u/...`` and one that keeps it sends ``/newsletter/u/...``; the
+    prefix moves to SCRIPT_NAME, so both reach the same routes and every relative
+    link the pages write resolves the same.
     """
-    if config.server.public_url:
-        return config.server.public_url.rstrip("/")
-    url = config.unsubscribe.url.rstrip("/")
-    if url:
-        return url.rsplit("/", 1)[0]
-    return ""
+
+    def __init__(self, app: Callable[..., Any], prefix: str) -> None:
+        self.app = app
+        first = prefix.strip("/").split("/", 1)[0]
+        # A prefix named like one of our own paths could not be told apart: never strip it.
+        self.prefix = "" if first in publish.RESERVED else prefix.rstrip("/")
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if self.prefix and (path == self.prefix or path.startswith(self.prefix + "/")):
+            environ = dict(environ)
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.prefix
+            environ["PATH_INFO"] = path[len(self.prefix) :] or "/"
+        return self.app(environ, start_response)
 
 
 _HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
@@ -289,59 +297,6 @@ def _clean_name(value: str) -> str:
     return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", value).split())[:MAX_NAME]
 
 
-@dataclass(frozen=True)
-class _ArchivedIssue:
-    """A sent issue rendered for the web, and the local images it may show."""
-
-    issue: content.Issue
-    html: str
-    assets: dict[str, Path]
-
-
-class _ArchiveCache:
-    """Rendered archive pages, kept until a file of the issue or the templates changes."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self._lock = threading.Lock()
-        self._pages: dict[str, tuple[tuple[Any, ...], _ArchivedIssue]] = {}
-
-    def _signature(self, folder: Path) -> tuple[Any, ...]:
-        stamps: list[Any] = []
-        for root in (folder, self._config.templates_dir):
-            if root.is_dir():
-                stamps.extend(
-                    (str(p), p.stat().st_mtime_ns, p.stat().st_size)
-                    for p in sorted(root.rglob("*"))
-                    if p.is_file()
-                )
-        if self._config.path.is_file():
-            stamps.append(self._config.path.stat().st_mtime_ns)
-        return tuple(stamps)
-
-    def get(self, folder: Path) -> _ArchivedIssue:
-        signature = self._signature(folder)
-        with self._lock:
-            cached = self._pages.get(folder.name)
-            if cached is not None and cached[0] == signature:
-                return cached[1]
-        issue = content.read_issue(folder)
-        # Relative image addresses: the page is served at /archive/<slug>/, beside them.
-        rendered = render.render_issue(issue, self._config, asset_base="")
-        if render.find_placeholders(rendered.web_html):
-            raise RenderError(
-                "the web page still has personal placeholders",
-                where=str(folder),
-                hint="the templates must not use recipient values when web is true",
-            )
-        page = _ArchivedIssue(
-            issue, rendered.web_html, {relative: source for source, relative in rendered.assets}
-        )
-        with self._lock:
-            self._pages[folder.name] = (signature, page)
-        return page
-
-
 def create_app(
     config: Config,
     store_path: Path | str | None = None,
@@ -365,7 +320,7 @@ def create_app(
         setup.prune_pending(timedelta(hours=config.server.confirm_ttl_hours))
     # Confirmation mail leaves the way an issue does: same transport, same DKIM signer.
     outbound = outbound_from_config(config, make_transport=transport_factory)
-    archive = _ArchiveCache(config)
+    archive = publish.PageCache(config)
     news = config.newsletter
     ttl = timedelta(hours=config.server.confirm_ttl_hours)
     resend_after = timedelta(minutes=config.server.resend_interval_minutes)
@@ -384,12 +339,12 @@ def create_app(
     # Werkzeug answers "//x" with a redirect to an absolute URL built from the Host header.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
-    app.config[PUBLIC_URL_KEY] = public_base(config)
     storage = SqliteStorage(db_path)
     limiter = SubscribeLimiter(storage, config.server, config.secrets.secret_key or "")
     proxies = trusted_networks(config.server.trusted_proxies)
     mail = MailQueue(threads=mail_threads, size=mail_queue_size)
     app.extensions[_EXTENSION] = _Background(mail, storage)
+    app.wsgi_app = PublicPrefix(app.wsgi_app, config.public_urls.path_prefix)  # type: ignore[method-assign]
 
     # One connection per server thread, kept open: closing the last connection to a
     # WAL database checkpoints it, which costs more than the request itself.
@@ -428,15 +383,8 @@ def create_app(
         return Response(status=code, headers={"Location": _url(path)})
 
     def external_base() -> str:
-        """Where links start: never from a request header (see make_server)."""
-        base = str(app.config.get(PUBLIC_URL_KEY) or "")
-        if not base:
-            raise ServiceError(
-                "no public address to build links with",
-                where="[server] public_url",
-                hint="set it, or serve through make_server on a loopback address",
-            )
-        return base.rstrip("/")
+        """Where links start: the configured public address, never a request header."""
+        return public_base(config)
 
     def bad_link(message: str, status: int = 400) -> Response:
         return page("bad_link.html", status, title="This link does not work", message=message)
@@ -657,77 +605,72 @@ def create_app(
         return page(
             "confirmed.html",
             title="You are subscribed",
-            archive=bool(sent_issue_keys()),
-            archive_url=_url("archive"),
+            archive=bool(publish.visibility(db()).listed),
+            archive_url=_url(""),
         )
 
-    # -- archive ---------------------------------------------------------------------------
+    # -- archive: BASE/, BASE/feed.xml, BASE/SLUG/ and its images ----------------------------
+    # (also under /archive/, where earlier versions put them: old emails keep working)
 
-    def sent_issue_keys() -> list[str]:
-        return db().sent_issue_keys()
-
-    def sent_folder(slug: str) -> Path | None:
-        if slug not in sent_issue_keys():
+    def issue_folder(slug: str, *, images_only: bool = False) -> Path | None:
+        seen = publish.visibility(db())
+        if slug not in (seen.assets if images_only else seen.pages):
             return None
-        folder = config.issues_dir / slug
-        if folder.parent.resolve() != config.issues_dir.resolve() or not folder.is_dir():
-            return None
-        return folder
+        return publish.issue_folder(config, slug)
 
     def not_found() -> Response:
         return page("message.html", 404, title="Not found", message="There is no such page.")
 
-    @app.get("/archive")
-    @app.get("/archive/")
+    def entries() -> list[publish.ArchiveEntry]:
+        return publish.archive_entries(config, publish.visibility(db()).listed)
+
+    @app.get("/")
     def archive_index() -> Response:
-        found: list[tuple[tuple[Any, int], dict[str, Any]]] = []
-        for key in sent_issue_keys():
-            folder = sent_folder(key)
-            if folder is None:
-                continue
-            try:
-                issue = content.read_issue(folder)
-            except ContentError as exc:
-                LOG.warning("archive: skipping %s: %s", key, exc)
-                continue
-            item = {
-                "href": _url(f"archive/{key}/"),
-                "title": issue.title,
-                "number": issue.number,
-                "date": render.format_date(issue.date, news.issue_date_format),
-            }
-            found.append(((issue.date, issue.number), item))
-        found.sort(key=lambda pair: pair[0], reverse=True)
-        items = [item for _, item in found]
-        response = page("archive.html", title=f"{news.name}: past issues", issues=items)
+        response = Response(publish.index_html(config, entries()), mimetype="text/html")
+        origin = _origin(config.public_urls.base)
+        response.headers["Content-Security-Policy"] = INDEX_CSP.format(origin=origin)
         response.headers["Cache-Control"] = "public, max-age=300"
         return response
 
+    @app.get("/feed.xml")
+    def archive_feed() -> Response:
+        response = Response(publish.feed_xml(config, entries()), mimetype="application/atom+xml")
+        response.headers["Cache-Control"] = "public, max-age=300"
+        return response
+
+    @app.get("/archive")
+    @app.get("/archive/")
+    def old_archive_index() -> Response:
+        home = "../" if request.path.endswith("/") else "./"
+        return Response(status=308, headers={"Location": home})
+
+    @app.get("/<slug>")
     @app.get("/archive/<slug>")
     def archive_issue_redirect(slug: str) -> Response:
-        # The page's images are relative to the folder: /archive/<slug>/
-        if sent_folder(slug) is None:
+        # The page's images are relative to its folder: SLUG/
+        if issue_folder(slug) is None:
             return not_found()
-        return redirect(f"archive/{slug}/", code=308)
+        return Response(status=308, headers={"Location": f"{slug}/"})
 
+    @app.get("/<slug>/")
     @app.get("/archive/<slug>/")
     def archive_issue(slug: str) -> Response:
-        folder = sent_folder(slug)
+        folder = issue_folder(slug)
         if folder is None:
             return not_found()
-        archived = archive.get(folder)
-        response = Response(archived.html, mimetype="text/html")
+        response = Response(archive.get(folder).html, mimetype="text/html")
         response.headers["Content-Security-Policy"] = ARCHIVE_CSP
         response.headers["Cache-Control"] = "public, max-age=300"
         return response
 
+    @app.get("/<slug>/<path:asset>")
     @app.get("/archive/<slug>/<path:asset>")
     def archive_asset(slug: str, asset: str) -> Response:
-        folder = sent_folder(slug)
+        folder = issue_folder(slug, images_only=True)
         if folder is None:
             return not_found()
-        source = archive.get(folder).assets.get(asset)  # only the issue's own images
-        if source is None or not source.is_file():
+        source = archive.get(folder).published_image(asset, config)  # only its own images
+        if source is None:
             return not_found()
         response = send_file(source, max_age=3600, conditional=True)
         response.headers["Content-Security-Policy"] = ASSET_CSP
@@ -739,10 +682,6 @@ def create_app(
     def healthz() -> Response:
         db().count(Status.ACTIVE)  # the database answers
         return Response("ok\n", mimetype="text/plain")
-
-    @app.get("/")
-    def home() -> Response:
-        return redirect("subscribe")
 
     def unavailable(message: str) -> Response:
         response = page(
@@ -897,34 +836,10 @@ SERVER_LIMITS: dict[str, Any] = {
 }
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and "localhost": only this machine can connect."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
-    """A waitress server bound to ``host:port`` (0 picks a free port); not yet running.
-
-    Links in emails start with the app's public address ([server] public_url, or the
-    unsubscribe URL's folder). Without one, only a loopback address is served, and
-    links start with the address served (a local trial); never with a request header.
-    """
+    """A waitress server bound to ``host:port`` (0 picks a free port); not yet running."""
     from waitress import create_server
 
-    configured = str(app.config.get(PUBLIC_URL_KEY) or "")
-    if not configured and not is_loopback(host):
-        raise ServiceError(
-            "[server] public_url is not set: serving on a public address would have to"
-            " take links from request headers",
-            where=f"{host}:{port}",
-            hint='set [server] public_url = "https://example.org/newsletter" (where readers'
-            " reach the service), or listen on 127.0.0.1",
-        )
     _raise_file_limit(int(SERVER_LIMITS["connection_limit"]) + 100)
     try:
         server = create_server(
@@ -942,9 +857,6 @@ def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
             where=f"{host}:{port}",
             hint="is something else running there? choose another --port",
         ) from None
-    if not configured:
-        shown = f"[{host}]" if ":" in host else host
-        app.config[PUBLIC_URL_KEY] = f"http://{shown}:{server.effective_port}"
     server.newsletter_app = app  # waitress keeps only a wrapper of it
     return server
 

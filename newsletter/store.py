@@ -1275,6 +1275,26 @@ class Store:
         )
         return [row[0] for row in rows]
 
+    # -- publications ----------------------------------------------------------------------
+
+    def set_publication(self, issue_key: str, state: str) -> None:
+        """Record whether an issue's page is on the web: ``published`` (and listed),
+        ``unlisted`` (answers at its address, for proofs) or ``withdrawn``."""
+        if state not in ("published", "unlisted", "withdrawn"):
+            raise ValueError(f"unknown publication state {state!r}")
+        now = _now()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO publications (issue_key, state, published_at, changed_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (issue_key) DO UPDATE"
+                " SET state = excluded.state, changed_at = excluded.changed_at",
+                (issue_key, state, now, now),
+            )
+
+    def publication_states(self) -> dict[str, str]:
+        """issue_key -> 'published', 'unlisted' or 'withdrawn', for every issue ever published."""
+        return dict(self._all("SELECT issue_key, state FROM publications"))
+
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
         """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
         with self._lock:

@@ -69,10 +69,17 @@ GOOD_BODY = (
 # --- the example ------------------------------------------------------------------------
 
 
-def test_the_example_issue_has_no_errors_and_no_warnings(example_ws: Path) -> None:
+PLACEHOLDER = "public-url-placeholder"
+
+
+def test_the_example_issue_has_no_errors_and_warns_only_of_its_placeholder_address(
+    example_ws: Path,
+) -> None:
     cfg = load(example_ws)
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
-    assert report.errors == () and report.warnings == (), report.findings
+    assert report.errors == () and codes(report, "warning") == {PLACEHOLDER}, report.findings
+    assert "https://example.org/ledger is a placeholder" in finding(report, PLACEHOLDER).message
+    assert "5 images, 9 KB" in finding(report, "image-weight").message
     assert report.ok
     assert {"html-size", "dkim-off"} <= codes(report, "info")
     assert report.issue_number == 1
@@ -83,14 +90,14 @@ def test_the_example_issue_has_no_errors_and_no_warnings(example_ws: Path) -> No
 def test_cli_check_of_the_example_exits_0_and_says_so(cli: CliRunner, example_ws: Path) -> None:
     result = cli.invoke(main, ["-C", str(example_ws), "check", "1"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1] == "0 errors, 0 warnings"
+    assert result.output.splitlines()[-1] == "0 errors, 1 warnings"
 
 
 def test_json_output_parses(cli: CliRunner, example_ws: Path) -> None:
     result = cli.invoke(main, ["-C", str(example_ws), "check", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["ok"] is True and data["errors"] == 0 and data["warnings"] == 0
+    assert data["ok"] is True and data["errors"] == 0 and data["warnings"] == 1
     assert data["issue_number"] == 1
     assert {"level", "code", "message", "where"} <= set(data["findings"][0])
     assert data["spam"] is None
@@ -244,7 +251,7 @@ def test_dkim_configured_signs_and_verifies(
     cfg = load(example_ws, **{config.ENV_DKIM_KEY_FILE: str(key)})
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
     assert "nl._domainkey.example.org" in finding(report, "dkim-ok").message
-    assert report.errors == () and report.warnings == ()
+    assert report.errors == () and codes(report, "warning") == {PLACEHOLDER}
 
 
 def test_dkim_misaligned_domain_warns(
@@ -279,7 +286,7 @@ def test_example_scores_at_most_zero_in_spamassassin(cli: CliRunner, example_ws:
     assert spam["required"] > 0
     assert all({"name", "score", "description"} == set(rule) for rule in spam["rules"])
     assert "MAILING_LIST_MULTI" in {rule["name"] for rule in spam["rules"]}
-    assert (data["errors"], data["warnings"]) == (0, 0), data["findings"]
+    assert (data["errors"], data["warnings"]) == (0, 1), data["findings"]
     (scored,) = [f for f in data["findings"] if f["code"] == "spam-score"]
     assert scored["level"] == "info"
 

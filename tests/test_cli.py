@@ -444,6 +444,8 @@ def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
     assert sorted(p.name for p in out_dir.iterdir() if p.is_file()) == [
         "email.html",
         "email.txt",
+        "sample.eml",
+        "sample.html",
         "web.html",
     ]
     golden = REPO / "tests" / "golden"

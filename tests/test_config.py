@@ -41,7 +41,8 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     assert cfg.newsletter == NewsletterSettings()
     assert cfg.smtp == SmtpSettings()
     assert cfg.delivery == DeliverySettings()
-    assert cfg.unsubscribe == UnsubscribeSettings()
+    # The https unsubscribe link derives from the public address.
+    assert cfg.unsubscribe == UnsubscribeSettings(url="https://example.org/newsletter/u")
     assert cfg.secrets == Secrets()
     assert cfg.newsletter.date_format == "{month}/{day}/{yy}"
     assert cfg.state_dir == tmp_path.resolve() / ".newsletter"
@@ -282,3 +283,81 @@ def test_bad_webhooks_values_name_the_key_and_line(
     error = load_error(tmp_path)
     assert error.startswith(f"{path}:{line}: [webhooks] ")
     assert message in error
+
+
+# --- the one public address -------------------------------------------------------------------
+
+
+def test_every_public_address_derives_from_base_url(tmp_path: Path) -> None:
+    write_config(tmp_path, '[newsletter]\nbase_url = "https://news.example.org/letters/"\n')
+    cfg = config.load(tmp_path, environ={})
+    urls = cfg.public_urls
+    assert urls.base == "https://news.example.org/letters"
+    assert urls.home == "https://news.example.org/letters/"
+    assert urls.issue("001-a") == "https://news.example.org/letters/001-a/"
+    assert (
+        urls.asset("001-a", "images/x.png") == "https://news.example.org/letters/001-a/images/x.png"
+    )
+    assert urls.feed == "https://news.example.org/letters/feed.xml"
+    assert urls.subscribe == "https://news.example.org/letters/subscribe"
+    assert urls.confirm == "https://news.example.org/letters/confirm"
+    assert urls.path_prefix == "/letters" and urls.is_placeholder
+    assert cfg.unsubscribe.url == "https://news.example.org/letters/u"
+
+
+def test_init_writes_a_coherent_set(tmp_path: Path) -> None:
+    config.init_workspace(tmp_path / "new")
+    text = (tmp_path / "new" / config.CONFIG_NAME).read_text(encoding="utf-8")
+    assert "url =" not in text.split("[unsubscribe]")[1]  # derived, not written twice
+    cfg = config.load(tmp_path / "new", environ={})
+    assert cfg.unsubscribe.url == cfg.public_urls.unsubscribe == f"{cfg.public_urls.base}/u"
+
+
+def test_an_unsubscribe_url_that_disagrees_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[newsletter]\nbase_url = "https://example.org/news"\n\n'
+        '[unsubscribe]\nurl = "https://elsewhere.example.net/u"\n',
+    )
+    assert load_error(tmp_path) == (
+        f"{path}:5: [unsubscribe] url must be https://example.org/news/u, derived from "
+        '[newsletter] base_url; remove the line (it is derived), or write url = "" to send a '
+        "mailto link only"
+    )
+    # Agreeing is fine (older configs), and "" turns the https link off.
+    write_config(
+        tmp_path,
+        '[newsletter]\nbase_url = "https://example.org/news"\n[unsubscribe]\n'
+        'url = "https://example.org/news/u"\n',
+    )
+    assert config.load(tmp_path, environ={}).unsubscribe.url == "https://example.org/news/u"
+    write_config(tmp_path, '[unsubscribe]\nurl = ""\nmailto = "u@example.org"\n')
+    assert config.load(tmp_path, environ={}).unsubscribe.url == ""
+
+
+def test_the_old_archive_layout_gets_a_hint_with_the_value_to_write(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[newsletter]\nbase_url = "https://example.org/news/archive"\n\n'
+        '[unsubscribe]\nurl = "https://example.org/news/u"\n',
+    )
+    assert load_error(tmp_path) == (
+        f"{path}:2: [newsletter] base_url is the publication's address now, not its archive's; "
+        'set base_url = "https://example.org/news" (old links under /archive/ keep working) '
+        "and remove [unsubscribe] url"
+    )
+
+
+def test_server_public_url_must_agree_and_base_url_must_be_a_web_address(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[newsletter]\nbase_url = "https://example.org/news"\n[server]\n'
+        'public_url = "https://example.org/service"\n',
+    )
+    assert load_error(tmp_path).startswith(
+        f"{path}:4: [server] public_url disagrees with [newsletter] base_url"
+    )
+    write_config(tmp_path, '[newsletter]\nbase_url = "example.org/news"\n')
+    assert "base_url 'example.org/news' is not a web address" in load_error(tmp_path)
+    write_config(tmp_path, '[newsletter]\nbase_url = "http://127.0.0.1:8080/news"\n')
+    assert config.load(tmp_path, environ={}).unsubscribe.url == ""  # one-click needs https

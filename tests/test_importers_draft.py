@@ -344,3 +344,30 @@ def test_western_text_in_cp1252_is_read(text: str) -> None:
 def test_other_scripts_are_not_guessed_as_cp1252(codec: str, text: str) -> None:
     with pytest.raises(ImportSourceError, match="unknown text encoding"):
         draft.decode(text.encode(codec), "x.txt")
+
+
+def test_a_draft_gives_each_image_its_alt_text_on_its_own_line(tmp_path: Path) -> None:
+    """`image N.png: what it shows` sets the alt text in the draft; `""` marks decoration;
+    an image without either is imported with a note, and a real send refuses it."""
+    from newsletter import render
+
+    cfg = make_workspace(tmp_path / "ws")
+    draft = _write(
+        tmp_path / "d",
+        "d.txt",
+        "Clock Piece\n\nText one.\n\nimage 1.png: The tide clock [restored] at noon\n\n"
+        'image 2.png: ""\n\nimage 3.png\n',
+        images=("1.png", "2.png", "3.png"),
+    )
+    result = run(cfg, "issue", "add", "1", str(draft))
+    assert result.exit_code == 0, result.output
+    issue = content.read_issue(content.find_issue(cfg.issues_dir, "1"))
+    body = issue.articles[0].body
+    assert r"![The tide clock \[restored\] at noon](../images/1.png)" in body
+    assert '![""](../images/2.png)' in body and "![](../images/3.png)" in body
+    notes = [line for line in result.stdout.splitlines() if "has no description" in line]
+    assert len(notes) == 1 and "image 3.png" in notes[0]
+    assert '"image 3.png: what it shows"' in notes[0]
+    rendered = render.render_issue(issue, cfg)
+    assert [m.rsplit(": ", 1)[1] for m in rendered.missing_alt] == ["image '../images/3.png'"]
+    assert 'alt="The tide clock [restored] at noon"' in rendered.html

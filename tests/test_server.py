@@ -58,7 +58,7 @@ CONFIG = """\
 name = "The Test Gazette"
 tagline = "Small news, read closely."
 sender = "The Test Gazette <editor@example.org>"
-base_url = "https://example.org/gazette/archive"
+base_url = "https://example.org/gazette"
 postal_address = "1 Example Street, Example Town"
 
 [smtp]
@@ -525,16 +525,16 @@ def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
         service.store.add_subscriber(f"reader{i}@example.org", f"Reader Number{i}")
         for i in range(3)
     ]
-    status, _, text = service.request("GET", "/archive")
-    assert status == 200 and "No issue has been sent yet" in text
-    send_issue(service.store, ISSUE)
-    status, _, text = service.request("GET", "/archive")
+    status, _, text = service.request("GET", "/")
+    assert status == 200 and "No issue has been published yet" in text
+    send_issue(service.store, ISSUE)  # sent before publishing existed: it counts as published
+    status, _, text = service.request("GET", "/")
     assert status == 200
-    assert "Tides and Timetables" in text and f'href="archive/{ISSUE}/"' in text
+    assert "Tides and Timetables" in text and f'href="{ISSUE}/"' in text
     assert "Draft Days" not in text  # never sent
-    status, headers, _ = service.request("GET", f"/archive/{ISSUE}")
-    assert status == 308 and headers["Location"] == f"../archive/{ISSUE}/"
-    status, headers, page = service.request("GET", f"/archive/{ISSUE}/")
+    status, headers, _ = service.request("GET", f"/{ISSUE}")
+    assert status == 308 and headers["Location"] == f"{ISSUE}/"
+    status, headers, page = service.request("GET", f"/{ISSUE}/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert "The Harbour Wall Gets a Second Life" in page
     assert "%%nl:" not in page and "{{" not in page
@@ -546,15 +546,23 @@ def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     # Its image, and nothing else of the folder.
     assert 'src="images/wall.png"' in page
-    status, headers, _ = service.request("GET", f"/archive/{ISSUE}/images/wall.png")
+    status, headers, _ = service.request("GET", f"/{ISSUE}/images/wall.png")
     assert status == 200 and headers["Content-Type"] == "image/png"
+    # Where earlier versions served the archive, old emails' links keep working.
+    assert service.request("GET", "/archive")[1]["Location"] == "./"
+    assert service.request("GET", "/archive/")[1]["Location"] == "../"
+    assert service.request("GET", f"/archive/{ISSUE}/")[0] == 200
+    assert service.request("GET", f"/archive/{ISSUE}/images/wall.png")[0] == 200
     for path in (
+        f"/{ISSUE}/issue.md",
+        f"/{ISSUE}/articles/01-harbour-wall.md",
+        f"/{ISSUE}/%2e%2e/%2e%2e/newsletter.toml",
+        f"/{ISSUE}/images/../../../newsletter.toml",
+        f"/{DRAFT}/",
+        f"/{DRAFT}/images/wall.png",
+        "/..%2fnewsletter.toml/",
         f"/archive/{ISSUE}/issue.md",
-        f"/archive/{ISSUE}/articles/01-harbour-wall.md",
-        f"/archive/{ISSUE}/%2e%2e/%2e%2e/newsletter.toml",
-        f"/archive/{ISSUE}/images/../../../newsletter.toml",
         f"/archive/{DRAFT}/",
-        f"/archive/{DRAFT}/images/wall.png",
         "/archive/..%2fnewsletter.toml/",
     ):
         assert service.request("GET", path)[0] == 404, path
@@ -563,13 +571,13 @@ def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
 def test_archive_page_follows_edits(service: Service) -> None:
     service.store.add_subscriber("reader@example.org")
     send_issue(service.store, ISSUE)
-    assert "A short introduction." in service.request("GET", f"/archive/{ISSUE}/")[2]
+    assert "A short introduction." in service.request("GET", f"/{ISSUE}/")[2]
     issue_md = service.config.issues_dir / ISSUE / "issue.md"
     issue_md.write_text(
         issue_md.read_text().replace("A short introduction.", "A corrected introduction."),
         encoding="utf-8",
     )
-    assert "A corrected introduction." in service.request("GET", f"/archive/{ISSUE}/")[2]
+    assert "A corrected introduction." in service.request("GET", f"/{ISSUE}/")[2]
 
 
 def test_healthz_and_security_headers(service: Service) -> None:

@@ -7,6 +7,7 @@ page, not a feed entry, not a CSV cell, not a name typed into the subscribe form
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from newsletter import content, message, render
 from newsletter.config import Config
 from newsletter.server import confirmation_message
 from newsletter.store import Store
+from tests.conftest import TEST_SECRET_KEY
 from tests.helpers import parse_message
 from tests.import_helpers import make_workspace, run
 from tests.local_http import HTML, LocalServer, Reply, serve
@@ -80,7 +82,8 @@ def test_page_feed_and_csv_values_reach_the_email_literally(
     assert subscriber is not None and subscriber.name == NAME
 
     rendered = render.render_issue(issue, cfg)
-    template = message.prepare(rendered, cfg, require_unsubscribe=False)
+    cfg = dataclasses.replace(cfg, secrets=cfg.secrets.replace(secret_key=TEST_SECRET_KEY))
+    template = message.prepare(rendered, cfg)
     recipient = message.Recipient(email=subscriber.email, name=subscriber.name)
     parsed, text, markup = parse_message(template.personalise(recipient).data)
     for part in (text, markup):

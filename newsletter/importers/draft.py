@@ -63,7 +63,12 @@ _MONTHS = {
 _DATE = r"(?P<date>\d{1,2}/\d{1,2}/(?:\d{4}|\d{2})|[A-Za-z]{3,9}\.?\s+\d{1,2},?\s+\d{4})"
 _BYLINE_BY = re.compile(rf"^By\s+(?P<rest>.+?)(?:,\s*{_DATE})?\s*$", re.I)
 _BYLINE_SOURCE = re.compile(rf"^(?P<rest>[^,!?;:]{{1,80}}?),\s*{_DATE}\s*$")
-_IMAGE = re.compile(r"^image[:\s]\s*(?P<name>[^\s/\\][^/\\]*\.(?:png|jpe?g|gif|webp|svg))$", re.I)
+# "image 14.png", or with its alt text: "image 14.png: A ferry at dusk" ("" for decoration).
+_IMAGE = re.compile(
+    r"^image[:\s]\s*(?P<name>[^\s/\\][^/\\]*?\.(?:png|jpe?g|gif|webp|svg))"
+    r"(?:\s*[:|\u2013\u2014-]\s*(?P<alt>\S.*))?$",
+    re.I,
+)
 _NUMBERED = re.compile(r"^\s*(?P<n>\d{1,3})[.)]\s+(?P<text>\S.*)$")
 _BULLET = re.compile(r"^\s*[•\-*–]\s+(?P<text>\S.*)$")
 _SEPARATOR = re.compile(r"^\s*(?:\*\s*){3,}$|^\s*(?:-\s*){3,}$|^\s*(?:_\s*){3,}$")
@@ -315,8 +320,15 @@ def block_markdown(
                 hint=f"put {name} in {draft.parent} or remove the line",
             )
         images.append((file, name))
-        notes.append(f"{where}: image {name} has no description; add alt text in ![...]")
-        return f"![](../images/{_url_path(name)})"
+        alt = (image.group("alt") or "").strip()
+        if not alt:
+            notes.append(
+                f"{where}: image {name} has no description (send refuses it): write "
+                f'"image {name}: what it shows" in the draft, or fill in ![...]'
+            )
+        elif alt not in ('""', "''"):
+            alt = re.sub(r"([\\\[\]])", r"\\\1", alt)
+        return f"![{alt}](../images/{_url_path(name)})"
     first = _NUMBERED.match(block.lines[0])
     if first and (
         block.lines[0][:1].isspace()

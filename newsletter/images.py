@@ -1,0 +1,201 @@
+"""An issue's images: their real size, and the lighter copy readers are sent to.
+
+The email shows each image at its own width, never wider than the column
+(:data:`COLUMN_WIDTH`), so a narrow image is not stretched. What is published
+(the files behind the email's ``src`` and the archive page) is the original when
+it is small enough, else a copy resized to :data:`MAX_WIDTH` pixels (enough for
+2x screens) and recompressed under :data:`MAX_BYTES`, made once with Pillow and
+kept under ``.newsletter/publish/images/``. The original stays in the issue folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ContentError
+from .files import atomic_write_bytes
+
+COLUMN_WIDTH = 552  # the email's content column, in CSS pixels
+MAX_WIDTH = 1200  # published images are at most this wide (2x a phone, ~2x the column)
+MAX_BYTES = 300_000  # and, where recompressing can manage it, at most this heavy
+_JPEG_QUALITIES = (85, 78, 70, 62, 55, 48, 40)
+_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "WEBP": ".webp"}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What Pillow reads from an image's header (no pixels are decoded)."""
+
+    width: int
+    height: int
+    format: str  # PNG, JPEG, GIF or WEBP
+    size: int  # bytes on disk
+    animated: bool = False
+
+    @property
+    def display_width(self) -> int:
+        """The width to show it at in the email: its own, at most the column's."""
+        return min(self.width, COLUMN_WIDTH)
+
+
+_info_cache: dict[tuple[str, int, int], ImageInfo] = {}
+_lock = threading.Lock()
+
+
+def info(path: Path) -> ImageInfo:
+    """Width, height, format and size of one image; a file Pillow cannot read is an error."""
+    try:
+        stat = path.stat()
+    except OSError:
+        raise ContentError("image not found", where=str(path), hint="check the path") from None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    with _lock:
+        cached = _info_cache.get(key)
+    if cached is not None:
+        return cached
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            found = ImageInfo(
+                width=int(image.width),
+                height=int(image.height),
+                format=str(image.format or ""),
+                size=stat.st_size,
+                animated=bool(getattr(image, "is_animated", False)),
+            )
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ContentError(
+            f"cannot read this image ({exc})",
+            where=str(path),
+            hint="export it again as PNG, JPEG, GIF or WebP",
+        ) from None
+    with _lock:
+        if len(_info_cache) > 1024:
+            _info_cache.clear()
+        _info_cache[key] = found
+    return found
+
+
+def needs_optimising(found: ImageInfo) -> bool:
+    """Too wide or too heavy to send readers as it is (animations are left alone)."""
+    return not found.animated and (found.width > MAX_WIDTH or found.size > MAX_BYTES)
+
+
+def published_file(source: Path, cache_dir: Path) -> Path:
+    """The file readers get for ``source``: itself, or its resized copy (made once).
+
+    The copy is named after the original's content, so editing the image makes a
+    new one and an unchanged image is never processed twice.
+    """
+    found = info(source)
+    if not needs_optimising(found):
+        return source
+    data = source.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:20]
+    target = cache_dir / f"{digest}-w{MAX_WIDTH}-b{MAX_BYTES}{_FORMATS.get(found.format, '')}"
+    if target.is_file():
+        return target
+    smaller = _recompress(data, found, source)
+    if smaller is None or len(smaller) >= found.size:
+        return source  # nothing gained: readers get the original
+    atomic_write_bytes(target, smaller)
+    return target
+
+
+def _recompress(data: bytes, found: ImageInfo, source: Path) -> bytes | None:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image: Any = ImageOps.exif_transpose(opened) or opened
+            image.load()
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ContentError(
+            f"cannot read this image ({exc})", where=str(source), hint="export it again"
+        ) from None
+    if image.width > MAX_WIDTH:
+        height = max(1, round(image.height * MAX_WIDTH / image.width))
+        image = image.resize((MAX_WIDTH, height), Image.Resampling.LANCZOS)
+    if found.format == "JPEG":
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        return _smallest(image, "JPEG", {"optimize": True, "progressive": True})
+    if found.format == "WEBP":
+        return _smallest(image, "WEBP", {"method": 6})
+    if found.format == "GIF":
+        return _save(image, "GIF", {"optimize": True})
+    encoded = _save(image, "PNG", {"optimize": True})
+    if len(encoded) > MAX_BYTES and image.mode not in ("P", "L", "1"):
+        # A photo saved as PNG: 256 colours keep it sharp enough and far lighter.
+        palette = image.convert("RGBA" if "A" in image.getbands() else "RGB").quantize(
+            256, method=Image.Quantize.FASTOCTREE
+        )
+        encoded = min(encoded, _save(palette, "PNG", {"optimize": True}), key=len)
+    return encoded
+
+
+def _smallest(image: Any, fmt: str, options: dict[str, Any]) -> bytes:
+    """The best quality that fits the byte budget, else the lowest tried."""
+    encoded = b""
+    for quality in _JPEG_QUALITIES:
+        encoded = _save(image, fmt, {**options, "quality": quality})
+        if len(encoded) <= MAX_BYTES:
+            break
+    return encoded
+
+
+def _save(image: Any, fmt: str, options: dict[str, Any]) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class ImageWeight:
+    """How heavy an issue's images are: as in the folder, and as readers get them."""
+
+    count: int
+    original_bytes: int
+    published_bytes: int
+    resized: int  # images that get a lighter copy
+    estimated: bool = False  # published_bytes counts large images as the byte budget
+
+    def describe(self) -> str:
+        text = f"{self.count} images, {self.original_bytes / 1024:.0f} KB"
+        if self.resized:
+            about = "at most " if self.estimated else ""
+            text += (
+                f" ({about}{self.published_bytes / 1024:.0f} KB as published: {self.resized}"
+                f" resized to at most {MAX_WIDTH} px wide)"
+            )
+        return text
+
+
+def weight(sources: Iterable[Path], cache_dir: Path | None = None) -> ImageWeight:
+    """The total weight of ``sources``, and what readers get once the large ones are resized.
+
+    With ``cache_dir`` the lighter copies are made (once) and measured; without, a
+    large image counts as the byte budget.
+    """
+    count = original = published = resized = 0
+    for source in dict.fromkeys(sources):
+        found = info(source)
+        count += 1
+        original += found.size
+        if not needs_optimising(found):
+            published += found.size
+        elif cache_dir is None:
+            resized += 1
+            published += min(found.size, MAX_BYTES)
+        else:
+            served = published_file(source, cache_dir)
+            resized += served != source
+            published += served.stat().st_size
+    return ImageWeight(count, original, published, resized, estimated=cache_dir is None)
