@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -115,7 +117,7 @@ def test_issue_new_prints_path_and_number(runner: CliRunner, workspace: Path) ->
         "Created issue 2: Second Thoughts (2026-11-27)",
     ]
     bad_date = run(runner, workspace, "issue", "new", "--date", "27/11/2026")
-    assert bad_date.exit_code == 1 and "Traceback" not in bad_date.output
+    assert bad_date.exit_code == 2 and "Traceback" not in bad_date.output
     assert bad_date.stderr.splitlines() == [
         "Error: Invalid value for '--date': '27/11/2026' does not match the format"
         " '%Y-%m-%d'; see `newsletter issue new --help`"
@@ -272,6 +274,53 @@ def test_outside_a_workspace_a_command_says_so(
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(main, ["issue", "list"])
     assert "no newsletter.toml here" in assert_one_error_line(result, tmp_path.resolve())["what"]
+
+
+# --- misuse: one line, exit 2 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["send"], "Error: Missing argument 'ISSUE'; see `newsletter send --help`"),
+        (
+            ["send", "1", "--bogus"],
+            "Error: No such option '--bogus'; see `newsletter send --help`",
+        ),
+        (
+            ["send", "1", "--limit", "zero"],
+            "Error: Invalid value for '--limit': 'zero' is not a valid integer range;"
+            " see `newsletter send --help`",
+        ),
+        (
+            ["subscribers", "frobnicate"],
+            "Error: No such command 'frobnicate'; see `newsletter subscribers --help`",
+        ),
+        (["--bogus"], "Error: No such option '--bogus'; see `newsletter --help`"),
+    ],
+)
+def test_a_usage_error_is_one_line_and_exit_2(
+    runner: CliRunner, workspace: Path, args: list[str], line: str
+) -> None:
+    before = snapshot(workspace)
+    result = runner.invoke(main, ["-C", str(workspace), *args], prog_name="newsletter")
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [line]
+    assert snapshot(workspace) == before
+
+
+def test_a_group_alone_shows_its_help_and_exits_2(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["subscribers"], prog_name="newsletter")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: newsletter subscribers [OPTIONS] COMMAND [ARGS]...")
+    assert "Error" not in result.stderr
+
+
+def test_a_failure_is_exit_1_and_success_exit_0(runner: CliRunner, workspace: Path) -> None:
+    failed = run(runner, workspace, "send", "42")
+    assert failed.exit_code == 1 and failed.stderr.startswith("Error: ")
+    assert run(runner, workspace, "issue", "list").exit_code == 0
 
 
 # --- bad input: one line, exit 1, nothing written --------------------------------------------
@@ -462,6 +511,46 @@ def test_bad_input_in_a_fresh_process_is_one_line(workspace: Path) -> None:
     assert result.stderr.startswith(f"Error: {workspace.resolve() / 'issues'}: no issue '42'; ")
 
 
+def test_usage_error_in_a_fresh_process_is_exit_2(workspace: Path) -> None:
+    """A script can tell misuse (2) from failure (1): `newsletter send` without its ISSUE."""
+    result = subprocess.run(
+        [sys.executable, "-m", "newsletter", "send"],
+        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "Error: Missing argument 'ISSUE'; see `python -m newsletter send --help`"
+    ]
+    failed = subprocess.run(
+        [sys.executable, "-m", "newsletter", "send", "42"],
+        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 1, failed.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(workspace: Path) -> None:
+    """Ctrl-C while a command waits (here: reading a CSV from a pipe that never ends)."""
+    fifo = workspace / "list.csv"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo)],
+        cwd=workspace, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        with fifo.open("w") as writer:  # returns once the command has opened the pipe
+            writer.write("email,name\n")
+            writer.flush()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["Interrupted."]
+
+
 def installed_script() -> Path | None:
     """The `newsletter` console script, if one is installed and imports this very repository."""
     for candidate in (shutil.which("newsletter"), Path(sys.executable).parent / "newsletter"):
@@ -538,14 +627,12 @@ def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
-def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
+def test_importing_the_cli_loads_only_what_every_command_needs() -> None:
+    """Commands import the send, preview, import and service machinery when they run."""
     code = (
         "import sys\n"
         "import newsletter.cli\n"
-        "loaded = 'newsletter.importers.web' in sys.modules\n"
-        "import newsletter.delivery\n"
-        "from newsletter.importers import sources\n"
-        "print(loaded, callable(newsletter.delivery.send_issue), sources.__name__)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('newsletter.')))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -556,7 +643,11 @@ def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "True", "newsletter.importers.sources"]
+    loaded = {name.split(".")[1] for name in ast.literal_eval(result.stdout)}
+    later = {"bounces", "check", "delivery", "demo", "dkim", "importers", "message", "preview"}
+    later |= {"server", "sink", "store", "tokens", "transport"}
+    assert {"cli", "config", "content", "render"} <= loaded
+    assert not loaded & later, loaded & later
 
 
 def test_preview_defaults_in_help_match_the_library(runner: CliRunner) -> None:

@@ -167,5 +167,5 @@ def test_excerpt_through_the_cli(server: LocalServer, tmp_path: Path) -> None:
 def test_excerpt_must_be_positive(tmp_path: Path) -> None:
     cfg = make_workspace(tmp_path / "ws")
     result = run(cfg, "issue", "add", "1", "--excerpt", "0", "https://example.org/a")
-    assert result.exit_code == 1  # a usage error, caught by click before anything runs
+    assert result.exit_code == 2  # a usage error, caught by click before anything runs
     assert "--excerpt" in result.output and "Traceback" not in result.output
