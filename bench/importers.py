@@ -19,9 +19,9 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from newsletter.importers import draft, web  # noqa: E402
-from tests.import_helpers import make_workspace  # noqa: E402
-from tests.local_http import HTML, LocalServer, Reply  # noqa: E402
-from tests.web_pages import bare_page, blog_post, news_article  # noqa: E402
+from tests.support.importers import make_workspace  # noqa: E402
+from tests.support.local_http import HTML, LocalServer, Reply  # noqa: E402
+from tests.support.web_pages import bare_page, blog_post, news_article  # noqa: E402
 
 
 def timed(func: Callable[[], object], runs: int) -> tuple[float, float]:

@@ -20,8 +20,7 @@ from click.testing import CliRunner, Result
 
 from newsletter import __version__
 from newsletter.cli import main
-from tests.conftest import REPO, TEST_SECRET_KEY
-from tests.helpers import EXAMPLE_SLUG
+from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY
 
 ERROR_LINE = re.compile(
     r"^Error: (?P<path>/[^:;]+?)(?::(?P<line>\d+))?: (?P<what>[^;]+); (?P<hint>.+)$"

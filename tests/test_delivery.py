@@ -28,20 +28,18 @@ from newsletter.transport import (
     smtp_data_bytes,
     transport_from_config,
 )
-from tests.delivery_helpers import (
+from tests.support import EXAMPLE_SLUG, copy_example, load_config
+from tests.support.delivery import (
     EXAMPLE_ACTIVE,
-    ISSUE_KEY,
     copies,
-    copy_example,
     fill,
     for_server,
-    load,
     message_id,
     nonzero,
     states,
     with_state,
 )
-from tests.smtp_server import (
+from tests.support.smtp_server import (
     ALWAYS,
     PASSWORD,
     USERNAME,
@@ -57,7 +55,7 @@ S = DeliveryState
 @pytest.fixture(scope="module")
 def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, RenderedIssue]:
     """The example workspace's config and its issue rendered once (the slow part)."""
-    cfg = load(copy_example(tmp_path_factory.mktemp("example") / "ws"))
+    cfg = load_config(copy_example(tmp_path_factory.mktemp("example") / "ws"))
     issue = content.read_issue(content.find_issue(cfg.issues_dir, "1"))
     return cfg, render.render_issue(issue, cfg)
 
@@ -146,7 +144,7 @@ def test_every_active_subscriber_gets_exactly_one_copy(
     # The ledger's Message-ID is the one each recipient received.
     received = {m.recipients[0]: message_id(m.data) for m in sender.server.messages}
     for email in active:
-        entry = store.ledger_entry(ISSUE_KEY, email)
+        entry = store.ledger_entry(EXAMPLE_SLUG, email)
         assert entry is not None and entry.state == S.SENT
         assert entry.message_id == received[email] and entry.attempts == 1
         assert entry.last_reply.startswith("250")
@@ -169,7 +167,7 @@ def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
     assert (plan.recipients, plan.new_subscribers, plan.already_sent) == (0, 1, len(active))
     still = sender.send()
     assert still.sent == 0 and "late.comer@example.com" not in copies(sender.server.messages)
-    assert store.ledger_entry(ISSUE_KEY, "late.comer@example.com") is None
+    assert store.ledger_entry(EXAMPLE_SLUG, "late.comer@example.com") is None
 
     plan = delivery.plan_send(
         sender.config, sender.rendered, store, "test", SendOptions(include_new=True)
@@ -209,7 +207,7 @@ def test_421_mid_run_reconnects_and_delivers_everyone_once(
     got = copies(sender.server.messages)
     assert set(got) == active and set(got.values()) == {1}
     assert report.sent == len(active) and report.ok
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
     assert sender.server.faults.close_421_times == 0  # all three fired
     assert sender.server.connections_used >= 3
 
@@ -236,9 +234,9 @@ def test_451_and_452_are_retried_with_backoff_and_sent_when_the_fault_clears(
         0,
         len(active) + 3,
     )
-    entry = store.ledger_entry(ISSUE_KEY, greylisted)
+    entry = store.ledger_entry(EXAMPLE_SLUG, greylisted)
     assert entry is not None and (entry.state, entry.attempts) == (S.SENT, 3)
-    entry = store.ledger_entry(ISSUE_KEY, full)
+    entry = store.ledger_entry(EXAMPLE_SLUG, full)
     assert entry is not None and (entry.state, entry.attempts) == (S.SENT, 2)
     assert seen[-1].done == seen[-1].total == len(active)
 
@@ -255,7 +253,7 @@ def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
 
     assert (report.sent, report.deferred, report.retried) == (len(active) - 1, 1, 2)
     assert report.ok  # deferred is not failed
-    entry = store.ledger_entry(ISSUE_KEY, stuck)
+    entry = store.ledger_entry(EXAMPLE_SLUG, stuck)
     assert entry is not None
     assert (entry.state, entry.attempts, entry.retry_at) == (S.DEFERRED, 3, None)
     assert entry.last_reply == "451 4.3.0 temporary failure"
@@ -268,7 +266,7 @@ def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
     assert (again.sent, again.attempts) == (1, 1)
     got = copies(sender.server.messages)
     assert set(got) == active and set(got.values()) == {1}
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
 
 
 @pytest.mark.parametrize("bounce", [True, False])
@@ -291,7 +289,7 @@ def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced
         (unknown, "550 5.1.1 no such user here"),
         (refused, "554 5.7.1 message refused as spam"),
     ):
-        entry = store.ledger_entry(ISSUE_KEY, email)
+        entry = store.ledger_entry(EXAMPLE_SLUG, email)
         assert entry is not None and entry.state == S.FAILED and entry.last_reply == reply
         subscriber = store.get_subscriber(email)
         assert subscriber is not None
@@ -329,7 +327,7 @@ def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent
     assert set(got) == active and set(got.values()) == {1}
     assert (report.sent, report.uncertain) == (len(active) - 1, 1)
     assert with_state(store, S.UNCERTAIN) == {lost}
-    entry = store.ledger_entry(ISSUE_KEY, lost)
+    entry = store.ledger_entry(EXAMPLE_SLUG, lost)
     assert entry is not None and "connection lost after the whole message" in entry.last_reply
     assert entry.message_id == message_id(sender.server.messages[0].data)
     # Re-running leaves it alone; only --resend-uncertain sends another copy.
@@ -338,7 +336,7 @@ def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent
     assert (resent.attempts, resent.sent) == (1, 1)
     got = copies(sender.server.messages)
     assert got[lost] == 2 and all(n == 1 for email, n in got.items() if email != lost)
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
 
 
 def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
@@ -354,7 +352,7 @@ def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
     assert (report.sent, report.uncertain, report.deferred) == (len(active) - 1, 1, 0)
     assert with_state(store, S.UNCERTAIN) == {stalled}
     assert with_state(store, S.SENT) == active - {stalled}
-    entry = store.ledger_entry(ISSUE_KEY, stalled)
+    entry = store.ledger_entry(EXAMPLE_SLUG, stalled)
     assert entry is not None and "timed out" in entry.last_reply
     assert set(copies(sender.server.messages).values()) == {1}
 
@@ -373,7 +371,7 @@ def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
     deferred = with_state(store, S.DEFERRED)
     assert len(deferred) == 1 and (report.sent, report.deferred) == (len(active) - 1, 1)
     (stalled,) = deferred
-    entry = store.ledger_entry(ISSUE_KEY, stalled)
+    entry = store.ledger_entry(EXAMPLE_SLUG, stalled)
     assert entry is not None and entry.retry_at is None and "timed out" in entry.last_reply
     assert stalled not in copies(sender.server.messages)
 
@@ -394,8 +392,8 @@ def test_a_server_that_is_down_at_the_start_is_one_error_and_changes_nothing(
 
     assert caught.value.where == f"127.0.0.1:{port}"
     assert "connection refused" in str(caught.value)
-    assert store.issue_snapshot(ISSUE_KEY) is None  # the recipients are not even fixed
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+    assert store.issue_snapshot(EXAMPLE_SLUG) is None  # the recipients are not even fixed
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {}
 
 
 def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
@@ -417,13 +415,13 @@ def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
 
     assert isinstance(report.error, TransportError) and "no answer within" in str(report.error)
     assert report.stopped_by == str(report.error) and not report.ok
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert counts[S.SENT] == report.sent == 5
     assert counts[S.SENDING] == counts[S.UNCERTAIN] == counts[S.FAILED] == 0
     assert counts[S.DEFERRED] == report.deferred >= 1
     assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - 5
     for email in with_state(store, S.DEFERRED):
-        entry = store.ledger_entry(ISSUE_KEY, email)
+        entry = store.ledger_entry(EXAMPLE_SLUG, email)
         assert entry is not None and entry.retry_at is None
         assert entry.last_reply.startswith("not sent:")
     assert set(copies(server.messages).values()) == {1}
@@ -457,7 +455,7 @@ def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
                 other,
                 lambda: transport_from_config(sender.config),
             )
-        assert f"another send of issue {ISSUE_KEY} is running" in str(caught.value)
+        assert f"another send of issue {EXAMPLE_SLUG} is running" in str(caught.value)
     finally:
         release.set()
         first.join(30)
@@ -502,7 +500,7 @@ def test_limit_sends_at_most_n_and_the_next_run_sends_the_rest(
     active = fill(store, tmp_path, generated=10)
     report = sender.send(limit=7, connections=2)
     assert report.sent == 7 and len(sender.server.messages) == 7
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": 7, "queued": len(active) - 7}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": 7, "queued": len(active) - 7}
     sender.send()
     got = copies(sender.server.messages)
     assert set(got) == active and set(got.values()) == {1}
@@ -588,7 +586,7 @@ def test_a_bug_in_a_transport_stops_the_run_and_marks_that_row_uncertain(
     report = send_issue(cfg, rendered, store, lambda: transport, options=SendOptions(connections=1))
 
     assert isinstance(report.error, DeliveryError) and "boom" in str(report.error)
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert (counts[S.SENT], counts[S.UNCERTAIN], counts[S.SENDING]) == (4, 1, 0)
     assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - 5
     assert not report.ok
@@ -689,7 +687,7 @@ def test_a_signer_that_breaks_stops_the_run_without_failing_anyone_or_hanging(
     )
 
     assert isinstance(report.error, DeliveryError) and "key went away" in str(report.error)
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert counts[S.FAILED] == 0 and counts[S.SENDING] == 0
     # Two copies were signed; a worker that sees the stop first hands its copy back.
     assert counts[S.SENT] == len(transport.messages) in (1, 2)
@@ -712,7 +710,7 @@ def test_a_transport_that_cannot_be_made_hands_rows_back_instead_of_uncertain(
     report = send_issue(cfg, rendered, store, factory, options=SendOptions(connections=2))
 
     assert isinstance(report.error, DeliveryError) and "no more sockets" in str(report.error)
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert (counts[S.UNCERTAIN], counts[S.SENDING], counts[S.FAILED]) == (0, 0, 0)
     assert counts[S.SENT] == len(made[0].messages)
     assert counts[S.SENT] + counts[S.DEFERRED] + counts[S.QUEUED] == len(active)

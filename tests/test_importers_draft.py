@@ -11,9 +11,9 @@ import pytest
 from newsletter import content, render
 from newsletter.errors import ImportSourceError
 from newsletter.importers import draft
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
+from tests.support import REPO
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
 
-REPO = Path(__file__).parents[1]
 PNG = (REPO / "examples" / "1.png").read_bytes()
 
 # A digest in the sample's shape, written for these tests.

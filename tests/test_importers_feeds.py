@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from newsletter.importers import feeds
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, Request, serve
-from tests.web_pages import BOILERPLATE, news_article, rss_feed
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, Request, serve
+from tests.support.web_pages import BOILERPLATE, news_article, rss_feed
 
 ETAG = '"v1-abc"'
 LAST_MODIFIED = "Fri, 14 Mar 2025 09:00:00 GMT"
@@ -180,7 +180,7 @@ def test_unknown_feed_item(tmp_path: Path) -> None:
 
 
 def test_atom_feed_items(server: LocalServer, tmp_path: Path) -> None:
-    from tests.web_pages import atom_feed
+    from tests.support.web_pages import atom_feed
 
     server.routes["/atom"] = Reply(
         body=atom_feed([("Number 4 tram", server.url("/tram"), "2024-11-02T07:15:00Z")]),

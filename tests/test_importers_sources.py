@@ -12,9 +12,9 @@ from newsletter import content
 from newsletter.errors import ImportSourceError
 from newsletter.importers import sources
 from newsletter.importers.common import url_key
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, closed_port, serve
-from tests.web_pages import blog_post, news_article
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, closed_port, serve
+from tests.support.web_pages import blog_post, news_article
 
 CANONICAL = "https://news.example.org/2025/03/harbour-ferry-timetable"
 

@@ -12,9 +12,9 @@ import pytest
 from newsletter.config import FetchSettings
 from newsletter.errors import ImportSourceError
 from newsletter.importers import web
-from tests.import_helpers import BASE_URL, make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, closed_port, serve
-from tests.web_pages import BOILERPLATE, bare_page, blog_post, news_article
+from tests.support.importers import BASE_URL, make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, closed_port, serve
+from tests.support.web_pages import BOILERPLATE, bare_page, blog_post, news_article
 
 AGENT = "newsletter-tests"
 

@@ -20,8 +20,13 @@ from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
 from newsletter.render import RenderedIssue
 from newsletter.tokens import TokenSigner, address_fingerprint
-from tests.conftest import TEST_SECRET_KEY
-from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
+from tests.support import (
+    EXAMPLE_SLUG,
+    TEST_SECRET_KEY,
+    example_issue,
+    parse_message,
+    write_template,
+)
 
 ANN = Recipient(email="ann@example.org", name="Ann Lee", subscriber_id=42)
 

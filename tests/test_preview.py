@@ -26,8 +26,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from newsletter import config as config_module
 from newsletter import message, preview
 from newsletter.preview import PreviewServer
+from tests.support import REPO
 
-ROOT = Path(__file__).parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -501,20 +501,28 @@ def test_stop_ends_event_streams_and_frees_the_port(issue_dir: Path) -> None:
 
 
 def read_line_with(proc: subprocess.Popen[str], needle: str, seconds: float = 20) -> str:
+    """The first line of the child's stdout that holds ``needle``.
+
+    The pipe is read unbuffered: select() cannot see lines already sitting in the text
+    wrapper's buffer. On failure the child is killed first, so reading its stderr never hangs.
+    """
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+    selector.register(fd, selectors.EVENT_READ)
+    seen = b""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if selector.select(timeout=deadline - time.monotonic()):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if needle in line:
+    while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        seen += chunk
+        for line in seen.decode("utf-8", "replace").splitlines(keepends=True):
+            if needle in line and line.endswith("\n"):
                 return line
-    raise AssertionError(
-        f"no line with {needle!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"
-    )
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"no line with {needle!r} in {seen!r}; stderr: {err}")
 
 
 def preview_command(issue_dir: Path, *options: str) -> list[str]:
@@ -523,7 +531,7 @@ def preview_command(issue_dir: Path, *options: str) -> list[str]:
 
 
 def test_cli_serves_and_stops_cleanly_on_ctrl_c(issue_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         preview_command(issue_dir, "--port", "0", "--no-open"),
         stdout=subprocess.PIPE,
@@ -552,7 +560,7 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(issue_dir: Path) -> None:
 
 
 def test_cli_refuses_a_port_in_use(issue_dir: Path, server: PreviewServer) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         preview_command(issue_dir, "--port", str(server.port), "--no-open"),
         capture_output=True,

@@ -21,7 +21,7 @@ from newsletter.config import Config
 from newsletter.content import Article, Issue
 from newsletter.errors import RenderError
 from newsletter.render import RenderedIssue
-from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
+from tests.support import EXAMPLE_SLUG, example_issue, parse_message, write_template
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -34,9 +34,8 @@ from newsletter.server import RunningService, create_app, email_digest, start_se
 from newsletter.sink import RunningSink, start_sink
 from newsletter.store import DeliveryResult, DeliveryState, Status, Store
 from newsletter.tokens import TokenSigner, address_fingerprint
+from tests.support import REPO, TEST_SECRET_KEY
 
-ROOT = Path(__file__).parents[1]
-KEY = "test-secret-key-0123456789abcdef"
 ISSUE = "001-tides-and-timetables"
 DRAFT = "002-not-sent-yet"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -164,12 +163,12 @@ def service(tmp_path: Path) -> Iterator[Service]:
     sink = start_sink(tmp_path / "sink")
     root = tmp_path / "ws"
     write_workspace(root, sink.port)
-    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": KEY})
+    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": TEST_SECRET_KEY})
     store = Store.open(cfg.db_path)
     app = create_app(cfg)
     running = start_server(app, "127.0.0.1", 0, threads=4)
     try:
-        yield Service(cfg, running, sink, store, TokenSigner(KEY))
+        yield Service(cfg, running, sink, store, TokenSigner(TEST_SECRET_KEY))
     finally:
         running.stop()
         sink.stop()
@@ -249,7 +248,7 @@ def test_forged_or_altered_tokens_get_a_neutral_400(service: Service) -> None:
     # The first character: the last one of 16 bytes in base64 also carries padding bits.
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     altered_payload = ("A" if payload[0] != "A" else "B") + payload[1:]
-    other_id = TokenSigner(KEY).make("unsubscribe", str(reader.id + 1), ISSUE)
+    other_id = TokenSigner(TEST_SECRET_KEY).make("unsubscribe", str(reader.id + 1), ISSUE)
     forged = [
         f"{payload}.{flipped}",  # altered signature
         f"{altered_payload}.{signature}",  # altered payload
@@ -295,7 +294,7 @@ def test_the_link_in_an_issue_works(service: Service) -> None:
         unsubscribe_url=service.config.unsubscribe.url,
         unsubscribe_mailto="",
         issue_key=ISSUE,
-        signer=TokenSigner(KEY),
+        signer=TokenSigner(TEST_SECRET_KEY),
     )
     link = template.unsubscribe_link(Recipient("link@example.org", subscriber_id=reader.id))
     assert link.startswith("https://example.org/gazette/u/")
@@ -624,7 +623,7 @@ def test_unsubscribes_during_a_send_are_honoured_with_no_lost_update(
 def test_newsletter_serve_runs_the_service_until_interrupted(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     write_workspace(root, 2525)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NEWSLETTER_SECRET_KEY=KEY)
+    env = dict(os.environ, PYTHONPATH=str(REPO), NEWSLETTER_SECRET_KEY=TEST_SECRET_KEY)
     proc = subprocess.Popen(
         [sys.executable, "-m", "newsletter", "-C", str(root), "serve", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -652,7 +651,7 @@ def test_newsletter_serve_without_the_secret_key_says_what_to_do(tmp_path: Path)
     root = tmp_path / "ws"
     write_workspace(root, 2525)
     env = {k: v for k, v in os.environ.items() if k != "NEWSLETTER_SECRET_KEY"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(REPO)
     result = subprocess.run(
         [sys.executable, "-m", "newsletter", "-C", str(root), "serve", "--port", "0"],
         capture_output=True,

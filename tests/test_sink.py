@@ -27,8 +27,8 @@ from newsletter.sink import (
     start_sink,
 )
 from newsletter.transport import SmtpTransport
+from tests.support import REPO
 
-ROOT = Path(__file__).parents[1]
 SENDER = "newsletter@example.org"
 
 
@@ -183,7 +183,7 @@ def test_sink_port_in_use_is_a_clear_error() -> None:
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "newsletter", *args],
         cwd=cwd,

@@ -29,8 +29,8 @@ from newsletter.store import (
     _fast_normalize,
     migrate,
 )
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 ISSUE = "2024-05"
 
 
@@ -61,7 +61,7 @@ def result(
 
 
 def child(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
@@ -402,7 +402,7 @@ def test_status_column_keeps_suppressions_of_new_rows(store: Store, tmp_path: Pa
 
 
 def test_the_example_list_imports(store: Store) -> None:
-    report = store.import_csv(ROOT / "examples" / "subscribers.csv")
+    report = store.import_csv(REPO / "examples" / "subscribers.csv")
     assert (report.added, report.error_count) == (11, 0)
     assert store.count(Status.ACTIVE) == 10
     ines = store.get_subscriber("ines.moreau@example.net")

@@ -28,7 +28,7 @@ from newsletter.transport import (
     trace_headers,
     transport_from_config,
 )
-from tests.smtp_server import (
+from tests.support.smtp_server import (
     ALWAYS,
     PASSWORD,
     USERNAME,
