@@ -6,6 +6,8 @@ re-exported here from tests/support/smtp_server.py); keep this file small.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,38 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from newsletter import config
 from newsletter.config import Config
-from tests.support import TEST_SECRET_KEY, copy_example, load_config
+from tests.support import CHROMIUM, TEST_SECRET_KEY, copy_example, load_config
 from tests.support.smtp_server import smtp_server, tls_files
 
 __all__ = ["smtp_server", "tls_files"]
+
+
+# marker -> (the program it needs, the Debian package that has it)
+NEEDS = {"browser": (CHROMIUM, "chromium"), "spamassassin": ("spamassassin", "spamassassin")}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``browser`` or ``spamassassin`` is skipped, with the reason, where the
+    program is missing; CI (CI=true) installs both with `make deps`, so there it fails."""
+    for marker, (program, package) in NEEDS.items():
+        if item.get_closest_marker(marker) is None or shutil.which(program) is not None:
+            continue
+        reason = f"{program} is not installed (`make deps` installs the Debian package {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have it: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the ``browser`` fixture must say so with the marker."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "browser" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("browser")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"mark these @pytest.mark.browser: {', '.join(unmarked)}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -481,6 +481,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.server
 def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "newsletter", "build", "1"],
@@ -499,6 +500,7 @@ def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
     assert (out_dir / "email.txt").read_bytes() == (golden / "example-email.txt").read_bytes()
 
 
+@pytest.mark.server
 def test_bad_input_in_a_fresh_process_is_one_line(workspace: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "newsletter", "build", "42"],
@@ -510,6 +512,7 @@ def test_bad_input_in_a_fresh_process_is_one_line(workspace: Path) -> None:
     assert result.stderr.startswith(f"Error: {workspace.resolve() / 'issues'}: no issue '42'; ")
 
 
+@pytest.mark.server
 def test_usage_error_in_a_fresh_process_is_exit_2(workspace: Path) -> None:
     """A script can tell misuse (2) from failure (1): `newsletter send` without its ISSUE."""
     result = subprocess.run(
@@ -528,6 +531,7 @@ def test_usage_error_in_a_fresh_process_is_exit_2(workspace: Path) -> None:
     assert failed.returncode == 1, failed.stderr
 
 
+@pytest.mark.server
 def test_ctrl_c_is_one_line_and_exit_130(workspace: Path) -> None:
     """Ctrl-C while a command waits (here: reading a CSV from a pipe that never ends)."""
     fifo = workspace / "list.csv"
@@ -570,6 +574,7 @@ def installed_script() -> Path | None:
     return None
 
 
+@pytest.mark.server
 def test_console_script(workspace: Path) -> None:
     """Runs the installed `newsletter` command when it is this repository's; otherwise the
     same entry point (``newsletter.cli:main``, as pyproject declares) in a fresh process."""
@@ -605,6 +610,7 @@ def test_console_script(workspace: Path) -> None:
     assert version.stdout == f"newsletter, version {__version__}\n"
 
 
+@pytest.mark.server
 def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
     """premailer (with cssutils and requests) is imported when an issue is rendered, not before."""
     code = (
@@ -626,6 +632,7 @@ def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+@pytest.mark.server
 def test_importing_the_cli_loads_only_what_every_command_needs() -> None:
     """Commands import the send, preview, import and service machinery when they run."""
     code = (

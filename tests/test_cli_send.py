@@ -30,6 +30,8 @@ from tests.support.delivery import (
 )
 from tests.support.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
 
+pytestmark = pytest.mark.server  # every test sends to a real SMTP server
+
 S = DeliveryState
 
 

@@ -126,6 +126,7 @@ def pause_at(server: SmtpTestServer, count: int) -> tuple[threading.Event, threa
 # --- everyone once, nobody else ----------------------------------------------------------
 
 
+@pytest.mark.server
 def test_every_active_subscriber_gets_exactly_one_copy(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -151,6 +152,7 @@ def test_every_active_subscriber_gets_exactly_one_copy(
     assert 1 < sender.server.connections_used <= 3
 
 
+@pytest.mark.server
 def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -179,6 +181,7 @@ def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
     assert got["late.comer@example.com"] == 1 and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_a_subscriber_who_unsubscribes_before_a_resumed_run_is_not_sent_to(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -196,6 +199,7 @@ def test_a_subscriber_who_unsubscribes_before_a_resumed_run_is_not_sent_to(
 # --- replies and faults ------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_421_mid_run_reconnects_and_delivers_everyone_once(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -212,6 +216,7 @@ def test_421_mid_run_reconnects_and_delivers_everyone_once(
     assert sender.server.connections_used >= 3
 
 
+@pytest.mark.server
 def test_451_and_452_are_retried_with_backoff_and_sent_when_the_fault_clears(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -241,6 +246,7 @@ def test_451_and_452_are_retried_with_backoff_and_sent_when_the_fault_clears(
     assert seen[-1].done == seen[-1].total == len(active)
 
 
+@pytest.mark.server
 def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -269,6 +275,7 @@ def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
     assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("bounce", [True, False])
 def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced(
     sender: Sender, store: Store, tmp_path: Path, bounce: bool
@@ -300,6 +307,7 @@ def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced
     assert sender.send().attempts == 0
 
 
+@pytest.mark.server
 def test_a_connection_dropped_at_data_is_resent_on_a_new_connection(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -314,6 +322,7 @@ def test_a_connection_dropped_at_data_is_resent_on_a_new_connection(
     assert sender.server.faults.drop_at_data == 0
 
 
+@pytest.mark.server
 def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -339,6 +348,7 @@ def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent
     assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
 
 
+@pytest.mark.server
 def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -357,6 +367,7 @@ def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
     assert set(copies(sender.server.messages).values()) == {1}
 
 
+@pytest.mark.server
 def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -380,6 +391,7 @@ def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
     assert set(got) == active and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_a_server_that_is_down_at_the_start_is_one_error_and_changes_nothing(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -396,6 +408,7 @@ def test_a_server_that_is_down_at_the_start_is_one_error_and_changes_nothing(
     assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {}
 
 
+@pytest.mark.server
 def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -437,6 +450,7 @@ def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
 # --- concurrency -------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -464,6 +478,7 @@ def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
     assert set(got) == active and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_an_unsubscribe_during_the_send_is_honoured_for_everyone_not_yet_sent(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -494,6 +509,7 @@ def test_an_unsubscribe_during_the_send_is_honoured_for_everyone_not_yet_sent(
 # --- options -----------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_limit_sends_at_most_n_and_the_next_run_sends_the_rest(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -506,6 +522,7 @@ def test_limit_sends_at_most_n_and_the_next_run_sends_the_rest(
     assert set(got) == active and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_progress_reports_monotonically_increasing_done_counts(
     sender: Sender, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -521,6 +538,7 @@ def test_progress_reports_monotonically_increasing_done_counts(
     assert elapsed == sorted(elapsed)
 
 
+@pytest.mark.server
 def test_a_rate_limit_still_sends_everyone(sender: Sender, store: Store, tmp_path: Path) -> None:
     active = fill(store, tmp_path)
     report = sender.send(rate=500.0, connections=2)
@@ -608,6 +626,7 @@ def test_the_bytes_handed_to_the_transport_need_no_line_end_or_dot_fixes(
         assert smtp_data_bytes(WireReady(data)) == smtp_data_bytes(data) == data + b".\r\n"
 
 
+@pytest.mark.server
 def test_a_leading_dot_survives_the_wire(sender: Sender, store: Store, tmp_path: Path) -> None:
     store.add_subscriber("dot@example.org", ".Dotty Reader")
     sender.send()
@@ -642,6 +661,7 @@ def test_nothing_due_means_no_connection_at_all(
     assert (report.attempts, report.ok) == (0, True)  # nothing to send: the server is not needed
 
 
+@pytest.mark.server
 def test_sends_through_starttls_with_a_login(
     example: tuple[Config, RenderedIssue],
     smtp_server: ServerFactory,

@@ -85,6 +85,7 @@ def test_feed_add_list_remove(tmp_path: Path) -> None:
     assert "no feed called 'ledger'" in one_error_line(run(cfg, "feed", "remove", "ledger"))
 
 
+@pytest.mark.server
 def test_pull_lists_items_then_uses_etag_and_gets_304(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/feed.xml"] = _conditional(rss_feed(_feed_items(server)))
     cfg = make_workspace(tmp_path / "ws")
@@ -107,6 +108,7 @@ def test_pull_lists_items_then_uses_etag_and_gets_304(server: LocalServer, tmp_p
     assert len(set(_ids(first.stdout))) == 2
 
 
+@pytest.mark.server
 def test_issue_add_feed_item_imports_the_page_and_hides_it_next_time(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -131,6 +133,7 @@ def test_issue_add_feed_item_imports_the_page_and_hides_it_next_time(
     assert "1 already in an issue" in again
 
 
+@pytest.mark.server
 def test_malformed_feed_is_one_error_and_state_survives(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -158,6 +161,7 @@ def test_malformed_feed_is_one_error_and_state_survives(
     assert set(state["feeds"]) == {"good"}
 
 
+@pytest.mark.server
 def test_pull_of_one_malformed_feed_via_cli(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/junk"] = Reply(
         body=b"not xml at all {}", headers={"Content-Type": "text/plain"}
@@ -179,6 +183,7 @@ def test_unknown_feed_item(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.server
 def test_atom_feed_items(server: LocalServer, tmp_path: Path) -> None:
     from tests.support.web_pages import atom_feed
 

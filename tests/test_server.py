@@ -189,6 +189,7 @@ def send_issue(store: Store, issue_key: str) -> None:
 # --- unsubscribe --------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_one_click_post_unsubscribes_at_once_with_200_and_is_idempotent(service: Service) -> None:
     reader = service.store.add_subscriber("reader@example.org", "Rea Der")
     path = f"/u/{service.unsubscribe_token(reader.id)}"
@@ -208,6 +209,7 @@ def test_one_click_post_unsubscribes_at_once_with_200_and_is_idempotent(service:
     assert len(service.store.subscriber_events(reader.id)) == len(events)
 
 
+@pytest.mark.server
 def test_one_click_also_accepts_multipart_form_data(service: Service) -> None:
     reader = service.store.add_subscriber("multi@example.org")
     body = (
@@ -224,6 +226,7 @@ def test_one_click_also_accepts_multipart_form_data(service: Service) -> None:
     assert service.store.subscriber_events(reader.id)[-1].reason == "one-click"
 
 
+@pytest.mark.server
 def test_get_shows_a_button_and_never_unsubscribes(service: Service) -> None:
     reader = service.store.add_subscriber("scanner@example.org")
     path = f"/u/{service.unsubscribe_token(reader.id)}"
@@ -241,6 +244,7 @@ def test_get_shows_a_button_and_never_unsubscribes(service: Service) -> None:
     assert service.store.subscriber_events(reader.id)[-1].reason == "link"
 
 
+@pytest.mark.server
 def test_forged_or_altered_tokens_get_a_neutral_400(service: Service) -> None:
     reader = service.store.add_subscriber("victim@example.org", "Vic Tim")
     good = service.unsubscribe_token(reader.id)
@@ -273,6 +277,7 @@ def test_forged_or_altered_tokens_get_a_neutral_400(service: Service) -> None:
     assert after is not None and after.status == Status.ACTIVE
 
 
+@pytest.mark.server
 def test_a_token_from_an_old_issue_still_works(service: Service) -> None:
     reader = service.store.add_subscriber("loyal@example.org")
     two_years_ago = int(time.time()) - 2 * 365 * 86400
@@ -283,6 +288,7 @@ def test_a_token_from_an_old_issue_still_works(service: Service) -> None:
     assert (event.new_status, event.detail) == (Status.UNSUBSCRIBED, "issue 000-long-ago")
 
 
+@pytest.mark.server
 def test_the_link_in_an_issue_works(service: Service) -> None:
     """The link message.py puts in every issue lands on this service."""
     reader = service.store.add_subscriber("link@example.org")
@@ -316,6 +322,7 @@ def confirmation_link(message: EmailMessage) -> str:
     return found.group(0)
 
 
+@pytest.mark.server
 def test_subscribe_sends_a_confirmation_and_the_link_makes_them_active(
     service: Service,
 ) -> None:
@@ -352,6 +359,7 @@ def test_subscribe_sends_a_confirmation_and_the_link_makes_them_active(
     assert again[0] == 200 and len(service.store.subscriber_events(active.id)) == 2
 
 
+@pytest.mark.server
 def test_an_expired_or_foreign_confirmation_link_does_nothing(service: Service) -> None:
     service.subscribe("late@example.org")
     subscriber = service.store.get_subscriber("late@example.org")
@@ -374,6 +382,7 @@ def test_an_expired_or_foreign_confirmation_link_does_nothing(service: Service) 
     assert after is not None and after.status == Status.PENDING
 
 
+@pytest.mark.server
 def test_subscribing_again_while_pending_resends_within_a_rate_limit(service: Service) -> None:
     for _ in range(3):
         assert service.subscribe("eager@example.org")[0] == 200
@@ -392,6 +401,7 @@ def test_subscribing_again_while_pending_resends_within_a_rate_limit(service: Se
     assert subscriber is not None and subscriber.status == Status.PENDING
 
 
+@pytest.mark.server
 def test_someone_who_unsubscribed_comes_back_only_through_a_confirmation(
     service: Service,
 ) -> None:
@@ -414,6 +424,7 @@ def test_someone_who_unsubscribed_comes_back_only_through_a_confirmation(
     assert final is not None and final.status == Status.UNSUBSCRIBED
 
 
+@pytest.mark.server
 def test_an_active_subscriber_gets_the_same_answer_and_no_email(service: Service) -> None:
     service.store.add_subscriber("already@example.org")
     status, known = service.subscribe("already@example.org")
@@ -426,6 +437,7 @@ def test_an_active_subscriber_gets_the_same_answer_and_no_email(service: Service
     assert [m["To"] for m in service.messages()] == ["someone.new@example.org"]
 
 
+@pytest.mark.server
 def test_bad_addresses_cross_site_posts_and_bots_are_turned_away(service: Service) -> None:
     status, text = service.subscribe("not an address")
     assert status == 400 and "does not look like an email address" in text
@@ -454,6 +466,7 @@ def test_bad_addresses_cross_site_posts_and_bots_are_turned_away(service: Servic
     assert service.store.count() == 1 and service.sink.wait_for(1)
 
 
+@pytest.mark.server
 def test_a_mail_server_that_is_down_gives_503_and_no_stale_reservation(
     service: Service, tmp_path: Path
 ) -> None:
@@ -472,6 +485,7 @@ def test_a_mail_server_that_is_down_gives_503_and_no_stale_reservation(
 # --- archive and health -------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
     service: Service,
 ) -> None:
@@ -514,6 +528,7 @@ def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
         assert service.request("GET", path)[0] == 404, path
 
 
+@pytest.mark.server
 def test_archive_page_follows_edits(service: Service) -> None:
     service.store.add_subscriber("reader@example.org")
     send_issue(service.store, ISSUE)
@@ -526,6 +541,7 @@ def test_archive_page_follows_edits(service: Service) -> None:
     assert "A corrected introduction." in service.request("GET", f"/archive/{ISSUE}/")[2]
 
 
+@pytest.mark.server
 def test_healthz_and_security_headers(service: Service) -> None:
     status, headers, text = service.request("GET", "/healthz")
     assert (status, text) == (200, "ok\n")
@@ -542,6 +558,7 @@ def test_healthz_and_security_headers(service: Service) -> None:
 # --- a send running while unsubscribes arrive ---------------------------------------------
 
 
+@pytest.mark.server
 def test_unsubscribes_during_a_send_are_honoured_with_no_lost_update(
     service: Service, tmp_path: Path
 ) -> None:
@@ -620,6 +637,7 @@ def test_unsubscribes_during_a_send_are_honoured_with_no_lost_update(
 # --- the command --------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_newsletter_serve_runs_the_service_until_interrupted(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     write_workspace(root, 2525)
@@ -647,6 +665,7 @@ def test_newsletter_serve_runs_the_service_until_interrupted(tmp_path: Path) -> 
     assert "Stopped." in out
 
 
+@pytest.mark.server
 def test_newsletter_serve_without_the_secret_key_says_what_to_do(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     write_workspace(root, 2525)
@@ -673,6 +692,7 @@ def test_confirmation_dates_are_aware() -> None:
         assert abs(datetime.now(UTC) - sent) < timedelta(minutes=1)
 
 
+@pytest.mark.server
 def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service) -> None:
     """The send loop (newsletter.delivery) through SMTP to the sink; halfway through,
     the last twenty readers press one-click: none of them gets the issue."""
@@ -712,6 +732,7 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
     assert not received & {r.email for r in leaving}
 
 
+@pytest.mark.server
 def test_a_token_whose_id_now_names_someone_else_changes_nothing(service: Service) -> None:
     """Tokens carry a fingerprint of the address: a reused id cannot unsubscribe a stranger."""
     stranger = service.store.add_subscriber("stranger@example.org")

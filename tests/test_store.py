@@ -633,6 +633,7 @@ with store.acquire_send_lock(sys.argv[2]):
 """
 
 
+@pytest.mark.server
 def test_a_killed_send_leaves_uncertain_rows(db_path: Path) -> None:
     with Store.open(db_path) as db:
         ids = add_many(db, 8)
@@ -686,6 +687,7 @@ print(" ".join(map(str, ids)), flush=True)
 """
 
 
+@pytest.mark.server
 def test_two_processes_never_claim_the_same_row(db_path: Path) -> None:
     with Store.open(db_path) as db:
         db.import_csv(
@@ -728,6 +730,7 @@ with Store.open(Path(sys.argv[1])) as store:
 """
 
 
+@pytest.mark.server
 def test_processes_creating_one_database_at_once(db_path: Path) -> None:
     procs = [child(OPEN_AND_ADD, str(db_path), str(i)) for i in range(4)]
     try:

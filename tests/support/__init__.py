@@ -21,6 +21,17 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_SECRET_KEY = "test-secret-key-0123456789abcdef"
 EXAMPLE_SLUG = "001-trams-ferries-benches"  # the example issue's folder, and its ledger key
 
+# Debian's chromium, which the tests drive through Playwright (tests marked `browser`).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
 
 def copy_example(root: Path, *, smtp: dict[str, Any] | None = None, extra: str = "") -> Path:
     """The repository's example workspace (config and issues) at ``root``, with an empty
