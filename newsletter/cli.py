@@ -243,7 +243,8 @@ def issue_list(ctx: Context) -> None:
         click.echo("No issues yet. Create one with `newsletter issue new`.")
     for item in issues:
         click.echo(
-            f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  {item.slug}  {item.title}"
+            f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  "
+            f"{item.slug}  {item.title}"
         )
 
 
@@ -894,7 +895,8 @@ def send_command(
         )
         for result in results:
             click.echo(
-                f"{result.outcome:<9} {result.recipient}  {result.code or ''} {result.reply}".rstrip()
+                f"{result.outcome:<9} {result.recipient}  "
+                f"{result.code or ''} {result.reply}".rstrip()
             )
         if not all(r.ok for r in results):
             sys.exit(1)
@@ -1063,12 +1065,14 @@ def demo_command(ctx: Context) -> None:
     _print_report(result.report)
     if result.received:
         click.echo(
-            f"The SMTP sink received {result.received} messages; open them in {result.sink_dir}/new/"
+            f"The SMTP sink received {result.received} messages; "
+            f"open them in {result.sink_dir}/new/"
         )
     if result.report.sent == 0 and result.report.counts.get(delivery.DeliveryState.SENT):
         click.echo("Everyone already has this issue: nobody gets a second copy.")
     click.echo(
-        f"Next: newsletter preview {result.issue.number}   (or open {result.build.out_dir / 'web.html'})"
+        f"Next: newsletter preview {result.issue.number}   "
+        f"(or open {result.build.out_dir / 'web.html'})"
     )
 
 

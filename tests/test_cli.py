@@ -145,9 +145,15 @@ def test_issue_add_remove_move_show(
     )
     assert refused.exit_code == 1 and "--force" in refused.stderr
     result = run(
-        runner, workspace, "issue", "add", "2", "--force",
-        str(articles / "05-what-benches-tell-us.md"), str(articles / "01-harbour-tram-opens-early.md"),
-    )  # fmt: skip
+        runner,
+        workspace,
+        "issue",
+        "add",
+        "2",
+        "--force",
+        str(articles / "05-what-benches-tell-us.md"),
+        str(articles / "01-harbour-tram-opens-early.md"),
+    )
     assert result.exit_code == 0, result.output
     added = [line for line in result.stdout.splitlines() if line.startswith("added ")]
     assert [line.split()[1] for line in added] == [
@@ -361,7 +367,10 @@ def test_issue_add_bad_article(
     ).startswith(what)
 
 
-FRESH_ARTICLE = "---\ntitle: Night Buses Return\nsource: The Ledger\nurl: https://example.org/night-buses\n---\nThey are back.\n"
+FRESH_ARTICLE = (
+    "---\ntitle: Night Buses Return\nsource: The Ledger\nurl: https://example.org/night-buses\n"
+    "---\nThey are back.\n"
+)
 
 
 def test_same_article_added_twice(
@@ -440,7 +449,8 @@ def test_build_with_a_missing_image(runner: CliRunner, workspace: Path, example_
 def test_build_with_an_unknown_template_variable(runner: CliRunner, workspace: Path) -> None:
     template = write(
         workspace / "templates" / "article.mjml",
-        "<mj-section>\n  <mj-column>\n    <mj-text>{{ article.kicker }}</mj-text>\n  </mj-column>\n</mj-section>\n",
+        "<mj-section>\n  <mj-column>\n    <mj-text>{{ article.kicker }}</mj-text>\n"
+        "  </mj-column>\n</mj-section>\n",
     )
     what = bad_input(runner, workspace, ["build", "1"], template.resolve(), 3)
     assert what.startswith("unknown template variable")
@@ -449,7 +459,8 @@ def test_build_with_an_unknown_template_variable(runner: CliRunner, workspace: P
 def test_build_with_an_mjml_error(runner: CliRunner, workspace: Path) -> None:
     template = write(
         workspace / "templates" / "email.mjml",
-        '{% extends "!default/email.mjml" %}\n{% block footer %}<mj-section><mj-column>{% endblock %}\n',
+        '{% extends "!default/email.mjml" %}\n'
+        "{% block footer %}<mj-section><mj-column>{% endblock %}\n",
     )
     assert bad_input(runner, workspace, ["build", "1"], template.resolve()).startswith("MJML error")
 
@@ -482,11 +493,22 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.mark.server
+def run_process(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``command`` in a fresh process that imports this repository, with the test key."""
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.server
 def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "build", "1"],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process([sys.executable, "-m", "newsletter", "build", "1"], workspace)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out_dir = workspace.resolve() / ".newsletter" / "build" / EXAMPLE_SLUG
@@ -502,10 +524,7 @@ def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
 
 @pytest.mark.server
 def test_bad_input_in_a_fresh_process_is_one_line(workspace: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "build", "42"],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process([sys.executable, "-m", "newsletter", "build", "42"], workspace)
     assert result.returncode == 1
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
@@ -515,19 +534,13 @@ def test_bad_input_in_a_fresh_process_is_one_line(workspace: Path) -> None:
 @pytest.mark.server
 def test_usage_error_in_a_fresh_process_is_exit_2(workspace: Path) -> None:
     """A script can tell misuse (2) from failure (1): `newsletter send` without its ISSUE."""
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "send"],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process([sys.executable, "-m", "newsletter", "send"], workspace)
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         "Error: Missing argument 'ISSUE'; see `python -m newsletter send --help`"
     ]
-    failed = subprocess.run(
-        [sys.executable, "-m", "newsletter", "send", "42"],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    failed = run_process([sys.executable, "-m", "newsletter", "send", "42"], workspace)
     assert failed.returncode == 1, failed.stderr
 
 
@@ -593,10 +606,9 @@ def test_console_script(workspace: Path) -> None:
             "-c",
             "import sys; from newsletter.cli import main; sys.argv[0] = 'newsletter'; main()",
         ]
-    result = subprocess.run(
-        [*command, "-C", str(workspace), "build", "1", "--out", str(workspace / "out")],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process(
+        [*command, "-C", str(workspace), "build", "1", "--out", str(workspace / "out")], workspace
+    )
     assert result.returncode == 0, result.stderr
     assert (workspace / "out" / "email.html").stat().st_size > 10_000
     version = subprocess.run(

@@ -22,7 +22,8 @@ Ferries Find Their Rhythm | Tide Clocks Return to the Quay
 
 The Harbour Ledger, 3/14/25
 
-  1. Northby's harbour board agreed a winter ferry timetable on Monday, with crossings every twenty minutes.
+  1. Northby's harbour board agreed a winter ferry timetable on Monday, with crossings \
+every twenty minutes.
   2. The quay's tide clock, stopped since a storm in 2019, was restarted by volunteers on Wednesday.
   3. A pilot scheme will test bicycle racks on two of the ferries from April.
 

@@ -78,7 +78,8 @@ def test_headers(template: MessageTemplate, rendered: RenderedIssue) -> None:
     assert parsed["List-Id"] == "The Harbour Ledger <the-harbour-ledger.example.org>"
     unsubscribe = str(parsed["List-Unsubscribe"])
     assert re.fullmatch(
-        r"<https://example\.org/ledger/u/[\w.-]+>, <mailto:unsubscribe@example\.org\?subject=unsubscribe%20[\w.-]+>",
+        r"<https://example\.org/ledger/u/[\w.-]+>, "
+        r"<mailto:unsubscribe@example\.org\?subject=unsubscribe%20[\w.-]+>",
         unsubscribe,
     ), unsubscribe
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -268,7 +269,8 @@ def test_subscriber_fields_and_names_in_templates(cfg: Config, issue: Issue) -> 
     write_template(
         cfg,
         "email.txt",
-        'To {{ recipient.name }} in {{ recipient.field("city") }}:\n{% include "!default/email.txt" %}',
+        'To {{ recipient.name }} in {{ recipient.field("city") }}:\n'
+        '{% include "!default/email.txt" %}',
     )
     rendered = render.render_issue(issue, cfg)
     template = message.prepare(rendered, cfg)

@@ -70,7 +70,8 @@ The old harbour wall will be repaired rather than replaced, the council said on 
 
 ![](../images/wall.png)
 
-The full decision is at https://example.org/council/decisions/2026/harbour-wall-repair-rather-than-replacement-final-report-appendix-b.pdf for anyone who wants it.
+The full decision is at https://example.org/council/decisions/2026/\
+harbour-wall-repair-rather-than-replacement-final-report-appendix-b.pdf for anyone who wants it.
 """
 
 SECOND = """\
@@ -176,7 +177,8 @@ def wait_for_frames(page: Page) -> None:
     page.wait_for_function(
         """() => document.body.dataset.state === 'ok' &&
                  ['frame-desktop', 'frame-mobile'].every(id =>
-                   document.getElementById(id).dataset.version === document.body.dataset.version)""",
+                   document.getElementById(id).dataset.version ===
+                     document.body.dataset.version)""",
         timeout=WAIT_MS,
     )
 
@@ -347,7 +349,10 @@ def test_a_broken_file_shows_its_error_and_fixing_it_brings_the_email_back(
 def test_an_email_over_gmails_clip_is_flagged(
     browser: Browser, server: PreviewServer, issue_dir: Path
 ) -> None:
-    paragraph = "The night bus stops at every shelter on the coast road, and the driver knows most riders by name. "
+    paragraph = (
+        "The night bus stops at every shelter on the coast road, "
+        "and the driver knows most riders by name. "
+    )
     save(issue_dir / "articles" / "02-night-bus.md", SECOND + ("\n" + paragraph * 3 + "\n") * 300)
     wait_until(
         server, lambda: server.state.envelope is not None and server.state.envelope.over_gmail_clip
