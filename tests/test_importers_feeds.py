@@ -85,6 +85,57 @@ def test_feed_add_list_remove(tmp_path: Path) -> None:
     assert "no feed called 'ledger'" in one_error_line(run(cfg, "feed", "remove", "ledger"))
 
 
+def test_feed_add_and_remove_keep_the_editors_comments(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    cfg.feeds_path.write_text(
+        "# Feeds for The Harbour Ledger: ask Maren before adding one.\n"
+        "\n"
+        "[feeds]\n"
+        'ledger = "https://news.example.org/feed.xml"  # the paper itself\n'
+        'trams = "https://tramnotes.example.net/atom"\n',
+        encoding="utf-8",
+    )
+
+    assert run(cfg, "feed", "add", "quay", "https://quay.example.org/rss").exit_code == 0
+    assert cfg.feeds_path.read_text(encoding="utf-8") == (
+        "# Feeds for The Harbour Ledger: ask Maren before adding one.\n"
+        "\n"
+        "[feeds]\n"
+        'ledger = "https://news.example.org/feed.xml"  # the paper itself\n'
+        'trams = "https://tramnotes.example.net/atom"\n'
+        'quay = "https://quay.example.org/rss"\n'
+    )
+    assert run(cfg, "feed", "remove", "trams").exit_code == 0
+    assert cfg.feeds_path.read_text(encoding="utf-8") == (
+        "# Feeds for The Harbour Ledger: ask Maren before adding one.\n"
+        "\n"
+        "[feeds]\n"
+        'ledger = "https://news.example.org/feed.xml"  # the paper itself\n'
+        'quay = "https://quay.example.org/rss"\n'
+    )
+    assert [(f.name, f.url) for f in feeds.read_feeds(cfg)] == [
+        ("ledger", "https://news.example.org/feed.xml"),
+        ("quay", "https://quay.example.org/rss"),
+    ]
+
+
+def test_a_feeds_file_that_is_not_utf8_is_one_error_and_left_alone(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    original = b'# Caf\xe9 news\n[feeds]\nledger = "https://news.example.org/feed.xml"\n'
+    cfg.feeds_path.write_bytes(original)
+    line = one_error_line(run(cfg, "feed", "add", "quay", "https://quay.example.org/rss"))
+    assert "not UTF-8" in line and str(cfg.feeds_path) in line
+    assert cfg.feeds_path.read_bytes() == original
+
+
+def test_a_new_feeds_file_starts_with_a_header(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    assert run(cfg, "feed", "add", "ledger", "https://news.example.org/feed.xml").exit_code == 0
+    assert cfg.feeds_path.read_text(encoding="utf-8") == (
+        feeds.HEADER + '\n[feeds]\nledger = "https://news.example.org/feed.xml"\n'
+    )
+
+
 @pytest.mark.server
 def test_pull_lists_items_then_uses_etag_and_gets_304(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/feed.xml"] = _conditional(rss_feed(_feed_items(server)))
