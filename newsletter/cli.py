@@ -128,6 +128,17 @@ def main(ctx: click.Context, workspace: Path | None, db: Path | None) -> None:
     ctx.obj = Context(workspace, db)
 
 
+# --- options several commands share ---
+
+date_option = click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+
+
 def host_option(default: str | None, help: str) -> Callable[[F], F]:
     """``--host``: the address a server listens on (preview, serve, smtp-sink)."""
     return click.option("--host", default=default, show_default=default is not None, help=help)
@@ -160,15 +171,6 @@ def init_command(directory: Path, name: str) -> None:
     click.echo(f"Next: cd {directory} && newsletter issue new --title 'First issue'")
 
 
-_date_option = click.option(
-    "--date",
-    "date",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    default=None,
-    help="Issue date, YYYY-MM-DD (default: today).",
-)
-
-
 @main.group("issue")
 def issue_group() -> None:
     """Create issues and choose their articles."""
@@ -176,7 +178,7 @@ def issue_group() -> None:
 
 @issue_group.command("new")
 @click.option("--title", default="", help="The issue's title (default: 'Issue N').")
-@_date_option
+@date_option
 @pass_ctx
 def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
     """Create the next numbered issue; print its folder and number."""
@@ -322,7 +324,7 @@ def _print_added(report: AddReport) -> None:
 @issue_group.command("import-digest")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--title", default="", help="The new issue's title (default: 'Issue N').")
-@_date_option
+@date_option
 @pass_ctx
 def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime | None) -> None:
     """Split a plain-text digest FILE into a new issue, one article per title and byline."""
