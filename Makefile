@@ -1,12 +1,17 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, then send the example issue end to end through the embedded SMTP sink
-#   make test   install (system packages too), then ruff, mypy and the test suite
+#   make demo        install, then send the example issue end to end through the embedded SMTP sink
+#   make deps test   install the Debian packages the tests drive, then ruff, mypy and the test suite
+# `make test` alone installs no system package: without Chromium or SpamAssassin the tests
+# that need them are skipped, with the reason.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# What the tests drive besides Python packages (chromium: the preview page through
+# Playwright; spamassassin: `newsletter check --spam`).
+DEBIAN_PACKAGES := chromium spamassassin
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo deps test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +22,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m newsletter demo
 
-system-deps:
+# Installs only the packages that are missing, so a second run changes nothing.
+deps:
 	@missing=""; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
-	command -v spamassassin >/dev/null 2>&1 || missing="$$missing spamassassin"; \
-	if [ -n "$$missing" ]; then \
+	for package in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q ' installed$$' \
+	    || missing="$$missing $$package"; \
+	done; \
+	if [ -z "$$missing" ]; then \
+	  echo "Debian packages already installed: $(DEBIAN_PACKAGES)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "Install these packages with your system's package manager:$$missing" >&2; exit 1; \
+	else \
 	  echo "Installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $$SUDO apt-get update -qq \
+	    && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 lint: $(STAMP)
@@ -32,7 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check newsletter tests bench
 	$(BIN)/mypy
 
-test: system-deps $(STAMP) lint
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -19,9 +19,9 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from newsletter.importers import draft, web  # noqa: E402
-from tests.import_helpers import make_workspace  # noqa: E402
-from tests.local_http import HTML, LocalServer, Reply  # noqa: E402
-from tests.web_pages import bare_page, blog_post, news_article  # noqa: E402
+from tests.support.importers import make_workspace  # noqa: E402
+from tests.support.local_http import HTML, LocalServer, Reply  # noqa: E402
+from tests.support.web_pages import bare_page, blog_post, news_article  # noqa: E402
 
 
 def timed(func: Callable[[], object], runs: int) -> tuple[float, float]:
@@ -81,7 +81,8 @@ def main() -> None:
             cfg = make_workspace(Path(tmp) / "ws")
             median, worst = timed(lambda: web.import_url(server.url("/story"), cfg), 20)
             print(
-                f"fetch + extract from 127.0.0.1 (news page): median {median:.1f} ms, max {worst:.1f} ms"
+                "fetch + extract from 127.0.0.1 (news page): "
+                f"median {median:.1f} ms, max {worst:.1f} ms"
             )
             start = time.perf_counter()
             subprocess.run(
@@ -127,7 +128,8 @@ def main() -> None:
         )
         median, worst = timed(lambda: draft.split_digest(big), 10)
         print(
-            f"split a 50-article digest ({big.stat().st_size / 1024:.0f} KB): median {median:.1f} ms"
+            f"split a 50-article digest ({big.stat().st_size / 1024:.0f} KB): "
+            f"median {median:.1f} ms"
         )
 
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from newsletter import config, content, preview  # noqa: E402
-from tests.test_preview import CHROMIUM, CHROMIUM_ARGS, save, wait_for_frames  # noqa: E402
+from tests.support import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.test_preview import save, wait_for_frames  # noqa: E402
 
 EDITS = 8
 

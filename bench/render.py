@@ -102,12 +102,14 @@ def main() -> None:
         first = timed(lambda: render.render_issue(issue, cfg), 1)[0]
         rendered = render.render_issue(issue, cfg)
         print(f"output: email HTML {rendered.html_size / 1024:.1f} KB, "
-              f"text {len(rendered.text.encode()) / 1024:.1f} KB, web {len(rendered.web_html.encode()) / 1024:.1f} KB")  # fmt: skip
+              f"text {len(rendered.text.encode()) / 1024:.1f} KB, "
+              f"web {len(rendered.web_html.encode()) / 1024:.1f} KB")  # fmt: skip
         print(f"first render in this process: {first * 1000:.1f} ms")
         warm = timed(lambda: render.render_issue(issue, cfg), options.runs)
         verdict = "meets" if statistics.median(warm) * 1000 <= WARM_GOAL_MS else "MISSES"
         print(
-            f"warm render_issue: {describe(warm, 1000, 'ms')}  goal <= {WARM_GOAL_MS:.0f} ms: {verdict}"
+            f"warm render_issue: {describe(warm, 1000, 'ms')}  "
+            f"goal <= {WARM_GOAL_MS:.0f} ms: {verdict}"
         )
         # The same, but every article's text differs each run, so no Markdown is reused
         # (what a render of a newly edited issue costs in a warm process).
@@ -131,7 +133,8 @@ def main() -> None:
         build = cold(["-C", str(workspace), "build", "1"], options.cold_runs, workspace)
         verdict = "meets" if statistics.median(build) <= COLD_GOAL_S else "MISSES"
         print(
-            f"cold `newsletter build 1`: {describe(build, 1000, 'ms')}  goal <= {COLD_GOAL_S * 1000:.0f} ms: {verdict}"
+            f"cold `newsletter build 1`: {describe(build, 1000, 'ms')}  "
+            f"goal <= {COLD_GOAL_S * 1000:.0f} ms: {verdict}"
         )
         cpu = CPU_TIMES[" ".join(["-C", str(workspace), "build", "1"])]
         print(f"   its CPU time (user+sys): {describe(cpu, 1000, 'ms')}")
@@ -139,7 +142,8 @@ def main() -> None:
         print(f"cold `newsletter --help`: {describe(helps, 1000, 'ms')}")
         print(f"   its CPU time (user+sys): {describe(CPU_TIMES['--help'], 1000, 'ms')}")
         print(
-            f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+            f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+            f"on {os.cpu_count()} cores"
         )
         bare = cold(["--version"], 1, Path(tmp))  # warms the OS cache for the next line
         python_only = timed(

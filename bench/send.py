@@ -305,7 +305,8 @@ def main() -> None:
                 if subscribers == args.subscribers:
                     ours = max(ours, rate)
                 print(
-                    f"newsletter  N={subscribers:>7,}  K={connections}:  {result['sent']:>7,.0f} sent"
+                    f"newsletter  N={subscribers:>7,}  K={connections}:  "
+                    f"{result['sent']:>7,.0f} sent"
                     f" in {result['elapsed']:6.2f} s = {rate:6,.0f} msgs/s;"
                     f"  client CPU {result['cpu']:6.2f} s ({result['cpu'] / result['elapsed']:.0%}"
                     f" of one core), {result['cpu'] / result['sent'] * 1e6:.0f} µs/msg;"
@@ -322,7 +323,8 @@ def main() -> None:
                     expected += count
                     their = count / seconds
                     print(
-                        f"mailmerge   N={args.mailmerge:>7,}  K=1:  {count:>7,} sent in {seconds:6.2f} s"
+                        f"mailmerge   N={args.mailmerge:>7,}  K=1:  "
+                        f"{count:>7,} sent in {seconds:6.2f} s"
                         f" = {their:6,.0f} msgs/s (its CLI, one connection per message)"
                     )
                     if their > 0:

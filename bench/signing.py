@@ -32,7 +32,8 @@ def rate(label: str, count: int, work: Callable[[int], bytes]) -> float:
     elapsed = time.perf_counter() - start
     per_second = count / elapsed
     print(
-        f"{label:<44} {per_second:>8.0f} msgs/s  {elapsed / count * 1000:6.2f} ms/msg  ({size / 1024:.0f} KB)"
+        f"{label:<44} {per_second:>8.0f} msgs/s  "
+        f"{elapsed / count * 1000:6.2f} ms/msg  ({size / 1024:.0f} KB)"
     )
     return per_second
 

@@ -153,8 +153,8 @@ def _check_size(rendered: RenderedIssue) -> Iterator[Finding]:
         yield Finding(
             "warning",
             "html-size",
-            f"email HTML is {size / 1024:.0f} KB, over Gmail's ~{clip // 1024} KB clip: readers see "
-            "'[Message clipped]' and lose the footer with the unsubscribe link; "
+            f"email HTML is {size / 1024:.0f} KB, over Gmail's ~{clip // 1024} KB clip: "
+            "readers see '[Message clipped]' and lose the footer with the unsubscribe link; "
             "shorten the issue or use excerpts",
         )
     else:
@@ -474,14 +474,16 @@ def _check_body(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
             "error",
             "unsubscribe-missing",
             "the email body has no unsubscribe link: the law (CAN-SPAM, GDPR) and Gmail/Yahoo "
-            "want one readers can see; keep {{ recipient.unsubscribe_url }} in a link in the footer",
+            "want one readers can see; keep {{ recipient.unsubscribe_url }} in a link in the "
+            "footer",
             "templates/email.mjml",
         )
     if not any(t in rendered.text for t in html_tokens) and "unsubscribe_url" in keys:
         yield Finding(
             "warning",
             "unsubscribe-text-missing",
-            "the text part has no unsubscribe link; add {{ recipient.unsubscribe_url }} to email.txt",
+            "the text part has no unsubscribe link; "
+            "add {{ recipient.unsubscribe_url }} to email.txt",
             "templates/email.txt",
         )
     address = config.newsletter.postal_address

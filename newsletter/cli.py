@@ -1,23 +1,30 @@
 """The command line: thin click commands over the library.
 
-This is the only module that imports click, and the only place where a
-:class:`~newsletter.errors.NewsletterError` becomes ``Error: ...`` and exit code 1.
+This is the only module that imports click. :class:`Newsletter`, the root group, is the one
+place where an error becomes an ``Error: ...`` line and an exit code, as click has it: 2 for
+a usage error, 1 for a failure (a :class:`~newsletter.errors.NewsletterError`), 0 for success.
+
+Names: a top-level command's function is ``<name>_command``, a group's ``<name>_group`` and a
+subcommand's ``<group>_<name>``, so none hides a module of the package.
+
+Imports: the modules every command loads anyway (config, content, render, files, errors) are
+imported here; any other module of the package is imported inside the function that uses it.
+`--help`, `build` and `issue list` need none of the send, preview and import machinery, whose
+imports took a cold `build` from 0.45 to 0.7 s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
-import importlib.util
+import json
 import signal
 import sys
 import threading
 import webbrowser
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -25,67 +32,28 @@ from . import __version__, content, render
 from . import config as config_module
 from .config import Config
 from .content import Issue
-from .errors import NewsletterError, PreviewError
+from .errors import ConfigError, NewsletterError, PreviewError
+from .files import atomic_open_text
 from .models import DeliveryState, RowError, Status
 
-
-def _lazy(name: str) -> ModuleType:
-    """The module ``name``, imported when a command first uses it.
-
-    `--help`, `build` and `issue list` need none of the send, preview and import
-    machinery, whose imports took a cold `build` from 0.45 to 0.7 s.
-    """
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ImportError(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    parent, _, child = name.rpartition(".")
-    setattr(sys.modules[parent], child, module)  # as a normal import would
-    return module
-
-
-if TYPE_CHECKING:
-    from . import delivery, preview
-    from . import store as store_module
-    from .importers import feeds as feeds_module
-    from .importers import sources as importing
-else:
-    delivery = _lazy(f"{__package__}.delivery")
-    preview = _lazy(f"{__package__}.preview")
-    feeds_module = _lazy(f"{__package__}.importers.feeds")
-    importing = _lazy(f"{__package__}.importers.sources")
+if TYPE_CHECKING:  # names for annotations only: a command imports the module itself
+    from .bounces import BounceSummary
+    from .delivery import DeliveryReport
+    from .importers.sources import AddReport
+    from .store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # click's code for a usage error: unknown option, missing argument, bad value
+EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
-def fail(message: str) -> None:
-    """Print one error line and exit 1."""
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    """Print one error line and exit with ``code``."""
     click.echo(f"Error: {message}", err=True)
-    sys.exit(1)
-
-
-def handle_errors(func: F) -> F:
-    """Turn library errors into one line and exit code 1, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except NewsletterError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
-        except BrokenPipeError:
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
+    sys.exit(code)
 
 
 class Context:
@@ -102,8 +70,8 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-class OneLineErrors(click.Group):
-    """click's usage errors as one line and exit code 1, like every other error."""
+class Newsletter(click.Group):
+    """The root group: every error becomes one ``Error:`` line and click's exit code."""
 
     def main(  # type: ignore[override]
         self,
@@ -113,23 +81,32 @@ class OneLineErrors(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        if not standalone_mode:
+        if not standalone_mode:  # the caller handles errors, as click has it
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            return super().main(args, prog_name, complete_var, False, **extra)
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # a group alone (`newsletter issue`): its help, and exit 2
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             command = exc.ctx.command_path if exc.ctx else "newsletter"
-            fail(f"{exc.format_message().rstrip('.')}; see `{command} --help`")
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+            fail(f"{exc.format_message().rstrip('.')}; see `{command} --help`", exc.exit_code)
         except click.ClickException as exc:
-            fail(exc.format_message())
-        return None
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                click.echo("Interrupted.", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            click.echo("Aborted.", err=True)
+            sys.exit(EXIT_FAILURE)
+        except NewsletterError as exc:
+            fail(str(exc))
+        # Commands return None; an int is click's exit code (--help, --version: 0).
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(
-    name="newsletter", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]}
+    name="newsletter", cls=Newsletter, context_settings={"help_option_names": ["-h", "--help"]}
 )
 @click.version_option(__version__, prog_name="newsletter")
 @click.option(
@@ -152,6 +129,27 @@ def main(ctx: click.Context, workspace: Path | None, db: Path | None) -> None:
     ctx.obj = Context(workspace, db)
 
 
+# --- options several commands share ---
+
+date_option = click.option(
+    "--date",
+    "date",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Issue date, YYYY-MM-DD (default: today).",
+)
+
+
+def host_option(default: str | None, help: str) -> Callable[[F], F]:
+    """``--host``: the address a server listens on (preview, serve, smtp-sink)."""
+    return click.option("--host", default=default, show_default=default is not None, help=help)
+
+
+def port_option(help: str) -> Callable[[F], F]:
+    """``--port``: the port a server listens on; None means the command's default."""
+    return click.option("--port", type=click.IntRange(0, 65535), default=None, help=help)
+
+
 # --- workspace and issue commands ---
 
 
@@ -163,11 +161,10 @@ def _kb(size: int) -> str:
     return f"{size / 1024:.1f} KB"
 
 
-@main.command()
+@main.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
 @click.option("--name", default="My Newsletter", show_default=True, help="The newsletter's name.")
-@handle_errors
-def init(directory: Path, name: str) -> None:
+def init_command(directory: Path, name: str) -> None:
     """Create a newsletter workspace in DIRECTORY."""
     created = config_module.init_workspace(directory, name=name)
     for path in created:
@@ -175,25 +172,15 @@ def init(directory: Path, name: str) -> None:
     click.echo(f"Next: cd {directory} && newsletter issue new --title 'First issue'")
 
 
-_date_option = click.option(
-    "--date",
-    "date",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    default=None,
-    help="Issue date, YYYY-MM-DD (default: today).",
-)
-
-
-@main.group()
-def issue() -> None:
+@main.group("issue")
+def issue_group() -> None:
     """Create issues and choose their articles."""
 
 
-@issue.command("new")
+@issue_group.command("new")
 @click.option("--title", default="", help="The issue's title (default: 'Issue N').")
-@_date_option
+@date_option
 @pass_ctx
-@handle_errors
 def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
     """Create the next numbered issue; print its folder and number."""
     cfg = ctx.config()
@@ -202,7 +189,7 @@ def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
     click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
 
 
-@issue.command("add")
+@issue_group.command("add")
 @click.argument("issue_ref", metavar="ISSUE")
 @click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Add it even if an earlier issue has the same URL.")
@@ -214,21 +201,21 @@ def issue_new(ctx: Context, title: str, date: dt.datetime | None) -> None:
     help="Web pages and feed items: keep the first N paragraphs and link to the rest.",
 )
 @pass_ctx
-@handle_errors
 def issue_add(
     ctx: Context, issue_ref: str, sources: tuple[str, ...], force: bool, excerpt: int | None
 ) -> None:
     """Add articles to ISSUE in order: .md files, .txt drafts, http(s) URLs or feed:ID."""
+    from .importers.sources import add_sources
+
     cfg = ctx.config()
-    report = importing.add_sources(cfg, issue_ref, sources, force=force, excerpt=excerpt)
+    report = add_sources(cfg, issue_ref, sources, force=force, excerpt=excerpt)
     _print_added(report)
 
 
-@issue.command("remove")
+@issue_group.command("remove")
 @click.argument("issue_ref", metavar="ISSUE")
 @click.argument("article", metavar="ARTICLE")
 @pass_ctx
-@handle_errors
 def issue_remove(ctx: Context, issue_ref: str, article: str) -> None:
     """Take ARTICLE (position or file name) out of ISSUE."""
     cfg = ctx.config()
@@ -236,12 +223,11 @@ def issue_remove(ctx: Context, issue_ref: str, article: str) -> None:
     click.echo(f"removed {removed} (the file stays in articles/)")
 
 
-@issue.command("move")
+@issue_group.command("move")
 @click.argument("issue_ref", metavar="ISSUE")
 @click.argument("article", metavar="ARTICLE")
 @click.argument("position", type=int)
 @pass_ctx
-@handle_errors
 def issue_move(ctx: Context, issue_ref: str, article: str, position: int) -> None:
     """Move ARTICLE to POSITION (1 is first)."""
     cfg = ctx.config()
@@ -250,9 +236,8 @@ def issue_move(ctx: Context, issue_ref: str, article: str, position: int) -> Non
         click.echo(f"{number:>3}. {name}")
 
 
-@issue.command("list")
+@issue_group.command("list")
 @pass_ctx
-@handle_errors
 def issue_list(ctx: Context) -> None:
     """List the workspace's issues."""
     cfg = ctx.config()
@@ -261,14 +246,14 @@ def issue_list(ctx: Context) -> None:
         click.echo("No issues yet. Create one with `newsletter issue new`.")
     for item in issues:
         click.echo(
-            f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  {item.slug}  {item.title}"
+            f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  "
+            f"{item.slug}  {item.title}"
         )
 
 
-@issue.command("show")
+@issue_group.command("show")
 @click.argument("issue_ref", metavar="ISSUE")
 @pass_ctx
-@handle_errors
 def issue_show(ctx: Context, issue_ref: str) -> None:
     """Show ISSUE's articles in order, with word counts and the estimated HTML size."""
     cfg = ctx.config()
@@ -296,7 +281,7 @@ def issue_show(ctx: Context, issue_ref: str) -> None:
         click.echo(f"Images:     {weight.describe()}")
 
 
-@main.command()
+@main.command("build")
 @click.argument("issue_ref", metavar="ISSUE")
 @click.option(
     "--out",
@@ -306,8 +291,7 @@ def issue_show(ctx: Context, issue_ref: str) -> None:
     help="Output folder (default: .newsletter/build/<issue>/).",
 )
 @pass_ctx
-@handle_errors
-def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
+def build_command(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
     """Render ISSUE to email.html, email.txt and web.html, and sample.html and sample.eml
     filled in for an example reader."""
     from . import message
@@ -329,7 +313,7 @@ def build(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
 # --- import commands ---
 
 
-def _print_added(report: importing.AddReport) -> None:
+def _print_added(report: AddReport) -> None:
     for added in report.added:
         click.echo(f"added {added.path.name}  {added.title}  [{added.word_count} words]")
         if added.origin != str(added.path) and not added.origin.endswith(".md"):
@@ -349,16 +333,17 @@ def _print_added(report: importing.AddReport) -> None:
         click.echo(f"Warning: {warning}", err=True)
 
 
-@issue.command("import-digest")
+@issue_group.command("import-digest")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--title", default="", help="The new issue's title (default: 'Issue N').")
-@_date_option
+@date_option
 @pass_ctx
-@handle_errors
 def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime | None) -> None:
     """Split a plain-text digest FILE into a new issue, one article per title and byline."""
+    from .importers.sources import import_digest
+
     cfg = ctx.config()
-    report = importing.import_digest(cfg, file, title=title, date=date.date() if date else None)
+    report = import_digest(cfg, file, title=title, date=date.date() if date else None)
     created, digest = report.issue, report.digest
     click.echo(f"Created issue {created.number}: {created.title} ({created.date.isoformat()})")
     click.echo(f"Folder:  {created.path}")
@@ -383,56 +368,60 @@ def issue_import_digest(ctx: Context, file: Path, title: str, date: dt.datetime 
         click.echo(f"note: {note}")
 
 
-@main.group()
-def feed() -> None:
+@main.group("feed")
+def feed_group() -> None:
     """Keep a list of RSS/Atom feeds and pull new items from them."""
 
 
-@feed.command("add")
+@feed_group.command("add")
 @click.argument("name")
 @click.argument("url")
 @pass_ctx
-@handle_errors
 def feed_add(ctx: Context, name: str, url: str) -> None:
     """Add the feed at URL under NAME (kept in feeds.toml)."""
+    from .importers import feeds
+
     cfg = ctx.config()
-    added = feeds_module.add_feed(cfg, name, url)
+    added = feeds.add_feed(cfg, name, url)
     click.echo(f"added feed {added.name}: {added.url}")
     click.echo("Next: newsletter feed pull")
 
 
-@feed.command("list")
+@feed_group.command("list")
 @pass_ctx
-@handle_errors
 def feed_list(ctx: Context) -> None:
     """List the feeds."""
+    from .importers import feeds
+
     cfg = ctx.config()
-    listed = feeds_module.read_feeds(cfg)
+    listed = feeds.read_feeds(cfg)
     if not listed:
         click.echo("No feeds yet. Add one with `newsletter feed add NAME URL`.")
     for item in listed:
         click.echo(f"{item.name}  {item.url}")
 
 
-@feed.command("remove")
+@feed_group.command("remove")
 @click.argument("name")
 @pass_ctx
-@handle_errors
 def feed_remove(ctx: Context, name: str) -> None:
     """Remove the feed called NAME."""
+    from .importers import feeds
+
     cfg = ctx.config()
-    removed = feeds_module.remove_feed(cfg, name)
+    removed = feeds.remove_feed(cfg, name)
     click.echo(f"removed feed {removed.name}: {removed.url}")
 
 
-@feed.command("pull")
+@feed_group.command("pull")
 @click.argument("names", metavar="[NAME]...", nargs=-1)
 @pass_ctx
-@handle_errors
 def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
     """Fetch the feeds and list items that no issue has used yet, each with an id."""
+    from .importers import feeds
+
     cfg = ctx.config()
-    report = feeds_module.pull(cfg, names)
+    report = feeds.pull(cfg, names)
     for result in report.results:
         status = "not modified" if result.not_modified else f"{len(result.new_ids)} new"
         used = f", {result.used} already in an issue" if result.used else ""
@@ -450,7 +439,7 @@ def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
 # --- deliverability commands ---
 
 
-@main.command()
+@main.command("check")
 @click.argument("issue_ref", metavar="ISSUE")
 @click.option("--spam", is_flag=True, help="Also score a sample message with SpamAssassin (-L).")
 @click.option(
@@ -460,15 +449,12 @@ def feed_pull(ctx: Context, names: tuple[str, ...]) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_ctx
-@handle_errors
-def check(ctx: Context, issue_ref: str, spam: bool, online: bool, as_json: bool) -> None:
+def check_command(ctx: Context, issue_ref: str, spam: bool, online: bool, as_json: bool) -> None:
     """Say what would hurt ISSUE's delivery; exit 1 when there are errors."""
-    import json
-
-    from . import check as check_module
+    from . import check
 
     cfg = ctx.config()
-    report = check_module.check_issue(cfg, _issue(cfg, issue_ref), spam=spam, online=online)
+    report = check.check_issue(cfg, _issue(cfg, issue_ref), spam=spam, online=online)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -507,7 +493,6 @@ def dkim_group() -> None:
 )
 @click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size (1024-4096).")
 @pass_ctx
-@handle_errors
 def dkim_keygen(
     ctx: Context, selector: str | None, domain: str | None, out_dir: Path | None, bits: int
 ) -> None:
@@ -533,11 +518,9 @@ def dkim_keygen(
 
 @dkim_group.command("record")
 @pass_ctx
-@handle_errors
 def dkim_record(ctx: Context) -> None:
     """Print the DNS TXT record for the configured DKIM key (reads the key, checks the config)."""
     from . import dkim
-    from .errors import ConfigError
 
     cfg = ctx.config()
     signer = dkim.signer_from_config(cfg)
@@ -556,13 +539,8 @@ def dkim_record(ctx: Context) -> None:
 
 
 @main.command("smtp-sink")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Port (default: [smtp] port of the workspace, else 8025; 0 picks a free one).",
-)
+@host_option("127.0.0.1", "Address to listen on.")
+@port_option("Port (default: [smtp] port of the workspace, else 8025; 0 picks a free one).")
 @click.option(
     "--maildir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -580,8 +558,7 @@ def dkim_record(ctx: Context) -> None:
     help="Allow a non-loopback --host (anyone who can reach it can drop mail in it).",
 )
 @pass_ctx
-@handle_errors
-def smtp_sink(
+def smtp_sink_command(
     ctx: Context,
     host: str,
     port: int | None,
@@ -592,7 +569,6 @@ def smtp_sink(
     allow_remote: bool,
 ) -> None:
     """Run a local SMTP server that keeps every message it receives (Ctrl-C stops it)."""
-    from .errors import ConfigError
     from .sink import SinkMessage, format_message_line, start_sink
     from .transport import is_loopback
 
@@ -645,25 +621,19 @@ def smtp_sink(
 
 @main.command("preview")
 @click.argument("issue_ref", metavar="ISSUE")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Port to listen on; 0 picks a free one (default: 8765, or a free one if taken).",
+@host_option(
+    "127.0.0.1",  # preview.DEFAULT_HOST; written out so --help need not import preview
+    "Address to listen on; anything but loopback lets other machines read the preview.",
 )
-@click.option(
-    "--host",
-    default="127.0.0.1",  # preview.DEFAULT_HOST; written out so --help need not import preview
-    show_default=True,
-    help="Address to listen on; anything but loopback lets other machines read the preview.",
-)
+@port_option("Port to listen on; 0 picks a free one (default: 8765, or a free one if taken).")
 @click.option("--no-open", is_flag=True, help="Do not open the page in a browser.")
 @pass_ctx
-@handle_errors
 def preview_command(
     ctx: Context, issue_ref: str, port: int | None, host: str, no_open: bool
 ) -> None:
     """Preview ISSUE in a browser; it rebuilds and reloads on every save."""
+    from . import preview
+
     cfg = ctx.config()
     folder = content.find_issue(cfg.issues_dir, issue_ref)
     warning = preview.host_warning(host)
@@ -704,25 +674,24 @@ def preview_command(
 # --- subscriber commands ---
 
 
-def _open_store(ctx: Context) -> store_module.Store:
+def _open_store(ctx: Context) -> Store:
     """The workspace's database (imported late: email-validator slows every command's start)."""
-    from . import store
+    from .store import Store
 
-    return store.Store.open(ctx.config().db_path)
+    return Store.open(ctx.config().db_path)
 
 
 _STATUS_CHOICE = click.Choice(["active", "pending", "unsubscribed", "bounced", "complained"])
 
 
-@main.group()
-def subscribers() -> None:
+@main.group("subscribers")
+def subscribers_group() -> None:
     """Manage the subscriber list (import, add, unsubscribe, list, export...)."""
 
 
-@subscribers.command("import")
+@subscribers_group.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @pass_ctx
-@handle_errors
 def subscribers_import(ctx: Context, file: Path) -> None:
     """Import subscribers from a CSV file (columns: email, name, any others become fields).
 
@@ -745,7 +714,7 @@ def subscribers_import(ctx: Context, file: Path) -> None:
         fail(f"{file}: no row could be imported")
 
 
-@subscribers.command("add")
+@subscribers_group.command("add")
 @click.argument("email")
 @click.option("--name", default="", help="The subscriber's name.")
 @click.option(
@@ -756,7 +725,6 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     help="A personalisation field (repeatable).",
 )
 @pass_ctx
-@handle_errors
 def subscribers_add(ctx: Context, email: str, name: str, fields: tuple[str, ...]) -> None:
     """Add one active subscriber."""
     values: dict[str, str] = {}
@@ -770,7 +738,7 @@ def subscribers_add(ctx: Context, email: str, name: str, fields: tuple[str, ...]
     click.echo(f"Added {subscriber.email}.")
 
 
-@subscribers.command("remove")
+@subscribers_group.command("remove")
 @click.argument("email")
 @click.option(
     "--force",
@@ -778,7 +746,6 @@ def subscribers_add(ctx: Context, email: str, name: str, fields: tuple[str, ...]
     help="Also delete the record of issues sent to them (otherwise refused).",
 )
 @pass_ctx
-@handle_errors
 def subscribers_remove(ctx: Context, email: str, force: bool) -> None:
     """Delete a subscriber for good (to stop mail, use `unsubscribe`: it keeps the record)."""
     with _open_store(ctx) as store:
@@ -786,10 +753,9 @@ def subscribers_remove(ctx: Context, email: str, force: bool) -> None:
     click.echo(f"Removed {email}.")
 
 
-@subscribers.command("unsubscribe")
+@subscribers_group.command("unsubscribe")
 @click.argument("email")
 @pass_ctx
-@handle_errors
 def subscribers_unsubscribe(ctx: Context, email: str) -> None:
     """Mark a subscriber unsubscribed (kept in the list, never sent to again)."""
     with _open_store(ctx) as store:
@@ -797,10 +763,9 @@ def subscribers_unsubscribe(ctx: Context, email: str) -> None:
     click.echo(f"Unsubscribed {subscriber.email}.")
 
 
-@subscribers.command("list")
+@subscribers_group.command("list")
 @click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
 @pass_ctx
-@handle_errors
 def subscribers_list(ctx: Context, status: str | None) -> None:
     """Print subscribers, one per line: email, status and name, tab-separated."""
     with _open_store(ctx) as store:
@@ -808,14 +773,12 @@ def subscribers_list(ctx: Context, status: str | None) -> None:
             click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
 
 
-@subscribers.command("export")
+@subscribers_group.command("export")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
 @pass_ctx
-@handle_errors
 def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> None:
     """Write subscribers as CSV to FILE (replaced atomically) or to standard output."""
-    from .files import atomic_open_text
 
     wanted = None if status is None else Status(status)
     if file is not None and not file.parent.is_dir():
@@ -829,9 +792,8 @@ def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> N
     click.echo(f"Wrote {count} subscribers to {file}.", err=True)
 
 
-@subscribers.command("count")
+@subscribers_group.command("count")
 @pass_ctx
-@handle_errors
 def subscribers_count(ctx: Context) -> None:
     """Print how many subscribers have each status."""
     with _open_store(ctx) as store:
@@ -860,7 +822,6 @@ def subscribers_count(ctx: Context) -> None:
     help="Take ISSUE's page down (its images stay while sent emails point at them).",
 )
 @pass_ctx
-@handle_errors
 def publish_command(ctx: Context, issue_ref: str | None, out_dir: Path | None, undo: bool) -> None:
     """Put ISSUE's web page and images at their public address ([newsletter] base_url).
 
@@ -928,10 +889,8 @@ def stdin_is_terminal() -> bool:
     return sys.stdin.isatty()
 
 
-EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
+def _print_report(report: DeliveryReport) -> None:
 
-
-def _print_report(report: delivery.DeliveryReport) -> None:
     click.echo(
         f"Sent {report.sent}, failed {report.failed}, deferred {report.deferred}, "
         f"uncertain {report.uncertain} in {report.elapsed:.1f} s ({report.rate:.0f} msgs/s)."
@@ -979,7 +938,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-@main.command()
+@main.command("send")
 @click.argument("issue_ref", metavar="ISSUE")
 @click.option("--yes", is_flag=True, help="Send without asking.")
 @click.option("--dry-run", is_flag=True, help="Build every message; send and record nothing.")
@@ -1021,8 +980,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     "--include-new", is_flag=True, help="Add subscribers who joined after this issue's first send."
 )
 @pass_ctx
-@handle_errors
-def send(
+def send_command(
     ctx: Context,
     issue_ref: str,
     yes: bool,
@@ -1040,7 +998,7 @@ def send(
     Exit status: 0 when every recipient of this run was sent to, 1 when one
     failed or the run stopped, 75 when some were deferred for a later run.
     """
-    from . import publish
+    from . import delivery, publish
 
     if as_email is not None and not test_addresses:
         fail("--as works with --test: send --test YOUR_ADDRESS --as SUBSCRIBER_EMAIL")
@@ -1068,7 +1026,8 @@ def send(
         )
         for result in results:
             click.echo(
-                f"{result.outcome:<9} {result.recipient}  {result.code or ''} {result.reply}".rstrip()
+                f"{result.outcome:<9} {result.recipient}  "
+                f"{result.code or ''} {result.reply}".rstrip()
             )
         if not all(r.ok for r in results):
             sys.exit(1)
@@ -1167,11 +1126,10 @@ def send(
         sys.exit(EXIT_DEFERRED)
 
 
-@main.command()
+@main.command("status")
 @click.argument("issue_ref", metavar="ISSUE")
 @pass_ctx
-@handle_errors
-def status(ctx: Context, issue_ref: str) -> None:
+def status_command(ctx: Context, issue_ref: str) -> None:
     """Show ISSUE's delivery counts and every failed, deferred or uncertain recipient."""
     cfg = ctx.config()
     issue_item = _issue(cfg, issue_ref)
@@ -1199,10 +1157,9 @@ def status(ctx: Context, issue_ref: str) -> None:
         )
 
 
-@main.command()
+@main.command("demo")
 @pass_ctx
-@handle_errors
-def demo(ctx: Context) -> None:
+def demo_command(ctx: Context) -> None:
     """Send the bundled example issue to the example list through a local SMTP sink."""
     from .demo import run_demo
 
@@ -1215,12 +1172,14 @@ def demo(ctx: Context) -> None:
     _print_report(result.report)
     if result.received:
         click.echo(
-            f"The SMTP sink received {result.received} messages; open them in {result.sink_dir}/new/"
+            f"The SMTP sink received {result.received} messages; "
+            f"open them in {result.sink_dir}/new/"
         )
     if result.report.sent == 0 and result.report.counts.get(DeliveryState.SENT):
         click.echo("Everyone already has this issue: nobody gets a second copy.")
     click.echo(
-        f"Next: newsletter preview {result.issue.number}   (or open {result.build.out_dir / 'web.html'})"
+        f"Next: newsletter preview {result.issue.number}   "
+        f"(or open {result.build.out_dir / 'web.html'})"
     )
 
 
@@ -1228,20 +1187,11 @@ def demo(ctx: Context) -> None:
 
 
 @main.command("serve")
-@click.option("--host", default=None, help="Address to listen on (default: [server] host).")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Port (default: [server] port; 0 picks a free one).",
-)
+@host_option(None, "Address to listen on (default: [server] host).")
+@port_option("Port (default: [server] port; 0 picks a free one).")
 @pass_ctx
-@handle_errors
-def serve(ctx: Context, host: str | None, port: int | None) -> None:
+def serve_command(ctx: Context, host: str | None, port: int | None) -> None:
     """Run the subscription web service: unsubscribe, subscribe, archive (Ctrl-C stops it)."""
-    import contextlib
-    import signal
-
     from . import server
 
     cfg = ctx.config()
@@ -1269,7 +1219,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     click.echo("Stopped.")
 
 
-def _print_bounce_summary(summary: Any) -> None:
+def _print_bounce_summary(summary: BounceSummary) -> None:
     for record in summary.records:
         issue = f" issue {record.issue_key}" if record.issue_key else ""
         click.echo(
@@ -1283,47 +1233,44 @@ def _print_bounce_summary(summary: Any) -> None:
     )
 
 
-@main.group()
-def bounces() -> None:
+@main.group("bounces")
+def bounces_group() -> None:
     """Read bounce messages and mark bouncing subscribers."""
 
 
-@bounces.command("import")
+@bounces_group.command("import")
 @click.argument("path", type=click.Path(path_type=Path))
 @pass_ctx
-@handle_errors
 def bounces_import(ctx: Context, path: Path) -> None:
     """Process the bounces in PATH (an mbox file or a Maildir folder; it is not changed)."""
-    from . import bounces as bounces_module
+    from . import bounces
 
     cfg = ctx.config()
     with _open_store(ctx) as store:
-        summary = bounces_module.import_path(store, path, soft_limit=cfg.bounces.soft_limit)
+        summary = bounces.import_path(store, path, soft_limit=cfg.bounces.soft_limit)
     _print_bounce_summary(summary)
 
 
-@bounces.command("fetch")
+@bounces_group.command("fetch")
 @click.option("--all", "include_seen", is_flag=True, help="Also messages already marked read.")
 @pass_ctx
-@handle_errors
 def bounces_fetch(ctx: Context, include_seen: bool) -> None:
     """Process new bounces from the [bounces] IMAP folder (password: NEWSLETTER_IMAP_PASSWORD)."""
-    from . import bounces as bounces_module
+    from . import bounces
 
     cfg = ctx.config()
     with _open_store(ctx) as store:
-        summary = bounces_module.fetch_imap(store, cfg, include_seen=include_seen)
+        summary = bounces.fetch_imap(store, cfg, include_seen=include_seen)
     _print_bounce_summary(summary)
 
 
-@bounces.command("list")
+@bounces_group.command("list")
 @click.argument("issue_ref", metavar="[ISSUE]", required=False)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @pass_ctx
-@handle_errors
 def bounces_list(ctx: Context, issue_ref: str | None, limit: int) -> None:
     """List recorded bounces: all (newest first), or those of ISSUE."""
-    from . import bounces as bounces_module
+    from . import bounces
 
     cfg = ctx.config()
     with _open_store(ctx) as store:
@@ -1331,7 +1278,7 @@ def bounces_list(ctx: Context, issue_ref: str | None, limit: int) -> None:
             records = store.list_bounces(limit)
         else:
             key = content.find_issue(cfg.issues_dir, issue_ref).name
-            records = bounces_module.bounces_for_issue(store, key)
+            records = bounces.bounces_for_issue(store, key)
     if not records:
         click.echo("No bounces recorded.")
     for record in records:

@@ -117,7 +117,7 @@ def default_subject(titles: Iterable[str], max_length: int = 100) -> str:
 def _cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
-    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:–-")
+    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:–-")  # noqa: RUF001 (en dash)
     return f"{cut}…"
 
 

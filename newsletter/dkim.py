@@ -168,7 +168,8 @@ def relaxed_header(field_bytes: bytes) -> bytes:
 
 
 def key_path(config: Config) -> Path | None:
-    """The private key file: NEWSLETTER_DKIM_KEY_FILE, else [dkim] key_file (relative to the workspace)."""
+    """The private key file: NEWSLETTER_DKIM_KEY_FILE, else [dkim] key_file (relative to
+    the workspace)."""
     raw = config.secrets.dkim_key_file or config.dkim.key_file
     if not raw:
         return None
@@ -311,7 +312,8 @@ def key_file_warnings(config: Config) -> list[str]:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         found.append(
-            f"{path}: DKIM private key is readable by others (mode {mode:04o}); run chmod 600 {path}"
+            f"{path}: DKIM private key is readable by others (mode {mode:04o}); "
+            f"run chmod 600 {path}"
         )
     resolved = path.resolve()
     root, state = config.root.resolve(), config.state_dir.resolve()

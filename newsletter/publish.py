@@ -423,17 +423,20 @@ unsubscribe link.</p>
 <h2 class="section">Past issues</h2>
 {% if entries %}<ol class="issues">
 {% for entry in entries %}<li class="issue">
-<p class="meta">No. {{ entry.number }} · <time datetime="{{ entry.date.isoformat() }}">{{ entry.shown_date }}</time></p>
+<p class="meta">No. {{ entry.number }} ·
+<time datetime="{{ entry.date.isoformat() }}">{{ entry.shown_date }}</time></p>
 <h3><a href="{{ entry.slug }}/">{{ entry.title }}</a></h3>
 {% if entry.description %}<p class="description">{{ entry.description }}</p>{% endif %}
 {% if entry.headlines %}<ul>
 {% for headline in entry.headlines[:headlines] %}<li>{{ headline }}</li>
-{% endfor %}{% if entry.headlines | length > headlines %}<li>and {{ entry.headlines | length - headlines }} more</li>{% endif %}
+{% endfor %}{% if entry.headlines | length > headlines -%}
+<li>and {{ entry.headlines | length - headlines }} more</li>{% endif %}
 </ul>{% endif %}
 </li>
 {% endfor %}</ol>{% else %}<p class="empty">No issue has been published yet.</p>{% endif %}
 </main>
-<footer><p><a href="{{ feed_link }}">Atom feed</a>{% if postal_address %} · {{ postal_address }}{% endif %}</p></footer>
+<footer><p><a href="{{ feed_link }}">Atom feed</a>
+{%- if postal_address %} · {{ postal_address }}{% endif %}</p></footer>
 </div></body></html>
 """
 

@@ -925,7 +925,8 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     )
     if not issue.preheader:
         warnings.append(
-            f"{issue.path / 'issue.md'}: no preheader; the inbox will show the first words of the email instead"
+            f"{issue.path / 'issue.md'}: no preheader; "
+            "the inbox will show the first words of the email instead"
         )
     rendered = RenderedIssue(
         issue=issue,
@@ -941,7 +942,8 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     )
     if rendered.over_gmail_clip:
         warnings.append(
-            f"email HTML is {rendered.html_size / 1024:.0f} KB, over Gmail's ~102 KB clipping size; shorten the issue or use excerpts"
+            f"email HTML is {rendered.html_size / 1024:.0f} KB, over Gmail's ~102 KB clipping "
+            "size; shorten the issue or use excerpts"
         )
         rendered = RenderedIssue(
             **{**rendered.__dict__, "warnings": tuple(dict.fromkeys(warnings))}

@@ -130,7 +130,9 @@ li{margin:.4em 0}
 {% endblock %}""",
     "bad_link.html": """{% extends "base.html" %}{% block body %}
 <p>{{ message }}</p>
-{% if subscribe_url %}<p><a href="{{ subscribe_url }}">Go to the subscription form</a></p>{% endif %}
+{% if subscribe_url -%}
+<p><a href="{{ subscribe_url }}">Go to the subscription form</a></p>
+{%- endif %}
 {% endblock %}""",
     "subscribe.html": """{% extends "base.html" %}{% block body %}
 {% if tagline %}<p>{{ tagline }}</p>{% endif %}

@@ -1006,7 +1006,8 @@ class Store:
             return 0
         with self._transaction() as conn:
             updated = conn.executemany(
-                "UPDATE deliveries SET state = ?, last_reply = ?, message_id = coalesce(nullif(?, ''), message_id), retry_at = ?,"
+                "UPDATE deliveries SET state = ?, last_reply = ?,"
+                " message_id = coalesce(nullif(?, ''), message_id), retry_at = ?,"
                 " updated_at = ?, sent_at = coalesce(?, sent_at)"
                 " WHERE issue_key = ? AND subscriber_id = ? AND state = 'sending'",
                 params,

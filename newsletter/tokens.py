@@ -48,7 +48,8 @@ class TokenSigner:
             raise ConfigError(
                 "NEWSLETTER_SECRET_KEY is not set or shorter than 16 characters",
                 where="environment",
-                hint='set it to a long random string, e.g. export NEWSLETTER_SECRET_KEY="$(openssl rand -hex 32)"',
+                hint="set it to a long random string, "
+                'e.g. export NEWSLETTER_SECRET_KEY="$(openssl rand -hex 32)"',
             )
         self._key = secret.encode("utf-8")
 

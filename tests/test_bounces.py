@@ -394,6 +394,7 @@ def imap_config(tmp_path: Path, port: int, password: str | None = "demopass") ->
     return config.load(root, environ=env)
 
 
+@pytest.mark.server
 def test_fetch_over_imap_processes_new_messages_once_and_flags_them(
     imap_server: int, tmp_path: Path, store: Store
 ) -> None:
@@ -423,6 +424,7 @@ def test_fetch_over_imap_processes_new_messages_once_and_flags_them(
     client.logout()
 
 
+@pytest.mark.server
 def test_fetch_needs_the_password_and_refuses_clear_text_off_loopback(
     imap_server: int, tmp_path: Path, store: Store
 ) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,18 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from newsletter import check, config, content, message, render
 from newsletter.check import CheckReport, Finding
 from newsletter.cli import main
-from tests.deliverability_helpers import (
-    append_config,
-    cli,
-    example_issue,
-    example_ws,
-    load,
-    render_example,
-    rsa_key,
-    write_key,
-)
-
-__all__ = ["cli", "example_ws", "rsa_key"]  # fixtures used below
+from tests.support import example_issue, load_config
+from tests.support.deliverability import append_config, render_example, write_key
 
 
 def codes(report: CheckReport, level: str | None = None) -> set[str]:
@@ -73,9 +61,9 @@ PLACEHOLDER = "public-url-placeholder"
 
 
 def test_the_example_issue_has_no_errors_and_warns_only_of_its_placeholder_address(
-    example_ws: Path,
+    workspace: Path,
 ) -> None:
-    cfg = load(example_ws)
+    cfg = load_config(workspace)
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
     assert report.errors == () and codes(report, "warning") == {PLACEHOLDER}, report.findings
     assert "https://example.org/ledger is a placeholder" in finding(report, PLACEHOLDER).message
@@ -87,14 +75,14 @@ def test_the_example_issue_has_no_errors_and_warns_only_of_its_placeholder_addre
     assert report.spam is None
 
 
-def test_cli_check_of_the_example_exits_0_and_says_so(cli: CliRunner, example_ws: Path) -> None:
-    result = cli.invoke(main, ["-C", str(example_ws), "check", "1"])
+def test_cli_check_of_the_example_exits_0_and_says_so(runner: CliRunner, workspace: Path) -> None:
+    result = runner.invoke(main, ["-C", str(workspace), "check", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "0 errors, 1 warnings"
 
 
-def test_json_output_parses(cli: CliRunner, example_ws: Path) -> None:
-    result = cli.invoke(main, ["-C", str(example_ws), "check", "1", "--json"])
+def test_json_output_parses(runner: CliRunner, workspace: Path) -> None:
+    result = runner.invoke(main, ["-C", str(workspace), "check", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["ok"] is True and data["errors"] == 0 and data["warnings"] == 1
@@ -106,7 +94,7 @@ def test_json_output_parses(cli: CliRunner, example_ws: Path) -> None:
 # --- each check on a crafted issue ------------------------------------------------------
 
 
-def test_links_and_images_that_hurt(example_ws: Path) -> None:
+def test_links_and_images_that_hurt(workspace: Path) -> None:
     body = (
         GOOD_BODY + "See [the old site](http://example.org/old), [a relative one](/relative/page), "
         "[a broken host](https://exa_mple!.org/x) and this []( https://example.org/empty ).\n\n"
@@ -114,8 +102,8 @@ def test_links_and_images_that_hurt(example_ws: Path) -> None:
         '<img src="https://example.org/no-width.png" alt="A harbour at dusk">\n\n'
         '<img src="http://example.org/plain.png" alt="Plain" width="100%">\n'
     )
-    cfg = load(example_ws)
-    report = check.check_issue(cfg, write_issue(example_ws, body), spam=False)
+    cfg = load_config(workspace)
+    report = check.check_issue(cfg, write_issue(workspace, body), spam=False)
     assert finding(report, "link-http").level == "warning"
     assert "http://example.org/old" in finding(report, "link-http").message
     malformed = [f for f in report.findings if f.code == "link-malformed"]
@@ -133,51 +121,51 @@ def test_links_and_images_that_hurt(example_ws: Path) -> None:
     assert not report.ok
 
 
-def test_subject_in_capitals_and_too_long(example_ws: Path) -> None:
+def test_subject_in_capitals_and_too_long(workspace: Path) -> None:
     subject = "BIG NEWS FROM THE HARBOUR " * 5
-    cfg = load(example_ws)
+    cfg = load_config(workspace)
     issue = write_issue(
-        example_ws, GOOD_BODY, front=f"subject: {subject.strip()}\npreheader: Something.\n"
+        workspace, GOOD_BODY, front=f"subject: {subject.strip()}\npreheader: Something.\n"
     )
     report = check.check_issue(cfg, issue, spam=False)
     assert finding(report, "subject-caps").level == "warning"
     assert "129 characters" in finding(report, "subject-long").message
-    plain = write_issue(example_ws, GOOD_BODY, number=3, front="subject: TfL\npreheader: x\n")
+    plain = write_issue(workspace, GOOD_BODY, number=3, front="subject: TfL\npreheader: x\n")
     assert {"subject-caps", "subject-long"}.isdisjoint(codes(check.check_issue(cfg, plain)))
 
 
-def test_no_preheader(example_ws: Path) -> None:
-    cfg = load(example_ws)
-    report = check.check_issue(cfg, write_issue(example_ws, GOOD_BODY, front=""), spam=False)
+def test_no_preheader(workspace: Path) -> None:
+    cfg = load_config(workspace)
+    report = check.check_issue(cfg, write_issue(workspace, GOOD_BODY, front=""), spam=False)
     assert finding(report, "preheader-missing").level == "warning"
     assert finding(report, "preheader-missing").where.endswith("issue.md")
 
 
-def test_html_over_the_gmail_clip(example_ws: Path) -> None:
+def test_html_over_the_gmail_clip(workspace: Path) -> None:
     body = "\n\n".join(f"Paragraph {n} " + "words and more words " * 60 for n in range(120))
-    cfg = load(example_ws)
-    report = check.check_issue(cfg, write_issue(example_ws, body), spam=False)
+    cfg = load_config(workspace)
+    report = check.check_issue(cfg, write_issue(workspace, body), spam=False)
     assert report.html_size > render.GMAIL_CLIP_BYTES
     assert finding(report, "html-size").level == "warning"
     assert "clip" in finding(report, "html-size").message
 
 
-def test_no_unsubscribe_link_and_no_postal_address_in_the_body(example_ws: Path) -> None:
-    (example_ws / "templates" / "email.mjml").write_text(
+def test_no_unsubscribe_link_and_no_postal_address_in_the_body(workspace: Path) -> None:
+    (workspace / "templates" / "email.mjml").write_text(
         '{% extends "!default/email.mjml" %}\n'
         "{% block footer %}<mj-section><mj-column><mj-text><p>Bye.</p></mj-text>"
         "</mj-column></mj-section>{% endblock %}\n",
         encoding="utf-8",
     )
-    cfg = load(example_ws)
+    cfg = load_config(workspace)
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
     assert finding(report, "unsubscribe-missing").level == "error"
     assert finding(report, "postal-address-hidden").level == "warning"
     assert "unsubscribe-text-missing" not in codes(report)  # the text part still has it
 
 
-def test_postal_address_not_configured(example_ws: Path) -> None:
-    cfg = load(example_ws)
+def test_postal_address_not_configured(workspace: Path) -> None:
+    cfg = load_config(workspace)
     cfg = config.replace(
         cfg,
         newsletter=config.NewsletterSettings(**{**cfg.newsletter.__dict__, "postal_address": ""}),
@@ -193,16 +181,16 @@ def test_postal_address_not_configured(example_ws: Path) -> None:
         ("{{ newsletter.name }}: read it on the web at {{ web_url }}\n", "text-short", "warning"),
     ],
 )
-def test_thin_text_part(example_ws: Path, text_template: str, code: str, level: str) -> None:
-    (example_ws / "templates" / "email.txt").write_text(text_template, encoding="utf-8")
-    cfg = load(example_ws)
+def test_thin_text_part(workspace: Path, text_template: str, code: str, level: str) -> None:
+    (workspace / "templates" / "email.txt").write_text(text_template, encoding="utf-8")
+    cfg = load_config(workspace)
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
     assert finding(report, code).level == level
     assert finding(report, "unsubscribe-text-missing").level == "warning"
 
 
-def test_missing_unsubscribe_headers(example_ws: Path) -> None:
-    cfg = load(example_ws)
+def test_missing_unsubscribe_headers(workspace: Path) -> None:
+    cfg = load_config(workspace)
     none = config.replace(cfg, unsubscribe=config.UnsubscribeSettings())
     report = check.check_issue(none, example_issue(none), spam=False)
     missing = {f.message.split(" header")[0] for f in report.findings if f.code == "header-missing"}
@@ -220,8 +208,8 @@ def test_missing_unsubscribe_headers(example_ws: Path) -> None:
     assert report.ok
 
 
-def test_header_checks_on_a_crafted_message(example_ws: Path) -> None:
-    cfg = load(example_ws)
+def test_header_checks_on_a_crafted_message(workspace: Path) -> None:
+    cfg = load_config(workspace)
     good = message.sample_message(render_example(cfg), cfg)
     assert list(check.check_headers(good, cfg)) == []
     head, _, body = good.partition(b"\r\n\r\n")
@@ -244,22 +232,22 @@ def test_header_checks_on_a_crafted_message(example_ws: Path) -> None:
 
 
 def test_dkim_configured_signs_and_verifies(
-    example_ws: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    workspace: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
 ) -> None:
     key = write_key(tmp_path / "k.key", rsa_key)
-    append_config(example_ws, '[dkim]\nselector = "nl"\ndomain = "example.org"\n')
-    cfg = load(example_ws, **{config.ENV_DKIM_KEY_FILE: str(key)})
+    append_config(workspace, '[dkim]\nselector = "nl"\ndomain = "example.org"\n')
+    cfg = load_config(workspace, **{config.ENV_DKIM_KEY_FILE: str(key)})
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
     assert "nl._domainkey.example.org" in finding(report, "dkim-ok").message
     assert report.errors == () and codes(report, "warning") == {PLACEHOLDER}
 
 
 def test_dkim_misaligned_domain_warns(
-    example_ws: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    workspace: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
 ) -> None:
     key = write_key(tmp_path / "k.key", rsa_key)
-    append_config(example_ws, '[dkim]\nselector = "nl"\ndomain = "example.net"\n')
-    cfg = load(example_ws, **{config.ENV_DKIM_KEY_FILE: str(key)})
+    append_config(workspace, '[dkim]\nselector = "nl"\ndomain = "example.net"\n')
+    cfg = load_config(workspace, **{config.ENV_DKIM_KEY_FILE: str(key)})
     report = check.check_issue(cfg, example_issue(cfg), spam=False)
     assert "DMARC alignment" in finding(report, "dkim-alignment").message
     assert "dkim-ok" in codes(report)
@@ -268,17 +256,10 @@ def test_dkim_misaligned_domain_warns(
 # --- SpamAssassin -----------------------------------------------------------------------
 
 
-def _require_spamassassin() -> None:
-    if shutil.which("spamassassin") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must have SpamAssassin (make system-deps installs it)")
-        pytest.skip("SpamAssassin is not installed (apt-get install spamassassin)")
-
-
-def test_example_scores_at_most_zero_in_spamassassin(cli: CliRunner, example_ws: Path) -> None:
+@pytest.mark.spamassassin
+def test_example_scores_at_most_zero_in_spamassassin(runner: CliRunner, workspace: Path) -> None:
     """The issue's target: SpamAssassin 4 in local mode gives the example at most 0.0."""
-    _require_spamassassin()
-    result = cli.invoke(main, ["-C", str(example_ws), "check", "1", "--spam", "--json"])
+    result = runner.invoke(main, ["-C", str(workspace), "check", "1", "--spam", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     spam = data["spam"]
@@ -292,12 +273,12 @@ def test_example_scores_at_most_zero_in_spamassassin(cli: CliRunner, example_ws:
 
 
 def test_spam_without_spamassassin_says_how_to_install_it(
-    example_ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    cfg = load(example_ws)
+    cfg = load_config(workspace)
     report = check.check_issue(cfg, example_issue(cfg), spam=True)
     unavailable = finding(report, "spam-unavailable")
     assert unavailable.level == "warning"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -18,8 +20,7 @@ from click.testing import CliRunner, Result
 
 from newsletter import __version__
 from newsletter.cli import main
-from tests.conftest import REPO, TEST_SECRET_KEY
-from tests.helpers import EXAMPLE_SLUG
+from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY
 
 ERROR_LINE = re.compile(
     r"^Error: (?P<path>/[^:;]+?)(?::(?P<line>\d+))?: (?P<what>[^;]+); (?P<hint>.+)$"
@@ -115,7 +116,7 @@ def test_issue_new_prints_path_and_number(runner: CliRunner, workspace: Path) ->
         "Created issue 2: Second Thoughts (2026-11-27)",
     ]
     bad_date = run(runner, workspace, "issue", "new", "--date", "27/11/2026")
-    assert bad_date.exit_code == 1 and "Traceback" not in bad_date.output
+    assert bad_date.exit_code == 2 and "Traceback" not in bad_date.output
     assert bad_date.stderr.splitlines() == [
         "Error: Invalid value for '--date': '27/11/2026' does not match the format"
         " '%Y-%m-%d'; see `newsletter issue new --help`"
@@ -144,9 +145,15 @@ def test_issue_add_remove_move_show(
     )
     assert refused.exit_code == 1 and "--force" in refused.stderr
     result = run(
-        runner, workspace, "issue", "add", "2", "--force",
-        str(articles / "05-what-benches-tell-us.md"), str(articles / "01-harbour-tram-opens-early.md"),
-    )  # fmt: skip
+        runner,
+        workspace,
+        "issue",
+        "add",
+        "2",
+        "--force",
+        str(articles / "05-what-benches-tell-us.md"),
+        str(articles / "01-harbour-tram-opens-early.md"),
+    )
     assert result.exit_code == 0, result.output
     added = [line for line in result.stdout.splitlines() if line.startswith("added ")]
     assert [line.split()[1] for line in added] == [
@@ -274,6 +281,53 @@ def test_outside_a_workspace_a_command_says_so(
     assert "no newsletter.toml here" in assert_one_error_line(result, tmp_path.resolve())["what"]
 
 
+# --- misuse: one line, exit 2 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["send"], "Error: Missing argument 'ISSUE'; see `newsletter send --help`"),
+        (
+            ["send", "1", "--bogus"],
+            "Error: No such option '--bogus'; see `newsletter send --help`",
+        ),
+        (
+            ["send", "1", "--limit", "zero"],
+            "Error: Invalid value for '--limit': 'zero' is not a valid integer range;"
+            " see `newsletter send --help`",
+        ),
+        (
+            ["subscribers", "frobnicate"],
+            "Error: No such command 'frobnicate'; see `newsletter subscribers --help`",
+        ),
+        (["--bogus"], "Error: No such option '--bogus'; see `newsletter --help`"),
+    ],
+)
+def test_a_usage_error_is_one_line_and_exit_2(
+    runner: CliRunner, workspace: Path, args: list[str], line: str
+) -> None:
+    before = snapshot(workspace)
+    result = runner.invoke(main, ["-C", str(workspace), *args], prog_name="newsletter")
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [line]
+    assert snapshot(workspace) == before
+
+
+def test_a_group_alone_shows_its_help_and_exits_2(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["subscribers"], prog_name="newsletter")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: newsletter subscribers [OPTIONS] COMMAND [ARGS]...")
+    assert "Error" not in result.stderr
+
+
+def test_a_failure_is_exit_1_and_success_exit_0(runner: CliRunner, workspace: Path) -> None:
+    failed = run(runner, workspace, "send", "42")
+    assert failed.exit_code == 1 and failed.stderr.startswith("Error: ")
+    assert run(runner, workspace, "issue", "list").exit_code == 0
+
+
 # --- bad input: one line, exit 1, nothing written --------------------------------------------
 
 
@@ -313,7 +367,10 @@ def test_issue_add_bad_article(
     ).startswith(what)
 
 
-FRESH_ARTICLE = "---\ntitle: Night Buses Return\nsource: The Ledger\nurl: https://example.org/night-buses\n---\nThey are back.\n"
+FRESH_ARTICLE = (
+    "---\ntitle: Night Buses Return\nsource: The Ledger\nurl: https://example.org/night-buses\n"
+    "---\nThey are back.\n"
+)
 
 
 def test_same_article_added_twice(
@@ -392,7 +449,8 @@ def test_build_with_a_missing_image(runner: CliRunner, workspace: Path, example_
 def test_build_with_an_unknown_template_variable(runner: CliRunner, workspace: Path) -> None:
     template = write(
         workspace / "templates" / "article.mjml",
-        "<mj-section>\n  <mj-column>\n    <mj-text>{{ article.kicker }}</mj-text>\n  </mj-column>\n</mj-section>\n",
+        "<mj-section>\n  <mj-column>\n    <mj-text>{{ article.kicker }}</mj-text>\n"
+        "  </mj-column>\n</mj-section>\n",
     )
     what = bad_input(runner, workspace, ["build", "1"], template.resolve(), 3)
     assert what.startswith("unknown template variable")
@@ -401,7 +459,8 @@ def test_build_with_an_unknown_template_variable(runner: CliRunner, workspace: P
 def test_build_with_an_mjml_error(runner: CliRunner, workspace: Path) -> None:
     template = write(
         workspace / "templates" / "email.mjml",
-        '{% extends "!default/email.mjml" %}\n{% block footer %}<mj-section><mj-column>{% endblock %}\n',
+        '{% extends "!default/email.mjml" %}\n'
+        "{% block footer %}<mj-section><mj-column>{% endblock %}\n",
     )
     assert bad_input(runner, workspace, ["build", "1"], template.resolve()).startswith("MJML error")
 
@@ -433,11 +492,23 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.server
+def run_process(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``command`` in a fresh process that imports this repository, with the test key."""
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.server
 def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "build", "1"],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process([sys.executable, "-m", "newsletter", "build", "1"], workspace)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out_dir = workspace.resolve() / ".newsletter" / "build" / EXAMPLE_SLUG
@@ -453,15 +524,49 @@ def test_python_dash_m_builds_in_a_fresh_process(workspace: Path) -> None:
     assert (out_dir / "email.txt").read_bytes() == (golden / "example-email.txt").read_bytes()
 
 
+@pytest.mark.server
 def test_bad_input_in_a_fresh_process_is_one_line(workspace: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "build", "42"],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process([sys.executable, "-m", "newsletter", "build", "42"], workspace)
     assert result.returncode == 1
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith(f"Error: {workspace.resolve() / 'issues'}: no issue '42'; ")
+
+
+@pytest.mark.server
+def test_usage_error_in_a_fresh_process_is_exit_2(workspace: Path) -> None:
+    """A script can tell misuse (2) from failure (1): `newsletter send` without its ISSUE."""
+    result = run_process([sys.executable, "-m", "newsletter", "send"], workspace)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "Error: Missing argument 'ISSUE'; see `python -m newsletter send --help`"
+    ]
+    failed = run_process([sys.executable, "-m", "newsletter", "send", "42"], workspace)
+    assert failed.returncode == 1, failed.stderr
+
+
+@pytest.mark.server
+def test_ctrl_c_is_one_line_and_exit_130(workspace: Path) -> None:
+    """Ctrl-C while a command waits (here: reading a CSV from a pipe that never ends)."""
+    fifo = workspace / "list.csv"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo)],
+        cwd=workspace, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        with fifo.open("w") as writer:  # returns once the command has opened the pipe
+            writer.write("email,name\n")
+            writer.flush()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["Interrupted."]
 
 
 def installed_script() -> Path | None:
@@ -484,6 +589,7 @@ def installed_script() -> Path | None:
     return None
 
 
+@pytest.mark.server
 def test_console_script(workspace: Path) -> None:
     """Runs the installed `newsletter` command when it is this repository's; otherwise the
     same entry point (``newsletter.cli:main``, as pyproject declares) in a fresh process."""
@@ -502,10 +608,9 @@ def test_console_script(workspace: Path) -> None:
             "-c",
             "import sys; from newsletter.cli import main; sys.argv[0] = 'newsletter'; main()",
         ]
-    result = subprocess.run(
-        [*command, "-C", str(workspace), "build", "1", "--out", str(workspace / "out")],
-        cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_process(
+        [*command, "-C", str(workspace), "build", "1", "--out", str(workspace / "out")], workspace
+    )
     assert result.returncode == 0, result.stderr
     assert (workspace / "out" / "email.html").stat().st_size > 10_000
     version = subprocess.run(
@@ -519,6 +624,7 @@ def test_console_script(workspace: Path) -> None:
     assert version.stdout == f"newsletter, version {__version__}\n"
 
 
+@pytest.mark.server
 def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
     """premailer (with cssutils and requests) is imported when an issue is rendered, not before."""
     code = (
@@ -540,14 +646,13 @@ def test_help_does_not_load_the_css_inliner(workspace: Path) -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
-def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
+@pytest.mark.server
+def test_importing_the_cli_loads_only_what_every_command_needs() -> None:
+    """Commands import the send, preview, import and service machinery when they run."""
     code = (
         "import sys\n"
         "import newsletter.cli\n"
-        "loaded = 'newsletter.importers.web' in sys.modules\n"
-        "import newsletter.delivery\n"
-        "from newsletter.importers import sources\n"
-        "print(loaded, callable(newsletter.delivery.prepare_send), sources.__name__)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('newsletter.')))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -558,7 +663,11 @@ def test_modules_imported_on_first_use_behave_like_normal_imports() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "True", "newsletter.importers.sources"]
+    loaded = {name.split(".")[1] for name in ast.literal_eval(result.stdout)}
+    later = {"bounces", "check", "delivery", "demo", "dkim", "importers", "message", "preview"}
+    later |= {"server", "sink", "store", "tokens", "transport"}
+    assert {"cli", "config", "content", "render"} <= loaded
+    assert not loaded & later, loaded & later
 
 
 def test_preview_defaults_in_help_match_the_library(runner: CliRunner) -> None:

@@ -21,24 +21,22 @@ from newsletter import cli, config
 from newsletter.cli import main
 from newsletter.models import DeliveryState
 from newsletter.store import Store
-from tests.deliverability_helpers import rsa_key, write_key
-from tests.delivery_helpers import (
+from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY, copy_example
+from tests.support.deliverability import write_key
+from tests.support.delivery import (
     EXAMPLE_ACTIVE,
-    ISSUE_KEY,
-    REPO,
-    SECRET,
     copies,
-    copy_example,
     fill,
     message_id,
     nonzero,
     states,
     with_state,
 )
-from tests.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
+from tests.support.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
+
+pytestmark = pytest.mark.server  # every test sends to a real SMTP server
 
 S = DeliveryState
-__all__ = ["rsa_key"]  # a fixture used below
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Site:
 
 @pytest.fixture(autouse=True)
 def environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(config.ENV_SECRET_KEY, SECRET)
+    monkeypatch.setenv(config.ENV_SECRET_KEY, TEST_SECRET_KEY)
     for name in (config.ENV_SMTP_PASSWORD, config.ENV_DB, config.ENV_DKIM_KEY_FILE):
         monkeypatch.delenv(name, raising=False)
 
@@ -123,7 +121,7 @@ def test_without_yes_it_asks_and_sends_nothing_unless_told(
     assert result.exit_code == 1
     assert site.server.messages == []
     with site.store() as store:
-        assert store.issue_snapshot(ISSUE_KEY) is None
+        assert store.issue_snapshot(EXAMPLE_SLUG) is None
 
 
 @pytest.mark.parametrize("answer", ["y\n", None])
@@ -138,7 +136,7 @@ def test_without_a_terminal_it_never_sends_even_when_y_is_piped(
     ]
     assert site.server.messages == []
     with site.store() as store:
-        assert store.issue_snapshot(ISSUE_KEY) is None
+        assert store.issue_snapshot(EXAMPLE_SLUG) is None
 
 
 def test_yes_at_the_prompt_sends(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,8 +153,8 @@ def test_dry_run_builds_every_message_and_records_nothing(site: Site) -> None:
     assert "Nothing was sent or recorded." in result.stdout
     assert site.server.messages == []
     with site.store() as store:
-        assert store.issue_snapshot(ISSUE_KEY) is None
-        assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+        assert store.issue_snapshot(EXAMPLE_SLUG) is None
+        assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {}
 
 
 def test_the_size_shown_before_sending_is_the_size_of_a_signed_copy(
@@ -190,8 +188,8 @@ def test_test_copies_say_test_and_leave_the_ledger_empty(site: Site) -> None:
         parsed = email.message_from_bytes(message.data, policy=email.policy.default)
         assert str(parsed["Subject"]).startswith("[TEST] ")
     with site.store() as store:
-        assert store.issue_snapshot(ISSUE_KEY) is None
-        assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+        assert store.issue_snapshot(EXAMPLE_SLUG) is None
+        assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {}
 
 
 def test_limit_sends_only_that_many(site: Site) -> None:
@@ -199,7 +197,10 @@ def test_limit_sends_only_that_many(site: Site) -> None:
     assert result.exit_code == 0, result.output
     assert len(site.server.messages) == 4
     with site.store() as store:
-        assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": 4, "queued": EXAMPLE_ACTIVE - 4}
+        assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {
+            "sent": 4,
+            "queued": EXAMPLE_ACTIVE - 4,
+        }
     rest = site.run("send", "1", "--yes")
     assert rest.exit_code == 0, rest.output
     got = copies(site.server.messages)
@@ -255,7 +256,7 @@ def test_recipients_left_deferred_exit_75(site: Site) -> None:
     site.server.handler.faults = Faults(rcpt={"eamon@example.com": "451 4.3.0 try later"})
     result = site.run("send", "1", "--yes")
     assert result.exit_code == 75, result.output
-    assert f"1 deferred: `newsletter send {ISSUE_KEY}` again later sends them." in result.stdout
+    assert f"1 deferred: `newsletter send {EXAMPLE_SLUG}` again later sends them." in result.stdout
     status = site.run("status", "1")
     assert "deferred  eamon@example.com  attempts 2  451 4.3.0 try later" in status.stdout
 
@@ -273,8 +274,8 @@ def test_a_server_that_is_down_is_one_error_line_naming_host_and_port(
     ]
     assert "Traceback" not in result.output
     with site.store() as store:
-        assert store.issue_snapshot(ISSUE_KEY) is None
-        assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+        assert store.issue_snapshot(EXAMPLE_SLUG) is None
+        assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {}
 
 
 def test_a_bad_csv_is_one_line_and_exit_1(site: Site, tmp_path: Path) -> None:
@@ -313,7 +314,7 @@ def test_a_missing_password_is_one_line_and_exit_1(
     ]
     assert server.messages == []
     with site.store() as store:
-        assert store.issue_snapshot(ISSUE_KEY) is None
+        assert store.issue_snapshot(EXAMPLE_SLUG) is None
 
 
 # --- real processes ----------------------------------------------------------------------
@@ -326,7 +327,7 @@ def child_env() -> dict[str, str]:
         if k not in (config.ENV_SMTP_PASSWORD, config.ENV_DB, config.ENV_DKIM_KEY_FILE)
     }
     env["PYTHONPATH"] = str(REPO)
-    env[config.ENV_SECRET_KEY] = SECRET
+    env[config.ENV_SECRET_KEY] = TEST_SECRET_KEY
     return env
 
 
@@ -369,7 +370,7 @@ def test_kill_9_mid_run_then_resume_nobody_twice_but_uncertain_nobody_skipped(
         )
         assert second.returncode == 1
         errors = [line for line in second.stderr.splitlines() if line.startswith("Error:")]
-        assert len(errors) == 1 and f"another send of issue {ISSUE_KEY} is running" in errors[0]
+        assert len(errors) == 1 and f"another send of issue {EXAMPLE_SLUG} is running" in errors[0]
         assert f"pid {first.pid}" in errors[0]
         first.send_signal(signal.SIGKILL)
         assert first.wait(30) == -signal.SIGKILL
@@ -382,7 +383,7 @@ def test_kill_9_mid_run_then_resume_nobody_twice_but_uncertain_nobody_skipped(
     unanswered = server.messages[pause - 1].recipients[0]  # received, the reply never went out
 
     with site.store() as store:
-        left = nonzero(store.ledger_counts(ISSUE_KEY))
+        left = nonzero(store.ledger_counts(EXAMPLE_SLUG))
     assert left.get("sending", 0) >= 1 and left.get("queued", 0) >= 1, left
 
     resumed = subprocess.run(
@@ -397,7 +398,7 @@ def test_kill_9_mid_run_then_resume_nobody_twice_but_uncertain_nobody_skipped(
         uncertain = with_state(store, S.UNCERTAIN)
         sent = with_state(store, S.SENT)
         assert set(states(store).values()) <= {S.SENT, S.UNCERTAIN}
-        ids = {e: store.ledger_entry(ISSUE_KEY, e) for e in sent}
+        ids = {e: store.ledger_entry(EXAMPLE_SLUG, e) for e in sent}
     assert f"Found {len(uncertain)} recipients left uncertain by a crashed run." in resumed.stdout
     assert unanswered in uncertain
     assert sent | uncertain == site.active and not sent & uncertain
@@ -426,7 +427,7 @@ def test_kill_9_mid_run_then_resume_nobody_twice_but_uncertain_nobody_skipped(
     assert all(after[e] >= 1 for e in site.active)
     assert {e for e, n in after.items() if n > 1} <= uncertain
     with site.store() as store:
-        assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(site.active)}
+        assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(site.active)}
 
 
 def test_ctrl_c_mid_run_finishes_what_is_in_flight_and_leaves_nothing_uncertain(
@@ -456,7 +457,7 @@ def test_ctrl_c_mid_run_finishes_what_is_in_flight_and_leaves_nothing_uncertain(
     assert "Traceback" not in stderr
     assert "the send stopped early" in stderr
     with site.store() as store:
-        left = nonzero(store.ledger_counts(ISSUE_KEY))
+        left = nonzero(store.ledger_counts(EXAMPLE_SLUG))
     assert "sending" not in left and "uncertain" not in left, left
     assert left["sent"] == len(server.messages)
 

@@ -30,21 +30,19 @@ from newsletter.transport import (
     WireReady,
     smtp_data_bytes,
 )
-from tests.deliverability_helpers import rsa_key, write_key
-from tests.delivery_helpers import (
+from tests.support import EXAMPLE_SLUG, copy_example, load_config
+from tests.support.deliverability import write_key
+from tests.support.delivery import (
     EXAMPLE_ACTIVE,
-    ISSUE_KEY,
     copies,
-    copy_example,
     fill,
     for_server,
-    load,
     message_id,
     nonzero,
     states,
     with_state,
 )
-from tests.smtp_server import (
+from tests.support.smtp_server import (
     ALWAYS,
     PASSWORD,
     USERNAME,
@@ -55,13 +53,12 @@ from tests.smtp_server import (
 )
 
 S = DeliveryState
-__all__ = ["rsa_key"]  # a fixture used below
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, RenderedIssue]:
     """The example workspace's config and its issue rendered once (the slow part)."""
-    cfg = load(copy_example(tmp_path_factory.mktemp("example") / "ws"))
+    cfg = load_config(copy_example(tmp_path_factory.mktemp("example") / "ws"))
     issue = content.read_issue(content.find_issue(cfg.issues_dir, "1"))
     return cfg, render.render_issue(issue, cfg)
 
@@ -128,6 +125,7 @@ def pause_at(server: SmtpTestServer, count: int) -> tuple[threading.Event, threa
 # --- everyone once, nobody else ----------------------------------------------------------
 
 
+@pytest.mark.server
 def test_every_active_subscriber_gets_exactly_one_copy(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -146,13 +144,14 @@ def test_every_active_subscriber_gets_exactly_one_copy(
     # The ledger's Message-ID is the one each recipient received.
     received = {m.recipients[0]: message_id(m.data) for m in sender.server.messages}
     for email in active:
-        entry = store.ledger_entry(ISSUE_KEY, email)
+        entry = store.ledger_entry(EXAMPLE_SLUG, email)
         assert entry is not None and entry.state == S.SENT
         assert entry.message_id == received[email] and entry.attempts == 1
         assert entry.last_reply.startswith("250")
     assert 1 < sender.server.connections_used <= 3
 
 
+@pytest.mark.server
 def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -169,7 +168,7 @@ def test_a_second_run_sends_nothing_and_later_subscribers_need_include_new(
     assert (plan.recipients, plan.new_subscribers, plan.already_sent) == (0, 1, len(active))
     still = sender.send()
     assert still.sent == 0 and "late.comer@example.com" not in copies(sender.server.messages)
-    assert store.ledger_entry(ISSUE_KEY, "late.comer@example.com") is None
+    assert store.ledger_entry(EXAMPLE_SLUG, "late.comer@example.com") is None
 
     plan = prepare_send(sender.config, sender.rendered, store).plan(SendOptions(include_new=True))
     assert plan.recipients == 1
@@ -211,6 +210,7 @@ def test_one_prepared_send_plans_and_sends_the_same_signed_message(
     assert {boundary(m.data) for m in sender.server.messages} == {boundary(literal)}
 
 
+@pytest.mark.server
 def test_a_subscriber_who_unsubscribes_before_a_resumed_run_is_not_sent_to(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -228,6 +228,7 @@ def test_a_subscriber_who_unsubscribes_before_a_resumed_run_is_not_sent_to(
 # --- replies and faults ------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_421_mid_run_reconnects_and_delivers_everyone_once(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -239,11 +240,12 @@ def test_421_mid_run_reconnects_and_delivers_everyone_once(
     got = copies(sender.server.messages)
     assert set(got) == active and set(got.values()) == {1}
     assert report.sent == len(active) and report.ok
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
     assert sender.server.faults.close_421_times == 0  # all three fired
     assert sender.server.connections_used >= 3
 
 
+@pytest.mark.server
 def test_451_and_452_are_retried_with_backoff_and_sent_when_the_fault_clears(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -266,13 +268,14 @@ def test_451_and_452_are_retried_with_backoff_and_sent_when_the_fault_clears(
         0,
         len(active) + 3,
     )
-    entry = store.ledger_entry(ISSUE_KEY, greylisted)
+    entry = store.ledger_entry(EXAMPLE_SLUG, greylisted)
     assert entry is not None and (entry.state, entry.attempts) == (S.SENT, 3)
-    entry = store.ledger_entry(ISSUE_KEY, full)
+    entry = store.ledger_entry(EXAMPLE_SLUG, full)
     assert entry is not None and (entry.state, entry.attempts) == (S.SENT, 2)
     assert seen[-1].done == seen[-1].total == len(active)
 
 
+@pytest.mark.server
 def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -285,7 +288,7 @@ def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
 
     assert (report.sent, report.deferred, report.retried) == (len(active) - 1, 1, 2)
     assert report.ok  # deferred is not failed
-    entry = store.ledger_entry(ISSUE_KEY, stuck)
+    entry = store.ledger_entry(EXAMPLE_SLUG, stuck)
     assert entry is not None
     assert (entry.state, entry.attempts, entry.retry_at) == (S.DEFERRED, 3, None)
     assert entry.last_reply == "451 4.3.0 temporary failure"
@@ -298,9 +301,10 @@ def test_a_4xx_that_persists_is_left_deferred_and_sent_by_the_next_run(
     assert (again.sent, again.attempts) == (1, 1)
     got = copies(sender.server.messages)
     assert set(got) == active and set(got.values()) == {1}
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("bounce", [True, False])
 def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced(
     sender: Sender, store: Store, tmp_path: Path, bounce: bool
@@ -321,7 +325,7 @@ def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced
         (unknown, "550 5.1.1 no such user here"),
         (refused, "554 5.7.1 message refused as spam"),
     ):
-        entry = store.ledger_entry(ISSUE_KEY, email)
+        entry = store.ledger_entry(EXAMPLE_SLUG, email)
         assert entry is not None and entry.state == S.FAILED and entry.last_reply == reply
         subscriber = store.get_subscriber(email)
         assert subscriber is not None
@@ -332,6 +336,7 @@ def test_550_fails_with_the_reply_and_bounce_on_5xx_marks_the_subscriber_bounced
     assert sender.send().attempts == 0
 
 
+@pytest.mark.server
 def test_a_connection_dropped_at_data_is_resent_on_a_new_connection(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -346,6 +351,7 @@ def test_a_connection_dropped_at_data_is_resent_on_a_new_connection(
     assert sender.server.faults.drop_at_data == 0
 
 
+@pytest.mark.server
 def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -359,7 +365,7 @@ def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent
     assert set(got) == active and set(got.values()) == {1}
     assert (report.sent, report.uncertain) == (len(active) - 1, 1)
     assert with_state(store, S.UNCERTAIN) == {lost}
-    entry = store.ledger_entry(ISSUE_KEY, lost)
+    entry = store.ledger_entry(EXAMPLE_SLUG, lost)
     assert entry is not None and "connection lost after the whole message" in entry.last_reply
     assert entry.message_id == message_id(sender.server.messages[0].data)
     # Re-running leaves it alone; only --resend-uncertain sends another copy.
@@ -368,9 +374,10 @@ def test_a_connection_dropped_after_the_message_went_out_is_uncertain_not_resent
     assert (resent.attempts, resent.sent) == (1, 1)
     got = copies(sender.server.messages)
     assert got[lost] == 2 and all(n == 1 for email, n in got.items() if email != lost)
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": len(active)}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": len(active)}
 
 
+@pytest.mark.server
 def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -384,11 +391,12 @@ def test_a_server_that_stalls_after_the_message_times_out_to_uncertain(
     assert (report.sent, report.uncertain, report.deferred) == (len(active) - 1, 1, 0)
     assert with_state(store, S.UNCERTAIN) == {stalled}
     assert with_state(store, S.SENT) == active - {stalled}
-    entry = store.ledger_entry(ISSUE_KEY, stalled)
+    entry = store.ledger_entry(EXAMPLE_SLUG, stalled)
     assert entry is not None and "timed out" in entry.last_reply
     assert set(copies(sender.server.messages).values()) == {1}
 
 
+@pytest.mark.server
 def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -403,7 +411,7 @@ def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
     deferred = with_state(store, S.DEFERRED)
     assert len(deferred) == 1 and (report.sent, report.deferred) == (len(active) - 1, 1)
     (stalled,) = deferred
-    entry = store.ledger_entry(ISSUE_KEY, stalled)
+    entry = store.ledger_entry(EXAMPLE_SLUG, stalled)
     assert entry is not None and entry.retry_at is None and "timed out" in entry.last_reply
     assert stalled not in copies(sender.server.messages)
 
@@ -412,6 +420,7 @@ def test_a_server_that_stalls_before_the_message_leaves_it_deferred(
     assert set(got) == active and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_a_server_that_is_down_at_the_start_is_one_error_and_changes_nothing(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -424,10 +433,11 @@ def test_a_server_that_is_down_at_the_start_is_one_error_and_changes_nothing(
 
     assert caught.value.where == f"127.0.0.1:{port}"
     assert "connection refused" in str(caught.value)
-    assert store.issue_snapshot(ISSUE_KEY) is None  # the recipients are not even fixed
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {}
+    assert store.issue_snapshot(EXAMPLE_SLUG) is None  # the recipients are not even fixed
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {}
 
 
+@pytest.mark.server
 def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -447,13 +457,13 @@ def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
 
     assert isinstance(report.error, TransportError) and "no answer within" in str(report.error)
     assert report.stopped_by == str(report.error) and not report.ok
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert counts[S.SENT] == report.sent == 5
     assert counts[S.SENDING] == counts[S.UNCERTAIN] == counts[S.FAILED] == 0
     assert counts[S.DEFERRED] == report.deferred >= 1
     assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - 5
     for email in with_state(store, S.DEFERRED):
-        entry = store.ledger_entry(ISSUE_KEY, email)
+        entry = store.ledger_entry(EXAMPLE_SLUG, email)
         assert entry is not None and entry.retry_at is None
         assert entry.last_reply.startswith("not sent:")
     assert set(copies(server.messages).values()) == {1}
@@ -469,6 +479,7 @@ def test_a_server_lost_mid_run_stops_the_run_and_hands_unsent_rows_back(
 # --- concurrency -------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -482,7 +493,7 @@ def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
         assert store.path is not None
         with Store.open(store.path) as other, pytest.raises(DeliveryError) as caught:
             prepare_send(sender.config, sender.rendered, other).run()
-        assert f"another send of issue {ISSUE_KEY} is running" in str(caught.value)
+        assert f"another send of issue {EXAMPLE_SLUG} is running" in str(caught.value)
     finally:
         release.set()
         first.join(30)
@@ -491,6 +502,7 @@ def test_a_second_send_of_the_same_issue_is_refused_while_one_runs(
     assert set(got) == active and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_an_unsubscribe_during_the_send_is_honoured_for_everyone_not_yet_sent(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
@@ -521,18 +533,20 @@ def test_an_unsubscribe_during_the_send_is_honoured_for_everyone_not_yet_sent(
 # --- options -----------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_limit_sends_at_most_n_and_the_next_run_sends_the_rest(
     sender: Sender, store: Store, tmp_path: Path
 ) -> None:
     active = fill(store, tmp_path, generated=10)
     report = sender.send(limit=7, connections=2)
     assert report.sent == 7 and len(sender.server.messages) == 7
-    assert nonzero(store.ledger_counts(ISSUE_KEY)) == {"sent": 7, "queued": len(active) - 7}
+    assert nonzero(store.ledger_counts(EXAMPLE_SLUG)) == {"sent": 7, "queued": len(active) - 7}
     sender.send()
     got = copies(sender.server.messages)
     assert set(got) == active and set(got.values()) == {1}
 
 
+@pytest.mark.server
 def test_progress_reports_monotonically_increasing_done_counts(
     sender: Sender, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -548,6 +562,7 @@ def test_progress_reports_monotonically_increasing_done_counts(
     assert elapsed == sorted(elapsed)
 
 
+@pytest.mark.server
 def test_a_rate_limit_still_sends_everyone(sender: Sender, store: Store, tmp_path: Path) -> None:
     active = fill(store, tmp_path)
     report = sender.send(rate=500.0, connections=2)
@@ -615,7 +630,7 @@ def test_a_bug_in_a_transport_stops_the_run_and_marks_that_row_uncertain(
     )
 
     assert isinstance(report.error, DeliveryError) and "boom" in str(report.error)
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert (counts[S.SENT], counts[S.UNCERTAIN], counts[S.SENDING]) == (4, 1, 0)
     assert counts[S.DEFERRED] + counts[S.QUEUED] == len(active) - 5
     assert not report.ok
@@ -637,6 +652,7 @@ def test_the_bytes_handed_to_the_transport_need_no_line_end_or_dot_fixes(
         assert smtp_data_bytes(WireReady(data)) == smtp_data_bytes(data) == data + b".\r\n"
 
 
+@pytest.mark.server
 def test_a_leading_dot_survives_the_wire(sender: Sender, store: Store, tmp_path: Path) -> None:
     store.add_subscriber("dot@example.org", ".Dotty Reader")
     sender.send()
@@ -671,6 +687,7 @@ def test_nothing_due_means_no_connection_at_all(
     assert (report.attempts, report.ok) == (0, True)  # nothing to send: the server is not needed
 
 
+@pytest.mark.server
 def test_sends_through_starttls_with_a_login(
     example: tuple[Config, RenderedIssue],
     smtp_server: ServerFactory,
@@ -709,7 +726,7 @@ def test_a_signer_that_breaks_stops_the_run_without_failing_anyone_or_hanging(
     report = prepare_send(cfg, rendered, store, outbound=outbound).run(SendOptions(connections=2))
 
     assert isinstance(report.error, DeliveryError) and "key went away" in str(report.error)
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert counts[S.FAILED] == 0 and counts[S.SENDING] == 0
     # Two copies were signed; a worker that sees the stop first hands its copy back.
     assert counts[S.SENT] == len(transport.messages) in (1, 2)
@@ -743,7 +760,7 @@ def test_a_transport_that_cannot_be_made_hands_rows_back_instead_of_uncertain(
     )
 
     assert isinstance(report.error, DeliveryError) and "no more sockets" in str(report.error)
-    counts = store.ledger_counts(ISSUE_KEY)
+    counts = store.ledger_counts(EXAMPLE_SLUG)
     assert (counts[S.UNCERTAIN], counts[S.SENDING], counts[S.FAILED]) == (0, 0, 0)
     assert counts[S.SENT] == len(made[0].messages)
     assert counts[S.SENT] + counts[S.DEFERRED] + counts[S.QUEUED] == len(active)

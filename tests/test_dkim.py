@@ -18,18 +18,8 @@ from newsletter import config, dkim, message
 from newsletter.cli import main
 from newsletter.errors import ConfigError
 from newsletter.message import Recipient
-from tests.deliverability_helpers import (
-    append_config,
-    cli,
-    example_ws,
-    load,
-    render_example,
-    rsa_key,
-    signature_tags,
-    write_key,
-)
-
-__all__ = ["cli", "example_ws", "rsa_key"]  # fixtures used below
+from tests.support import load_config
+from tests.support.deliverability import append_config, render_example, signature_tags, write_key
 
 REQUIRED_SIGNED = (
     "from",
@@ -45,14 +35,14 @@ REQUIRED_SIGNED = (
 
 def dkim_config(root: Path, key_path: Path, *, domain: str = "example.org") -> config.Config:
     append_config(root, f'[dkim]\nselector = "nl2026"\ndomain = "{domain}"\n')
-    return load(root, **{config.ENV_DKIM_KEY_FILE: str(key_path)})
+    return load_config(root, **{config.ENV_DKIM_KEY_FILE: str(key_path)})
 
 
 @pytest.fixture
 def signed_setup(
-    example_ws: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    workspace: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
 ) -> tuple[config.Config, dkim.DkimSigner]:
-    cfg = dkim_config(example_ws, write_key(tmp_path / "keys" / "nl.key", rsa_key))
+    cfg = dkim_config(workspace, write_key(tmp_path / "keys" / "nl.key", rsa_key))
     signer = dkim.signer_from_config(cfg)
     assert signer is not None
     return cfg, signer
@@ -138,7 +128,7 @@ def test_whitespace_changes_that_relaxed_canonicalisation_allows_still_verify(
     assert dkim.verify(refolded, signer.record_value)
 
 
-def test_only_headers_present_are_signed(example_ws: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_only_headers_present_are_signed(workspace: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     signer = dkim.DkimSigner("s", "example.org", rsa_key)
     data = signer(b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nhello\r\n")
     assert signature_tags(data)["h"] == "from:to:subject:from"
@@ -200,27 +190,27 @@ def _shared_signer() -> dkim.DkimSigner:
 # --- config and bad input ---------------------------------------------------------------
 
 
-def test_no_dkim_section_means_no_signer(example_ws: Path) -> None:
-    assert dkim.signer_from_config(load(example_ws)) is None
+def test_no_dkim_section_means_no_signer(workspace: Path) -> None:
+    assert dkim.signer_from_config(load_config(workspace)) is None
 
 
 def test_key_file_from_config_is_relative_to_the_workspace(
-    example_ws: Path, rsa_key: rsa.RSAPrivateKey
+    workspace: Path, rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    write_key(example_ws / ".newsletter" / "dkim" / "k.pem", rsa_key)
+    write_key(workspace / ".newsletter" / "dkim" / "k.pem", rsa_key)
     append_config(
-        example_ws,
+        workspace,
         '[dkim]\nselector = "s1"\ndomain = "example.org"\nkey_file = ".newsletter/dkim/k.pem"\n',
     )
-    signer = dkim.signer_from_config(load(example_ws))
+    signer = dkim.signer_from_config(load_config(workspace))
     assert signer is not None
     assert signer.record_value == dkim.public_record(rsa_key)
-    assert dkim.key_file_warnings(load(example_ws)) == []
+    assert dkim.key_file_warnings(load_config(workspace)) == []
 
 
-def test_missing_key_is_one_line_naming_the_path(example_ws: Path, tmp_path: Path) -> None:
+def test_missing_key_is_one_line_naming_the_path(workspace: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such.key"
-    cfg = dkim_config(example_ws, missing)
+    cfg = dkim_config(workspace, missing)
     with pytest.raises(ConfigError) as caught:
         dkim.signer_from_config(cfg)
     text = str(caught.value)
@@ -236,45 +226,45 @@ def test_missing_key_is_one_line_naming_the_path(example_ws: Path, tmp_path: Pat
     ],
 )
 def test_unreadable_key_contents_are_one_line(
-    example_ws: Path, tmp_path: Path, content: bytes, expected: str
+    workspace: Path, tmp_path: Path, content: bytes, expected: str
 ) -> None:
     path = tmp_path / "bad.key"
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=expected):
-        dkim.signer_from_config(dkim_config(example_ws, path))
+        dkim.signer_from_config(dkim_config(workspace, path))
 
 
-def test_key_that_is_a_folder_or_unset(example_ws: Path, tmp_path: Path) -> None:
+def test_key_that_is_a_folder_or_unset(workspace: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder"):
-        dkim.signer_from_config(dkim_config(example_ws, tmp_path))
+        dkim.signer_from_config(dkim_config(workspace, tmp_path))
     with pytest.raises(ConfigError, match="no private key file"):
-        dkim.signer_from_config(load(example_ws))  # [dkim] is there now, but no key_file/env
+        dkim.signer_from_config(load_config(workspace))  # [dkim] is there now, but no key_file/env
 
 
-def test_half_configured_dkim_is_an_error(example_ws: Path) -> None:
-    append_config(example_ws, '[dkim]\nselector = "s1"\n')
+def test_half_configured_dkim_is_an_error(workspace: Path) -> None:
+    append_config(workspace, '[dkim]\nselector = "s1"\n')
     with pytest.raises(ConfigError, match=r"\[dkim\] has no domain"):
-        dkim.signer_from_config(load(example_ws))
+        dkim.signer_from_config(load_config(workspace))
 
 
 @pytest.mark.parametrize("selector", ["news_letter", "a b", "a..b", "-a", "a.", "sel/1"])
-def test_illegal_selector_is_one_line_from_the_config(example_ws: Path, selector: str) -> None:
-    append_config(example_ws, f'[dkim]\nselector = "{selector}"\ndomain = "example.org"\n')
+def test_illegal_selector_is_one_line_from_the_config(workspace: Path, selector: str) -> None:
+    append_config(workspace, f'[dkim]\nselector = "{selector}"\ndomain = "example.org"\n')
     with pytest.raises(ConfigError) as caught:
-        load(example_ws)
+        load_config(workspace)
     text = str(caught.value)
     assert "illegal characters" in text and "\n" not in text
     assert f"{config.CONFIG_NAME}:" in text  # path:line
 
 
 def test_illegal_domain_in_keygen_is_one_line(
-    cli: CliRunner, example_ws: Path, tmp_path: Path
+    runner: CliRunner, workspace: Path, tmp_path: Path
 ) -> None:
-    result = cli.invoke(
+    result = runner.invoke(
         main,
         [
             "-C",
-            str(example_ws),
+            str(workspace),
             "dkim",
             "keygen",
             "--domain",
@@ -290,9 +280,9 @@ def test_illegal_domain_in_keygen_is_one_line(
 
 
 def test_dmarc_alignment_warning_names_both_domains(
-    example_ws: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    workspace: Path, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    cfg = dkim_config(example_ws, write_key(tmp_path / "k.key", rsa_key), domain="mail.example.net")
+    cfg = dkim_config(workspace, write_key(tmp_path / "k.key", rsa_key), domain="mail.example.net")
     signer = dkim.signer_from_config(cfg)
     assert signer is not None
     (warning,) = signer.warnings
@@ -310,8 +300,8 @@ def test_dmarc_alignment_warning_names_both_domains(
         ("badexample.org", "example.org", False),
     ],
 )
-def test_alignment(example_ws: Path, sender_domain: str, dkim_domain: str, aligned: bool) -> None:
-    cfg = load(example_ws)
+def test_alignment(workspace: Path, sender_domain: str, dkim_domain: str, aligned: bool) -> None:
+    cfg = load_config(workspace)
     cfg = config.replace(
         cfg,
         newsletter=config.NewsletterSettings(sender=f"N <n@{sender_domain}>"),
@@ -321,14 +311,14 @@ def test_alignment(example_ws: Path, sender_domain: str, dkim_domain: str, align
 
 
 def test_key_readable_by_others_or_inside_the_workspace_warns(
-    example_ws: Path, rsa_key: rsa.RSAPrivateKey
+    workspace: Path, rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    key = write_key(example_ws / "keys" / "k.pem", rsa_key)
+    key = write_key(workspace / "keys" / "k.pem", rsa_key)
     key.chmod(0o644)
     append_config(
-        example_ws, '[dkim]\nselector = "s1"\ndomain = "example.org"\nkey_file = "keys/k.pem"\n'
+        workspace, '[dkim]\nselector = "s1"\ndomain = "example.org"\nkey_file = "keys/k.pem"\n'
     )
-    warnings = dkim.key_file_warnings(load(example_ws))
+    warnings = dkim.key_file_warnings(load_config(workspace))
     assert any("chmod 600" in w for w in warnings)
     assert any("goes in git" in w for w in warnings)
 
@@ -337,32 +327,32 @@ def test_key_readable_by_others_or_inside_the_workspace_warns(
 
 
 def test_bad_key_path_through_the_cli_is_one_line_and_exit_1(
-    cli: CliRunner, example_ws: Path, tmp_path: Path
+    runner: CliRunner, workspace: Path, tmp_path: Path
 ) -> None:
     missing = tmp_path / "gone.key"
     append_config(
-        example_ws, f'[dkim]\nselector = "s1"\ndomain = "example.org"\nkey_file = "{missing}"\n'
+        workspace, f'[dkim]\nselector = "s1"\ndomain = "example.org"\nkey_file = "{missing}"\n'
     )
-    result = cli.invoke(main, ["-C", str(example_ws), "dkim", "record"])
+    result = runner.invoke(main, ["-C", str(workspace), "dkim", "record"])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1
     assert result.output.startswith(f"Error: {missing}: DKIM key file not found")
     assert "Traceback" not in result.output
     # check reports the same problem as an error finding and exits 1 too.
-    checked = cli.invoke(main, ["-C", str(example_ws), "check", "1"])
+    checked = runner.invoke(main, ["-C", str(workspace), "check", "1"])
     assert checked.exit_code == 1
     assert "dkim-config" in checked.output and str(missing) in checked.output
 
 
 def test_keygen_writes_a_private_key_0600_and_prints_a_record_that_verifies(
-    cli: CliRunner, example_ws: Path, tmp_path: Path
+    runner: CliRunner, workspace: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "keys"
-    result = cli.invoke(
+    result = runner.invoke(
         main,
         [
             "-C",
-            str(example_ws),
+            str(workspace),
             "dkim",
             "keygen",
             "--selector",
@@ -385,31 +375,31 @@ def test_keygen_writes_a_private_key_0600_and_prints_a_record_that_verifies(
     assert len(strings) == 2 and all(len(s.strip('"')) <= 255 for s in strings)
     record = dkim.record_from_zone_line(line)
     # Sign with the written key through the config, verify against the printed record.
-    cfg = dkim_config(example_ws, private)
+    cfg = dkim_config(workspace, private)
     signer = dkim.signer_from_config(cfg)
     assert signer is not None
     data = message.sample_message(render_example(cfg), cfg, sign=signer)
     assert dkim.verify(data, record)
     # A second keygen for the same selector refuses to overwrite the key.
-    again = cli.invoke(
+    again = runner.invoke(
         main,
-        ["-C", str(example_ws), "dkim", "keygen", "--selector", "nl2026", "--out", str(out)],
+        ["-C", str(workspace), "dkim", "keygen", "--selector", "nl2026", "--out", str(out)],
     )
     assert again.exit_code == 1 and "already exists" in again.output
 
 
 def test_keygen_defaults_to_the_state_folder_and_sender_domain(
-    cli: CliRunner, example_ws: Path
+    runner: CliRunner, workspace: Path
 ) -> None:
-    result = cli.invoke(main, ["-C", str(example_ws), "dkim", "keygen", "--bits", "1024"])
+    result = runner.invoke(main, ["-C", str(workspace), "dkim", "keygen", "--bits", "1024"])
     assert result.exit_code == 0, result.output
-    assert (example_ws / ".newsletter" / "dkim" / "newsletter.example.org.key").is_file()
+    assert (workspace / ".newsletter" / "dkim" / "newsletter.example.org.key").is_file()
     assert "newsletter._domainkey.example.org IN TXT" in result.output
 
 
-def test_keygen_refuses_silly_key_sizes(cli: CliRunner, example_ws: Path, tmp_path: Path) -> None:
-    result = cli.invoke(
-        main, ["-C", str(example_ws), "dkim", "keygen", "--bits", "512", "--out", str(tmp_path)]
+def test_keygen_refuses_silly_key_sizes(runner: CliRunner, workspace: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        main, ["-C", str(workspace), "dkim", "keygen", "--bits", "512", "--out", str(tmp_path)]
     )
     assert result.exit_code == 1
     assert result.output.startswith("Error: --bits: key size 512 is out of range")

@@ -11,9 +11,9 @@ import pytest
 from newsletter import content, render
 from newsletter.errors import ImportSourceError
 from newsletter.importers import draft
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
+from tests.support import REPO
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
 
-REPO = Path(__file__).parents[1]
 PNG = (REPO / "examples" / "1.png").read_bytes()
 
 # A digest in the sample's shape, written for these tests.
@@ -22,7 +22,8 @@ Ferries Find Their Rhythm | Tide Clocks Return to the Quay
 
 The Harbour Ledger, 3/14/25
 
-  1. Northby's harbour board agreed a winter ferry timetable on Monday, with crossings every twenty minutes.
+  1. Northby's harbour board agreed a winter ferry timetable on Monday, with crossings \
+every twenty minutes.
   2. The quay's tide clock, stopped since a storm in 2019, was restarted by volunteers on Wednesday.
   3. A pilot scheme will test bicycle racks on two of the ferries from April.
 

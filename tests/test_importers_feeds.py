@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from newsletter.importers import feeds
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, Request, serve
-from tests.web_pages import BOILERPLATE, news_article, rss_feed
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, Request, serve
+from tests.support.web_pages import BOILERPLATE, news_article, rss_feed
 
 ETAG = '"v1-abc"'
 LAST_MODIFIED = "Fri, 14 Mar 2025 09:00:00 GMT"
@@ -85,6 +85,58 @@ def test_feed_add_list_remove(tmp_path: Path) -> None:
     assert "no feed called 'ledger'" in one_error_line(run(cfg, "feed", "remove", "ledger"))
 
 
+def test_feed_add_and_remove_keep_the_editors_comments(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    cfg.feeds_path.write_text(
+        "# Feeds for The Harbour Ledger: ask Maren before adding one.\n"
+        "\n"
+        "[feeds]\n"
+        'ledger = "https://news.example.org/feed.xml"  # the paper itself\n'
+        'trams = "https://tramnotes.example.net/atom"\n',
+        encoding="utf-8",
+    )
+
+    assert run(cfg, "feed", "add", "quay", "https://quay.example.org/rss").exit_code == 0
+    assert cfg.feeds_path.read_text(encoding="utf-8") == (
+        "# Feeds for The Harbour Ledger: ask Maren before adding one.\n"
+        "\n"
+        "[feeds]\n"
+        'ledger = "https://news.example.org/feed.xml"  # the paper itself\n'
+        'trams = "https://tramnotes.example.net/atom"\n'
+        'quay = "https://quay.example.org/rss"\n'
+    )
+    assert run(cfg, "feed", "remove", "trams").exit_code == 0
+    assert cfg.feeds_path.read_text(encoding="utf-8") == (
+        "# Feeds for The Harbour Ledger: ask Maren before adding one.\n"
+        "\n"
+        "[feeds]\n"
+        'ledger = "https://news.example.org/feed.xml"  # the paper itself\n'
+        'quay = "https://quay.example.org/rss"\n'
+    )
+    assert [(f.name, f.url) for f in feeds.read_feeds(cfg)] == [
+        ("ledger", "https://news.example.org/feed.xml"),
+        ("quay", "https://quay.example.org/rss"),
+    ]
+
+
+def test_a_feeds_file_that_is_not_utf8_is_one_error_and_left_alone(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    original = b'# Caf\xe9 news\n[feeds]\nledger = "https://news.example.org/feed.xml"\n'
+    cfg.feeds_path.write_bytes(original)
+    line = one_error_line(run(cfg, "feed", "add", "quay", "https://quay.example.org/rss"))
+    assert "not UTF-8" in line and str(cfg.feeds_path) in line
+    assert cfg.feeds_path.read_bytes() == original
+
+
+def test_a_new_feeds_file_starts_with_a_header(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path / "ws")
+    assert run(cfg, "feed", "add", "ledger", "https://news.example.org/feed.xml").exit_code == 0
+    assert cfg.feeds_path.read_text(encoding="utf-8") == (
+        feeds.HEADER + '\n[feeds]\nledger = "https://news.example.org/feed.xml"\n'
+    )
+
+
+@pytest.mark.server
 def test_pull_lists_items_then_uses_etag_and_gets_304(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/feed.xml"] = _conditional(rss_feed(_feed_items(server)))
     cfg = make_workspace(tmp_path / "ws")
@@ -107,6 +159,7 @@ def test_pull_lists_items_then_uses_etag_and_gets_304(server: LocalServer, tmp_p
     assert len(set(_ids(first.stdout))) == 2
 
 
+@pytest.mark.server
 def test_issue_add_feed_item_imports_the_page_and_hides_it_next_time(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -131,6 +184,7 @@ def test_issue_add_feed_item_imports_the_page_and_hides_it_next_time(
     assert "1 already in an issue" in again
 
 
+@pytest.mark.server
 def test_malformed_feed_is_one_error_and_state_survives(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -158,6 +212,7 @@ def test_malformed_feed_is_one_error_and_state_survives(
     assert set(state["feeds"]) == {"good"}
 
 
+@pytest.mark.server
 def test_pull_of_one_malformed_feed_via_cli(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/junk"] = Reply(
         body=b"not xml at all {}", headers={"Content-Type": "text/plain"}
@@ -179,8 +234,9 @@ def test_unknown_feed_item(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.server
 def test_atom_feed_items(server: LocalServer, tmp_path: Path) -> None:
-    from tests.web_pages import atom_feed
+    from tests.support.web_pages import atom_feed
 
     server.routes["/atom"] = Reply(
         body=atom_feed([("Number 4 tram", server.url("/tram"), "2024-11-02T07:15:00Z")]),

@@ -24,9 +24,9 @@ from cryptography.x509.oid import NameOID
 from newsletter.config import FetchSettings
 from newsletter.errors import ImportSourceError
 from newsletter.importers import feeds, network, web
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, serve
-from tests.web_pages import news_article, rss_feed
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, serve
+from tests.support.web_pages import news_article, rss_feed
 
 AGENT = "newsletter-test/1"
 REFUSED = "set allow_private = true under [fetch] in newsletter.toml"

@@ -12,9 +12,9 @@ from newsletter import content
 from newsletter.errors import ImportSourceError
 from newsletter.importers import sources
 from newsletter.importers.common import url_key
-from tests.import_helpers import make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, closed_port, serve
-from tests.web_pages import blog_post, news_article
+from tests.support.importers import make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, closed_port, serve
+from tests.support.web_pages import blog_post, news_article
 
 CANONICAL = "https://news.example.org/2025/03/harbour-ferry-timetable"
 
@@ -72,6 +72,7 @@ def test_url_key_ignores_what_does_not_name_the_page() -> None:
     assert url_key("https://example.org/a?id=1") != url_key("https://example.org/a?id=2")
 
 
+@pytest.mark.server
 def test_mixed_sources_are_added_in_order(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/story"] = Reply(body=news_article().encode(), headers=HTML)
     cfg = make_workspace(tmp_path / "ws")
@@ -92,6 +93,7 @@ def test_mixed_sources_are_added_in_order(server: LocalServer, tmp_path: Path) -
     assert "Maren Holt, The Coastal Ledger, 2025-03-14" in result.stdout
 
 
+@pytest.mark.server
 def test_one_bad_source_means_nothing_is_written(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/story"] = Reply(body=news_article().encode(), headers=HTML)
     cfg = make_workspace(tmp_path / "ws")
@@ -112,6 +114,7 @@ def test_one_bad_source_means_nothing_is_written(server: LocalServer, tmp_path: 
     assert snapshot(cfg.root) == before
 
 
+@pytest.mark.server
 def test_url_used_in_an_earlier_issue_is_refused_then_forced(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -138,6 +141,7 @@ def test_url_used_in_an_earlier_issue_is_refused_then_forced(
     assert [a.url for a in second.articles] == [CANONICAL]
 
 
+@pytest.mark.server
 def test_same_article_twice_in_one_issue_names_the_source(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -150,6 +154,7 @@ def test_same_article_twice_in_one_issue_names_the_source(
     assert f"{url}: this article is already in the issue as '{url}'" in line
 
 
+@pytest.mark.server
 def test_excerpt_through_the_cli(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/post"] = Reply(body=blog_post().encode(), headers=HTML)
     cfg = make_workspace(tmp_path / "ws")
@@ -167,5 +172,5 @@ def test_excerpt_through_the_cli(server: LocalServer, tmp_path: Path) -> None:
 def test_excerpt_must_be_positive(tmp_path: Path) -> None:
     cfg = make_workspace(tmp_path / "ws")
     result = run(cfg, "issue", "add", "1", "--excerpt", "0", "https://example.org/a")
-    assert result.exit_code == 1  # a usage error, caught by click before anything runs
+    assert result.exit_code == 2  # a usage error, caught by click before anything runs
     assert "--excerpt" in result.output and "Traceback" not in result.output

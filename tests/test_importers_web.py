@@ -12,9 +12,9 @@ import pytest
 from newsletter.config import FetchSettings
 from newsletter.errors import ImportSourceError
 from newsletter.importers import web
-from tests.import_helpers import BASE_URL, make_workspace, one_error_line, run, snapshot
-from tests.local_http import HTML, LocalServer, Reply, closed_port, serve
-from tests.web_pages import BOILERPLATE, bare_page, blog_post, news_article
+from tests.support.importers import BASE_URL, make_workspace, one_error_line, run, snapshot
+from tests.support.local_http import HTML, LocalServer, Reply, closed_port, serve
+from tests.support.web_pages import BOILERPLATE, bare_page, blog_post, news_article
 
 AGENT = "newsletter-tests"
 
@@ -32,6 +32,7 @@ def _assert_no_boilerplate(text: str) -> None:
 # --- extraction ----------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_news_page_gives_metadata_and_clean_markdown(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/story"] = Reply(body=news_article().encode(), headers=HTML)
     cfg = make_workspace(tmp_path / "ws")
@@ -139,6 +140,7 @@ def test_page_with_no_article_text_is_an_error() -> None:
 # --- fetching ------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_fetch_sends_user_agent_and_follows_redirects(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/old"] = Reply(301, headers={"Location": "/story"})
     server.routes["/story"] = Reply(body=news_article(canonical="").encode(), headers=HTML)
@@ -165,6 +167,7 @@ def test_unreachable_host() -> None:
     assert caught.value.where == f"127.0.0.1:{port}"
 
 
+@pytest.mark.server
 def test_stalled_server_times_out(server: LocalServer) -> None:
     release = threading.Event()
     server.routes["/slow"] = Reply(body=b"<html></html>", headers=HTML, stall=release)
@@ -175,6 +178,7 @@ def test_stalled_server_times_out(server: LocalServer) -> None:
         release.set()
 
 
+@pytest.mark.server
 def test_non_html_answer_is_refused_before_reading(server: LocalServer) -> None:
     server.routes["/file.pdf"] = Reply(
         body=b"%PDF-1.7", headers={"Content-Type": "application/pdf"}
@@ -183,12 +187,14 @@ def test_non_html_answer_is_refused_before_reading(server: LocalServer) -> None:
         web.fetch(server.url("/file.pdf"), _settings(), AGENT)
 
 
+@pytest.mark.server
 def test_declared_size_over_the_limit(server: LocalServer) -> None:
     server.routes["/big"] = Reply(body=b"<html>" + b"x" * 5000, headers=HTML)
     with pytest.raises(ImportSourceError, match="larger than the 1,000 byte limit"):
         web.fetch(server.url("/big"), _settings(max_bytes=1000), AGENT)
 
 
+@pytest.mark.server
 def test_streamed_size_over_the_limit_stops_reading(server: LocalServer) -> None:
     body = b"<html><body>" + b"<p>more</p>" * 50_000 + b"</body></html>"
     server.routes["/endless"] = Reply(body=body, headers=HTML, omit_length=True)
@@ -196,6 +202,7 @@ def test_streamed_size_over_the_limit_stops_reading(server: LocalServer) -> None
         web.fetch(server.url("/endless"), _settings(max_bytes=100_000), AGENT)
 
 
+@pytest.mark.server
 def test_http_error_status(server: LocalServer) -> None:
     with pytest.raises(ImportSourceError, match="answered 404"):
         web.fetch(server.url("/missing"), _settings(), AGENT)
@@ -210,6 +217,7 @@ def test_only_http_urls(url: str) -> None:
 # --- the same failures through the CLI: one line, exit 1, nothing written ------------------
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -246,6 +254,7 @@ def test_bad_urls_fail_cleanly_in_the_cli(
     assert snapshot(cfg.root) == before
 
 
+@pytest.mark.server
 def test_cli_adds_a_web_page_and_names_missing_fields(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/bare"] = Reply(body=bare_page().encode(), headers=HTML)
     cfg = make_workspace(tmp_path / "ws")
@@ -260,6 +269,7 @@ def test_cli_adds_a_web_page_and_names_missing_fields(server: LocalServer, tmp_p
     assert f"url: {server.url('/bare')}" in written
 
 
+@pytest.mark.server
 def test_redirect_to_a_file_url_is_refused(server: LocalServer) -> None:
     server.routes["/sneaky"] = Reply(302, headers={"Location": "file:///etc/passwd"})
     with pytest.raises(

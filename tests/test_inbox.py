@@ -31,17 +31,28 @@ from newsletter.feedback import Feedback, FeedbackKind
 from newsletter.inbox import Inbound, InboundKind, Limits, classify
 from newsletter.message import Recipient
 from newsletter.tokens import TokenSigner
-from tests.conftest import TEST_SECRET_KEY
-from tests.helpers import example_issue
+from tests.support import TEST_SECRET_KEY, example_issue
 
 CORPUS = Path(__file__).parent / "inbound"
 
 # Signed tokens the corpus carries (unsubscribe tokens as newsletter.tokens makes them,
 # and VERP tokens in a bounces+TOKEN@example.org envelope address).
-U1 = "dW5zdWJzY3JpYmUfMjE6YWIxMmNkMzQfMDAxLXRpZGVzLWFuZC10aW1ldGFibGVzHzE3NzI0NDI4NDU.0THMHCKYWD2HTvwYMIKtvA"
-U2 = "dW5zdWJzY3JpYmUfMjI6ZWY1NmFiNzgfMDAxLXRpZGVzLWFuZC10aW1ldGFibGVzHzE3NzI0NDI4NDU.8YihX3rrFlpthVmXypA9Cw"
-U3 = "dW5zdWJzY3JpYmUfMjM6MGExYjJjM2QfMDAxLXRpZGVzLWFuZC10aW1ldGFibGVzHzE3NzI0NDI4NDU.IW7VzTp5ctQMR_sSmn3BSg"
-U4 = "dW5zdWJzY3JpYmUfMjQ6OTk4ODc3NjYfMDAxLXRpZGVzLWFuZC10aW1ldGFibGVzHzE3NzI0NDI4NDU.PA5MzBX4ApfXDMShjJn6Jw"
+U1 = (
+    "dW5zdWJzY3JpYmUfMjE6YWIxMmNkMzQfMDAxLXRpZGVzLWFuZC1"
+    "0aW1ldGFibGVzHzE3NzI0NDI4NDU.0THMHCKYWD2HTvwYMIKtvA"
+)
+U2 = (
+    "dW5zdWJzY3JpYmUfMjI6ZWY1NmFiNzgfMDAxLXRpZGVzLWFuZC1"
+    "0aW1ldGFibGVzHzE3NzI0NDI4NDU.8YihX3rrFlpthVmXypA9Cw"
+)
+U3 = (
+    "dW5zdWJzY3JpYmUfMjM6MGExYjJjM2QfMDAxLXRpZGVzLWFuZC1"
+    "0aW1ldGFibGVzHzE3NzI0NDI4NDU.IW7VzTp5ctQMR_sSmn3BSg"
+)
+U4 = (
+    "dW5zdWJzY3JpYmUfMjQ6OTk4ODc3NjYfMDAxLXRpZGVzLWFuZC1"
+    "0aW1ldGFibGVzHzE3NzI0NDI4NDU.PA5MzBX4ApfXDMShjJn6Jw"
+)
 V1 = "Ym91bmNlHzI1HzAwMS10aWRlcy1hbmQtdGltZXRhYmxlcx8xNzcyNDQyODQ1.3wZByIY2U94JG0oEzk8Z0Q"
 V2 = "Ym91bmNlHzI2HzAwMS10aWRlcy1hbmQtdGltZXRhYmxlcx8xNzcyNDQyODQ1.SV_T5BVsRQ9wUYRC8bJxyQ"
 
@@ -237,7 +248,8 @@ def dsn_with(status_blocks: str, *, head: str = "") -> bytes:
         "From: MAILER-DAEMON@mail.example.org\nTo: editor@example.org\n"
         "Subject: Undelivered Mail Returned to Sender\nMessage-ID: <built@mail.example.org>\n"
         + head
-        + 'MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary="b"\n\n'
+        + "MIME-Version: 1.0\n"
+        + 'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\n\n'
         "--b\nContent-Type: text/plain\n\nThe mail system\n\n"
         "--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mail.example.org\n\n"
         + status_blocks

@@ -21,9 +21,14 @@ from newsletter.errors import ConfigError
 from newsletter.message import MessageTemplate, Recipient
 from newsletter.render import RenderedIssue
 from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
-from tests.address_headers import ADDRESSES, NAMES, assert_one_recipient
-from tests.conftest import TEST_SECRET_KEY
-from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
+from tests.support import (
+    EXAMPLE_SLUG,
+    TEST_SECRET_KEY,
+    example_issue,
+    parse_message,
+    write_template,
+)
+from tests.support.address_headers import ADDRESSES, NAMES, assert_one_recipient
 
 ANN = Recipient(email="ann@example.org", name="Ann Lee", subscriber_id=42)
 
@@ -75,7 +80,8 @@ def test_headers(template: MessageTemplate, rendered: RenderedIssue) -> None:
     assert parsed["List-Id"] == "The Harbour Ledger <the-harbour-ledger.example.org>"
     unsubscribe = str(parsed["List-Unsubscribe"])
     assert re.fullmatch(
-        r"<https://example\.org/ledger/u/[\w.-]+>, <mailto:unsubscribe@example\.org\?subject=unsubscribe%20[\w.-]+>",
+        r"<https://example\.org/ledger/u/[\w.-]+>, "
+        r"<mailto:unsubscribe@example\.org\?subject=unsubscribe%20[\w.-]+>",
         unsubscribe,
     ), unsubscribe
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -293,7 +299,8 @@ def test_subscriber_fields_and_names_in_templates(cfg: Config, issue: Issue) -> 
     write_template(
         cfg,
         "email.txt",
-        'To {{ recipient.name }} in {{ recipient.field("city") }}:\n{% include "!default/email.txt" %}',
+        'To {{ recipient.name }} in {{ recipient.field("city") }}:\n'
+        '{% include "!default/email.txt" %}',
     )
     rendered = render.render_issue(issue, cfg)
     template = message.prepare(rendered, cfg)

@@ -9,15 +9,14 @@ import pytest
 
 from newsletter import check, message
 from newsletter.message import Recipient
-from tests.deliverability_helpers import example_ws, load, render_example
-
-__all__ = ["example_ws"]
+from tests.support import load_config
+from tests.support.deliverability import render_example
 
 
 def test_date_is_stamped_when_each_copy_is_made_not_when_the_issue_is_prepared(
-    example_ws: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = load(example_ws)
+    cfg = load_config(workspace)
     clock = [1_800_000_000.0]
     monkeypatch.setattr(message.time, "time", lambda: clock[0])
     template = message.prepare(render_example(cfg), cfg)

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from newsletter import config, package_data
 from newsletter.cli import main
 from newsletter.store import Store
-from tests.delivery_helpers import EXAMPLE_ACTIVE, REPO, SECRET, copy_example
+from tests.support import REPO, TEST_SECRET_KEY, copy_example
+from tests.support.delivery import EXAMPLE_ACTIVE
 
 LOCATE = (
     "import json, newsletter, newsletter.package_data as p\n"
@@ -28,7 +29,8 @@ LOCATE = (
 def test_what_pyproject_ships_is_what_package_data_looks_for() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     force = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
-    assert force == {checkout: f"newsletter/{inside}" for inside, checkout in package_data.SHIPPED.items()}  # fmt: skip
+    shipped = package_data.SHIPPED.items()
+    assert force == {checkout: f"newsletter/{inside}" for inside, checkout in shipped}
 
 
 def test_a_checkout_uses_the_top_level_folders() -> None:
@@ -59,7 +61,7 @@ def wheel_env(target: Path) -> dict[str, str]:
     """The installed wheel first on the path (its dependencies come from this venv)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     env["PYTHONPATH"] = str(target)
-    env[config.ENV_SECRET_KEY] = SECRET
+    env[config.ENV_SECRET_KEY] = TEST_SECRET_KEY
     return env
 
 
@@ -95,7 +97,7 @@ def test_the_demo_from_an_installed_wheel_needs_no_repository(
 def test_the_demo_in_a_workspace_outside_the_repository(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(config.ENV_SECRET_KEY, SECRET)
+    monkeypatch.setenv(config.ENV_SECRET_KEY, TEST_SECRET_KEY)
     monkeypatch.delenv(config.ENV_DKIM_KEY_FILE, raising=False)
     workspace = copy_example(tmp_path / "ws")
     result = CliRunner().invoke(main, ["-C", str(workspace), "demo"])
@@ -109,7 +111,7 @@ def test_the_demo_in_a_workspace_outside_the_repository(
 def test_the_demo_says_what_it_needs_in_a_workspace_without_issues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(config.ENV_SECRET_KEY, SECRET)
+    monkeypatch.setenv(config.ENV_SECRET_KEY, TEST_SECRET_KEY)
     workspace = tmp_path / "fresh"
     assert CliRunner().invoke(main, ["init", str(workspace)]).exit_code == 0
     result = CliRunner().invoke(main, ["-C", str(workspace), "demo"])

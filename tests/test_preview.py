@@ -26,17 +26,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from newsletter import config as config_module
 from newsletter import message, preview
 from newsletter.preview import PreviewServer
+from tests.support import CHROMIUM, CHROMIUM_ARGS, REPO
 
-ROOT = Path(__file__).parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 WAIT_MS = 8000
 
 CONFIG = """\
@@ -79,7 +70,8 @@ The old harbour wall will be repaired rather than replaced, the council said on 
 
 ![](../images/wall.png)
 
-The full decision is at https://example.org/council/decisions/2026/harbour-wall-repair-rather-than-replacement-final-report-appendix-b.pdf for anyone who wants it.
+The full decision is at https://example.org/council/decisions/2026/\
+harbour-wall-repair-rather-than-replacement-final-report-appendix-b.pdf for anyone who wants it.
 """
 
 SECOND = """\
@@ -185,7 +177,8 @@ def wait_for_frames(page: Page) -> None:
     page.wait_for_function(
         """() => document.body.dataset.state === 'ok' &&
                  ['frame-desktop', 'frame-mobile'].every(id =>
-                   document.getElementById(id).dataset.version === document.body.dataset.version)""",
+                   document.getElementById(id).dataset.version ===
+                     document.body.dataset.version)""",
         timeout=WAIT_MS,
     )
 
@@ -201,6 +194,8 @@ def frame_document(page: Page, frame_id: str) -> object:
 # --- the page ------------------------------------------------------------------------------
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_page_shows_envelope_subject_titles_and_warnings(
     browser: Browser, server: PreviewServer, tmp_path: Path
 ) -> None:
@@ -232,6 +227,8 @@ def test_page_shows_envelope_subject_titles_and_warnings(
     page.context.close()
 
 
+@pytest.mark.browser
+@pytest.mark.server
 @pytest.mark.parametrize("width", [375, 600])
 def test_mobile_frame_has_no_horizontal_overflow(
     browser: Browser, server: PreviewServer, tmp_path: Path, width: int
@@ -263,6 +260,8 @@ def test_mobile_frame_has_no_horizontal_overflow(
     page.context.close()
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_plain_text_and_source_views(browser: Browser, server: PreviewServer) -> None:
     page, _ = open_page(browser, server, 1280)
     text = page.locator("#text-part")
@@ -291,6 +290,8 @@ def test_plain_text_and_source_views(browser: Browser, server: PreviewServer) ->
     page.context.close()
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_editing_an_article_updates_the_page_without_a_reload(
     browser: Browser, server: PreviewServer, issue_dir: Path
 ) -> None:
@@ -312,6 +313,8 @@ def test_editing_an_article_updates_the_page_without_a_reload(
     page.context.close()
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_a_broken_file_shows_its_error_and_fixing_it_brings_the_email_back(
     browser: Browser, server: PreviewServer, issue_dir: Path
 ) -> None:
@@ -341,10 +344,15 @@ def test_a_broken_file_shows_its_error_and_fixing_it_brings_the_email_back(
     page.context.close()
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_an_email_over_gmails_clip_is_flagged(
     browser: Browser, server: PreviewServer, issue_dir: Path
 ) -> None:
-    paragraph = "The night bus stops at every shelter on the coast road, and the driver knows most riders by name. "
+    paragraph = (
+        "The night bus stops at every shelter on the coast road, "
+        "and the driver knows most riders by name. "
+    )
     save(issue_dir / "articles" / "02-night-bus.md", SECOND + ("\n" + paragraph * 3 + "\n") * 300)
     wait_until(
         server, lambda: server.state.envelope is not None and server.state.envelope.over_gmail_clip
@@ -398,6 +406,7 @@ TRAVERSALS = [
 ]
 
 
+@pytest.mark.server
 def test_path_traversal_gets_404(server: PreviewServer, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret", encoding="utf-8")
@@ -414,6 +423,7 @@ def test_path_traversal_gets_404(server: PreviewServer, tmp_path: Path) -> None:
         assert b"root:" not in body and b"top secret" not in body and b"[newsletter]" not in body
 
 
+@pytest.mark.server
 def test_foreign_host_header_is_refused(server: PreviewServer) -> None:
     assert raw_get(server, "/", host="attacker.example.com")[0] == 403
     assert raw_get(server, "/", host=f"localhost:{server.port}")[0] == 200
@@ -439,6 +449,7 @@ def wait_until(server: PreviewServer, condition: object, seconds: float = 8.0) -
         server.wait_for_version(server.version + 1, remaining)
 
 
+@pytest.mark.server
 def test_template_and_config_changes_rebuild(server: PreviewServer, issue_dir: Path) -> None:
     root = issue_dir.parents[1]
     save(root / "templates" / "email.txt", "CUSTOM TEXT for {{ recipient.email }}\n")
@@ -460,6 +471,7 @@ def test_template_and_config_changes_rebuild(server: PreviewServer, issue_dir: P
     assert "The Test Gazette" in server.state.headers
 
 
+@pytest.mark.server
 def test_a_templates_folder_made_while_previewing_is_watched(
     issue_dir: Path, tmp_path: Path
 ) -> None:
@@ -476,6 +488,7 @@ def test_a_templates_folder_made_while_previewing_is_watched(
         wait_until(server, lambda: server.state.text == f"SECOND {READER.first_name}\n")
 
 
+@pytest.mark.server
 def test_stop_ends_event_streams_and_frees_the_port(issue_dir: Path) -> None:
     cfg = config_module.load(issue_dir.parents[1])
     server = PreviewServer(cfg, issue_dir, "127.0.0.1", 0).start()
@@ -501,20 +514,28 @@ def test_stop_ends_event_streams_and_frees_the_port(issue_dir: Path) -> None:
 
 
 def read_line_with(proc: subprocess.Popen[str], needle: str, seconds: float = 20) -> str:
+    """The first line of the child's stdout that holds ``needle``.
+
+    The pipe is read unbuffered: select() cannot see lines already sitting in the text
+    wrapper's buffer. On failure the child is killed first, so reading its stderr never hangs.
+    """
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+    selector.register(fd, selectors.EVENT_READ)
+    seen = b""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if selector.select(timeout=deadline - time.monotonic()):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if needle in line:
+    while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        seen += chunk
+        for line in seen.decode("utf-8", "replace").splitlines(keepends=True):
+            if needle in line and line.endswith("\n"):
                 return line
-    raise AssertionError(
-        f"no line with {needle!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"
-    )
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"no line with {needle!r} in {seen!r}; stderr: {err}")
 
 
 def preview_command(issue_dir: Path, *options: str) -> list[str]:
@@ -522,8 +543,9 @@ def preview_command(issue_dir: Path, *options: str) -> list[str]:
     return [sys.executable, "-m", "newsletter", "-C", workspace, "preview", "1", *options]
 
 
+@pytest.mark.server
 def test_cli_serves_and_stops_cleanly_on_ctrl_c(issue_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         preview_command(issue_dir, "--port", "0", "--no-open"),
         stdout=subprocess.PIPE,
@@ -551,8 +573,9 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(issue_dir: Path) -> None:
     assert "Preview stopped." in out
 
 
+@pytest.mark.server
 def test_cli_refuses_a_port_in_use(issue_dir: Path, server: PreviewServer) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         preview_command(issue_dir, "--port", str(server.port), "--no-open"),
         capture_output=True,

@@ -37,8 +37,9 @@ from newsletter.cli import main
 from newsletter.server import RunningService, create_app, start_server
 from newsletter.sink import RunningSink, start_sink
 from newsletter.store import Store
-from tests.local_http import LocalServer, Reply
-from tests.local_http import serve as serve_local
+from tests.support import CHROMIUM, CHROMIUM_ARGS
+from tests.support.local_http import LocalServer, Reply
+from tests.support.local_http import serve as serve_local
 
 KEY = "test-secret-key-0123456789abcdef"
 BASE = "https://example.org/newsletter"
@@ -637,11 +638,8 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
 # --- what a reader sees: real Chromium at a phone's and a desktop's width -------------------
 
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-
-
+@pytest.mark.browser
+@pytest.mark.server
 @pytest.mark.parametrize("width", [375, 1200])
 def test_the_archive_index_and_an_issue_page_in_chromium(
     site: Site, tmp_path: Path, width: int

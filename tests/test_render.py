@@ -21,7 +21,7 @@ from newsletter.config import Config
 from newsletter.content import Article, Issue
 from newsletter.errors import ContentError, RenderError
 from newsletter.render import RenderedIssue
-from tests.helpers import EXAMPLE_SLUG, example_issue, parse_message, write_template
+from tests.support import EXAMPLE_SLUG, example_issue, parse_message, write_template
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -450,7 +450,9 @@ def test_workspace_template_overrides_the_theme(cfg: Config, issue: Issue) -> No
     write_template(
         cfg,
         "article.mjml",
-        '<mj-section><mj-column><mj-text><p class="custom">OVERRIDE {{ article.number }}: {{ article.title }}</p></mj-text></mj-column></mj-section>\n',
+        '<mj-section><mj-column><mj-text><p class="custom">'
+        "OVERRIDE {{ article.number }}: {{ article.title }}"
+        "</p></mj-text></mj-column></mj-section>\n",
     )
     result = render.render_issue(issue, cfg)
     assert "OVERRIDE 1: Port Alder’s Harbour Tram" in result.html
@@ -464,7 +466,9 @@ def test_extends_default_reaches_the_original(cfg: Config, issue: Issue) -> None
         cfg,
         "email.mjml",
         '{% extends "!default/email.mjml" %}\n'
-        '{% block masthead %}<mj-section><mj-column><mj-text><p class="masthead">CUSTOM MASTHEAD</p></mj-text></mj-column></mj-section>{% endblock %}\n',
+        "{% block masthead %}<mj-section><mj-column><mj-text>"
+        '<p class="masthead">CUSTOM MASTHEAD</p>'
+        "</mj-text></mj-column></mj-section>{% endblock %}\n",
     )
     result = render.render_issue(issue, cfg)
     assert "CUSTOM MASTHEAD" in result.html
@@ -477,7 +481,8 @@ def test_unknown_template_variable_names_template_file_and_line(cfg: Config, iss
     path = write_template(
         cfg,
         "article.mjml",
-        "<mj-section>\n<mj-column>\n<mj-text>{{ article.subtitle }}</mj-text>\n</mj-column>\n</mj-section>\n",
+        "<mj-section>\n<mj-column>\n<mj-text>{{ article.subtitle }}</mj-text>\n"
+        "</mj-column>\n</mj-section>\n",
     )
     with pytest.raises(RenderError) as info:
         render.render_issue(issue, cfg)
@@ -508,7 +513,8 @@ def test_mjml_error_is_a_render_error_naming_the_template(cfg: Config, issue: Is
     path = write_template(
         cfg,
         "email.mjml",
-        '{% extends "!default/email.mjml" %}\n{% block footer %}<mj-section><mj-column><mj-text>unclosed{% endblock %}\n',
+        '{% extends "!default/email.mjml" %}\n'
+        "{% block footer %}<mj-section><mj-column><mj-text>unclosed{% endblock %}\n",
     )
     with pytest.raises(RenderError) as info:
         render.render_issue(issue, cfg)

@@ -44,10 +44,9 @@ from newsletter.server import (
 from newsletter.sink import RunningSink, start_sink
 from newsletter.store import Store
 from newsletter.tokens import TokenSigner, address_fingerprint
-from tests.address_headers import ADDRESSES, NAMES, assert_one_recipient
+from tests.support import REPO, TEST_SECRET_KEY
+from tests.support.address_headers import ADDRESSES, NAMES, assert_one_recipient
 
-ROOT = Path(__file__).parents[1]
-KEY = "test-secret-key-0123456789abcdef"
 ISSUE = "001-tides-and-timetables"
 DRAFT = "002-not-sent-yet"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -181,12 +180,12 @@ def service(tmp_path: Path) -> Iterator[Service]:
     sink = start_sink(tmp_path / "sink")
     root = tmp_path / "ws"
     write_workspace(root, sink.port)
-    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": KEY})
+    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": TEST_SECRET_KEY})
     store = Store.open(cfg.db_path)
     app = create_app(cfg)
     running = start_server(app, "127.0.0.1", 0, threads=4)
     try:
-        yield Service(cfg, running, sink, store, TokenSigner(KEY))
+        yield Service(cfg, running, sink, store, TokenSigner(TEST_SECRET_KEY))
     finally:
         running.stop()
         sink.stop()
@@ -207,6 +206,7 @@ def send_issue(store: Store, issue_key: str) -> None:
 # --- unsubscribe --------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_one_click_post_unsubscribes_at_once_with_200_and_is_idempotent(service: Service) -> None:
     reader = service.store.add_subscriber("reader@example.org", "Rea Der")
     path = f"/u/{service.unsubscribe_token(reader.id)}"
@@ -226,6 +226,7 @@ def test_one_click_post_unsubscribes_at_once_with_200_and_is_idempotent(service:
     assert len(service.store.subscriber_events(reader.id)) == len(events)
 
 
+@pytest.mark.server
 def test_one_click_also_accepts_multipart_form_data(service: Service) -> None:
     reader = service.store.add_subscriber("multi@example.org")
     body = (
@@ -242,6 +243,7 @@ def test_one_click_also_accepts_multipart_form_data(service: Service) -> None:
     assert service.store.subscriber_events(reader.id)[-1].reason == "one-click"
 
 
+@pytest.mark.server
 def test_get_shows_a_button_and_never_unsubscribes(service: Service) -> None:
     reader = service.store.add_subscriber("scanner@example.org")
     path = f"/u/{service.unsubscribe_token(reader.id)}"
@@ -259,6 +261,7 @@ def test_get_shows_a_button_and_never_unsubscribes(service: Service) -> None:
     assert service.store.subscriber_events(reader.id)[-1].reason == "link"
 
 
+@pytest.mark.server
 def test_forged_or_altered_tokens_get_a_neutral_400(service: Service) -> None:
     reader = service.store.add_subscriber("victim@example.org", "Vic Tim")
     good = service.unsubscribe_token(reader.id)
@@ -266,7 +269,7 @@ def test_forged_or_altered_tokens_get_a_neutral_400(service: Service) -> None:
     # The first character: the last one of 16 bytes in base64 also carries padding bits.
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     altered_payload = ("A" if payload[0] != "A" else "B") + payload[1:]
-    other_id = TokenSigner(KEY).make("unsubscribe", str(reader.id + 1), ISSUE)
+    other_id = TokenSigner(TEST_SECRET_KEY).make("unsubscribe", str(reader.id + 1), ISSUE)
     forged = [
         f"{payload}.{flipped}",  # altered signature
         f"{altered_payload}.{signature}",  # altered payload
@@ -291,6 +294,7 @@ def test_forged_or_altered_tokens_get_a_neutral_400(service: Service) -> None:
     assert after is not None and after.status == Status.ACTIVE
 
 
+@pytest.mark.server
 def test_a_token_from_an_old_issue_still_works(service: Service) -> None:
     reader = service.store.add_subscriber("loyal@example.org")
     two_years_ago = int(time.time()) - 2 * 365 * 86400
@@ -301,6 +305,7 @@ def test_a_token_from_an_old_issue_still_works(service: Service) -> None:
     assert (event.new_status, event.detail) == (Status.UNSUBSCRIBED, "issue 000-long-ago")
 
 
+@pytest.mark.server
 def test_the_link_in_an_issue_works(service: Service) -> None:
     """The link message.py puts in every issue lands on this service."""
     reader = service.store.add_subscriber("link@example.org")
@@ -312,7 +317,7 @@ def test_the_link_in_an_issue_works(service: Service) -> None:
         unsubscribe_url=service.config.unsubscribe.url,
         unsubscribe_mailto="",
         issue_key=ISSUE,
-        signer=TokenSigner(KEY),
+        signer=TokenSigner(TEST_SECRET_KEY),
     )
     link = template.unsubscribe_link(Recipient("link@example.org", subscriber_id=reader.id))
     assert link.startswith("https://example.org/gazette/u/")
@@ -334,6 +339,7 @@ def confirmation_link(message: EmailMessage) -> str:
     return found.group(0)
 
 
+@pytest.mark.server
 def test_subscribe_sends_a_confirmation_and_the_link_makes_them_active(
     service: Service,
 ) -> None:
@@ -373,6 +379,7 @@ def test_subscribe_sends_a_confirmation_and_the_link_makes_them_active(
     assert again[0] == 200 and len(service.store.subscriber_events(active.id)) == 2
 
 
+@pytest.mark.server
 def test_a_name_from_the_form_never_adds_a_recipient(service: Service) -> None:
     """A comma in the name once put the attacker's address into the confirmation's To."""
     name = "Friend, attacker@evil.example, and some more words to make it fold over the line"
@@ -397,6 +404,7 @@ def test_every_confirmation_to_header_names_exactly_the_subscriber(
     assert max(len(line) for line in data.split(b"\r\n")) <= 998
 
 
+@pytest.mark.server
 def test_an_expired_or_foreign_confirmation_link_does_nothing(service: Service) -> None:
     service.subscribe("late@example.org")
     subscriber = service.store.get_subscriber("late@example.org")
@@ -420,6 +428,7 @@ def test_an_expired_or_foreign_confirmation_link_does_nothing(service: Service) 
     assert after is not None and after.status == Status.PENDING
 
 
+@pytest.mark.server
 def test_subscribing_again_while_pending_resends_within_a_rate_limit(service: Service) -> None:
     for _ in range(3):
         assert service.subscribe("eager@example.org")[0] == 200
@@ -438,6 +447,7 @@ def test_subscribing_again_while_pending_resends_within_a_rate_limit(service: Se
     assert subscriber is not None and subscriber.status == Status.PENDING
 
 
+@pytest.mark.server
 def test_someone_who_unsubscribed_comes_back_only_through_a_confirmation(
     service: Service,
 ) -> None:
@@ -460,6 +470,7 @@ def test_someone_who_unsubscribed_comes_back_only_through_a_confirmation(
     assert final is not None and final.status == Status.UNSUBSCRIBED
 
 
+@pytest.mark.server
 def test_an_active_subscriber_gets_the_same_answer_and_no_email(service: Service) -> None:
     service.store.add_subscriber("already@example.org")
     status, known = service.subscribe("already@example.org")
@@ -472,6 +483,7 @@ def test_an_active_subscriber_gets_the_same_answer_and_no_email(service: Service
     assert [m["To"] for m in service.messages()] == ["someone.new@example.org"]
 
 
+@pytest.mark.server
 def test_bad_addresses_cross_site_posts_and_bots_are_turned_away(service: Service) -> None:
     status, text = service.subscribe("not an address")
     assert status == 400 and "does not look like an email address" in text
@@ -500,6 +512,7 @@ def test_bad_addresses_cross_site_posts_and_bots_are_turned_away(service: Servic
     assert service.store.count() == 1 and service.sink.wait_for(1)
 
 
+@pytest.mark.server
 def test_a_mail_server_that_is_down_leaves_no_stale_reservation(
     service: Service, tmp_path: Path
 ) -> None:
@@ -518,6 +531,7 @@ def test_a_mail_server_that_is_down_leaves_no_stale_reservation(
 # --- archive and health -------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
     service: Service,
 ) -> None:
@@ -568,6 +582,7 @@ def test_archive_lists_sent_issues_and_serves_them_without_personal_data(
         assert service.request("GET", path)[0] == 404, path
 
 
+@pytest.mark.server
 def test_archive_page_follows_edits(service: Service) -> None:
     service.store.add_subscriber("reader@example.org")
     send_issue(service.store, ISSUE)
@@ -580,6 +595,7 @@ def test_archive_page_follows_edits(service: Service) -> None:
     assert "A corrected introduction." in service.request("GET", f"/{ISSUE}/")[2]
 
 
+@pytest.mark.server
 def test_healthz_and_security_headers(service: Service) -> None:
     status, headers, text = service.request("GET", "/healthz")
     assert (status, text) == (200, "ok\n")
@@ -596,6 +612,7 @@ def test_healthz_and_security_headers(service: Service) -> None:
 # --- a send running while unsubscribes arrive ---------------------------------------------
 
 
+@pytest.mark.server
 def test_unsubscribes_during_a_send_are_honoured_with_no_lost_update(
     service: Service, tmp_path: Path
 ) -> None:
@@ -674,10 +691,11 @@ def test_unsubscribes_during_a_send_are_honoured_with_no_lost_update(
 # --- the command --------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_newsletter_serve_runs_the_service_until_interrupted(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     write_workspace(root, 2525)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NEWSLETTER_SECRET_KEY=KEY)
+    env = dict(os.environ, PYTHONPATH=str(REPO), NEWSLETTER_SECRET_KEY=TEST_SECRET_KEY)
     proc = subprocess.Popen(
         [sys.executable, "-m", "newsletter", "-C", str(root), "serve", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -701,11 +719,12 @@ def test_newsletter_serve_runs_the_service_until_interrupted(tmp_path: Path) -> 
     assert "Stopped." in out
 
 
+@pytest.mark.server
 def test_newsletter_serve_without_the_secret_key_says_what_to_do(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     write_workspace(root, 2525)
     env = {k: v for k, v in os.environ.items() if k != "NEWSLETTER_SECRET_KEY"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(REPO)
     result = subprocess.run(
         [sys.executable, "-m", "newsletter", "-C", str(root), "serve", "--port", "0"],
         capture_output=True,
@@ -722,7 +741,7 @@ def test_the_service_checks_how_its_mail_leaves_when_it_starts(tmp_path: Path) -
     """A login whose password is missing is an error at start, not at the first subscribe."""
     root = tmp_path / "ws"
     write_workspace(root, 2525)
-    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": KEY})
+    cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": TEST_SECRET_KEY})
     cfg = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, username="editor"))
     with pytest.raises(ConfigError) as caught:
         create_app(cfg)
@@ -738,6 +757,7 @@ def test_confirmation_dates_are_aware() -> None:
         assert abs(datetime.now(UTC) - sent) < timedelta(minutes=1)
 
 
+@pytest.mark.server
 def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service) -> None:
     """The send loop (newsletter.delivery) through SMTP to the sink; once it is under way,
     the last twenty readers press one-click: none of them gets the issue.
@@ -775,6 +795,7 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
     assert not received & {r.email for r in leaving}
 
 
+@pytest.mark.server
 def test_a_token_whose_id_now_names_someone_else_changes_nothing(service: Service) -> None:
     """Tokens carry a fingerprint of the address: a reused id cannot unsubscribe a stranger."""
     stranger = service.store.add_subscriber("stranger@example.org")

@@ -43,10 +43,11 @@ from newsletter.server import (
     start_server,
 )
 from newsletter.store import Store
-from tests.smtp_server import ALWAYS, Faults, ServerFactory, SmtpTestServer
+from tests.support.smtp_server import ALWAYS, Faults, ServerFactory, SmtpTestServer
 
 ROOT = Path(__file__).parents[1]
 KEY = "test-secret-key-0123456789abcdef"
+pytestmark = pytest.mark.server  # every test runs the service on 127.0.0.1
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 LINK_RE = re.compile(r"https?://\S+/confirm/\S+")
 

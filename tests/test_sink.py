@@ -27,8 +27,8 @@ from newsletter.sink import (
     start_sink,
 )
 from newsletter.transport import SmtpTransport
+from tests.support import REPO
 
-ROOT = Path(__file__).parents[1]
 SENDER = "newsletter@example.org"
 
 
@@ -120,6 +120,7 @@ def test_too_much_data_is_refused_and_the_session_goes_on(
     assert results["fast"] == ([552, 552, 552, 250], [b"small\r\n"])
 
 
+@pytest.mark.server
 def test_sink_stores_a_maildir_a_mail_client_can_read(tmp_path: Path) -> None:
     with start_sink(tmp_path / "sink") as sink:
         with SmtpTransport(SmtpSettings(port=sink.port, timeout=5)) as smtp:
@@ -134,6 +135,7 @@ def test_sink_stores_a_maildir_a_mail_client_can_read(tmp_path: Path) -> None:
     assert {str(m.get_payload()) for m in box} == {f"body {i}\n" for i in range(3)}
 
 
+@pytest.mark.server
 def test_sink_outbox_and_count_only(tmp_path: Path) -> None:
     with (
         start_sink(None, outbox=tmp_path / "outbox") as sink,
@@ -150,6 +152,7 @@ def test_sink_outbox_and_count_only(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outbox"]
 
 
+@pytest.mark.server
 def test_on_message_and_its_line(tmp_path: Path) -> None:
     seen: list[SinkMessage] = []
     message = b"Subject: =?utf-8?q?Caf=C3=A9?=\r\n news\r\n\r\nhello\r\n"
@@ -166,6 +169,7 @@ def test_on_message_and_its_line(tmp_path: Path) -> None:
     assert str(tmp_path / "md" / "new") in line
 
 
+@pytest.mark.server
 def test_sink_refuses_a_non_loopback_address() -> None:
     with pytest.raises(TransportError) as caught:
         start_sink(None, host="0.0.0.0", port=8025)
@@ -173,6 +177,7 @@ def test_sink_refuses_a_non_loopback_address() -> None:
     assert "--allow-remote" in str(caught.value)
 
 
+@pytest.mark.server
 def test_sink_port_in_use_is_a_clear_error() -> None:
     with start_sink(None) as first, pytest.raises(TransportError) as caught:
         start_sink(None, port=first.port)
@@ -183,7 +188,7 @@ def test_sink_port_in_use_is_a_clear_error() -> None:
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "newsletter", *args],
         cwd=cwd,
@@ -206,6 +211,7 @@ def line_reader(proc: subprocess.Popen[str]) -> queue.Queue[str]:
     return lines
 
 
+@pytest.mark.server
 def test_smtp_sink_command_runs_prints_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     (tmp_path / "newsletter.toml").write_text('[smtp]\nhost = "127.0.0.1"\n')
     proc = run_cli(["smtp-sink", "--port", "0"], tmp_path)
@@ -232,6 +238,7 @@ def test_smtp_sink_command_runs_prints_and_stops_on_ctrl_c(tmp_path: Path) -> No
     assert len(list((tmp_path / ".newsletter" / "sink" / "new").iterdir())) == 1
 
 
+@pytest.mark.server
 def test_smtp_sink_command_errors_are_one_line(tmp_path: Path) -> None:
     refused = run_cli(["smtp-sink", "--host", "0.0.0.0", "--maildir", "md"], tmp_path)
     out, err = refused.communicate(timeout=30)

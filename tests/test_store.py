@@ -22,8 +22,8 @@ from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
 from newsletter.store import Store
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 ISSUE = "2024-05"
 
 
@@ -54,7 +54,7 @@ def result(
 
 
 def child(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
@@ -343,7 +343,7 @@ def test_status_column_keeps_suppressions_of_new_rows(store: Store, tmp_path: Pa
 
 
 def test_the_example_list_imports(store: Store) -> None:
-    report = store.import_csv(ROOT / "examples" / "subscribers.csv")
+    report = store.import_csv(REPO / "examples" / "subscribers.csv")
     assert (report.added, report.error_count) == (11, 0)
     assert store.count(Status.ACTIVE) == 10
     ines = store.get_subscriber("ines.moreau@example.net")
@@ -661,6 +661,7 @@ with store.acquire_send_lock(sys.argv[2]):
 """
 
 
+@pytest.mark.server
 def test_a_killed_send_leaves_uncertain_rows(db_path: Path) -> None:
     with Store.open(db_path) as db:
         ids = add_many(db, 8)
@@ -715,6 +716,7 @@ print(" ".join(map(str, ids)), flush=True)
 """
 
 
+@pytest.mark.server
 def test_two_processes_never_claim_the_same_row(db_path: Path) -> None:
     with Store.open(db_path) as db:
         db.import_csv(
@@ -757,6 +759,7 @@ with Store.open(Path(sys.argv[1])) as store:
 """
 
 
+@pytest.mark.server
 def test_processes_creating_one_database_at_once(db_path: Path) -> None:
     procs = [child(OPEN_AND_ADD, str(db_path), str(i)) for i in range(4)]
     try:

@@ -29,7 +29,7 @@ from newsletter.transport import (
     trace_headers,
     transport_from_config,
 )
-from tests.smtp_server import (
+from tests.support.smtp_server import (
     ALWAYS,
     PASSWORD,
     USERNAME,
@@ -138,6 +138,7 @@ def harness(
 # --------------------------------------------------------------------------- the contract
 
 
+@pytest.mark.server
 def test_message_arrives_byte_for_byte(harness: Harness) -> None:
     message = make_message(1)
     harness.transport.open()
@@ -146,12 +147,14 @@ def test_message_arrives_byte_for_byte(harness: Harness) -> None:
     assert harness.received() == [(SENDER, "reader1@example.org", message)]
 
 
+@pytest.mark.server
 def test_eight_bit_body_arrives_unchanged(harness: Harness) -> None:
     message = make_message(2, extra="Zoë says: ça marche, 東京\r\n".encode())
     assert harness.transport.send(SENDER, "reader2@example.org", message).outcome == "sent"
     assert harness.received()[0][2] == message
 
 
+@pytest.mark.server
 def test_each_recipient_gets_its_own_envelope(harness: Harness) -> None:
     recipients = [f"r{i}@example.com" for i in range(5)]
     results = [harness.transport.send(SENDER, r, make_message(i)) for i, r in enumerate(recipients)]
@@ -162,6 +165,7 @@ def test_each_recipient_gets_its_own_envelope(harness: Harness) -> None:
     assert [d for _, _, d in got] == [make_message(i) for i in range(5)]
 
 
+@pytest.mark.server
 def test_many_messages_over_one_connection(harness: Harness) -> None:
     harness.transport.open()
     for i in range(60):
@@ -172,6 +176,7 @@ def test_many_messages_over_one_connection(harness: Harness) -> None:
     assert harness.connections() in (1, None)
 
 
+@pytest.mark.server
 def test_close_is_idempotent_and_send_reopens(harness: Harness) -> None:
     harness.transport.close()  # before open: nothing to do
     harness.transport.open()
@@ -194,6 +199,7 @@ def test_bare_lf_becomes_crlf_and_dots_are_stuffed() -> None:
     assert smtp_data_bytes(b"") == b"\r\n.\r\n"
 
 
+@pytest.mark.server
 def test_lf_message_is_sent_with_crlf(smtp_server: ServerFactory) -> None:
     server = smtp_server()
     with SmtpTransport(server.settings()) as smtp:
@@ -201,6 +207,7 @@ def test_lf_message_is_sent_with_crlf(smtp_server: ServerFactory) -> None:
     assert server.messages[0].data == b"Subject: x\r\n\r\n.line\r\nend\r\n"
 
 
+@pytest.mark.server
 def test_8bitmime_and_smtputf8_are_declared(smtp_server: ServerFactory) -> None:
     server = smtp_server()
     with SmtpTransport(server.settings()) as smtp:
@@ -212,6 +219,7 @@ def test_8bitmime_and_smtputf8_are_declared(smtp_server: ServerFactory) -> None:
     assert second.recipients == ("zoë@example.org",)
 
 
+@pytest.mark.server
 def test_reconnects_after_max_per_connection(smtp_server: ServerFactory) -> None:
     server = smtp_server()
     with SmtpTransport(server.settings(max_per_connection=2)) as smtp:
@@ -222,6 +230,7 @@ def test_reconnects_after_max_per_connection(smtp_server: ServerFactory) -> None
     assert smtp.connections == 3
 
 
+@pytest.mark.server
 def test_parallel_transports_share_nothing(smtp_server: ServerFactory) -> None:
     server = smtp_server()
     results: list[SendResult] = []
@@ -248,6 +257,7 @@ def test_parallel_transports_share_nothing(smtp_server: ServerFactory) -> None:
 # --------------------------------------------------------------------------- SMTP faults
 
 
+@pytest.mark.server
 def test_421_in_mid_run_reconnects_and_goes_on(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(close_421_after=3))
     with SmtpTransport(server.settings()) as smtp:
@@ -257,6 +267,7 @@ def test_421_in_mid_run_reconnects_and_goes_on(smtp_server: ServerFactory) -> No
     assert server.connections_used == 2
 
 
+@pytest.mark.server
 def test_421_again_after_reconnect_is_deferred(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(close_421_after=0, close_421_times=ALWAYS))
     smtp = SmtpTransport(server.settings())
@@ -268,6 +279,7 @@ def test_421_again_after_reconnect_is_deferred(smtp_server: ServerFactory) -> No
     assert smtp.connections == 2  # one reconnect, not more
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("reply", "outcome", "code"),
     [
@@ -293,6 +305,7 @@ def test_rcpt_refusals_map_to_outcomes(
     assert server.connections_used == 1
 
 
+@pytest.mark.server
 def test_rejection_after_the_data_is_failed(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(data_reply={"spam@example.org": "554 5.7.1 Content rejected"}))
     with SmtpTransport(server.settings()) as smtp:
@@ -301,6 +314,7 @@ def test_rejection_after_the_data_is_failed(smtp_server: ServerFactory) -> None:
     assert (result.outcome, result.code, result.reply) == ("failed", 554, "5.7.1 Content rejected")
 
 
+@pytest.mark.server
 def test_message_too_large_is_failed(smtp_server: ServerFactory) -> None:
     server = smtp_server(data_size_limit=2000)
     with SmtpTransport(server.settings()) as smtp:
@@ -310,6 +324,7 @@ def test_message_too_large_is_failed(smtp_server: ServerFactory) -> None:
     assert [m.recipients[0] for m in server.messages] == ["b@example.org"]
 
 
+@pytest.mark.server
 def test_sender_refused_raises(smtp_server: ServerFactory) -> None:
     server = smtp_server(auth=True)  # MAIL without login: 530
     smtp = SmtpTransport(server.settings(username=""))
@@ -320,6 +335,7 @@ def test_sender_refused_raises(smtp_server: ServerFactory) -> None:
     assert "refused the sender" in str(caught.value)
 
 
+@pytest.mark.server
 def test_drop_before_the_message_is_retried_once(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(drop_at_data=1))
     with SmtpTransport(server.settings()) as smtp:
@@ -329,6 +345,7 @@ def test_drop_before_the_message_is_retried_once(smtp_server: ServerFactory) -> 
     assert smtp.connections == 2
 
 
+@pytest.mark.server
 def test_drop_after_the_final_dot_is_uncertain_not_resent(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(drop_after_data=1))
     with SmtpTransport(server.settings()) as smtp:
@@ -341,6 +358,7 @@ def test_drop_after_the_final_dot_is_uncertain_not_resent(smtp_server: ServerFac
     assert [m.recipients[0] for m in server.messages] == ["a@example.org", "b@example.org"]
 
 
+@pytest.mark.server
 def test_stall_after_the_final_dot_is_uncertain(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(stall={"END": 1}))
     smtp = SmtpTransport(server.settings(timeout=0.5))
@@ -354,6 +372,7 @@ def test_stall_after_the_final_dot_is_uncertain(smtp_server: ServerFactory) -> N
     assert took < 3  # one timeout, no retry
 
 
+@pytest.mark.server
 def test_stall_before_the_message_times_out_and_retries(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(stall={"RCPT": 1}))
     with SmtpTransport(server.settings(timeout=0.5)) as smtp:
@@ -363,6 +382,7 @@ def test_stall_before_the_message_times_out_and_retries(smtp_server: ServerFacto
     assert smtp.connections == 2
 
 
+@pytest.mark.server
 def test_stalled_greeting_is_a_clear_error(smtp_server: ServerFactory) -> None:
     server = smtp_server(Faults(stall={"greeting": ALWAYS}))
     smtp = SmtpTransport(server.settings(timeout=0.5))
@@ -373,6 +393,7 @@ def test_stalled_greeting_is_a_clear_error(smtp_server: ServerFactory) -> None:
     assert "timeout" in message  # the hint
 
 
+@pytest.mark.server
 def test_server_down_mid_run_raises_not_sent(smtp_server: ServerFactory) -> None:
     server = smtp_server()
     smtp = SmtpTransport(server.settings())
@@ -401,6 +422,7 @@ def test_connection_refused_names_host_and_port() -> None:
 # --------------------------------------------------------------------------- AUTH and TLS
 
 
+@pytest.mark.server
 def test_auth_over_loopback_plaintext(smtp_server: ServerFactory) -> None:
     server = smtp_server(auth=True)
     with SmtpTransport(server.settings(), PASSWORD) as smtp:
@@ -408,6 +430,7 @@ def test_auth_over_loopback_plaintext(smtp_server: ServerFactory) -> None:
     assert server.handler.logins == [USERNAME]
 
 
+@pytest.mark.server
 def test_wrong_password_is_a_clear_error_without_the_password(smtp_server: ServerFactory) -> None:
     server = smtp_server(auth=True)
     smtp = SmtpTransport(server.settings(), "wrong-Pa55")
@@ -450,6 +473,7 @@ def test_loopback_detection_resolves_a_name_only_when_asked() -> None:
     assert is_loopback("localhost", resolve=True) and not is_loopback("", resolve=True)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("tls", ["starttls", "ssl"])
 def test_tls_with_trusted_certificate_and_auth(smtp_server: ServerFactory, tls: str) -> None:
     server: SmtpTestServer = smtp_server(tls=tls, auth=True)
@@ -459,6 +483,7 @@ def test_tls_with_trusted_certificate_and_auth(smtp_server: ServerFactory, tls: 
     assert server.messages[0].data == make_message()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("tls", ["starttls", "ssl"])
 def test_tls_with_an_untrusted_certificate_fails_clearly(
     smtp_server: ServerFactory, tls: str
@@ -473,6 +498,7 @@ def test_tls_with_an_untrusted_certificate_fails_clearly(
     assert server.handler.logins == [] and server.messages == []
 
 
+@pytest.mark.server
 def test_ssl_context_argument_overrides_ca_file(smtp_server: ServerFactory) -> None:
     server = smtp_server(tls="starttls")
     assert server.tls_files is not None
@@ -481,6 +507,7 @@ def test_ssl_context_argument_overrides_ca_file(smtp_server: ServerFactory) -> N
         assert smtp.send(SENDER, "a@example.org", make_message()).ok
 
 
+@pytest.mark.server
 def test_starttls_required_but_not_offered(smtp_server: ServerFactory) -> None:
     server = smtp_server()
     smtp = SmtpTransport(server.settings(security="starttls"))
@@ -524,6 +551,7 @@ def _config(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> obj
     return config_module.load(tmp_path, environ=env or {})
 
 
+@pytest.mark.server
 def test_factory_builds_smtp_with_outbox_copy(tmp_path: Path, smtp_server: ServerFactory) -> None:
     server = smtp_server()
     config = _config(

@@ -18,11 +18,10 @@ from newsletter import content, message, render
 from newsletter.config import Config
 from newsletter.server import confirmation_message
 from newsletter.store import Store
-from tests.conftest import TEST_SECRET_KEY
-from tests.helpers import parse_message
-from tests.import_helpers import make_workspace, run
-from tests.local_http import HTML, LocalServer, Reply, serve
-from tests.web_pages import rss_feed
+from tests.support import TEST_SECRET_KEY, parse_message
+from tests.support.importers import make_workspace, run
+from tests.support.local_http import HTML, LocalServer, Reply, serve
+from tests.support.web_pages import rss_feed
 
 EXPRESSION = "{{ 7*7 }}"
 STATEMENT = "{% if true %}ran{% endif %}"

@@ -25,8 +25,8 @@ from newsletter.webhooks import (
     ses_feedback,
     sns_url_allowed,
 )
-from tests.local_http import LocalServer, Reply, closed_port, serve
-from tests.webhook_helpers import (
+from tests.support.local_http import LocalServer, Reply, closed_port, serve
+from tests.support.webhooks import (
     CERT_URL,
     MAILGUN_KEY,
     NOW,

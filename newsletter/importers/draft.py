@@ -70,7 +70,7 @@ _IMAGE = re.compile(
     re.I,
 )
 _NUMBERED = re.compile(r"^\s*(?P<n>\d{1,3})[.)]\s+(?P<text>\S.*)$")
-_BULLET = re.compile(r"^\s*[•\-*–]\s+(?P<text>\S.*)$")
+_BULLET = re.compile(r"^\s*[•\-*–]\s+(?P<text>\S.*)$")  # noqa: RUF001 (en dash bullets)
 _SEPARATOR = re.compile(r"^\s*(?:\*\s*){3,}$|^\s*(?:-\s*){3,}$|^\s*(?:_\s*){3,}$")
 _QUOTES = {"“": "”", '"': '"', "„": "“", "«": "»"}
 MAX_TITLE = 200

@@ -1,9 +1,11 @@
 """RSS and Atom feeds: a named list the editor keeps, and pulls that remember.
 
 The list is ``feeds.toml`` at the workspace root: editor content, kept in git, and
-fine to edit by hand. What the tool learns (ETag, Last-Modified, the items each
-feed last listed) goes to ``.newsletter/feeds.json``, written atomically, so a
-pull can send conditional requests and ``feed:ID`` keeps working after a 304.
+fine to edit by hand; `feed add` and `feed remove` change only their own line (through
+tomlkit), so the editor's comments and layout stay. What the tool learns (ETag,
+Last-Modified, the items each feed last listed) goes to ``.newsletter/feeds.json``,
+written atomically, so a pull can send conditional requests and ``feed:ID`` keeps
+working after a 304.
 
 Item ids are the first hex digits of a hash of the entry's id (or link), so an
 item keeps its id from one pull to the next.
@@ -20,9 +22,12 @@ import json
 import re
 import tomllib
 import xml.sax
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomlkit
+from tomlkit.items import InlineTable, Table
 
 from ..config import Config
 from ..errors import ConfigError, ImportSourceError
@@ -131,10 +136,31 @@ def _line_of(text: str, key: str) -> int:
     return 1
 
 
-def _write_feeds(config: Config, feeds: Iterable[Feed]) -> None:
-    lines = [HEADER, "[feeds]\n"]
-    lines.extend(f"{feed.name} = {json.dumps(feed.url, ensure_ascii=False)}\n" for feed in feeds)
-    atomic_write_text(config.feeds_path, "".join(lines))
+def _edit_feeds(config: Config, *, add: Feed | None = None, remove: str | None = None) -> None:
+    """Add or remove one line of ``feeds.toml``, keeping every other line and comment.
+
+    Called after :func:`read_feeds` has checked the file; a new file gets a header.
+    """
+    path = config.feeds_path
+    try:
+        document = tomlkit.parse(path.read_text(encoding="utf-8") if path.is_file() else HEADER)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"not UTF-8 text (byte {exc.start})", where=str(path), hint="save it as UTF-8"
+        ) from None
+    except tomlkit.exceptions.ParseError as exc:
+        raise ConfigError(
+            f"invalid TOML: {exc}", where=str(path), hint="fix the line, or remove the file"
+        ) from None
+    if "feeds" not in document:
+        document.add("feeds", tomlkit.table())
+    table = document["feeds"]
+    assert isinstance(table, Table | InlineTable)  # read_feeds refused anything else
+    if remove is not None:
+        del table[remove]
+    if add is not None:
+        table[add.name] = add.url
+    atomic_write_text(path, tomlkit.dumps(document))
 
 
 def add_feed(config: Config, name: str, url: str) -> Feed:
@@ -158,7 +184,7 @@ def add_feed(config: Config, name: str, url: str) -> Feed:
                 f"this URL is already the feed '{feed.name}'", where=str(config.feeds_path)
             )
     added = Feed(name, url.strip())
-    _write_feeds(config, [*feeds, added])
+    _edit_feeds(config, add=added)
     return added
 
 
@@ -167,7 +193,7 @@ def remove_feed(config: Config, name: str) -> Feed:
     feeds = read_feeds(config)
     for feed in feeds:
         if feed.name == name:
-            _write_feeds(config, [f for f in feeds if f.name != name])
+            _edit_feeds(config, remove=name)
             state = _load_state(config)
             state["feeds"].pop(name, None)
             _save_state(config, state)

@@ -55,7 +55,8 @@ def news_article(
 <meta property="og:type" content="article">
 <meta property="og:url" content="{canonical}">
 <meta property="og:image" content="https://news.example.org/media/ferry-lead.jpg">
-<meta property="og:description" content="Three councils want a shared timetable before next winter.">
+<meta property="og:description" \
+content="Three councils want a shared timetable before next winter.">
 <meta name="author" content="Maren Holt">
 <meta property="article:published_time" content="2025-03-14T08:30:00+00:00">
 <script type="application/ld+json">{json.dumps(ld)}</script>
@@ -72,7 +73,8 @@ def news_article(
   <div class="cookie-banner" id="cookie-consent">We use cookies to improve your experience.
     <button>Accept all cookies</button></div>
 </header>
-<div class="ad ad-leaderboard" id="ad-top">Advertisement: the Stormproof 3000 raincoat, now half price</div>
+<div class="ad ad-leaderboard" id="ad-top">\
+Advertisement: the Stormproof 3000 raincoat, now half price</div>
 <main id="main">
 <article class="post story">
   <h1 class="entry-title headline">Harbour towns rethink the winter ferry timetable</h1>
@@ -93,7 +95,8 @@ def news_article(
       <li>a timetable that matches the school run, and</li>
       <li>one ticket valid on every route.</li>
     </ul>
-    <div class="ad ad-inline" data-ad-slot="2">Advertisement: Holiday cottages from 49 pounds a night</div>
+    <div class="ad ad-inline" data-ad-slot="2">\
+Advertisement: Holiday cottages from 49 pounds a night</div>
     <blockquote><p>We heard the same thing at every meeting: people can live with a slower
     ferry, but not with one that might not come.</p></blockquote>
     <p>The chair of the committee, Ilse Brand, said the plan would be put to residents in
@@ -145,11 +148,13 @@ def blog_post() -> str:
 <body class="single-post">
 <div id="page">
 <div id="masthead"><a class="site-title" href="/">Tram Notes</a>
-  <ul class="menu"><li><a href="/about">About</a></li><li><a href="/archive">Archive</a></li></ul></div>
+  <ul class="menu"><li><a href="/about">About</a></li>\
+<li><a href="/archive">Archive</a></li></ul></div>
 <div id="content" class="site-content">
 <div id="primary"><div class="post hentry">
   <h2 class="entry-title">Why the number 4 tram is always late on Mondays</h2>
-  <div class="entry-meta">Posted on <time class="entry-date published" datetime="2024-11-02T07:15:00Z">2 November 2024</time>
+  <div class="entry-meta">Posted on \
+<time class="entry-date published" datetime="2024-11-02T07:15:00Z">2 November 2024</time>
     by <span class="author vcard">Ruairi Kestle</span></div>
   <div class="entry-content">
     <p>Every Monday morning the number 4 tram leaves the depot four minutes behind its
@@ -171,8 +176,10 @@ def blog_post() -> str:
   <form><textarea name="comment"></textarea><input type="submit" value="Post Comment"></form></div>
 </div>
 <div id="secondary" class="widget-area sidebar">
-  <section class="widget"><h2>Recent Posts</h2><ul><li><a href="/p/1">Ten years of the night tram</a></li></ul></section>
-  <section class="widget"><h2>Tag cloud</h2><a href="/t/trams">trams</a> <a href="/t/delays">delays</a></section>
+  <section class="widget"><h2>Recent Posts</h2>\
+<ul><li><a href="/p/1">Ten years of the night tram</a></li></ul></section>
+  <section class="widget"><h2>Tag cloud</h2>\
+<a href="/t/trams">trams</a> <a href="/t/delays">delays</a></section>
 </div>
 </div></div></body></html>
 """

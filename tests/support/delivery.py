@@ -4,55 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from newsletter import config
 from newsletter.config import Config, DeliverySettings
 from newsletter.models import DeliveryState, Status
 from newsletter.store import Store
-from tests.smtp_server import Received, SmtpTestServer
+from tests.support import EXAMPLE_SLUG, REPO
+from tests.support.smtp_server import Received, SmtpTestServer
 
-REPO = Path(__file__).resolve().parents[1]
-SECRET = "test-secret-key-0123456789abcdef"
 EXAMPLE_CSV = REPO / "examples" / "subscribers.csv"
 # The example list: 10 subscribed, 1 unsubscribed (ines.moreau@example.net).
 EXAMPLE_ACTIVE = 10
-ISSUE_KEY = "001-trams-ferries-benches"
 _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)", re.MULTILINE | re.IGNORECASE)
-
-
-def copy_example(root: Path, *, smtp: dict[str, Any] | None = None, extra: str = "") -> Path:
-    """The repository's example workspace at ``root``; ``smtp`` replaces [smtp] keys."""
-    root.mkdir(parents=True, exist_ok=True)
-    text = (REPO / config.CONFIG_NAME).read_text(encoding="utf-8")
-    if smtp:
-        head, sep, rest = text.partition("[smtp]\n")
-        assert sep, "the example config has an [smtp] section"
-        section, _, tail = rest.partition("\n[")
-        lines = [line for line in section.splitlines() if line.split("=")[0].strip() not in smtp]
-        lines += [f"{key} = {_toml(value)}" for key, value in smtp.items()]
-        text = head + sep + "\n".join(lines) + "\n\n[" + tail
-    (root / config.CONFIG_NAME).write_text(text + "\n" + extra, encoding="utf-8")
-    shutil.copytree(REPO / "issues", root / "issues")
-    (root / "templates").mkdir()
-    return root
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
-
-
-def load(root: Path, **env: str) -> Config:
-    """The workspace's config with the test secret key and only the given environment."""
-    return config.load(root, environ={config.ENV_SECRET_KEY: SECRET, **env})
 
 
 def for_server(
@@ -98,7 +64,7 @@ def message_id(data: bytes) -> str:
     return match.group(1).decode("ascii")
 
 
-def states(store: Store, issue_key: str = ISSUE_KEY) -> dict[str, DeliveryState]:
+def states(store: Store, issue_key: str = EXAMPLE_SLUG) -> dict[str, DeliveryState]:
     """Each subscriber's ledger state for the issue, by address."""
     out: dict[str, DeliveryState] = {}
     for subscriber in store.list_subscribers():
@@ -108,7 +74,7 @@ def states(store: Store, issue_key: str = ISSUE_KEY) -> dict[str, DeliveryState]
     return out
 
 
-def with_state(store: Store, state: DeliveryState, issue_key: str = ISSUE_KEY) -> set[str]:
+def with_state(store: Store, state: DeliveryState, issue_key: str = EXAMPLE_SLUG) -> set[str]:
     return {email for email, s in states(store, issue_key).items() if s == state}
 
 
