@@ -110,6 +110,17 @@ MIGRATIONS: tuple[str, ...] = (
         changed_at TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 6: Mailgun webhook tokens already used (a replayed request is refused until they
+    # expire), recorded in the transaction that applies the request's feedback.
+    """
+    CREATE TABLE webhook_tokens (
+        source TEXT NOT NULL,
+        token TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        PRIMARY KEY (source, token)
+    ) WITHOUT ROWID;
+    CREATE INDEX webhook_tokens_expiry ON webhook_tokens (expires_at);
+    """,
 )
 
 
