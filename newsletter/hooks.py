@@ -152,7 +152,7 @@ def webhook_blueprint(
                 headers,
                 now=now,
                 signing_key=secrets.mailgun_signing_key,
-                seen=lambda token: db().webhook_token_seen("mailgun", token),
+                seen=lambda token: db().webhook_token_seen("mailgun", token, now=now),
             )
         return sendgrid_feedback(body, headers, now=now, public_key=secrets.sendgrid_public_key)
 

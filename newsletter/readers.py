@@ -375,18 +375,21 @@ def _outcome(decisions: Sequence[Decision]) -> tuple[Outcome, str]:
 
 
 def mail_key(inbound: Inbound, data: bytes) -> str:
-    """The key a mail is processed once by: its Message-ID and a digest of its body.
+    """The key a mail is processed once by: its Message-ID and a digest of what it says.
 
-    The Message-ID alone can be chosen by anyone; with the body it names this mail. The
-    body is read with line ends and mbox ``>From`` quoting undone, so the same mail from
-    an mbox, a Maildir or IMAP (each with trace headers of its own) has one key.
+    The Message-ID alone can be chosen by anyone; with the body (and the VERP token of
+    the address it came to, the one thing in its header that matters) it names this
+    mail. The body is read with line ends and mbox ``>From`` quoting undone, so the same
+    mail from an mbox, a Maildir or IMAP (each with trace headers of its own) has one key.
     """
     if inbound.event_id.startswith("sha256:"):
         return inbound.event_id  # a hash of all of it already
     text = data.replace(b"\r\n", b"\n")
     _head, separator, body = text.partition(b"\n\n")
     body = re.sub(rb"(?m)^>(>*From )", rb"\1", body if separator else text).rstrip()
-    return f"{inbound.event_id} body:{hashlib.sha256(body).hexdigest()[:32]}"
+    tokens = sorted({f.verp_token for f in inbound.feedback if f.verp_token})
+    digest = hashlib.sha256(body + b"\0" + "\0".join(tokens).encode("utf-8", "replace"))
+    return f"{inbound.event_id} body:{digest.hexdigest()[:32]}"
 
 
 def process_mail(
@@ -516,7 +519,7 @@ def apply_webhook(
     )
     if not items and replay is None:
         return results
-    applied = store.record_feedback(items, soft_limit=soft_limit, replay=replay)
+    applied = store.record_feedback(items, soft_limit=soft_limit, replay=replay, now=now)
     if applied is None:
         return None
     effects = iter(applied)

@@ -1442,11 +1442,12 @@ class Store:
         )
         return [(row[0], row[1]) for row in rows]
 
-    def webhook_token_seen(self, source: str, token: str) -> bool:
-        """True when this single-use webhook token was recorded and has not expired."""
+    def webhook_token_seen(self, source: str, token: str, *, now: datetime | None = None) -> bool:
+        """True when this single-use webhook token was recorded and has not expired
+        (at ``now``: the time the request's signature was checked against)."""
         row = self._one(
             "SELECT 1 FROM webhook_tokens WHERE source = ? AND token = ? AND expires_at >= ?",
-            (source, token, _now()),
+            (source, token, _iso(now) if now is not None else _now()),
         )
         return row is not None
 
@@ -1456,6 +1457,7 @@ class Store:
         *,
         soft_limit: int,
         replay: ReplayToken | None = None,
+        now: datetime | None = None,
     ) -> list[tuple[str, ...] | None] | None:
         """Apply checked feedback, each item once, all in one transaction.
 
@@ -1466,12 +1468,16 @@ class Store:
         complaint marks them complained and an unsubscribe unsubscribes them, each with a
         history event; bounces are also kept in the bounces table. ``replay``, a webhook's
         single-use token, is recorded first: if it is there already the request is a
-        replay, nothing changes and the result is None.
+        replay, nothing changes and the result is None. ``now`` is the clock replay
+        tokens expire by (the one the request was checked with).
         """
-        now = _now()
+        now_text = _now()
         with self._transaction() as conn:
             if replay is not None:
-                conn.execute("DELETE FROM webhook_tokens WHERE expires_at < ?", (now,))
+                conn.execute(
+                    "DELETE FROM webhook_tokens WHERE expires_at < ?",
+                    (_iso(now) if now is not None else now_text,),
+                )
                 if not conn.execute(
                     "INSERT OR IGNORE INTO webhook_tokens (source, token, expires_at)"
                     " VALUES (?, ?, ?)",
@@ -1483,13 +1489,13 @@ class Store:
                 if not conn.execute(
                     "INSERT OR IGNORE INTO processed_messages"
                     " (message_key, source, outcome, processed_at) VALUES (?, ?, ?, ?)",
-                    (item.key, item.source, item.outcome[:500], now),
+                    (item.key, item.source, item.outcome[:500], now_text),
                 ).rowcount:
                     results.append(None)
                     continue
                 results.append(
                     tuple(
-                        self._apply_feedback(conn, item.key, action, soft_limit, now)
+                        self._apply_feedback(conn, item.key, action, soft_limit, now_text)
                         for action in item.actions
                     )
                 )
