@@ -1,14 +1,15 @@
-"""Bounce detection and processing, on a corpus of real-world-shaped bounce messages.
+"""The bounce mailbox read whole: mbox files, Maildir folders and IMAP, each mail once.
 
-These use the bounces of the inbound corpus (tests/inbound/, where test_inbox.py checks
-every file's classification): Postfix, Exim, Gmail, Outlook/Office 365, old Exchange and
-qmail shapes. Each quotes the Message-ID of the message that bounced, which the ledger here
-knows, so the issue is found.
+The bounces here are the corpus's (tests/inbound/, where test_inbox.py checks every file's
+classification): Postfix, Exim, Gmail, Outlook/Office 365, old Exchange and qmail shapes.
+Each quotes the Message-ID of the message that bounced, which the ledger here knows, so
+each refers to a message we sent and is acted on; test_readers.py has the forgeries.
 """
 
 from __future__ import annotations
 
 import imaplib
+import json
 import mailbox
 import shutil
 import socket
@@ -17,18 +18,22 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from newsletter import bounces, config
-from newsletter.bounces import detect, fetch_imap, import_path
+from newsletter import config, mailboxes
 from newsletter.cli import main
+from newsletter.config import Config
 from newsletter.errors import BounceError, ConfigError
+from newsletter.feedback import FeedbackKind
+from newsletter.mailboxes import fetch_imap, import_path
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
+from newsletter.readers import Outcome
 from newsletter.store import Store
+from tests.support import TEST_SECRET_KEY
+from tests.support.inbound import dsn, write_mbox
 
 CORPUS = Path(__file__).parent / "inbound"
 ISSUE = "001-tides-and-timetables"
@@ -67,45 +72,6 @@ def test_the_bounces_used_here_are_in_the_corpus() -> None:
     assert set(EXPECTED) <= {p.name for p in CORPUS.glob("*.eml")}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_each_bounce_is_detected_with_kind_status_and_original_message(name: str) -> None:
-    detected = detect((CORPUS / name).read_bytes())
-    expected = EXPECTED[name]
-    if expected is None:
-        assert detected.bounces == ()
-        return
-    address, kind, status = expected
-    assert [(b.email, b.kind, b.status) for b in detected.bounces] == [(address, kind, status)]
-    bounce = detected.bounces[0]
-    assert bounce.original_message_id == MESSAGE_IDS[address]
-    assert bounce.reported_at is not None and bounce.reported_at.tzinfo is not None
-    assert bounce.reported_at.year == 2026 and bounce.reported_at.month == 3
-    assert status in bounce.diagnostic or name.startswith(("postfix-soft", "gmail-soft"))
-
-
-def test_a_delay_warning_is_not_a_bounce_but_is_reported() -> None:
-    detected = detect((CORPUS / "postfix-delayed-warning.eml").read_bytes())
-    assert detected.bounces == ()
-    assert detected.delayed == ("bob@example.net",)
-
-
-def test_dsn_parts_win_over_the_heuristics_and_dates_are_when_the_server_gave_up() -> None:
-    detected = detect((CORPUS / "postfix-soft-gave-up.eml").read_bytes())
-    # Arrival-Date is 2 March (the original message); the report itself is of 7 March.
-    assert detected.bounces[0].reported_at == datetime(2026, 3, 7, 9, 20, 11, tzinfo=UTC)
-    gmail = detect((CORPUS / "gmail-soft-gave-up.eml").read_bytes()).bounces[0]
-    assert gmail.reported_at is not None
-    assert gmail.reported_at.astimezone(UTC) == datetime(2026, 3, 7, 9, 20, 31, tzinfo=UTC)
-
-
-def test_message_key_is_the_message_id_else_a_hash() -> None:
-    data = (CORPUS / "exim-hard.eml").read_bytes()
-    assert detect(data).message_key == "mid:<E1vA2bC-0001xY-2Z@relay.example.org>"
-    without = data.replace(b"Message-Id: <E1vA2bC-0001xY-2Z@relay.example.org>\n", b"")
-    key = detect(without).message_key
-    assert key.startswith("sha256:") and key == detect(without).message_key
-
-
 # --- processing against a real database ---------------------------------------------------
 
 
@@ -135,177 +101,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def corpus_mbox(path: Path, names: list[str] | None = None) -> Path:
-    box = mailbox.mbox(path)
-    for name in names or sorted(EXPECTED):
-        box.add((CORPUS / name).read_bytes())
-    box.flush()
-    box.close()
-    return path
-
-
-def test_import_mbox_marks_hard_bounces_and_counts_soft_ones_matched_to_the_issue(
-    store: Store, tmp_path: Path
-) -> None:
-    sent_issue(store, ISSUE, MESSAGE_IDS)
-    summary = import_path(store, corpus_mbox(tmp_path / "bounces.mbox"), soft_limit=3)
-    assert summary.messages == len(EXPECTED)
-    assert (summary.hard, summary.soft, summary.marked_bounced) == (6, 4, 6)
-    assert (summary.not_bounces, summary.warnings_only, summary.already_processed) == (1, 1, 0)
-    for name, expected in EXPECTED.items():
-        if expected is None:
-            continue
-        address, kind, status = expected
-        subscriber = store.get_subscriber(address)
-        assert subscriber is not None
-        if kind == BounceKind.HARD:
-            assert subscriber.status == Status.BOUNCED, name
-            event = store.subscriber_events(address)[-1]
-            assert (event.new_status, event.reason) == (Status.BOUNCED, "bounce-hard")
-            # The change records the DSN status, the issue and the date.
-            assert status in event.detail and ISSUE in event.detail and "2026-03-0" in event.detail
-        else:
-            assert subscriber.status == Status.ACTIVE, name
-            assert subscriber.soft_bounces == 1, name
-    records = bounces.bounces_for_issue(store, ISSUE)
-    assert sorted(r.email for r in records) == sorted(
-        e[0] for e in EXPECTED.values() if e is not None
-    )
-    by_address = {r.email: r for r in records}
-    assert by_address["bob@example.net"].effect == "soft bounce 1 of 3"
-    assert by_address["alice@example.com"].effect == "marked bounced"
-    assert by_address["alice@example.com"].status == "5.1.1"
-
-
-def test_a_message_is_never_counted_twice_across_imports_and_formats(
-    store: Store, tmp_path: Path
-) -> None:
-    sent_issue(store, ISSUE, MESSAGE_IDS)
-    mbox = corpus_mbox(tmp_path / "a.mbox", ["qmail-soft-mailbox-full.eml"])
-    first = import_path(store, mbox, soft_limit=3)
-    again = import_path(store, mbox, soft_limit=3)
-    # The same mail in a Maildir (as IMAP or another tool would keep it).
-    maildir = mailbox.Maildir(tmp_path / "Maildir")
-    maildir.add((CORPUS / "qmail-soft-mailbox-full.eml").read_bytes())
-    maildir.close()
-    third = import_path(store, tmp_path / "Maildir", soft_limit=3)
-    assert (first.soft, again.already_processed, third.already_processed) == (1, 1, 1)
-    judy = store.get_subscriber("judy@example.net")
-    assert judy is not None and judy.soft_bounces == 1
-    assert len(store.bounces_for_issue(ISSUE)) == 1
-
-
-def soft_dsn(address: str, message_id: str, day: int, ident: str) -> bytes:
-    """A Postfix DSN that gave up after days of 4.2.2 answers."""
-    template = (CORPUS / "postfix-soft-gave-up.eml").read_text()
-    return (
-        template.replace("bob@example.net", address)
-        .replace("<177244284502.1001.2@example.org>", message_id)
-        .replace("20260307092011.7Qm3yT1c9Rz2wAb@mail.example.org", f"{ident}@mail.example.org")
-        .replace("Sat,  7 Mar 2026", f"Sat,  {day} Mar 2026")
-        .replace("Status: 4.4.1", "Status: 4.2.2")
-        .encode()
-    )
-
-
-def test_soft_bounces_in_a_row_mark_the_subscriber_bounced(store: Store) -> None:
-    address = "bob@example.net"
-    for number in (1, 2, 3):
-        sent_issue(store, f"00{number}-issue", {address: f"<issue{number}.bob@example.org>"})
-    results = []
-    for number in (1, 2, 3):
-        data = soft_dsn(address, f"<issue{number}.bob@example.org>", number + 5, f"b{number}")
-        _, records = bounces.process_message(store, data, source="test", soft_limit=3)
-        assert records is not None
-        results.append(records[0].effect)
-    assert results == [
-        "soft bounce 1 of 3",
-        "soft bounce 2 of 3",
-        "marked bounced after 3 soft bounces",
-    ]
-    bob = store.get_subscriber(address)
-    assert bob is not None and bob.status == Status.BOUNCED and bob.soft_bounces == 3
-    event = store.subscriber_events(address)[-1]
-    assert event.reason == "bounce-soft"
-    assert "3 soft bounces in a row" in event.detail and "4.2.2" in event.detail
-    assert "003-issue" in event.detail and "2026-03-08" in event.detail
-
-
-def test_soft_bounces_count_once_per_issue_and_a_clean_issue_breaks_the_run(
-    store: Store,
-) -> None:
-    address = "dave@example.net"
-    for number in (1, 2, 3):
-        sent_issue(store, f"00{number}-issue", {address: f"<issue{number}.dave@example.org>"})
-    effects = []
-    # Two reports for issue 1 (two relays gave up): one count.
-    for ident in ("d1", "d1b"):
-        _, records = bounces.process_message(
-            store,
-            soft_dsn(address, "<issue1.dave@example.org>", 6, ident),
-            source="t",
-            soft_limit=2,
-        )
-        assert records is not None
-        effects.append(records[0].effect)
-    # Issue 2 got through (no bounce); issue 3 bounces softly: the run starts again.
-    _, records = bounces.process_message(
-        store, soft_dsn(address, "<issue3.dave@example.org>", 9, "d3"), source="t", soft_limit=2
-    )
-    assert records is not None
-    effects.append(records[0].effect)
-    assert effects == [
-        "soft bounce 1 of 2",
-        "soft bounce already counted for this issue",
-        "soft bounce 1 of 2",
-    ]
-    dave = store.get_subscriber(address)
-    assert dave is not None and dave.status == Status.ACTIVE and dave.soft_bounces == 1
-
-
-def test_a_forwarded_address_is_found_through_the_message_id(store: Store) -> None:
-    sent_issue(store, ISSUE, {"carol@example.org": "<fwd.carol@example.org>"})
-    data = (
-        (CORPUS / "exim-hard.eml")
-        .read_bytes()
-        .replace(b"carol@example.org", b"carol.new@example.net")
-        .replace(b"<177244284503.1001.3@example.org>", b"<fwd.carol@example.org>")
-    )
-    _, records = bounces.process_message(store, data, source="t", soft_limit=3)
-    assert records is not None and records[0].issue_key == ISSUE
-    carol = store.get_subscriber("carol@example.org")
-    assert carol is not None and carol.status == Status.BOUNCED
-
-
-def test_unknown_addresses_and_unsubscribed_subscribers_are_recorded_but_unchanged(
-    store: Store,
-) -> None:
-    store.set_status("alice@example.com", Status.UNSUBSCRIBED, "test")
-    data = (CORPUS / "postfix-hard-user-unknown.eml").read_bytes()
-    _, records = bounces.process_message(store, data, source="t", soft_limit=3)
-    assert records is not None and records[0].effect == "no change (subscriber is unsubscribed)"
-    alice = store.get_subscriber("alice@example.com")
-    assert alice is not None and alice.status == Status.UNSUBSCRIBED
-    stranger = data.replace(b"alice@example.com", b"nobody@example.com").replace(
-        b"Message-Id: <2026", b"Message-Id: <x2026"
-    )
-    _, records = bounces.process_message(store, stranger, source="t", soft_limit=3)
-    assert records is not None and records[0].subscriber_id is None
-    assert records[0].effect == "no subscriber with this address"
-
-
-def test_import_refuses_what_is_not_a_mailbox(store: Store, tmp_path: Path) -> None:
-    note = tmp_path / "notes.txt"
-    note.write_text("hello\n")
-    with pytest.raises(BounceError, match="not an mbox"):
-        import_path(store, note, soft_limit=3)
-    (tmp_path / "folder").mkdir()
-    with pytest.raises(BounceError, match="not a Maildir"):
-        import_path(store, tmp_path / "folder", soft_limit=3)
-    with pytest.raises(BounceError, match="no such file"):
-        import_path(store, tmp_path / "missing", soft_limit=3)
-
-
-# --- the CLI ------------------------------------------------------------------------------
+    return write_mbox(path, ((CORPUS / name).read_bytes() for name in names or sorted(EXPECTED)))
 
 
 def workspace(tmp_path: Path, extra: str = "") -> Path:
@@ -322,6 +118,152 @@ def workspace(tmp_path: Path, extra: str = "") -> Path:
     return root
 
 
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return config.load(workspace(tmp_path), environ={config.ENV_SECRET_KEY: TEST_SECRET_KEY})
+
+
+def test_import_mbox_marks_hard_bounces_and_counts_soft_ones_matched_to_the_issue(
+    store: Store, cfg: Config, tmp_path: Path
+) -> None:
+    sent_issue(store, ISSUE, MESSAGE_IDS)
+    summary = import_path(store, cfg, corpus_mbox(tmp_path / "bounces.mbox"))
+    assert summary.messages == len(EXPECTED)
+    assert summary.acted == {FeedbackKind.HARD_BOUNCE: 6, FeedbackKind.SOFT_BOUNCE: 4}
+    assert summary.marked_bounced == 6
+    assert summary.outcomes == {Outcome.APPLIED: 10, Outcome.IGNORED: 1, Outcome.NO_ACTION: 1}
+    for name, expected in EXPECTED.items():
+        if expected is None:
+            continue
+        address, kind, status = expected
+        subscriber = store.get_subscriber(address)
+        assert subscriber is not None
+        if kind == BounceKind.HARD:
+            assert subscriber.status == Status.BOUNCED, name
+            event = store.subscriber_events(address)[-1]
+            assert (event.new_status, event.reason) == (Status.BOUNCED, "bounce-hard")
+            # The change records the DSN status, the issue, the date, how it was matched
+            # and the mail's id.
+            assert status in event.detail and ISSUE in event.detail and "2026-03-0" in event.detail
+            assert "matched by Message-ID; mail mid:<" in event.detail
+        else:
+            assert subscriber.status == Status.ACTIVE, name
+            assert subscriber.soft_bounces == 1, name
+    records = mailboxes.bounces_for_issue(store, ISSUE)
+    assert sorted(r.email for r in records) == sorted(
+        e[0] for e in EXPECTED.values() if e is not None
+    )
+    by_address = {r.email: r for r in records}
+    assert by_address["bob@example.net"].effect == "soft bounce 1 of 3"
+    assert by_address["alice@example.com"].effect == "marked bounced"
+    assert by_address["alice@example.com"].status == "5.1.1"
+
+
+def test_a_message_is_never_counted_twice_across_imports_and_formats(
+    store: Store, cfg: Config, tmp_path: Path
+) -> None:
+    sent_issue(store, ISSUE, MESSAGE_IDS)
+    mbox = corpus_mbox(tmp_path / "a.mbox", ["qmail-soft-mailbox-full.eml"])
+    first = import_path(store, cfg, mbox)
+    again = import_path(store, cfg, mbox)
+    # The same mail in a Maildir (as IMAP or another tool would keep it), with CRLF.
+    maildir = mailbox.Maildir(tmp_path / "Maildir")
+    maildir.add((CORPUS / "qmail-soft-mailbox-full.eml").read_bytes().replace(b"\n", b"\r\n"))
+    maildir.close()
+    third = import_path(store, cfg, tmp_path / "Maildir")
+    assert first.acted[FeedbackKind.SOFT_BOUNCE] == 1
+    assert again.outcomes[Outcome.ALREADY_PROCESSED] == 1
+    assert third.outcomes[Outcome.ALREADY_PROCESSED] == 1
+    judy = store.get_subscriber("judy@example.net")
+    assert judy is not None and judy.soft_bounces == 1
+    assert len(store.bounces_for_issue(ISSUE)) == 1
+
+
+def test_a_subscriber_who_left_stays_as_they_are_and_a_stranger_changes_nobody(
+    store: Store, cfg: Config, tmp_path: Path
+) -> None:
+    sent_issue(store, ISSUE, MESSAGE_IDS)
+    store.set_status("alice@example.com", Status.UNSUBSCRIBED, "test")
+    data = (CORPUS / "postfix-hard-user-unknown.eml").read_bytes()
+    # The same report, for an address we never sent to and about no message of ours.
+    stranger = (
+        data.replace(b"alice@example.com", b"nobody@example.com")
+        .replace(MESSAGE_IDS["alice@example.com"].encode(), b"<other@example.net>")
+        .replace(b"Message-Id: <2026", b"Message-Id: <x2026")
+    )
+    lines: list[str] = []
+    summary = import_path(
+        store,
+        cfg,
+        write_mbox(tmp_path / "b.mbox", [data, stranger]),
+        on_message=lambda r: lines.append(json.dumps(r.as_json())),
+    )
+    assert summary.outcomes == {Outcome.APPLIED: 1, Outcome.UNMATCHED: 1}
+    assert store.list_bounces()[0].effect == "no change (subscriber is unsubscribed)"
+    alice = store.get_subscriber("alice@example.com")
+    assert alice is not None and alice.status == Status.UNSUBSCRIBED
+    assert len(store.list_bounces()) == 1  # the unmatched one is only in processed_messages
+    assert json.loads(lines[1])["reports"][0]["why_not"].startswith("refers to no message")
+
+
+def test_one_broken_mail_never_stops_the_run(store: Store, cfg: Config, tmp_path: Path) -> None:
+    """Mail without a From, empty, garbage and binary between two real bounces: every one
+    is read, the broken ones are recorded as unreadable with the reason, and the run goes on.
+    """
+    sent_issue(store, ISSUE, MESSAGE_IDS)
+    broken = [
+        (CORPUS / "malformed-no-from.eml").read_bytes(),
+        b"",
+        b"\x00\x01\x02 not a mail at all \xff\xfe" * 100,
+        (CORPUS / "malformed-binary.eml").read_bytes(),
+        b"Subject: x\nContent-Type: multipart/mixed; boundary=b\n\n" + b"--b\n\nx\n" * 100_000,
+    ]
+    first = (CORPUS / "exim-hard.eml").read_bytes()
+    last = (CORPUS / "gmail-hard-no-such-account.eml").read_bytes()
+    mbox = write_mbox(tmp_path / "broken.mbox", [first, *broken, last])
+    result = CliRunner().invoke(
+        main, ["-C", str(cfg.root), "--db", str(store.path), "inbox", "import", str(mbox)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("unreadable  broken.mbox:") == len(broken)
+    assert "no From header" in result.output and "empty" in result.output
+    for address in ("carol@example.org", "erin@example.com"):
+        subscriber = store.get_subscriber(address)
+        assert subscriber is not None and subscriber.status == Status.BOUNCED
+    again = import_path(store, cfg, mbox)
+    assert again.outcomes == {Outcome.ALREADY_PROCESSED: len(broken) + 2}
+
+
+def test_a_maildir_file_that_cannot_be_read_is_reported_and_the_others_are_read(
+    store: Store, cfg: Config, tmp_path: Path
+) -> None:
+    sent_issue(store, ISSUE, MESSAGE_IDS)
+    box = mailbox.Maildir(tmp_path / "Maildir")
+    box.add((CORPUS / "exim-hard.eml").read_bytes())
+    box.close()
+    # A message file that went away between the listing and the reading.
+    (tmp_path / "Maildir" / "new" / "1772442999.M1P1.gone").symlink_to(tmp_path / "nowhere")
+    summary = import_path(store, cfg, tmp_path / "Maildir")
+    assert summary.outcomes == {Outcome.APPLIED: 1, Outcome.UNREADABLE: 1}
+    assert summary.unreadable[0][1].startswith("cannot be read")
+
+
+def test_import_refuses_what_is_not_a_mailbox(store: Store, cfg: Config, tmp_path: Path) -> None:
+    note = tmp_path / "notes.txt"
+    note.write_text("hello\n")
+    with pytest.raises(BounceError, match="not an mbox"):
+        import_path(store, cfg, note)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BounceError, match="not a Maildir"):
+        import_path(store, cfg, tmp_path / "folder")
+    with pytest.raises(BounceError, match="no such file"):
+        import_path(store, cfg, tmp_path / "missing")
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+
 def test_cli_import_and_list(tmp_path: Path) -> None:
     root = workspace(tmp_path)
     with Store.open(root / ".newsletter" / "newsletter.db") as db:
@@ -332,18 +274,70 @@ def test_cli_import_and_list(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["-C", str(root), "bounces", "import", str(mbox)])
     assert result.exit_code == 0, result.output
-    assert "12 messages: 6 hard and 4 soft bounces, 6 subscribers marked bounced" in result.output
-    assert "hard  5.1.1   alice@example.com issue 001-tides-and-timetables: marked bounced" in (
-        result.output
-    )
-    again = runner.invoke(main, ["-C", str(root), "bounces", "import", str(mbox)])
+    assert (
+        "12 messages: 6 hard and 4 soft bounces, 0 complaints and 0 unsubscribes acted on;"
+        " 0 unmatched, 1 with nothing to do, 1 ignored, 0 unreadable, 0 already processed."
+    ) in result.output
+    assert "Subscribers changed: 6 bounced, 0 complained, 0 unsubscribed." in result.output
+    assert (
+        "hard-bounce  5.1.1   alice@example.com -> alice@example.com"
+        " issue 001-tides-and-timetables (by Message-ID): marked bounced"
+    ) in result.output
+    again = runner.invoke(main, ["-C", str(root), "inbox", "import", str(mbox)])
     assert "12 already processed" in again.output
     listed = runner.invoke(main, ["-C", str(root), "bounces", "list", "1"])
     assert listed.exit_code == 0, listed.output
     assert len(listed.output.splitlines()) == 10
     assert "soft  4.2.2" in listed.output and "judy@example.net" in listed.output
-    missing = runner.invoke(main, ["-C", str(root), "bounces", "import", str(tmp_path / "nope")])
+    missing = runner.invoke(main, ["-C", str(root), "inbox", "import", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and missing.output.startswith("Error: ")
+
+
+def test_cli_dry_run_json_is_one_line_per_message_and_changes_nothing(tmp_path: Path) -> None:
+    root = workspace(tmp_path)
+    with Store.open(root / ".newsletter" / "newsletter.db") as db:
+        for address in MESSAGE_IDS:
+            db.add_subscriber(address)
+        sent_issue(db, ISSUE, MESSAGE_IDS)
+    forged = dsn([("bob@example.net", "5.1.1"), ("carol@example.org", "5.1.1")])
+    mbox = write_mbox(
+        tmp_path / "b.mbox",
+        [(CORPUS / "postfix-hard-user-unknown.eml").read_bytes(), forged, b""],
+    )
+    result = CliRunner().invoke(
+        main, ["-C", str(root), "inbox", "import", str(mbox), "--dry-run", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["outcome"] for line in lines] == ["applied", "unmatched", "unreadable"]
+    (report,) = lines[0]["reports"]
+    assert report == {
+        "kind": "hard-bounce",
+        "recipient": "alice@example.com",
+        "status": "5.1.1",
+        "bounce": "hard",
+        "refers_to": {
+            "subscriber": "alice@example.com",
+            "subscriber_status": "active",
+            "issue": ISSUE,
+            "message_id": MESSAGE_IDS["alice@example.com"],
+            "by": "Message-ID",
+        },
+        "action": "mark bounced",
+        "why_not": None,
+        "effect": None,
+    }
+    assert [r["action"] for r in lines[1]["reports"]] == [None, None]
+    assert lines[1]["reports"][0]["why_not"].startswith("refers to no message we sent")
+    assert lines[2]["reason"] == "empty" and lines[0]["dry_run"] is True
+    assert "Dry run: nothing was changed." in result.stderr
+    with Store.open(root / ".newsletter" / "newsletter.db") as db:
+        assert all(s.status == Status.ACTIVE for s in db.list_subscribers())
+        assert db.list_bounces() == []
+    # Then for real: the same messages, once.
+    real = CliRunner().invoke(main, ["-C", str(root), "inbox", "import", str(mbox)])
+    assert "1 unmatched" in real.output and "1 unreadable" in real.output
+    assert "Subscribers changed: 1 bounced" in real.output
 
 
 # --- IMAP, against a real IMAP server (pymap) on loopback ----------------------------------
@@ -384,6 +378,9 @@ def imap_server() -> Iterator[int]:
         proc.wait(10)
 
 
+HARD, SOFT = FeedbackKind.HARD_BOUNCE, FeedbackKind.SOFT_BOUNCE
+
+
 def imap_config(tmp_path: Path, port: int, password: str | None = "demopass") -> config.Config:
     root = workspace(
         tmp_path,
@@ -391,7 +388,7 @@ def imap_config(tmp_path: Path, port: int, password: str | None = "demopass") ->
         'imap_folder = "Bounces"\nimap_security = "none"\nsoft_limit = 3\n',
     )
     env = {"NEWSLETTER_IMAP_PASSWORD": password} if password else {}
-    return config.load(root, environ=env)
+    return config.load(root, environ={config.ENV_SECRET_KEY: TEST_SECRET_KEY, **env})
 
 
 @pytest.mark.server
@@ -405,8 +402,12 @@ def test_fetch_over_imap_processes_new_messages_once_and_flags_them(
     for name in ("gmail-hard-no-such-account.eml", "exim-soft-retry-timeout.eml"):
         client.append("Bounces", None, None, (CORPUS / name).read_bytes())
     cfg = imap_config(tmp_path, imap_server)
+    dry = fetch_imap(store, cfg, dry_run=True)
+    assert (dry.messages, dict(dry.acted)) == (2, {HARD: 1, SOFT: 1})
+    client.select("Bounces")
+    assert len(client.uid("SEARCH", None, "UNSEEN")[1][0].split()) == 2  # type: ignore[arg-type]
     summary = fetch_imap(store, cfg)
-    assert (summary.messages, summary.hard, summary.soft) == (2, 1, 1)
+    assert (summary.messages, dict(summary.acted)) == (2, {HARD: 1, SOFT: 1})
     erin = store.get_subscriber("erin@example.com")
     assert erin is not None and erin.status == Status.BOUNCED
     client.select("Bounces")
@@ -416,9 +417,9 @@ def test_fetch_over_imap_processes_new_messages_once_and_flags_them(
     client.append(
         "Bounces", None, None, (CORPUS / "outlook-hard-recipient-not-found.eml").read_bytes()
     )
-    assert fetch_imap(store, cfg).hard == 1
+    assert fetch_imap(store, cfg).acted == {HARD: 1}
     everything = fetch_imap(store, cfg, include_seen=True)
-    assert (everything.messages, everything.already_processed) == (3, 3)
+    assert (everything.messages, everything.outcomes[Outcome.ALREADY_PROCESSED]) == (3, 3)
     dave = store.get_subscriber("dave@example.net")
     assert dave is not None and dave.soft_bounces == 1
     client.logout()
@@ -454,3 +455,18 @@ def test_config_refuses_a_bad_imap_security_or_soft_limit(tmp_path: Path) -> Non
     (root / "newsletter.toml").write_text("[bounces]\nsoft_limit = 0\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="soft_limit must be at least 1"):
         config.load(root, environ={})
+
+
+@pytest.mark.parametrize("value", ["bounces+x@example.org", "bounces", "a b@example.org", "x@y"])
+def test_config_refuses_a_return_path_that_is_not_a_plain_address(
+    tmp_path: Path, value: str
+) -> None:
+    root = workspace(tmp_path, f'[bounces]\nreturn_path = "{value}"\n')
+    with pytest.raises(ConfigError, match=r"newsletter.toml:5: \[bounces\] return_path"):
+        config.load(root, environ={})
+
+
+def test_the_return_paths_local_part_is_the_verp_prefix(tmp_path: Path) -> None:
+    root = workspace(tmp_path, '[bounces]\nreturn_path = "returns@mail.example.org"\n')
+    assert config.load(root, environ={}).bounces.verp_prefix == "returns"
+    assert config.BounceSettings().verp_prefix == "bounces"
