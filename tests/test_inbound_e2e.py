@@ -102,8 +102,6 @@ def test_send_with_verp_then_read_back_bounces_complaints_unsubscribes_and_forge
         before = {s.email: s.status for s in store.list_subscribers()}
     first = run("inbox", "import", str(mbox))
     assert first.exit_code == 0, first.output
-    print(first.output)
-    print(run("inbox", "import", str(mbox), "--dry-run", "--json").output[:3000])
     assert "Traceback" not in first.output
     assert (
         f"{len(messages)} messages: 2 hard and 0 soft bounces, 1 complaints and 1 unsubscribes"
