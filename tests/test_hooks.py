@@ -355,3 +355,30 @@ def test_webhooks_take_bodies_up_to_1_mb_and_the_forms_still_64_kb(
         "/subscribe", form, {"Content-Type": "application/x-www-form-urlencoded"}
     )
     assert status == 413
+
+
+def test_postmark_networks_are_checked_against_the_client_behind_a_trusted_proxy(
+    tmp_path: Path, sns: SnsSigner
+) -> None:
+    extra = (
+        '[server]\ntrusted_proxies = ["127.0.0.1"]\n'
+        f'[webhooks]\npostmark_username = "{POSTMARK_USER}"\n'
+        'postmark_networks = ["192.0.2.0/24"]\n'
+    )
+    env = {config_module.ENV_POSTMARK_PASSWORD: POSTMARK_PASSWORD}
+    service = start(tmp_path / "proxied", sns, extra, env)
+    hooks = next(service)
+    try:
+        hooks.sent("mary@example.com")
+        body = json.dumps(postmark_subscription_change()).encode()
+        auth = basic_auth(POSTMARK_USER, POSTMARK_PASSWORD)
+        # Straight from loopback (the proxy itself), or from a network Postmark is not in.
+        assert hooks.post("/hooks/postmark", body, auth) == (400, "refused\n")
+        outside = {**auth, "X-Forwarded-For": "192.0.2.9, 203.0.113.5"}
+        assert hooks.post("/hooks/postmark", body, outside) == (400, "refused\n")
+        assert hooks.status("mary@example.com") == Status.ACTIVE
+        inside = {**auth, "X-Forwarded-For": "203.0.113.5, 192.0.2.9"}
+        assert hooks.post("/hooks/postmark", body, inside) == (200, "ok\n")
+        assert hooks.status("mary@example.com") == Status.UNSUBSCRIBED
+    finally:
+        service.close()
