@@ -111,9 +111,10 @@ def _run(
     dry_run: bool,
     on_message: Callable[[FeedbackResult], None] | None,
 ) -> _Run:
+    matcher = matcher_for(store, config.secrets.secret_key)  # the key first: a clear error
     return _Run(
         store=store,
-        matcher=matcher_for(store, config.secrets.secret_key),
+        matcher=matcher,
         source=source,
         soft_limit=config.bounces.soft_limit,
         verp_prefix=config.bounces.verp_prefix,

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -157,17 +157,12 @@ class FeedbackResult:
 # --- matching a report to a message we sent -----------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Matcher:
-    """Finds the message of ours a report refers to, against the store and our key.
-
-    ``signer`` is None without NEWSLETTER_SECRET_KEY: VERP and unsubscribe tokens then
-    cannot be checked, and only Message-IDs (and a mailto's own sender) match.
-    """
+    """Finds the message of ours a report refers to, against the store and our key."""
 
     store: Store
-    signer: TokenSigner | None
-    _sent: dict[int, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+    signer: TokenSigner
 
     def decide(self, item: Feedback, *, alone: bool) -> Decision:
         """What ``item`` does. ``alone``: it is the only report of its mail, so a bounce
@@ -217,7 +212,7 @@ class Matcher:
         return "refers to no message we sent (" + "; ".join(tried) + ")"
 
     def _by_verp(self, token: str | None) -> Reference | None:
-        if not token or self.signer is None:
+        if not token:
             return None
         subscriber_id = verp_subscriber_id(token)
         if subscriber_id is None:
@@ -225,7 +220,7 @@ class Matcher:
         subscriber = self.store.get_subscriber(subscriber_id)
         if subscriber is None:
             return None
-        for issue_key, message_id in self._sent_to(subscriber.id):
+        for issue_key, message_id in self.store.sent_messages(subscriber.id):
             if self.signer.verp_matches(token, subscriber.id, subscriber.email, issue_key):
                 return _reference(subscriber, issue_key, message_id, "VERP")
         return None
@@ -247,7 +242,7 @@ class Matcher:
         return found[0] if found else None
 
     def _by_unsubscribe_token(self, token: str | None) -> Reference | None:
-        if not token or self.signer is None:
+        if not token:
             return None
         data = self.signer.verify(token, UNSUBSCRIBE_PURPOSE)
         if data is None:
@@ -291,17 +286,9 @@ class Matcher:
             if delivery[1] != subscriber.id:
                 return None, f"the message it names was sent to another subscriber ({message_id})"
             return _reference(subscriber, delivery[0], message_id, f"{by}, Message-ID"), ""
-        sent = self._sent_to(subscriber.id)
-        if not sent:
+        if not self.store.sent_messages(subscriber.id):
             return None, f"we never sent anything to {item.recipient}"
         return _reference(subscriber, "", "", by), ""
-
-    def _sent_to(self, subscriber_id: int) -> list[tuple[str, str]]:
-        if subscriber_id not in self._sent:
-            if len(self._sent) > 10_000:
-                self._sent.clear()
-            self._sent[subscriber_id] = self.store.sent_messages(subscriber_id)
-        return self._sent[subscriber_id]
 
 
 def _reference(subscriber: Subscriber, issue_key: str, message_id: str, by: str) -> Reference:
@@ -309,14 +296,10 @@ def _reference(subscriber: Subscriber, issue_key: str, message_id: str, by: str)
 
 
 def matcher_for(store: Store, secret_key: str | None) -> Matcher:
-    """A :class:`Matcher` with our key (None without one, or with one too short to use)."""
-    signer: TokenSigner | None = None
-    if secret_key:
-        try:
-            signer = TokenSigner(secret_key)
-        except NewsletterError:
-            signer = None
-    return Matcher(store, signer)
+    """A :class:`Matcher` with our key. Without it (a ConfigError) nothing is read: VERP
+    addresses and unsubscribe tokens could not be checked, and an unsubscribe recorded
+    as unmatched would be lost for good."""
+    return Matcher(store, TokenSigner(secret_key))
 
 
 # --- acting ---------------------------------------------------------------------------------

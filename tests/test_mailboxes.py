@@ -68,6 +68,13 @@ MESSAGE_IDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads the key from the environment, as a real run does."""
+    monkeypatch.setenv(config.ENV_SECRET_KEY, TEST_SECRET_KEY)
+    monkeypatch.delenv(config.ENV_DB, raising=False)
+
+
 def test_the_bounces_used_here_are_in_the_corpus() -> None:
     assert set(EXPECTED) <= {p.name for p in CORPUS.glob("*.eml")}
 
@@ -222,7 +229,7 @@ def test_one_broken_mail_never_stops_the_run(store: Store, cfg: Config, tmp_path
     last = (CORPUS / "gmail-hard-no-such-account.eml").read_bytes()
     mbox = write_mbox(tmp_path / "broken.mbox", [first, *broken, last])
     result = CliRunner().invoke(
-        main, ["-C", str(cfg.root), "--db", str(store.path), "inbox", "import", str(mbox)]
+        main, ["-C", str(cfg.root), "--db", str(store.path), "bounces", "import", str(mbox)]
     )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
@@ -291,6 +298,21 @@ def test_cli_import_and_list(tmp_path: Path) -> None:
     assert "soft  4.2.2" in listed.output and "judy@example.net" in listed.output
     missing = runner.invoke(main, ["-C", str(root), "inbox", "import", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and missing.output.startswith("Error: ")
+
+
+def test_without_the_secret_key_nothing_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VERP addresses and unsubscribe tokens cannot be checked without it: an unsubscribe
+    would be recorded as unmatched and lost, so nothing is read at all."""
+    monkeypatch.delenv(config.ENV_SECRET_KEY)
+    root = workspace(tmp_path)
+    mbox = corpus_mbox(tmp_path / "b.mbox", ["unsubscribe-mailto-token.eml"])
+    result = CliRunner().invoke(main, ["-C", str(root), "inbox", "import", str(mbox)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: environment: NEWSLETTER_SECRET_KEY is not set")
+    with Store.open(root / ".newsletter" / "newsletter.db") as db:
+        assert not db.is_processed("anything") and db.list_bounces() == []
 
 
 def test_cli_dry_run_json_is_one_line_per_message_and_changes_nothing(tmp_path: Path) -> None:
