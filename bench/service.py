@@ -14,7 +14,8 @@ Prints, all on 127.0.0.1 with waitress (8 threads) and a real SQLite file:
   addresses from one client, 50 +tag variants of one mailbox, and 400 addresses from 400
   clients behind a trusted proxy;
 - the archive page, first render and then cached;
-- bounce processing (classify, check against the ledger, apply) per second over an mbox of M messages.
+- bounce processing (classify, check against the ledger, apply) per second, over an mbox
+  of M messages.
 """
 
 from __future__ import annotations
