@@ -348,12 +348,13 @@ def _action(decision: Decision) -> FeedbackAction | None:
 
 def _outcome(decisions: Sequence[Decision]) -> tuple[Outcome, str]:
     acted = [d for d in decisions if d.action]
+    counted = [d for d in decisions if d.feedback.kind != FeedbackKind.DELAY]
+    unmatched = [d for d in counted if d.reference is None]
     if acted:
         kinds = ", ".join(sorted({d.feedback.kind.value for d in acted}))
         ways = ", ".join(sorted({d.reference.by for d in acted if d.reference is not None}))
-        return Outcome.APPLIED, f"{len(acted)} report(s) ({kinds}) matched by {ways}"
-    counted = [d for d in decisions if d.feedback.kind != FeedbackKind.DELAY]
-    unmatched = [d for d in counted if d.reference is None]
+        others = f"; {len(unmatched)} unmatched" if unmatched else ""
+        return Outcome.APPLIED, f"{len(acted)} report(s) ({kinds}) matched by {ways}{others}"
     if unmatched:
         return Outcome.UNMATCHED, f"{len(unmatched)} report(s): {unmatched[0].why_not}"
     if decisions and not counted:
@@ -437,7 +438,9 @@ def _judge(inbound: Inbound, base: FeedbackResult, matcher: Matcher) -> Feedback
     if inbound.kind == InboundKind.UNREADABLE:
         return replace(base, outcome=Outcome.UNREADABLE)
     if not inbound.feedback:
-        quiet = inbound.kind in (InboundKind.DSN,)
+        # A report with nothing to act on (a success, no recipient) is no action; an
+        # auto-reply, a reader's reply, a complaint of another type: ignored.
+        quiet = inbound.kind == InboundKind.DSN
         return replace(base, outcome=Outcome.NO_ACTION if quiet else Outcome.IGNORED)
     # One report in the mail (delay warnings aside): a bounce for another address is where
     # the subscriber forwards to. Several: each must name the one its message went to.

@@ -136,6 +136,7 @@ def test_a_forged_report_with_one_real_message_id_acts_only_on_that_subscriber(
     )
     result = process(store, data)
     assert [d.reference.email for d in result.acted if d.reference] == ["reader03@example.com"]
+    assert result.reason.endswith("matched by Message-ID; 9 unmatched")
     changed = {a for a, s in statuses(store).items() if s != Status.ACTIVE}
     assert changed == {"reader03@example.com"}
 
