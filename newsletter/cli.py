@@ -237,18 +237,63 @@ def issue_move(ctx: Context, issue_ref: str, article: str, position: int) -> Non
 
 
 @issue_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @pass_ctx
-def issue_list(ctx: Context) -> None:
-    """List the workspace's issues."""
+def issue_list(ctx: Context, as_json: bool) -> None:
+    """List the workspace's issues, with the time of those scheduled."""
     cfg = ctx.config()
     issues = content.list_issues(cfg.issues_dir)
+    schedules = _schedules(cfg)
+    if as_json:
+        rows = []
+        for item in issues:
+            entry = schedules.get(item.slug)
+            rows.append(
+                {
+                    "number": item.number,
+                    "date": item.date.isoformat(),
+                    "slug": item.slug,
+                    "title": item.title,
+                    "articles": len(item.articles),
+                    "send_at": item.send_at or None,
+                    "schedule": None
+                    if entry is None
+                    else {
+                        "state": entry.state.value,
+                        "send_at": entry.send_at.isoformat(),
+                        "zone": entry.zone,
+                        "source": entry.source,
+                        "last_error": entry.last_error,
+                    },
+                }
+            )
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
     if not issues:
         click.echo("No issues yet. Create one with `newsletter issue new`.")
     for item in issues:
+        entry = schedules.get(item.slug)
+        when = ""
+        if entry is not None and entry.state != "cancelled":
+            from .schedule import describe
+
+            when = f"  [{entry.state} {describe(entry)}]"
+        elif item.send_at:
+            when = f"  [send_at {item.send_at}: not scheduled yet]"
         click.echo(
             f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  "
-            f"{item.slug}  {item.title}"
+            f"{item.slug}  {item.title}{when}"
         )
+
+
+def _schedules(cfg: Config) -> dict[str, Any]:
+    """The database's schedules by issue, without creating a database that is not there."""
+    if not cfg.db_path.is_file():
+        return {}
+    from .store import Store
+
+    with Store.open(cfg.db_path) as store:
+        return {entry.issue_key: entry for entry in store.list_schedules()}
 
 
 @issue_group.command("show")
@@ -1126,6 +1171,65 @@ def send_command(
         sys.exit(EXIT_DEFERRED)
 
 
+@main.command("schedule")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="TIME",
+    help='When, with its zone: "2026-12-04 07:00 Europe/Berlin" or 2026-12-04T07:00+01:00 '
+    "(default: send_at in issue.md).",
+)
+@click.option("--cancel", is_flag=True, help="Cancel ISSUE's schedule.")
+@pass_ctx
+def schedule_command(ctx: Context, issue_ref: str, at: str | None, cancel: bool) -> None:
+    """Schedule ISSUE to be sent by `newsletter worker` at a time; the checks a send makes
+    run now and again at that time."""
+    from . import schedule
+
+    if cancel and at is not None:
+        fail("--cancel takes no --at", EXIT_USAGE)
+    cfg = ctx.config()
+    issue_item = _issue(cfg, issue_ref)
+    with _open_store(ctx) as store:
+        if cancel:
+            schedule.cancel(store, issue_item)
+            click.echo(f"Cancelled the scheduled send of issue {issue_item.number}.")
+            return
+        when = schedule.parse_when(at) if at is not None else None
+        entry = schedule.schedule_issue(cfg, store, issue_item, when)
+    click.echo(
+        f"Scheduled issue {issue_item.number} ({issue_item.slug}) for {schedule.describe(entry)}"
+        f" ({entry.send_at:%Y-%m-%d %H:%M} UTC)."
+    )
+    click.echo("`newsletter worker` sends it then; it must be running.")
+
+
+@main.command("worker")
+@click.option("--once", is_flag=True, help="Run one pass and exit (for cron and tests).")
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of plain text.")
+@pass_ctx
+def worker_command(ctx: Context, once: bool, log_json: bool) -> None:
+    """Send scheduled issues, retry deferred recipients, read the inbound mailbox and prune
+    unconfirmed sign-ups, until stopped (SIGTERM or Ctrl-C: messages in flight finish).
+
+    Exit status: 0, or 1 when a job of the (last) pass failed.
+    """
+    from . import logsetup, worker
+
+    logsetup.setup(json_lines=log_json)
+    cfg = ctx.config()
+    with _open_store(ctx) as store:
+        if once:
+            report = worker.run(cfg, store, once=True)
+        else:
+            with _stop_on_signals() as stop:
+                report = worker.run(cfg, store, stop=stop)
+    if not report.ok:
+        sys.exit(EXIT_FAILURE)
+
+
 @main.command("status")
 @click.argument("issue_ref", metavar="ISSUE")
 @pass_ctx
@@ -1134,9 +1238,20 @@ def status_command(ctx: Context, issue_ref: str) -> None:
     cfg = ctx.config()
     issue_item = _issue(cfg, issue_ref)
     with _open_store(ctx) as store:
+        scheduled = store.get_schedule(issue_item.slug)
+        if scheduled is not None:
+            from .schedule import describe
+
+            click.echo(
+                f"Schedule: {scheduled.state} for {describe(scheduled)} (by {scheduled.source})"
+            )
+            if scheduled.last_error:
+                click.echo(f"Last error: {scheduled.last_error}")
         snapshot = store.issue_snapshot(issue_item.slug)
         if snapshot is None:
             click.echo(f"Issue {issue_item.number} ({issue_item.slug}) has not been sent.")
+            if scheduled is not None and scheduled.state == "failed":
+                sys.exit(EXIT_FAILURE)
             return
         counts = store.ledger_counts(issue_item.slug)
         problems = store.ledger_problems(issue_item.slug)
