@@ -1114,6 +1114,11 @@ def send_command(
             )
         click.echo(f"Size:       {_kb(plan.message_size)} per message")
         click.echo(f"Transport:  {plan.transport}")
+        if plan.warmup_left is not None:
+            click.echo(
+                f"Warm-up:    {plan.warmup_left} more messages today; the rest stays queued "
+                "for the next days ([delivery] warmup_*)"
+            )
         click.echo(f"Web page:   {cfg.public_urls.issue(issue_item.slug)}{_placeholder_mark(cfg)}")
         if plan.recipients == 0:
             click.echo("Nothing to send.")

@@ -205,6 +205,20 @@ def _setup_lock(db: Path | None) -> Iterator[None]:
         os.close(fd)
 
 
+def _domain_filter(domains: Sequence[str]) -> tuple[str, list[str]]:
+    """SQL (on ``s.email_key``) that leaves out addresses at these domains or under them."""
+    if not domains:
+        return "", []
+    domain = "substr(s.email_key, instr(s.email_key, '@') + 1)"
+    params: list[str] = []
+    tests = []
+    for name in domains:
+        escaped = name.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        tests.append(f"{domain} = ? OR {domain} LIKE ? ESCAPE '\\'")
+        params += [name.lower(), f"%.{escaped}"]
+    return f" AND NOT ({' OR '.join(tests)})", params
+
+
 def _lock_name(issue_key: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", issue_key):
         return issue_key
@@ -922,17 +936,21 @@ class Store:
         )
         return [IssueSnapshot(r[0], _dt(r[1]), r[2]) for r in rows]
 
-    def claim_batch(self, issue_key: str, worker_id: str, n: int) -> list[ClaimedRecipient]:
+    def claim_batch(
+        self, issue_key: str, worker_id: str, n: int, *, skip_domains: Sequence[str] = ()
+    ) -> list[ClaimedRecipient]:
         """Move up to ``n`` due rows (queued, then deferred whose retry time has come) to
         ``sending``, durably committed before returning; send only what this returns.
 
         Rows whose subscriber is no longer active become ``cancelled`` instead, so an
         unsubscribe during a send is honoured for everyone not yet claimed. An empty
-        list means nothing is due now (see :meth:`next_retry_at`).
+        list means nothing is due now (see :meth:`next_retry_at`). Rows of recipients at
+        ``skip_domains`` (or under them) are left for later (a domain's pacing).
         """
         if n <= 0:
             return []
         now = _now()
+        skip_sql, skip_params = _domain_filter(skip_domains)
         columns = f"d.attempts, {_SUBSCRIBER_COLUMNS}"
         # The planner, without statistics, would walk the primary key (every row of the
         # issue) to get subscriber_id order; the state index gives it too, per state.
@@ -946,14 +964,14 @@ class Store:
                 want = n - len(claimed)
                 rows = conn.execute(
                     f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'queued'"
-                    " ORDER BY d.subscriber_id LIMIT ?",
-                    (issue_key, want),
+                    f"{skip_sql} ORDER BY d.subscriber_id LIMIT ?",
+                    (issue_key, *skip_params, want),
                 ).fetchall()
                 if len(rows) < want:
                     rows += conn.execute(
                         f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'deferred'"
-                        " AND d.retry_at <= ? ORDER BY d.subscriber_id LIMIT ?",
-                        (issue_key, now, want - len(rows)),
+                        f" AND d.retry_at <= ?{skip_sql} ORDER BY d.subscriber_id LIMIT ?",
+                        (issue_key, now, *skip_params, want - len(rows)),
                     ).fetchall()
                 if not rows:
                     break

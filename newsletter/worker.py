@@ -34,6 +34,7 @@ from .config import Config
 from .content import Issue
 from .errors import DeliveryError, NewsletterError
 from .models import DeliveryState, ScheduleState
+from .pacing import start_of_day
 from .progress import ProgressLines
 from .render import RenderedIssue, render_issue
 from .schedule import parse_when, preflight, schedule_issue
@@ -363,6 +364,18 @@ class Worker:
             return Job(kind, stopped, report.stopped_by, key)
         if scheduled and not counts.get(DeliveryState.QUEUED):
             self.store.update_schedule(key, ScheduleState.SENT)
+        elif scheduled and report.warmup_left is not None:
+            # The warm-up plan's cap for today is reached: the rest goes tomorrow (UTC).
+            tomorrow = start_of_day(self.clock()) + dt.timedelta(days=1)
+            self.store.update_schedule(
+                key, ScheduleState.SENDING, error="warm-up cap reached", not_before=tomorrow
+            )
+            LOG.info(
+                "issue %s: the warm-up cap for today is reached; %d left for tomorrow",
+                key,
+                counts.get(DeliveryState.QUEUED, 0),
+                extra={"event": "warmup", "issue": key},
+            )
         LOG.info("issue %s: %s", key, summary, extra=extra)
         return Job(kind, report.failed == 0, summary, key)
 
