@@ -872,6 +872,7 @@ host = "127.0.0.1"
 port = 8025
 security = "none"      # starttls | ssl | none
 username = ""
+# ca_file = "/etc/ssl/private-ca.pem"  # trust this CA (PEM) instead of the system's
 
 [unsubscribe]
 # The https link is base_url + "/u" (answered by `newsletter serve`); add a mailto too:

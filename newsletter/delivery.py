@@ -79,6 +79,8 @@ class _WorkQueue(queue.Queue[object]):
 
     def _get(self) -> object:
         return self.paced.popleft() if self.paced else self.queue.popleft()
+
+
 PROGRESS_INTERVAL = 0.1  # seconds between progress callbacks (the last one always comes)
 CLAIM_AHEAD_SECONDS = 1.0  # with a rate limit, claim at most about this much work at once
 

@@ -8,11 +8,13 @@ or secret is logged by design: subscribers by id, paths with tokens redacted.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 ROOT = "newsletter"
@@ -72,4 +74,20 @@ def setup(
     return handler
 
 
-__all__ = ["JsonLines", "PlainLines", "setup"]
+@contextlib.contextmanager
+def logging_to(
+    *, json_lines: bool = False, level: int = logging.INFO, stream: TextIO | None = None
+) -> Iterator[logging.Handler]:
+    """:func:`setup` for the length of a command; the logger is as it was afterwards."""
+    logger = logging.getLogger(ROOT)
+    before = (logger.level, logger.propagate)
+    handler = setup(json_lines=json_lines, level=level, stream=stream)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
+__all__ = ["JsonLines", "PlainLines", "logging_to", "setup"]

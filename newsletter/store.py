@@ -1683,3 +1683,21 @@ class Store:
             (_iso(moment),),
         )
         return int(row[0])
+
+    def metric_counts(self) -> dict[str, list[tuple[str, ...]]]:
+        """Counts for ``GET /metrics``, computed now so that every process agrees: rows
+        of labels and a count, never an address or a name."""
+        queries = {
+            "subscribers": "SELECT status, count(*) FROM subscribers GROUP BY status",
+            "ledger": "SELECT issue_key, state, count(*) FROM deliveries GROUP BY issue_key, state",
+            "events": "SELECT new_status, coalesce(old_status, ''), count(*)"
+            " FROM subscriber_events GROUP BY new_status, old_status",
+            "inbound": "SELECT source, CASE WHEN outcome = 'not a bounce' THEN 'other'"
+            " ELSE 'bounce' END, count(*) FROM processed_messages GROUP BY 1, 2",
+            "bounces": "SELECT kind, count(*) FROM bounces GROUP BY kind",
+            "schedules": "SELECT state, count(*) FROM schedules GROUP BY state",
+        }
+        return {
+            name: [tuple(str(cell) for cell in row) for row in self._all(sql)]
+            for name, sql in queries.items()
+        }
