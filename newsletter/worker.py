@@ -450,7 +450,17 @@ def run(
     """Hold the worker lock and run one pass (``once``) or passes until ``stop``."""
     with worker_lock(store):
         worker = Worker(config, store, stop=stop, clock=clock, outbound=outbound)
-        return worker.run_pass() if once else worker.run_forever()
+        if not once:
+            return worker.run_forever()
+        report = worker.run_pass()
+        failed = [job for job in report.jobs if not job.ok]
+        LOG.info(
+            "one pass: %d jobs, %d failed",
+            len(report.jobs),
+            len(failed),
+            extra={"event": "pass", "jobs": len(report.jobs), "failed": len(failed)},
+        )
+        return report
 
 
 __all__ = [
