@@ -313,7 +313,12 @@ class Worker:
             # Another send of this issue is running (a `send` by hand): it does the work.
             LOG.warning("%s", exc, extra={"event": f"{kind}-busy", "issue": key})
             if scheduled:
-                self.store.update_schedule(key, ScheduleState.SENDING, error=str(exc))
+                self.store.update_schedule(
+                    key,
+                    ScheduleState.SENDING,
+                    error=str(exc),
+                    not_before=self.clock() + dt.timedelta(minutes=1),
+                )
             return Job(kind, True, str(exc), key)
         except NewsletterError as exc:
             # The server is down or refuses the login: nothing was sent; try again later.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import imaplib
 import os
 import signal
 import subprocess
@@ -19,13 +20,16 @@ from click.testing import CliRunner
 
 from newsletter import config, content, schedule, worker
 from newsletter.cli import main
-from newsletter.config import Config, WorkerSettings
+from newsletter.config import BounceSettings, Config, WorkerSettings
 from newsletter.errors import DeliveryError, ScheduleError
 from newsletter.models import DeliveryState, ScheduleState
 from newsletter.store import Store
 from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY, copy_example
 from tests.support.delivery import copies, fill, for_server, nonzero, with_state
 from tests.support.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
+from tests.test_bounces import CORPUS, imap_server
+
+__all__ = ["imap_server"]  # the fixture, shared with the bounce tests
 
 pytestmark = pytest.mark.server
 
@@ -400,3 +404,47 @@ def test_sigterm_mid_send_finishes_what_is_in_flight_and_a_restart_completes(
         entry = store.get_schedule(EXAMPLE_SLUG)
         assert entry is not None and entry.state == ScheduleState.SENT
     assert copies(server.messages) == dict.fromkeys(active, 1)
+
+
+# --- the inbound mailbox ------------------------------------------------------------------
+
+
+def test_the_worker_reads_the_bounce_mailbox_every_n_minutes(site: Site, imap_server: int) -> None:
+    for address in ("erin@example.com", "grace@example.com"):
+        site.store.add_subscriber(address)
+    client = imaplib.IMAP4("127.0.0.1", imap_server)
+    client.login("demouser", "demopass")
+    client.create("Bounces")
+    client.append("Bounces", None, None, (CORPUS / "gmail-hard-no-such-account.eml").read_bytes())
+    cfg = dataclasses.replace(
+        fast_worker(site.cfg, inbox_interval_minutes=5),
+        bounces=BounceSettings(
+            imap_host="127.0.0.1",
+            imap_port=imap_server,
+            imap_username="demouser",
+            imap_folder="Bounces",
+            imap_security="none",
+        ),
+        secrets=site.cfg.secrets.replace(imap_password="demopass"),
+    )
+    now = [dt.datetime.now(UTC)]
+    passes = worker.Worker(cfg, site.store, clock=lambda: now[0])
+
+    def status(address: str) -> str:
+        found = site.store.get_subscriber(address)
+        assert found is not None
+        return found.status.value
+
+    (job,) = [j for j in passes.run_pass().jobs if j.kind == "inbox"]
+    assert job.ok and "1 messages: 1 hard" in job.detail
+    assert status("erin@example.com") == "bounced"
+    client.append(
+        "Bounces", None, None, (CORPUS / "outlook-hard-recipient-not-found.eml").read_bytes()
+    )
+    now[0] += dt.timedelta(minutes=2)
+    assert [j for j in passes.run_pass().jobs if j.kind == "inbox"] == []  # not yet
+    assert status("grace@example.com") == "active"
+    now[0] += dt.timedelta(minutes=4)
+    (job,) = [j for j in passes.run_pass().jobs if j.kind == "inbox"]
+    assert status("grace@example.com") == "bounced"
+    client.logout()
