@@ -157,6 +157,10 @@ class ServerSettings:
     mailbox_limit_per_hour: int = 3
     # Confirmation emails per hour in all.
     total_limit_per_hour: int = 300
+    # A welcome email when someone confirms (the theme's welcome_email.txt/.html), with a
+    # link to the latest issue on the web when welcome_latest_issue is on.
+    welcome_email: bool = False
+    welcome_latest_issue: bool = True
 
 
 @dataclass(frozen=True)

@@ -540,6 +540,29 @@ def create_app(
         LOG.info("confirmation email sent to subscriber %s", subscriber.id)
         return True
 
+    def send_welcome(subscriber: Subscriber) -> None:
+        """The welcome email (a background job): logged, never retried."""
+        from .welcome import welcome_message
+
+        latest = None
+        if config.server.welcome_latest_issue:
+            listed = entries()
+            latest = max(listed, key=lambda e: (e.date, e.number), default=None)
+        data = welcome_message(config, subscriber, latest=latest, sign=outbound.sign)
+        try:
+            transport = outbound.make_transport()
+            try:
+                result = transport.send(envelope_from, subscriber.email, data)
+            finally:
+                transport.close()
+        except TransportError as exc:
+            LOG.error("welcome email not sent: %s", exc)
+            return
+        if result.outcome in ("failed", "deferred"):
+            LOG.warning("welcome email refused: %s %s", result.code, result.reply)
+            return
+        LOG.info("welcome email sent to subscriber %s", subscriber.id)
+
     def too_many(retry_after: int) -> Response:
         response = page(
             "message.html",
@@ -614,11 +637,16 @@ def create_app(
             return page("confirm.html", title=f"Confirm your subscription to {news.name}")
         issued = datetime.fromtimestamp(data.issued_at, UTC)
         with writing:
+            before = store.get_subscriber(subscriber.id)
             confirmed = store.confirm_subscription(
                 subscriber.id, issued_at=issued, detail="confirmation link"
             )
         if confirmed is None or confirmed.status != Status.ACTIVE:
             return bad_link(expired)
+        if config.server.welcome_email and before is not None and before.status != Status.ACTIVE:
+            welcomed = confirmed  # confirmed just now: welcome them, once
+            if not mail.submit(lambda: send_welcome(welcomed)):
+                LOG.warning("mail queue full: a welcome email was dropped")
         return page(
             "confirmed.html",
             title="You are subscribed",

@@ -4,7 +4,10 @@ output, progress lines and logs without a terminal, metrics, the deploy files.""
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import datetime as dt
+import email
+import email.policy
 import io
 import json
 import logging
@@ -26,13 +29,16 @@ from newsletter.delivery import Progress
 from newsletter.models import DeliveryResult, DeliveryState
 from newsletter.progress import ProgressLines
 from newsletter.server import close_app, create_app, redact_path
+from newsletter.sink import SinkMessage, start_sink
 from newsletter.store import Store
+from newsletter.tokens import CONFIRM_PURPOSE, TokenSigner, address_fingerprint
 from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY, copy_example, load_config
 from tests.support.deliverability import write_key
 from tests.support.delivery import fill
 from tests.support.smtp_server import ServerFactory
 
 S = DeliveryState
+HOUR = dt.timedelta(hours=1)
 
 
 def test_dns_prints_spf_dkim_and_dmarc_for_the_sender_domain(
@@ -269,3 +275,74 @@ def test_the_container_image_runs_serve_and_can_run_the_worker() -> None:
     params = serve.make_context(cmd[0], cmd[1:]).params
     assert params["host"] == "0.0.0.0" and params["port"] == 8080
     assert "STOPSIGNAL SIGTERM" in text
+
+
+# --- the welcome email ------------------------------------------------------------------------
+
+
+def test_a_welcome_email_follows_a_confirmation_once_when_configured(
+    cfg: config.Config, tmp_path: Path
+) -> None:
+    arrived: list[SinkMessage] = []
+    with start_sink(on_message=arrived.append) as sink:
+        wired = dataclasses.replace(
+            cfg,
+            smtp=dataclasses.replace(cfg.smtp, port=sink.port),
+            server=dataclasses.replace(cfg.server, welcome_email=True),
+        )
+        db = tmp_path / "news.db"
+        with Store.open(db) as store:
+            store.request_confirmation("new@example.org", "Nia New", resend_after=HOUR)
+            store.request_confirmation("next@example.org", "", resend_after=HOUR)
+            store.set_publication(EXAMPLE_SLUG, "published")
+            ids = {s.email: s.id for s in store.list_subscribers()}
+        signer = TokenSigner(TEST_SECRET_KEY)
+
+        def link(address: str) -> str:
+            token = signer.make(CONFIRM_PURPOSE, str(ids[address]), address_fingerprint(address))
+            return f"/confirm/{token}"
+
+        app = create_app(wired, db, mail_threads=1)  # one thread: the mails go in order
+        try:
+            client = app.test_client()
+            assert client.post(link("new@example.org")).status_code == 200
+            assert client.post(link("new@example.org")).status_code == 200  # twice: one mail
+            assert client.post(link("next@example.org")).status_code == 200
+            assert sink.wait_for(2, timeout=20)
+        finally:
+            close_app(app)
+    assert [m.recipients for m in arrived] == [("new@example.org",), ("next@example.org",)]
+    message = email.message_from_bytes(arrived[0].data, policy=email.policy.default)
+    assert message["Subject"] == f"Welcome to {cfg.newsletter.name}"
+    assert message["To"] == "Nia New <new@example.org>"
+    assert message["Date"].endswith("+0000")
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    unsubscribe = re.search(r"<(https://[^>]+)>", str(message["List-Unsubscribe"]))
+    assert unsubscribe is not None and unsubscribe[1].startswith(cfg.unsubscribe.url + "/")
+    body = message.get_body(("plain",))
+    assert body is not None
+    text = body.get_content()
+    assert text.startswith("Hello Nia,")
+    assert cfg.public_urls.issue(EXAMPLE_SLUG) in text  # the latest issue, on the web
+    assert unsubscribe[1] in text
+
+
+def test_no_welcome_email_by_default(cfg: config.Config, tmp_path: Path) -> None:
+    arrived: list[SinkMessage] = []
+    with start_sink(on_message=arrived.append) as sink:
+        wired = dataclasses.replace(cfg, smtp=dataclasses.replace(cfg.smtp, port=sink.port))
+        db = tmp_path / "news.db"
+        with Store.open(db) as store:
+            store.request_confirmation("new@example.org", resend_after=HOUR)
+            subscriber = store.get_subscriber("new@example.org")
+        assert subscriber is not None and not wired.server.welcome_email
+        token = TokenSigner(TEST_SECRET_KEY).make(
+            CONFIRM_PURPOSE, str(subscriber.id), address_fingerprint(subscriber.email)
+        )
+        app = create_app(wired, db, mail_threads=1)
+        try:
+            assert app.test_client().post(f"/confirm/{token}").status_code == 200
+            dropped = close_app(app, timeout=10)
+        finally:
+            close_app(app)
+    assert dropped == 0 and arrived == []
