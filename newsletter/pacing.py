@@ -26,6 +26,7 @@ MIN_RATE = 0.2  # messages/s: a slowed-down domain never goes below this
 RECOVER_SECONDS = 30.0  # after a rate-limit reply, the rate grows back this often
 HOLD_SECONDS = 0.2  # rows held per throttled domain: about this much of its sending
 RATE_WINDOW = 2.0  # seconds of sends remembered to tell what a domain was sending at
+SLOW_DOWN_GUARD = 2.0  # seconds after a slow-down in which another one changes nothing
 
 # Replies that mean "you send too fast" rather than "this mailbox is full": Gmail's
 # 421-4.7.28 / 450-4.2.1 "rate", Yahoo's 421 4.7.0 [TSS04] "unexpected volume",
@@ -126,8 +127,15 @@ class DomainPacer:
         return max(0.0, self.next_at.get(key, 0.0) - self.clock())
 
     def slow_down(self, key: str) -> float:
-        """A rate-limit reply from ``key``: halve what it was allowed (or was sending at)."""
+        """A rate-limit reply from ``key``: halve what it was allowed (or was sending at).
+
+        Replies to the messages already in flight when the first one came say the same
+        thing: within ``SLOW_DOWN_GUARD`` seconds of a slow-down, another changes nothing.
+        """
         now = self.clock()
+        slowed = self.slowed.get(key)
+        if slowed is not None and now - slowed[1] < SLOW_DOWN_GUARD:
+            return slowed[0]
         current = self.rate(key)
         if current is None:
             window = self.recent.get(key, deque())

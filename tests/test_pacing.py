@@ -14,7 +14,14 @@ from newsletter import config, delivery
 from newsletter.config import Config
 from newsletter.errors import ConfigError
 from newsletter.models import DeliveryState
-from newsletter.pacing import MIN_RATE, RECOVER_SECONDS, DomainPacer, is_rate_limited, warmup_cap
+from newsletter.pacing import (
+    MIN_RATE,
+    RECOVER_SECONDS,
+    SLOW_DOWN_GUARD,
+    DomainPacer,
+    is_rate_limited,
+    warmup_cap,
+)
 from newsletter.render import render_issue
 from newsletter.store import Store
 from tests.support import copy_example, example_issue, load_config
@@ -74,7 +81,11 @@ def test_a_rate_limit_reply_halves_that_domain_only_and_it_recovers() -> None:
     assert pacer.throttled("example.net")
     clock.now += RECOVER_SECONDS * 2
     assert not pacer.throttled("example.net")  # back to no limit once it recovered
-    for _ in range(3):
+    # The replies to the messages already in flight do not halve it again and again.
+    pacer.slow_down("gmail.example.com")
+    assert pacer.slow_down("gmail.example.com") == pacer.rate("gmail.example.com") == 10.0
+    for _ in range(5):
+        clock.now += SLOW_DOWN_GUARD
         pacer.slow_down("example.org")
     assert pacer.rate("example.org") == MIN_RATE
 
