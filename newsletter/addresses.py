@@ -6,7 +6,9 @@ ASCII addresses that a large import is made of.
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
@@ -97,3 +99,23 @@ def email_key(address: str) -> str:
         return _normalize(address).lower()
     except EmailNotValidError:
         return address.lower()
+
+
+@functools.cache
+def _public_suffixes() -> Any:
+    import tldextract
+
+    # The bundled snapshot of the Public Suffix List: no network, no cache files.
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+
+def organisational_domain(domain: str) -> str:
+    """The registrable domain DMARC aligns on (RFC 7489 3.2): ``news.example.org`` and
+    ``mail.example.org`` are both ``example.org``; ``a.b.co.uk`` is ``b.co.uk``.
+
+    From the public suffix list bundled with tldextract; a name it cannot split (no
+    known suffix, an IP address) is its own organisational domain.
+    """
+    name = domain.strip().lower().rstrip(".")
+    found: str = _public_suffixes()(name).top_domain_under_public_suffix
+    return found or name

@@ -680,7 +680,7 @@ def _check_dkim(rendered: RenderedIssue, config: Config, findings: list[Finding]
     if signer is None:
         findings.append(
             Finding(
-                "info",
+                "warning",
                 "dkim-off",
                 "DKIM signing is off: Gmail and Yahoo require DKIM aligned with the From domain "
                 "from bulk senders, and one-click unsubscribe needs it; set [dkim] selector, "

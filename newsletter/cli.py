@@ -238,18 +238,63 @@ def issue_move(ctx: Context, issue_ref: str, article: str, position: int) -> Non
 
 
 @issue_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @pass_ctx
-def issue_list(ctx: Context) -> None:
-    """List the workspace's issues."""
+def issue_list(ctx: Context, as_json: bool) -> None:
+    """List the workspace's issues, with the time of those scheduled."""
     cfg = ctx.config()
     issues = content.list_issues(cfg.issues_dir)
+    schedules = _schedules(cfg)
+    if as_json:
+        rows = []
+        for item in issues:
+            entry = schedules.get(item.slug)
+            rows.append(
+                {
+                    "number": item.number,
+                    "date": item.date.isoformat(),
+                    "slug": item.slug,
+                    "title": item.title,
+                    "articles": len(item.articles),
+                    "send_at": item.send_at or None,
+                    "schedule": None
+                    if entry is None
+                    else {
+                        "state": entry.state.value,
+                        "send_at": entry.send_at.isoformat(),
+                        "zone": entry.zone,
+                        "source": entry.source,
+                        "last_error": entry.last_error,
+                    },
+                }
+            )
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
     if not issues:
         click.echo("No issues yet. Create one with `newsletter issue new`.")
     for item in issues:
+        entry = schedules.get(item.slug)
+        when = ""
+        if entry is not None and entry.state != "cancelled":
+            from .schedule import describe
+
+            when = f"  [{entry.state} {describe(entry)}]"
+        elif item.send_at:
+            when = f"  [send_at {item.send_at}: not scheduled yet]"
         click.echo(
             f"{item.number:>4}  {item.date.isoformat()}  {len(item.articles):>2} articles  "
-            f"{item.slug}  {item.title}"
+            f"{item.slug}  {item.title}{when}"
         )
+
+
+def _schedules(cfg: Config) -> dict[str, Any]:
+    """The database's schedules by issue, without creating a database that is not there."""
+    if not cfg.db_path.is_file():
+        return {}
+    from .store import Store
+
+    with Store.open(cfg.db_path) as store:
+        return {entry.issue_key: entry for entry in store.list_schedules()}
 
 
 @issue_group.command("show")
@@ -536,6 +581,22 @@ def dkim_record(ctx: Context) -> None:
         click.echo(f"Warning: {warning}", err=True)
 
 
+@main.command("dns")
+@pass_ctx
+def dns_command(ctx: Context) -> None:
+    """Print the SPF, DKIM and DMARC records to publish for the sender's domain."""
+    from . import dns
+
+    cfg = ctx.config()
+    click.echo(f"; DNS records for mail From {cfg.sender_domain} (zone-file lines)")
+    for record in dns.records(cfg):
+        click.echo(f"; {record.kind}")
+        for note in record.notes:
+            click.echo(f";   {note}")
+        if record.zone_line:
+            click.echo(record.zone_line)
+
+
 # --- smtp-sink command ---
 
 
@@ -766,12 +827,26 @@ def subscribers_unsubscribe(ctx: Context, email: str) -> None:
 
 @subscribers_group.command("list")
 @click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
 @pass_ctx
-def subscribers_list(ctx: Context, status: str | None) -> None:
+def subscribers_list(ctx: Context, status: str | None, as_json: bool) -> None:
     """Print subscribers, one per line: email, status and name, tab-separated."""
     with _open_store(ctx) as store:
         for sub in store.list_subscribers(None if status is None else Status(status)):
-            click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
+            if as_json:
+                row = {
+                    "id": sub.id,
+                    "email": sub.email,
+                    "name": sub.name,
+                    "status": sub.status.value,
+                    "fields": dict(sub.fields),
+                    "created_at": sub.created_at.isoformat(),
+                    "status_changed_at": sub.status_changed_at.isoformat(),
+                    "soft_bounces": sub.soft_bounces,
+                }
+                click.echo(json.dumps(row, ensure_ascii=False))
+            else:
+                click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
 
 
 @subscribers_group.command("export")
@@ -794,11 +869,16 @@ def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> N
 
 
 @subscribers_group.command("count")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @pass_ctx
-def subscribers_count(ctx: Context) -> None:
+def subscribers_count(ctx: Context, as_json: bool) -> None:
     """Print how many subscribers have each status."""
     with _open_store(ctx) as store:
         counts = store.count_by_status()
+    if as_json:
+        data = {state.value: number for state, number in counts.items()}
+        click.echo(json.dumps({**data, "total": sum(counts.values())}, indent=2))
+        return
     for state, number in counts.items():
         click.echo(f"{state:<13}{number:>9}")
     click.echo(f"{'total':<13}{sum(counts.values()):>9}")
@@ -980,6 +1060,9 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 @click.option(
     "--include-new", is_flag=True, help="Add subscribers who joined after this issue's first send."
 )
+@click.option(
+    "--json", "as_json", is_flag=True, help="The final report as JSON (the rest goes to stderr)."
+)
 @pass_ctx
 def send_command(
     ctx: Context,
@@ -993,6 +1076,7 @@ def send_command(
     connections: int | None,
     resend_uncertain: bool,
     include_new: bool,
+    as_json: bool,
 ) -> None:
     """Send ISSUE to every active subscriber, once; re-running resumes.
 
@@ -1000,6 +1084,10 @@ def send_command(
     failed or the run stopped, 75 when some were deferred for a later run.
     """
     from . import delivery, publish
+    from .progress import ProgressLines
+
+    def echo(message: str = "") -> None:
+        click.echo(message, err=as_json)  # with --json, stdout has the report alone
 
     if as_email is not None and not test_addresses:
         fail("--as works with --test: send --test YOUR_ADDRESS --as SUBSCRIBER_EMAIL")
@@ -1052,27 +1140,39 @@ def send_command(
             )
             return
         plan = prepared.plan(options)
-        click.echo(f"Subject:    {plan.subject}")
-        click.echo(f"From:       {plan.sender}")
-        click.echo(
+        echo(f"Subject:    {plan.subject}")
+        echo(f"From:       {plan.sender}")
+        echo(
             f"Recipients: {plan.recipients}"
             + (f" (already sent: {plan.already_sent})" if plan.already_sent else "")
         )
         if plan.uncertain and not resend_uncertain:
-            click.echo(
+            echo(
                 f"Uncertain:  {plan.uncertain} (may have their copy; sent again only with "
                 "--resend-uncertain)"
             )
         if plan.new_subscribers and not include_new:
-            click.echo(
+            echo(
                 f"New:        {plan.new_subscribers} joined after the first send "
                 "(added only with --include-new)"
             )
-        click.echo(f"Size:       {_kb(plan.message_size)} per message")
-        click.echo(f"Transport:  {plan.transport}")
-        click.echo(f"Web page:   {cfg.public_urls.issue(issue_item.slug)}{_placeholder_mark(cfg)}")
+        echo(f"Size:       {_kb(plan.message_size)} per message")
+        echo(f"Transport:  {plan.transport}")
+        if outbound.sign is None:
+            echo(
+                "DKIM:       off! Gmail and Yahoo require DKIM of bulk senders (unless your "
+                "mail server signs); `newsletter dns` shows what to publish"
+            )
+        else:
+            echo(f"DKIM:       signed for {cfg.dkim.domain} (selector {cfg.dkim.selector})")
+        if plan.warmup_left is not None:
+            echo(
+                f"Warm-up:    {plan.warmup_left} more messages today; the rest stays queued "
+                "for the next days ([delivery] warmup_*)"
+            )
+        echo(f"Web page:   {cfg.public_urls.issue(issue_item.slug)}{_placeholder_mark(cfg)}")
         if plan.recipients == 0:
-            click.echo("Nothing to send.")
+            echo("Nothing to send.")
             return
         if not yes:
             if not stdin_is_terminal():
@@ -1084,18 +1184,23 @@ def send_command(
                 confirmed = click.confirm("Send now?", default=False)
             except click.Abort:
                 confirmed = False  # no answer (no terminal, end of input): do not send
-                click.echo()
+                echo()
             if not confirmed:
-                click.echo("Not sent.")
+                echo("Not sent.")
                 sys.exit(1)
         # The page and images every copy points at answer before the first one goes out.
         publish.publish_issue(cfg, store, issue_item)
         bar: Any = None
+        lines = ProgressLines(
+            lambda line: click.echo(f"Sending: {line}", err=True),
+            every=cfg.worker.progress_seconds,
+        )
 
         def show(progress: delivery.Progress) -> None:
             nonlocal bar
             if not sys.stderr.isatty():
-                return  # a progress bar in a log file is noise
+                lines(progress)  # no bar in a log file: a line every few seconds
+                return
             if bar is None:
                 bar = click.progressbar(
                     length=max(progress.total, 1),
@@ -1115,8 +1220,11 @@ def send_command(
             if bar is not None:
                 bar.__exit__(None, None, None)
     if report.found_uncertain:
-        click.echo(f"Found {report.found_uncertain} recipients left uncertain by a crashed run.")
-    _print_report(report)
+        echo(f"Found {report.found_uncertain} recipients left uncertain by a crashed run.")
+    if as_json:
+        click.echo(json.dumps(_report_data(report), indent=2, ensure_ascii=False))
+    else:
+        _print_report(report)
     if report.error is not None:
         fail(str(report.error))
     if report.stopped_by:
@@ -1127,17 +1235,95 @@ def send_command(
         sys.exit(EXIT_DEFERRED)
 
 
-@main.command("status")
+@main.command("schedule")
 @click.argument("issue_ref", metavar="ISSUE")
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="TIME",
+    help='When, with its zone: "2026-12-04 07:00 Europe/Berlin" or 2026-12-04T07:00+01:00 '
+    "(default: send_at in issue.md).",
+)
+@click.option("--cancel", is_flag=True, help="Cancel ISSUE's schedule.")
 @pass_ctx
-def status_command(ctx: Context, issue_ref: str) -> None:
-    """Show ISSUE's delivery counts and every failed, deferred or uncertain recipient."""
+def schedule_command(ctx: Context, issue_ref: str, at: str | None, cancel: bool) -> None:
+    """Schedule ISSUE to be sent by `newsletter worker` at a time; the checks a send makes
+    run now and again at that time."""
+    from . import schedule
+
+    if cancel and at is not None:
+        fail("--cancel takes no --at", EXIT_USAGE)
     cfg = ctx.config()
     issue_item = _issue(cfg, issue_ref)
     with _open_store(ctx) as store:
+        if cancel:
+            schedule.cancel(store, issue_item)
+            click.echo(f"Cancelled the scheduled send of issue {issue_item.number}.")
+            return
+        when = schedule.parse_when(at) if at is not None else None
+        entry = schedule.schedule_issue(cfg, store, issue_item, when)
+    click.echo(
+        f"Scheduled issue {issue_item.number} ({issue_item.slug}) for {schedule.describe(entry)}"
+        f" ({entry.send_at:%Y-%m-%d %H:%M} UTC)."
+    )
+    click.echo("`newsletter worker` sends it then; it must be running.")
+
+
+@main.command("worker")
+@click.option("--once", is_flag=True, help="Run one pass and exit (for cron and tests).")
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of plain text.")
+@pass_ctx
+def worker_command(ctx: Context, once: bool, log_json: bool) -> None:
+    """Send scheduled issues, retry deferred recipients, read the inbound mailbox and prune
+    unconfirmed sign-ups, until stopped (SIGTERM or Ctrl-C: messages in flight finish).
+
+    Exit status: 0, or 1 when a job of the (last) pass failed.
+    """
+    from . import logsetup, worker
+
+    cfg = ctx.config()
+    with logsetup.logging_to(json_lines=log_json), _open_store(ctx) as store:
+        if once:
+            report = worker.run(cfg, store, once=True)
+        else:
+            with _stop_on_signals() as stop:
+                report = worker.run(cfg, store, stop=stop)
+    if not report.ok:
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command("status")
+@click.argument("issue_ref", metavar="ISSUE")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@pass_ctx
+def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
+    """Show ISSUE's delivery counts and every failed, deferred or uncertain recipient."""
+    cfg = ctx.config()
+    issue_item = _issue(cfg, issue_ref)
+    if as_json:
+        with _open_store(ctx) as store:
+            data = _status_data(store, issue_item)
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        schedule_state = (data["schedule"] or {}).get("state")
+        if schedule_state == "failed" and data["snapshot"] is None:
+            sys.exit(EXIT_FAILURE)
+        return
+    with _open_store(ctx) as store:
+        scheduled = store.get_schedule(issue_item.slug)
+        if scheduled is not None:
+            from .schedule import describe
+
+            click.echo(
+                f"Schedule: {scheduled.state} for {describe(scheduled)} (by {scheduled.source})"
+            )
+            if scheduled.last_error:
+                click.echo(f"Last error: {scheduled.last_error}")
         snapshot = store.issue_snapshot(issue_item.slug)
         if snapshot is None:
             click.echo(f"Issue {issue_item.number} ({issue_item.slug}) has not been sent.")
+            if scheduled is not None and scheduled.state == "failed":
+                sys.exit(EXIT_FAILURE)
             return
         counts = store.ledger_counts(issue_item.slug)
         problems = store.ledger_problems(issue_item.slug)
@@ -1156,6 +1342,70 @@ def status_command(ctx: Context, issue_ref: str) -> None:
         click.echo(
             f"bounce {record.kind:<4} {record.status or '?':<7} {record.email}  {record.effect}"
         )
+
+
+def _status_data(store: Store, issue_item: Issue) -> dict[str, Any]:
+    """``status --json``: the schedule, the ledger's counts, its problem rows, bounces."""
+    key = issue_item.slug
+    scheduled = store.get_schedule(key)
+    snapshot = store.issue_snapshot(key)
+    return {
+        "issue": issue_item.number,
+        "slug": key,
+        "schedule": None
+        if scheduled is None
+        else {
+            "state": scheduled.state.value,
+            "send_at": scheduled.send_at.isoformat(),
+            "zone": scheduled.zone,
+            "source": scheduled.source,
+            "last_error": scheduled.last_error,
+        },
+        "snapshot": None
+        if snapshot is None
+        else {"at": snapshot.snapshot_at.isoformat(), "recipients": snapshot.recipients},
+        "counts": {state.value: n for state, n in store.ledger_counts(key).items()},
+        "problems": [
+            {
+                "state": entry.state.value,
+                "email": entry.email,
+                "attempts": entry.attempts,
+                "last_reply": entry.last_reply,
+                "retry_at": entry.retry_at.isoformat() if entry.retry_at else None,
+            }
+            for entry in store.ledger_problems(key)
+        ],
+        "bounces": [
+            {"kind": b.kind.value, "status": b.status, "email": b.email, "effect": b.effect}
+            for b in store.bounces_for_issue(key)
+        ],
+    }
+
+
+def _report_data(report: DeliveryReport) -> dict[str, Any]:
+    """``send --json``: the run's final report."""
+    return {
+        "issue": report.issue_key,
+        "ok": report.ok,
+        "sent": report.sent,
+        "failed": report.failed,
+        "deferred": report.deferred,
+        "uncertain": report.uncertain,
+        "attempts": report.attempts,
+        "retried": report.retried,
+        "slowed": report.slowed,
+        "elapsed": round(report.elapsed, 3),
+        "rate": round(report.rate, 1),
+        "found_uncertain": report.found_uncertain,
+        "stopped_by": report.stopped_by or None,
+        "error": str(report.error) if report.error is not None else None,
+        "warmup_left": report.warmup_left,
+        "counts": {state.value: n for state, n in report.counts.items()},
+        "problems": [
+            {"state": e.state.value, "email": e.email, "last_reply": e.last_reply}
+            for e in report.problems
+        ],
+    }
 
 
 @main.command("demo")
@@ -1190,33 +1440,37 @@ def demo_command(ctx: Context) -> None:
 @main.command("serve")
 @host_option(None, "Address to listen on (default: [server] host).")
 @port_option("Port (default: [server] port; 0 picks a free one).")
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of plain text.")
 @pass_ctx
-def serve_command(ctx: Context, host: str | None, port: int | None) -> None:
-    """Run the subscription web service: unsubscribe, subscribe, archive (Ctrl-C stops it)."""
-    from . import server
+def serve_command(ctx: Context, host: str | None, port: int | None, log_json: bool) -> None:
+    """Run the subscription web service: unsubscribe, subscribe, archive (Ctrl-C stops it).
 
-    cfg = ctx.config()
-    app = server.create_app(cfg)
-    host = host or cfg.server.host
-    running = server.make_server(
-        app, host, cfg.server.port if port is None else port, threads=cfg.server.threads
-    )
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"Serving on http://{shown}:{running.effective_port}  (Ctrl-C to stop)")
-    click.echo(f"Database: {cfg.db_path}")
-    click.echo(f"Public address: {cfg.public_urls.base}/{_placeholder_mark(cfg)}")
-    if not cfg.unsubscribe.url:
-        click.echo(
-            "Warning: [unsubscribe] url is not set: issues will not link to this service.",
-            err=True,
+    Logs each request (tokens redacted) and what the service does to stderr."""
+    from . import logsetup, server
+
+    with logsetup.logging_to(json_lines=log_json):
+        cfg = ctx.config()
+        app = server.create_app(cfg)
+        host = host or cfg.server.host
+        running = server.make_server(
+            app, host, cfg.server.port if port is None else port, threads=cfg.server.threads
         )
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"Serving on http://{shown}:{running.effective_port}  (Ctrl-C to stop)")
+        click.echo(f"Database: {cfg.db_path}")
+        click.echo(f"Public address: {cfg.public_urls.base}/{_placeholder_mark(cfg)}")
+        if not cfg.unsubscribe.url:
+            click.echo(
+                "Warning: [unsubscribe] url is not set: issues will not link to this service.",
+                err=True,
+            )
 
-    def stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) ends it like Ctrl-C
+        def stop(_signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) ends it like Ctrl-C
 
-    signal.signal(signal.SIGTERM, stop)
-    with contextlib.suppress(KeyboardInterrupt):  # waitress itself may swallow it
-        server.serve_forever(running)
+        signal.signal(signal.SIGTERM, stop)
+        with contextlib.suppress(KeyboardInterrupt):  # waitress itself may swallow it
+            server.serve_forever(running)
     click.echo("Stopped.")
 
 

@@ -8,6 +8,7 @@ come from environment variables, and only through :class:`Secrets`, whose
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import os
 import re
@@ -57,6 +58,11 @@ class NewsletterSettings:
     postal_address: str = ""
     subject_max_length: int = 100
     precedence_bulk: bool = True
+    # A Feedback-ID header for providers' feedback loops (Gmail's FBL), e.g.
+    # "{issue}:newsletter:harbour-ledger"; {issue} becomes the issue's folder name. "" = none.
+    # Out of the repr: render's placeholder nonce hashes this section's repr, and a header
+    # setting must not change the email's HTML.
+    feedback_id: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,30 @@ class DeliverySettings:
     retry_backoff: float = 0.5
     bounce_on_5xx: bool = False
     outbox: bool = False  # also write every sent message to .newsletter/outbox/
+    # Pacing for the receiving side: messages per second to each recipient domain. The
+    # [delivery.domains] table names domains ("gmail.com" = 20 also covers its subdomains);
+    # domain_rate applies to every other domain (0: no limit but [delivery] rate).
+    domains: tuple[tuple[str, float], ...] = ()
+    domain_rate: float = 0.0
+    # Warm-up for a new IP or domain: from warmup_start (YYYY-MM-DD, UTC) on, at most
+    # warmup_initial messages the first day, growing by warmup_growth a day, for
+    # warmup_days days; then no daily cap. warmup_days = 0: no warm-up.
+    warmup_start: str = ""
+    warmup_days: int = 0
+    warmup_initial: int = 50
+    warmup_growth: float = 1.5
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The background worker (`newsletter worker`): how often it looks and retries."""
+
+    poll_seconds: float = 10.0  # how often it looks for new schedules and due retries
+    retry_minutes: float = 15.0  # deferred recipients are retried this long after their run
+    max_attempts: int = 10  # a recipient deferred this many times is left for the editor
+    inbox_interval_minutes: float = 0.0  # read the [bounces] mailbox this often; 0: never
+    prune_interval_minutes: float = 60.0  # drop expired unconfirmed sign-ups this often
+    progress_seconds: float = 5.0  # a progress line this often while sending
 
 
 @dataclass(frozen=True)
@@ -127,6 +157,10 @@ class ServerSettings:
     mailbox_limit_per_hour: int = 3
     # Confirmation emails per hour in all.
     total_limit_per_hour: int = 300
+    # A welcome email when someone confirms (the theme's welcome_email.txt/.html), with a
+    # link to the latest issue on the web when welcome_latest_issue is on.
+    welcome_email: bool = False
+    welcome_latest_issue: bool = True
 
 
 @dataclass(frozen=True)
@@ -364,6 +398,7 @@ class Config:
     bounces: BounceSettings = BounceSettings()
     fetch: FetchSettings = FetchSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    worker: WorkerSettings = WorkerSettings()
     secrets: Secrets = field(default_factory=Secrets)
     db_override: Path | None = None
 
@@ -446,6 +481,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "bounces": BounceSettings,
     "fetch": FetchSettings,
     "webhooks": WebhookSettings,
+    "worker": WorkerSettings,
 }
 
 # Keys that look like secrets are refused in the file, with a pointer to the env var.
@@ -609,6 +645,9 @@ def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text:
                 where=where,
                 hint=f"use one of: {', '.join(sorted(known))}",
             )
+        if section == "delivery" and key == "domains":
+            kwargs[key] = _domain_rates(value, where)
+            continue
         default = known[key].default
         expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -629,6 +668,28 @@ def _build(cls: type[T], section: str, values: dict[str, Any], path: Path, text:
             )
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _domain_rates(value: Any, where: str) -> tuple[tuple[str, float], ...]:
+    """``[delivery.domains]``: recipient domain -> messages per second, checked."""
+    hint = 'write it as a table: [delivery.domains] then "gmail.com" = 20'
+    if not isinstance(value, dict):
+        raise ConfigError("[delivery] domains must be a table", where=where, hint=hint)
+    rates: list[tuple[str, float]] = []
+    for name, rate in value.items():
+        domain = str(name).strip().lower().rstrip(".")
+        if not DKIM_NAME_RE.fullmatch(domain) or "." not in domain:
+            raise ConfigError(
+                f"[delivery.domains] '{name}' is not a domain name", where=where, hint=hint
+            )
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
+            raise ConfigError(
+                f"[delivery.domains] {name}: the rate must be a number above 0 (messages/s)",
+                where=where,
+                hint="e.g. 20; leave the domain out for no limit of its own",
+            )
+        rates.append((domain, float(rate)))
+    return tuple(sorted(rates))
 
 
 DATE_FIELDS = ("month", "day", "yy", "year", "mm", "dd", "month_name", "mon", "weekday")
@@ -691,6 +752,35 @@ def _validate(config: Config, path: Path, text: str) -> None:
         fail("connections", "[delivery] connections must be at least 1", "set it to 1 or more")
     if config.delivery.rate < 0:
         fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
+    if config.delivery.domain_rate < 0:
+        fail("domain_rate", "[delivery] domain_rate must not be negative", "use 0 for no limit")
+    if config.delivery.warmup_days < 0 or config.delivery.warmup_initial < 1:
+        fail(
+            "warmup_days",
+            "[delivery] warmup_days must be 0 or more and warmup_initial at least 1",
+            "e.g. warmup_days = 30, warmup_initial = 50",
+        )
+    if config.delivery.warmup_growth < 1:
+        fail("warmup_growth", "[delivery] warmup_growth must be at least 1", "e.g. 1.5")
+    if config.delivery.warmup_days:
+        try:
+            datetime.date.fromisoformat(config.delivery.warmup_start)
+        except ValueError:
+            fail(
+                "warmup_start",
+                f"[delivery] warmup_start '{config.delivery.warmup_start}' is not a date",
+                "write the first day of the warm-up as YYYY-MM-DD",
+            )
+    for key in ("poll_seconds", "progress_seconds"):
+        if getattr(config.worker, key) <= 0:
+            fail(key, f"[worker] {key} must be more than 0", "e.g. 10")
+    for key in ("retry_minutes", "inbox_interval_minutes", "prune_interval_minutes"):
+        if getattr(config.worker, key) < 0:
+            fail(key, f"[worker] {key} must not be negative", "e.g. 15")
+    if config.worker.max_attempts < 1:
+        fail("max_attempts", "[worker] max_attempts must be at least 1", "e.g. 10")
+    if "\r" in config.newsletter.feedback_id or "\n" in config.newsletter.feedback_id:
+        fail("feedback_id", "[newsletter] feedback_id contains a line break", "one line")
     for key, value in (("selector", config.dkim.selector), ("domain", config.dkim.domain)):
         if value and not DKIM_NAME_RE.fullmatch(value):
             fail(
@@ -806,6 +896,7 @@ host = "127.0.0.1"
 port = 8025
 security = "none"      # starttls | ssl | none
 username = ""
+# ca_file = "/etc/ssl/private-ca.pem"  # trust this CA (PEM) instead of the system's
 
 [unsubscribe]
 # The https link is base_url + "/u" (answered by `newsletter serve`); add a mailto too:

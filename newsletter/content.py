@@ -35,7 +35,7 @@ ARTICLE_FIELDS = (
     "summary",
     "bio",
 )
-ISSUE_FIELDS = ("number", "date", "title", "subject", "preheader", "articles")
+ISSUE_FIELDS = ("number", "date", "title", "subject", "preheader", "articles", "send_at")
 SUBJECT_SEPARATOR = " | "
 _FENCE = "---"
 _MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -88,6 +88,10 @@ class Issue:
     articles: tuple[Article, ...]
     explicit_subject: str = ""
     intro_line: int = 1  # line of issue.md where the intro starts, for error messages
+    # When the worker sends it, as written in issue.md (parsed by newsletter.schedule);
+    # send_at_where is "issue.md:LINE" for its error messages.
+    send_at: str = ""
+    send_at_where: str = ""
 
     @property
     def slug(self) -> str:
@@ -351,6 +355,24 @@ def read_issue(folder: Path) -> Issue:
         articles=tuple(articles),
         explicit_subject=_as_str(data.get("subject"), str(path), "subject"),
         intro_line=intro_line + intro[: len(intro) - len(intro.lstrip())].count("\n"),
+        send_at=_send_at_text(data.get("send_at"), f"{path}:{_line_of_key(text, 'send_at')}"),
+        send_at_where=f"{path}:{_line_of_key(text, 'send_at')}",
+    )
+
+
+def _send_at_text(value: Any, where: str) -> str:
+    """``send_at`` as text: YAML reads an unquoted ISO time as a datetime (naive when it has
+    no zone, which newsletter.schedule then refuses, naming the form it wants)."""
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, str):
+        return value.strip()
+    raise ContentError(
+        "send_at must be a time with its zone",
+        where=where,
+        hint='write e.g. send_at: "2026-12-04 07:00 Europe/Berlin"',
     )
 
 

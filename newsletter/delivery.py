@@ -20,6 +20,7 @@ What a run guarantees, whatever stops it:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -42,6 +43,7 @@ from .models import (
     Status,
     Subscriber,
 )
+from .pacing import DomainPacer, domain_of, is_rate_limited, start_of_day, warmup_cap
 from .render import RenderedIssue
 from .store import Store
 from .transport import SendResult, Transport, WireReady, transport_from_config
@@ -49,6 +51,36 @@ from .transport import SendResult, Transport, WireReady, transport_from_config
 TransportFactory = Callable[[], Transport]
 Signer = Callable[[bytes], bytes]
 _STOP = object()
+
+
+@dataclass(frozen=True)
+class _Paced:
+    """A row released at its domain's slot: the sending threads take it before the rest,
+    so that waiting behind other domains' rows does not bunch that domain's sends."""
+
+    item: ClaimedRecipient
+
+
+class _WorkQueue(queue.Queue[object]):
+    """The sending threads' queue: paced rows first, then the rest in order."""
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: collections.deque[object] = collections.deque()
+        self.paced: collections.deque[object] = collections.deque()
+
+    def _qsize(self) -> int:
+        return len(self.queue) + len(self.paced)
+
+    def _put(self, item: object) -> None:
+        if isinstance(item, _Paced):
+            self.paced.append(item.item)
+        else:
+            self.queue.append(item)
+
+    def _get(self) -> object:
+        return self.paced.popleft() if self.paced else self.queue.popleft()
+
+
 PROGRESS_INTERVAL = 0.1  # seconds between progress callbacks (the last one always comes)
 CLAIM_AHEAD_SECONDS = 1.0  # with a rate limit, claim at most about this much work at once
 
@@ -104,6 +136,8 @@ class DeliveryReport:
     problems: tuple[LedgerEntry, ...] = ()
     stopped_by: str = ""  # why the run stopped early ("" = it finished)
     error: NewsletterError | None = None  # the error that stopped it, if any
+    warmup_left: int | None = None  # the warm-up plan's messages left today, before this run
+    slowed: int = 0  # rate-limit replies that slowed their domain down
 
     @property
     def done(self) -> int:
@@ -133,6 +167,7 @@ class SendPlan:
     message_size: int
     transport: str
     snapshot_fixed: bool
+    warmup_left: int | None = None  # the warm-up plan's messages left today (None: no plan)
 
 
 def recipient_of(subscriber: Subscriber) -> Recipient:
@@ -252,6 +287,9 @@ class PreparedSend:
                 pending += uncertain
         if options.limit is not None:
             pending = min(pending, options.limit)
+        warmup = warmup_left(self.config, store)
+        if warmup is not None:
+            pending = min(pending, warmup)
         return SendPlan(
             issue_key=key,
             subject=self.template.subject,
@@ -263,6 +301,7 @@ class PreparedSend:
             message_size=self.message_size(),
             transport=self.outbound.description,
             snapshot_fixed=snapshot is not None,
+            warmup_left=warmup,
         )
 
     def run(
@@ -471,6 +510,15 @@ def _worker(
                 transport.close()
 
 
+def warmup_left(config: Config, store: Store, now: datetime | None = None) -> int | None:
+    """Messages the warm-up plan allows today beyond those already sent, or None (no cap)."""
+    moment = now or datetime.now(UTC)
+    cap = warmup_cap(config, moment.date())
+    if cap is None:
+        return None
+    return max(0, cap - store.sent_since(start_of_day(moment)))
+
+
 def _batch_size(options: SendOptions, connections: int, rate: float) -> int:
     """Rows per claim: enough to amortise the claim's fsync, few enough that a crash
     leaves little uncertain (up to two batches are claimed and not yet recorded).
@@ -502,6 +550,11 @@ def _send(
     rate = config.delivery.rate if options.rate is None else options.rate
     batch = _batch_size(options, connections, rate)
     started = time.monotonic()
+    warmup = warmup_left(config, store)
+    if warmup is not None:
+        options = dataclasses.replace(
+            options, limit=warmup if options.limit is None else min(options.limit, warmup)
+        )
     with store.acquire_send_lock(key) as lock:
         counts = store.ledger_counts(key)
         maybe_work = (
@@ -509,7 +562,7 @@ def _send(
             or options.include_new
             or counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED] > 0
             or (options.resend_uncertain and counts[DeliveryState.UNCERTAIN] > 0)
-        )
+        ) and (options.limit is None or options.limit > 0)
         first: Transport | None = None
         if maybe_work:
             # Connect before touching the ledger: a server that is down or refuses
@@ -554,6 +607,8 @@ def _send(
             problems=tuple(store.ledger_problems(key, limit=50)),
             stopped_by=run.stopped_by,
             error=run.error,
+            warmup_left=warmup,
+            slowed=run.slowed,
         )
 
 
@@ -583,7 +638,7 @@ class _Run:
         self.progress = progress
         self.started = time.monotonic()
         self.last_progress = 0.0
-        self.work: queue.Queue[object] = queue.Queue()
+        self.work: queue.Queue[object] = _WorkQueue()
         self.results: queue.Queue[_Outcome] = queue.Queue()
         self.workers: list[threading.Thread] = []
         self.in_flight = 0
@@ -594,6 +649,13 @@ class _Run:
         self.retried = 0
         self.stopped_by = ""
         self.error: NewsletterError | None = None
+        # Pacing: rows of a domain with a rate wait here (claimed) for their slot, while
+        # other domains' rows go ahead; see newsletter.pacing.
+        self.pacer = DomainPacer(config.delivery.domains, config.delivery.domain_rate)
+        self.held: dict[str, collections.deque[ClaimedRecipient]] = {}
+        self.held_count = 0
+        self.skipped_dry: frozenset[str] | None = None  # skip set of the last empty claim
+        self.slowed = 0  # rate-limit replies that slowed a domain down
 
     @property
     def done(self) -> int:
@@ -644,6 +706,10 @@ class _Run:
             for worker in self.workers:
                 worker.join()
             self.drain(block=False)
+            for rows in self.held.values():  # never handed over: back in the queue
+                while rows:
+                    self._take(_Outcome(rows.popleft(), None, note="not sent: the run stopped"))
+            self.held_count = 0
             if failed:
                 # Best effort: whatever is not recorded stays `sending`, i.e. uncertain.
                 with contextlib.suppress(NewsletterError):
@@ -660,17 +726,36 @@ class _Run:
         while not self.stop.is_set():
             left = None if self.limit is None else self.limit - self.claimed_total
             claimed: list[ClaimedRecipient] = []
-            if self.in_flight <= self.batch and (left is None or left > 0):
+            skip = frozenset(
+                key for key, rows in self.held.items() if len(rows) >= self.pacer.hold(key)
+            )
+            if (
+                self.in_flight - self.held_count <= self.batch
+                and (left is None or left > 0)
+                and not (self.skipped_dry is not None and skip >= self.skipped_dry)
+            ):
                 # Record what came back, then claim the next batch (durably) and hand it out.
                 self.flush()
                 want = self.batch if left is None else min(self.batch, left)
-                claimed = self.store.claim_batch(self.key, self.run_id, want)
+                claimed = self.store.claim_batch(
+                    self.key, self.run_id, want, skip_domains=sorted(skip)
+                )
+                # Nothing but held domains' rows left: claim again once one of them drains.
+                self.skipped_dry = skip if skip and len(claimed) < want else None
                 for item in claimed:
-                    self.work.put(item)
+                    key = self.pacer.key(domain_of(item.subscriber.email))
+                    if self.pacer.throttled(key):
+                        self.held.setdefault(key, collections.deque()).append(item)
+                        self.held_count += 1
+                    else:
+                        self.pacer.take(key)
+                        self.work.put(item)
                 self.in_flight += len(claimed)
                 self.claimed_total += len(claimed)
+            self.release()
             if self.in_flight:
                 self.drain(block=not claimed)
+                self.release()
                 continue
             self.flush()
             if self.limit is not None and self.claimed_total >= self.limit:
@@ -682,12 +767,34 @@ class _Run:
             if wait > 0 and self.stop.wait(min(wait, 60.0)):
                 return
 
+    def release(self) -> None:
+        """Hand the held rows whose domain's slot has come to the sending threads."""
+        for key, rows in self.held.items():
+            while rows and self.pacer.take(key):
+                self.work.put(_Paced(rows.popleft()))
+                self.held_count -= 1
+
+    def _wake_in(self) -> float:
+        """How long the loop may wait for results before a held row's slot comes."""
+        waits = [self.pacer.wait(key) for key, rows in self.held.items() if rows]
+        return max(0.001, min([0.5, *waits]))
+
     def drain(self, *, block: bool) -> None:
-        """Collect finished sends; wait for at least one when ``block``."""
+        """Collect finished sends; wait for at least one when ``block`` (or until a held
+        row's slot comes)."""
         try:
-            outcome = self.results.get(timeout=0.5) if block else self.results.get_nowait()
+            if block:
+                wake = self._wake_in()
+                outcome = self.results.get(timeout=wake)
+            else:
+                outcome = self.results.get_nowait()
         except queue.Empty:
-            if block and not any(worker.is_alive() for worker in self.workers):
+            if (
+                block
+                and wake >= 0.5
+                and self.in_flight > self.held_count
+                and not any(worker.is_alive() for worker in self.workers)
+            ):
                 # Cannot happen unless a worker died of a bug; never wait forever.
                 self.stop.set()
                 self.error = self.error or DeliveryError(
@@ -739,6 +846,10 @@ class _Run:
             return
         self.attempts += 1
         reply = f"{result.code} {result.reply}".strip() if result.code else result.reply
+        if result.outcome == "deferred" and is_rate_limited(result.code, result.reply):
+            # This domain says we send too fast: slow it down, the others go on.
+            self.pacer.slow_down(self.pacer.key(domain_of(outcome.claimed.subscriber.email)))
+            self.slowed += 1
         if result.outcome == "deferred":
             tries = self.tries.get(subscriber_id, 0) + 1
             retry_at = None

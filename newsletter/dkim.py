@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from .addresses import organisational_domain
 from .config import DKIM_NAME_RE, Config
 from .errors import ConfigError
 from .files import atomic_write_bytes
@@ -255,20 +256,20 @@ def check_name(kind: str, value: str) -> str:
 
 
 def alignment_warning(config: Config) -> str | None:
-    """A warning when the From domain and the DKIM domain do not align for DMARC."""
+    """A warning when the From domain and the DKIM domain do not align for DMARC.
+
+    Relaxed alignment (DMARC's default, ``adkim=r``) needs the same organisational
+    domain: From news.example.org signed with d=mail.example.org aligns.
+    """
     sender = config.sender_domain.lower().rstrip(".")
     domain = config.dkim.domain.lower().rstrip(".")
-    if (
-        not domain
-        or sender == domain
-        or sender.endswith(f".{domain}")
-        or domain.endswith(f".{sender}")
-    ):
+    if not domain or organisational_domain(sender) == organisational_domain(domain):
         return None
     return (
-        f"the From domain {sender} does not match the DKIM domain {domain}, so the signature "
-        "does not give DMARC alignment (receivers may treat the mail as unauthenticated); "
-        f"sign with d={sender} or send from an address at {domain}"
+        f"the From domain {sender} and the DKIM domain {domain} have different "
+        "organisational domains, so the signature does not give DMARC alignment (receivers "
+        f"may treat the mail as unauthenticated); sign with d={sender} or send from an "
+        f"address at {domain}"
     )
 
 

@@ -62,3 +62,7 @@ class ServiceError(NewsletterError):
 
 class BounceError(NewsletterError):
     """A bounce mailbox (mbox, Maildir or IMAP folder) cannot be read."""
+
+
+class ScheduleError(NewsletterError):
+    """A send time that cannot be used, or an issue that cannot be scheduled."""

@@ -121,6 +121,22 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX webhook_tokens_expiry ON webhook_tokens (expires_at);
     """,
+    # 7: scheduled sends (`newsletter schedule`, `send_at` in issue.md), run by the worker.
+    """
+    CREATE TABLE schedules (
+        issue_key TEXT PRIMARY KEY,
+        send_at TEXT NOT NULL,
+        zone TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL CHECK (source IN ('command', 'issue.md')),
+        state TEXT NOT NULL
+            CHECK (state IN ('scheduled', 'sending', 'sent', 'failed', 'cancelled')),
+        last_error TEXT NOT NULL DEFAULT '',
+        not_before TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX schedules_due ON schedules (state, send_at);
+    """,
 )
 
 

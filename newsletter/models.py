@@ -240,3 +240,28 @@ class ReplayToken:
     source: str
     token: str
     expires_at: datetime
+
+
+class ScheduleState(StrEnum):
+    """Where a scheduled send stands."""
+
+    SCHEDULED = "scheduled"  # waiting for its time
+    SENDING = "sending"  # the worker took it; a restart resumes it from the ledger
+    SENT = "sent"  # its run finished (deferred recipients are retried by the worker)
+    FAILED = "failed"  # the checks failed at send time: nothing was sent
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """One issue's scheduled send. ``send_at`` is aware (UTC); ``zone`` is the time zone
+    it was given in (an IANA name, or "" for a fixed offset), for showing it back."""
+
+    issue_key: str
+    send_at: datetime
+    zone: str
+    source: str  # "command" (newsletter schedule) or "issue.md" (its send_at)
+    state: ScheduleState
+    last_error: str
+    not_before: datetime | None  # after a failed attempt, not tried again before this
+    updated_at: datetime

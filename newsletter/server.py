@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parseaddr
+from email.utils import make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,7 +50,7 @@ from .errors import (
 )
 from .hooks import enabled_providers, webhook_blueprint
 from .mailqueue import MailQueue
-from .message import to_field
+from .message import rfc5322_date, to_field
 from .models import Status, Subscriber
 from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
 from .store import Store
@@ -76,6 +76,21 @@ HOUSEKEEPING_SECONDS = 300  # pruning of stale pending rows and expired counters
 _EXTENSION = "newsletter"
 WEBHOOKS_CONFIG = "NEWSLETTER_WEBHOOKS"  # app.config: the providers whose route answers
 LOG = logging.getLogger("newsletter.server")
+ACCESS = logging.getLogger("newsletter.access")
+# Path segments that carry a token: /u/<token>, /confirm/<token>, /hooks/<provider>/<...>.
+_TOKEN_PATH = re.compile(r"(^|/)(u|confirm)/[^/]+|(^|/)(hooks|webhooks)/([^/]+)/.+")
+
+
+def redact_path(path: str, query: str = "") -> str:
+    """A request's path for the access log, without the tokens in it (or its query)."""
+
+    def hide(match: re.Match[str]) -> str:
+        if match.group(2):
+            return f"{match.group(1)}{match.group(2)}/[redacted]"
+        return f"{match.group(3)}{match.group(4)}/{match.group(5)}/[redacted]"
+
+    return _TOKEN_PATH.sub(hide, path) + ("?[redacted]" if query else "")
+
 
 # Our own pages load nothing from anywhere and post only to themselves.
 PAGE_CSP = (
@@ -268,7 +283,7 @@ def confirmation_message(
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = news.sender
     msg["Subject"] = subject
-    msg["Date"] = formatdate(usegmt=True)
+    msg["Date"] = rfc5322_date()
     msg["Message-ID"] = make_msgid(domain=config.sender_domain)
     if news.reply_to:
         msg["Reply-To"] = news.reply_to
@@ -532,6 +547,29 @@ def create_app(
         LOG.info("confirmation email sent to subscriber %s", subscriber.id)
         return True
 
+    def send_welcome(subscriber: Subscriber) -> None:
+        """The welcome email (a background job): logged, never retried."""
+        from .welcome import welcome_message
+
+        latest = None
+        if config.server.welcome_latest_issue:
+            listed = entries()
+            latest = max(listed, key=lambda e: (e.date, e.number), default=None)
+        data = welcome_message(config, subscriber, latest=latest, sign=outbound.sign)
+        try:
+            transport = outbound.make_transport()
+            try:
+                result = transport.send(envelope_from, subscriber.email, data)
+            finally:
+                transport.close()
+        except TransportError as exc:
+            LOG.error("welcome email not sent: %s", exc)
+            return
+        if result.outcome in ("failed", "deferred"):
+            LOG.warning("welcome email refused: %s %s", result.code, result.reply)
+            return
+        LOG.info("welcome email sent to subscriber %s", subscriber.id)
+
     def too_many(retry_after: int) -> Response:
         response = page(
             "message.html",
@@ -606,11 +644,16 @@ def create_app(
             return page("confirm.html", title=f"Confirm your subscription to {news.name}")
         issued = datetime.fromtimestamp(data.issued_at, UTC)
         with writing:
+            before = store.get_subscriber(subscriber.id)
             confirmed = store.confirm_subscription(
                 subscriber.id, issued_at=issued, detail="confirmation link"
             )
         if confirmed is None or confirmed.status != Status.ACTIVE:
             return bad_link(expired)
+        if config.server.welcome_email and before is not None and before.status != Status.ACTIVE:
+            welcomed = confirmed  # confirmed just now: welcome them, once
+            if not mail.submit(lambda: send_welcome(welcomed)):
+                LOG.warning("mail queue full: a welcome email was dropped")
         return page(
             "confirmed.html",
             title="You are subscribed",
@@ -701,6 +744,17 @@ def create_app(
 
     # -- health and errors -----------------------------------------------------------------
 
+    @app.get("/metrics")
+    def metrics_page() -> Response:
+        """Prometheus text format, computed from the database now (no personal data)."""
+        from . import metrics
+
+        return Response(metrics.render(db()), content_type=metrics.CONTENT_TYPE)
+
+    @app.before_request
+    def start_clock() -> None:
+        request.environ["newsletter.started"] = time.perf_counter()
+
     @app.get("/healthz")
     def healthz() -> Response:
         db().count(Status.ACTIVE)  # the database answers
@@ -753,6 +807,26 @@ def create_app(
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"  # tokens are in our URLs
         response.headers["X-Frame-Options"] = "DENY"
+        started = request.environ.get("newsletter.started")
+        elapsed = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+        path = redact_path(request.path, request.query_string.decode("latin-1"))
+        size = response.calculate_content_length()
+        ACCESS.info(
+            "%s %s %d %s %.1f ms",
+            request.method,
+            path,
+            response.status_code,
+            "-" if size is None else f"{size} B",
+            elapsed,
+            extra={
+                "event": "request",
+                "method": request.method,
+                "path": path,
+                "status": response.status_code,
+                "bytes": size,
+                "ms": round(elapsed, 1),
+            },
+        )
         return response
 
     return app

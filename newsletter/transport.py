@@ -517,10 +517,16 @@ class SmtpTransport:
         except TransportError:
             raise
         except ssl.SSLCertVerificationError as exc:
+            trusted = (
+                f"the CAs in [smtp] ca_file ({self.settings.ca_file})"
+                if self.settings.ca_file
+                else "the system's CAs ([smtp] ca_file is not set)"
+            )
             raise self._fail(
-                f"the server's TLS certificate was not accepted: {exc.verify_message}",
+                f"the server's TLS certificate was not accepted: {exc.verify_message}; "
+                f"checked against {trusted}",
                 "fix the server's certificate, or connect by the name on it; for a private CA "
-                "set [smtp] ca_file",
+                "point [smtp] ca_file at its PEM certificate",
             ) from None
         except ssl.SSLError as exc:
             raise self._fail(

@@ -256,6 +256,8 @@ def test_recipients_left_deferred_exit_75(site: Site) -> None:
     site.server.handler.faults = Faults(rcpt={"eamon@example.com": "451 4.3.0 try later"})
     result = site.run("send", "1", "--yes")
     assert result.exit_code == 75, result.output
+    # The summary says DKIM is off: Gmail and Yahoo require it of bulk senders.
+    assert "DKIM:       off! Gmail and Yahoo require DKIM of bulk senders" in result.stdout
     assert f"1 deferred: `newsletter send {EXAMPLE_SLUG}` again later sends them." in result.stdout
     status = site.run("status", "1")
     assert "deferred  eamon@example.com  attempts 2  451 4.3.0 try later" in status.stdout

@@ -298,6 +298,10 @@ def test_dmarc_alignment_warning_names_both_domains(
         ("example.org", "mail.example.org", True),
         ("example.org", "example.net", False),
         ("badexample.org", "example.org", False),
+        # Relaxed DMARC alignment is by organisational domain (the public suffix list).
+        ("news.example.org", "mail.example.org", True),
+        ("news.example.co.uk", "mail.example.co.uk", True),
+        ("a.co.uk", "b.co.uk", False),
     ],
 )
 def test_alignment(workspace: Path, sender_domain: str, dkim_domain: str, aligned: bool) -> None:

@@ -36,6 +36,7 @@ from tests.support.smtp_server import (
     Faults,
     ServerFactory,
     SmtpTestServer,
+    make_certificate,
 )
 
 SENDER = "newsletter@example.org"
@@ -495,7 +496,21 @@ def test_tls_with_an_untrusted_certificate_fails_clearly(
     message = str(caught.value)
     assert message.startswith(f"127.0.0.1:{server.port}: the server's TLS certificate was not")
     assert "self-signed certificate" in message
+    assert "checked against the system's CAs ([smtp] ca_file is not set)" in message
     assert server.handler.logins == [] and server.messages == []
+
+
+@pytest.mark.server
+def test_a_certificate_the_ca_file_does_not_vouch_for_names_the_file(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(tls="starttls", auth=True)
+    other = make_certificate(tmp_path / "other-ca")  # a CA, but not the server's
+    smtp = SmtpTransport(server.settings(ca_file=str(other.cert)), PASSWORD)
+    with pytest.raises(TransportError) as caught:
+        smtp.send(SENDER, "a@example.org", make_message())
+    assert f"checked against the CAs in [smtp] ca_file ({other.cert})" in str(caught.value)
+    assert server.messages == []
 
 
 @pytest.mark.server

@@ -1,0 +1,97 @@
+"""The welcome mail a subscriber gets once they confirm (``[server] welcome_email``, off by
+default): a short note from the theme's ``welcome_email.txt`` and ``.html`` (a workspace
+may override them), with a link to the latest issue (``welcome_latest_issue``) and an
+unsubscribe link and List-Unsubscribe header of its own, as every mail to a reader has."""
+
+from __future__ import annotations
+
+import email.policy
+import re
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.utils import make_msgid
+from urllib.parse import quote
+
+from . import render
+from .config import Config
+from .message import rfc5322_date, to_field
+from .models import Subscriber
+from .publish import ArchiveEntry
+from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
+
+TEXT_TEMPLATE = "welcome_email.txt"
+HTML_TEMPLATE = "welcome_email.html"
+_HEADER_END = re.compile(rb"\r\n(?![ \t])")
+
+
+def welcome_message(
+    config: Config,
+    subscriber: Subscriber,
+    *,
+    latest: ArchiveEntry | None = None,
+    sign: Callable[[bytes], bytes] | None = None,
+) -> bytes:
+    """The welcome email for ``subscriber``: text and HTML, signed if DKIM is on."""
+    news = config.newsletter
+    urls = config.public_urls
+    token = TokenSigner(config.secrets.secret_key).make(
+        UNSUBSCRIBE_PURPOSE, f"{subscriber.id}:{address_fingerprint(subscriber.email)}"
+    )
+    links = []
+    if config.unsubscribe.url:
+        links.append(f"{config.unsubscribe.url.rstrip('/')}/{token}")
+    if config.unsubscribe.mailto:
+        links.append(f"mailto:{config.unsubscribe.mailto}?subject={quote('unsubscribe ' + token)}")
+    subject = f"Welcome to {news.name}"
+    values = {
+        "greeting": f" {subscriber.name.split()[0]}" if subscriber.name.split() else "",
+        "email": subscriber.email,
+        "newsletter": news.name,
+        "tagline": news.tagline,
+        "subject": subject,
+        "locale": news.locale,
+        "archive_url": urls.home,
+        "unsubscribe_url": links[0] if links else "",
+        "latest": None
+        if latest is None
+        else {
+            "title": latest.title,
+            "date": latest.date.isoformat(),
+            "url": urls.issue(latest.slug),
+        },
+    }
+    env = render.workspace_environment(config)
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = news.sender
+    msg["Subject"] = subject
+    msg["Date"] = rfc5322_date()
+    msg["Message-ID"] = make_msgid(domain=config.sender_domain)
+    if news.reply_to:
+        msg["Reply-To"] = news.reply_to
+    msg["List-Id"] = config.list_id
+    if links:
+        msg["List-Unsubscribe"] = ", ".join(f"<{link}>" for link in links)
+    if config.unsubscribe.url:
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(env.get_template(TEXT_TEMPLATE).render(values), cte="quoted-printable")
+    msg.add_alternative(
+        env.get_template(HTML_TEMPLATE).render(values), subtype="html", cte="quoted-printable"
+    )
+    data = msg.as_bytes()
+    after_from = _HEADER_END.search(data)
+    assert after_from is not None
+    # The To line by hand, as the confirmation's: a name from a form may hold commas.
+    data = b"".join(
+        (
+            data[: after_from.end()],
+            b"To:",
+            to_field(subscriber.name, subscriber.email),
+            b"\r\n",
+            data[after_from.end() :],
+        )
+    )
+    return sign(data) if sign is not None else data
+
+
+__all__ = ["HTML_TEMPLATE", "TEXT_TEMPLATE", "welcome_message"]
