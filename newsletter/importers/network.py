@@ -33,7 +33,14 @@ SETTING_HINT = (
 )
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_METADATA = {
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+    ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud
+}
+# Python before 3.11.10 and 3.12.4 counts these as global (gh-113171): named here.
+_IETF = ipaddress.IPv4Network("192.0.0.0/24")
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
 
 
 def blocked_reason(ip: IPAddress) -> str | None:
@@ -52,6 +59,8 @@ def blocked_reason(ip: IPAddress) -> str | None:
         ("link-local", ip.is_link_local),
         ("multicast", ip.is_multicast),
         ("carrier-grade NAT", ip in _CGNAT),
+        ("reserved", ip in _IETF),
+        ("site-local", ip in _SITE_LOCAL),
         ("private", ip.is_private),
         ("reserved", ip.is_reserved),
         ("non-public", not ip.is_global),
