@@ -470,10 +470,27 @@ def index_html(config: Config, entries: Sequence[ArchiveEntry]) -> str:
     )
 
 
+# What XML 1.0 cannot hold (lxml refuses the whole feed for one such character).
+_NOT_XML = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def feed_xml(config: Config, entries: Sequence[ArchiveEntry]) -> bytes:
-    """An Atom feed of the published issues (newest first), made with feedgen."""
+    """An Atom feed of the published issues (newest first), made with feedgen.
+
+    A character XML cannot hold (a control character pasted into a title) is left
+    out, rather than the whole feed failing.
+    """
     from feedgen.feed import FeedGenerator
 
+    entries = [
+        dataclasses.replace(
+            entry,
+            title=_NOT_XML.sub("", entry.title),
+            description=_NOT_XML.sub("", entry.description),
+            headlines=tuple(_NOT_XML.sub("", title) for title in entry.headlines),
+        )
+        for entry in entries
+    ]
     news = config.newsletter
     urls = config.public_urls
     feed = FeedGenerator()

@@ -205,6 +205,18 @@ def test_a_server_that_drips_its_answer_is_cut_off_at_the_deadline(answer: bytes
 
 
 @pytest.mark.server
+def test_what_a_server_says_reaches_the_terminal_escaped(tmp_path: Path) -> None:
+    """A reason phrase (or a Location) is the server's text: an ESC in it would make the
+    editor's terminal obey it (retitle the window, clear it, write the clipboard)."""
+    cfg = make_workspace(tmp_path / "ws")
+    answer = b"HTTP/1.1 404 \x1b]0;owned\x07\x1b[2J\r\nContent-Length: 0\r\n\r\n"
+    for dripper in drip(answer, interval=0):
+        line = one_error_line(run(cfg, "issue", "add", "1", dripper.url("/story")))
+    assert "\x1b" not in line and "\x07" not in line
+    assert "the server answered 404 \\x1b]0;owned\\x07\\x1b[2J" in line
+
+
+@pytest.mark.server
 def test_non_html_answer_is_refused_before_reading(server: LocalServer) -> None:
     server.routes["/file.pdf"] = Reply(
         body=b"%PDF-1.7", headers={"Content-Type": "application/pdf"}

@@ -365,6 +365,46 @@ def test_index_feed_and_page_show_the_issues_and_nobody(site: Site) -> None:
         assert "/u/" not in document
 
 
+def test_titles_are_text_in_the_feed_the_index_and_the_sharing_tags(site: Site) -> None:
+    """Markup in a title stays text everywhere; a control character pasted into a title
+    after the issue went out leaves the feed readable instead of failing it."""
+    folder = site.config.issues_dir / ISSUE
+    hostile = 'Tides "><script>alert(1)</script> & ]]> <b>bold</b>'
+    issue_md = folder / "issue.md"
+    issue_md.write_text(
+        issue_md.read_text(encoding="utf-8").replace(
+            "title: Tides and Timetables", f"title: '{hostile}'"
+        ),
+        encoding="utf-8",
+    )
+    assert site.run("send", "1", "--yes").exit_code == 0
+    page = site.get(f"/{ISSUE}/")[2].decode()
+    assert "<script>alert(1)</script>" not in page
+    escaped = (
+        "Tides &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; ]]&gt; &lt;b&gt;bold&lt;/b&gt;"
+    )
+    assert f'<meta property="og:title" content="{escaped}">' in page
+    index = site.get("/")[2].decode()
+    assert "<script>alert(1)</script>" not in index and "&lt;script&gt;" in index
+    # Edited after sending: an ESC in an article's title (YAML's "\e").
+    bus = folder / "articles" / "02-night-bus.md"
+    bus.write_text(
+        bus.read_text(encoding="utf-8").replace(
+            "title: The Night Bus Finds Its Riders", 'title: "The Night Bus\\e Finds Its Riders"'
+        ),
+        encoding="utf-8",
+    )
+    status, _, feed_bytes = site.get("/feed.xml")
+    assert status == 200
+    feed = feedparser.parse(feed_bytes)
+    assert not feed.bozo, feed.get("bozo_exception")
+    assert [entry.title for entry in feed.entries] == [hostile]
+    assert "<li>The Night Bus Finds Its Riders</li>" in feed.entries[0].content[0].value
+    exported = site.run("publish", "--to", str(site.root.parent / "site"))
+    assert exported.exit_code == 1  # the page cannot be built with it: one clear line
+    assert exported.stderr.startswith("Error: ") and "Traceback" not in exported.output
+
+
 def test_images_keep_their_own_width_and_decorative_ones_need_no_alt(site: Site) -> None:
     issue = content.read_issue(site.config.issues_dir / ISSUE)
     rendered = render.render_issue(issue, site.config)
