@@ -633,7 +633,8 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
     site: Site, web: LocalServer
 ) -> None:
     """HEAD first, GET where HEAD is refused (http.server answers it 501), redirects
-    followed, a stalled answer given up after [fetch] timeout; nothing leaves loopback."""
+    followed, a stalled answer given up after [fetch] timeout; nothing leaves loopback
+    (allow_private: the links' server is on 127.0.0.1, as an intranet's would be)."""
     web.routes["/ok"] = Reply(200, b"fine")
     web.routes["/moved"] = Reply(301, b"", {"Location": "/ok"})
     web.routes["/gone"] = Reply(404, b"no")
@@ -644,7 +645,7 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
     # The emails point at the running `serve` (which keeps its /newsletter prefix).
     toml.write_text(
         toml.read_text(encoding="utf-8").replace(BASE, f"{site.http.url}/newsletter")
-        + "\n[fetch]\ntimeout = 1.0\n",
+        + "\n[fetch]\ntimeout = 1.0\nallow_private = true\n",
         encoding="utf-8",
     )
     articles = ws / "issues" / ISSUE / "articles"
@@ -673,6 +674,44 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
     # 3 images, the web page, the moved source link, ok, gone, slow; not the per-reader ones.
     assert summary.startswith("requested 8 images and links: 6 answered, 2 failed")
     assert web.requests_for("/ok") and web.requests_for("/moved")  # GET after the 501 to HEAD
+
+
+def test_check_online_requests_no_private_address_but_the_public_one(
+    site: Site, web: LocalServer
+) -> None:
+    """A link in an imported article may point anywhere: at the editor's router, at the
+    cloud's metadata service. Without allow_private, no hop to a loopback, private or
+    metadata address is requested (readers could not reach it either), except under the
+    newsletter's own public address, here a local `serve`. (Only loopback here: the other
+    ranges are tested in test_importers_network without any connection.)"""
+    toml = site.root / "newsletter.toml"
+    toml.write_text(
+        toml.read_text(encoding="utf-8").replace(BASE, f"{site.http.url}/newsletter"),
+        encoding="utf-8",
+    )
+    router, by_name = web.url("/admin"), web.url("/admin", host="localhost")
+    articles = site.root / "issues" / ISSUE / "articles"
+    (articles / "01-harbour-wall.md").write_text(
+        WALL.replace("https://example.org/news/harbour-wall", router), encoding="utf-8"
+    )
+    (articles / "02-night-bus.md").write_text(BUS + f"\n[By name]({by_name}).\n", encoding="utf-8")
+    assert site.run("publish", "1").exit_code == 0
+    result = site.run("check", "1", "--online", "--json")
+    findings = json.loads(result.stdout)["findings"]
+    online = sorted(f["message"] for f in findings if f["code"] == "online-link")
+    reach = "readers cannot reach it either ([fetch] allow_private = true requests it)"
+    expected = [
+        (router, "127.0.0.1, a loopback address"),
+        (by_name, "localhost: it resolves to "),  # 127.0.0.1 or ::1, as the system says
+    ]
+    assert len(online) == len(expected), online
+    for message, (url, why) in zip(online, sorted(expected), strict=True):
+        assert message.startswith(f"link {url}: not requested: {why}"), message
+        assert message.endswith(f"; {reach}"), message
+    assert web.requests == []  # nothing reached the private server
+    (summary,) = [f["message"] for f in findings if f["code"] == "online"]
+    # The issue's page and its 3 images, on the public address, answered.
+    assert summary.startswith("requested 6 images and links: 4 answered, 2 failed"), summary
 
 
 # --- what a reader sees: real Chromium at a phone's and a desktop's width -------------------

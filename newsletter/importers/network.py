@@ -169,8 +169,9 @@ def open_pinned(
     headers: Mapping[str, str],
     timeout: urllib3.Timeout,
     watchdog: Watchdog | None = None,
+    method: str = "GET",
 ) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
-    """GET ``parts`` from the first of ``addresses`` that takes the connection.
+    """GET (or ``method``) ``parts`` from the first of ``addresses`` that takes the connection.
 
     The caller reads the response, then closes the pool. Redirects are not followed:
     the caller checks each hop's host before going there. ``watchdog`` ends the
@@ -200,7 +201,7 @@ def open_pinned(
         pool.ConnectionCls = _watched(pool.ConnectionCls, watchdog)
         try:
             response = pool.urlopen(
-                "GET",
+                method,
                 path,
                 headers=request_headers,
                 redirect=False,
