@@ -323,6 +323,11 @@ def test_serve_answers_with_and_without_the_path_prefix(site: Site) -> None:
         assert site.get(f"{prefix}/feed.xml")[0] == 200
         assert site.get(f"{prefix}/subscribe")[0] == 200
         # Relative links of the service's own pages resolve under the same prefix.
+        if prefix:  # the public address without its slash: the index's links would leave it
+            status, headers, _ = site.get(prefix)
+            assert status == 308 and urljoin(f"http://h{prefix}", headers["location"]) == (
+                f"http://h{prefix}/"
+            )
         status, headers, _ = site.get(f"{prefix}/{ISSUE}")
         assert status == 308
         assert urljoin(f"http://h{prefix}/{ISSUE}", headers["location"]).endswith(
