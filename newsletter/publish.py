@@ -184,7 +184,10 @@ def _with_head_tags(page_html: str, config: Config, page: IssuePage) -> str:
         _meta("name", "twitter:description", page.description),
     ]
     if page.image:
-        image_url = urls.asset(issue.slug, page.image)
+        remote = re.match(r"^[a-z][a-z0-9+.-]*:|^//", page.image, re.I)  # a lead image by URL
+        image_url = page.image if remote else urls.asset(issue.slug, page.image)
+        if image_url.startswith("//"):
+            image_url = f"https:{image_url}"
         tags += [
             _meta("property", "og:image", image_url),
             _meta("name", "twitter:image", image_url),

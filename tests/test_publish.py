@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import html
 import http.client
 import io
 import json
@@ -408,6 +409,19 @@ def test_titles_are_text_in_the_feed_the_index_and_the_sharing_tags(site: Site) 
     exported = site.run("publish", "--to", str(site.root.parent / "site"))
     assert exported.exit_code == 1  # the page cannot be built with it: one clear line
     assert exported.stderr.startswith("Error: ") and "Traceback" not in exported.output
+
+
+def test_a_lead_image_given_by_url_is_shared_by_that_url(site: Site) -> None:
+    """An imported article's lead image is the page's og:image URL: shared as it is, not
+    as a path under the issue's folder."""
+    remote = 'https://cdn.example.net/wall.jpg?w=1200&q="80"'
+    wall = site.config.issues_dir / ISSUE / "articles" / "01-harbour-wall.md"
+    wall.write_text(WALL.replace("image: ../images/wall.jpg", f"image: '{remote}'"))
+    assert site.run("publish", "1").exit_code == 0
+    page = site.get(f"/{ISSUE}/")[2].decode()
+    shown = html.escape(remote, quote=True)
+    assert f'<meta property="og:image" content="{shown}">' in page
+    assert f'<meta name="twitter:image" content="{shown}">' in page
 
 
 def test_images_keep_their_own_width_and_decorative_ones_need_no_alt(site: Site) -> None:
