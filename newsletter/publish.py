@@ -567,6 +567,18 @@ def export_archive(config: Config, store: Store, out_dir: Path) -> Export:
         )
     seen = visibility(store)
     entries = archive_entries(config, seen.listed)
+    try:
+        return _export(config, seen, entries, out_dir)
+    except OSError as exc:  # not allowed to write there, the disk is full...
+        raise PublishError(
+            f"cannot write the archive: {exc.strerror or exc}",
+            where=str(exc.filename or out_dir),
+            hint="check the folder's permissions and free space; the folder is unchanged",
+        ) from None
+
+
+def _export(config: Config, seen: Visibility, entries: list[ArchiveEntry], out_dir: Path) -> Export:
+    """Build the archive in a staging folder beside ``out_dir``, then swap it in."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         written: dict[Path, int] = {}

@@ -568,6 +568,11 @@ def test_the_export_replaces_its_own_folder_and_refuses_any_other(
     assert refused.exit_code == 1
     assert "is not empty and is not an earlier archive export" in refused.stderr
     assert [p.name for p in other.iterdir()] == ["holiday.jpg"]
+    # A folder that cannot be written (here: /proc takes no new folder, whoever asks).
+    unwritable = site.run("publish", "--to", "/proc/newsletter-archive")
+    assert unwritable.exit_code == 1, unwritable.output
+    assert unwritable.stderr.startswith("Error: /proc/") and "Traceback" not in unwritable.output
+    assert "cannot write the archive" in unwritable.stderr
 
 
 # --- checks ----------------------------------------------------------------------------------
