@@ -146,9 +146,15 @@ def test_published_images_carry_no_gps_comment_or_xmp_whatever_their_size(
     with Image.open(out) as result:
         assert result.size == (320, 480)  # turned the right way up, as the tag said
         assert result.info.get("icc_profile") == srgb_profile()  # the colours stay
-    # A large one's resized copy drops its comment too (Pillow would carry it over).
+    # A large one's resized copy drops its comment too (Pillow would carry it over), and
+    # one stored on its side comes out upright, at the full width (decoded at a reduced
+    # scale, never below it).
     large = write(tmp_path / "large.jpg", photo(2400, 1600), "JPEG", comment=SECRET, xmp=XMP)
     assert_says_nothing(images.published_file(large, cache))
+    side = write(tmp_path / "side.jpg", photo(4000, 3000), "JPEG", exif=camera_exif(6))
+    assert images.info(side).width == 3000
+    with Image.open(images.published_file(side, cache)) as upright:
+        assert upright.size == (images.MAX_WIDTH, 1600)
     # A PNG screenshot with text chunks and EXIF, and a GIF with a comment.
     text = PngImagePlugin.PngInfo()
     text.add_text("Comment", SECRET.decode())
