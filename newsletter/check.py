@@ -366,6 +366,8 @@ def _check_online(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
         timeout=config.fetch.timeout,
         deadline=ONLINE_DEADLINE,
         user_agent=f"newsletter/{_version()} (+{config.public_urls.base}; link check)",
+        allow_private=config.fetch.allow_private,
+        trusted=config.public_urls.base,
     )
     failed = [result for result in results if not result.ok]
     for result in failed:

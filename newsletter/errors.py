@@ -6,6 +6,8 @@ Every module raises one of these for bad input; only ``cli`` turns them into
 
 from __future__ import annotations
 
+import re
+
 
 class NewsletterError(Exception):
     """A problem the user can fix: where it is, what is wrong, what to do."""
@@ -20,8 +22,16 @@ class NewsletterError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
             text = f"{text.rstrip('.')}; {self.hint}"
-        # One line, always: the CLI prints this as-is.
-        return " ".join(text.split())
+        # One line, always: the CLI prints this as-is. Messages quote what servers and
+        # files said: a control character in them is shown, never sent to the terminal.
+        return _CONTROL.sub(_shown, " ".join(text.split()))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 class ConfigError(NewsletterError):

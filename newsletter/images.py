@@ -6,6 +6,12 @@ The email shows each image at its own width, never wider than the column
 it is small enough, else a copy resized to :data:`MAX_WIDTH` pixels (enough for
 2x screens) and recompressed under :data:`MAX_BYTES`, made once with Pillow and
 kept under ``.newsletter/publish/images/``. The original stays in the issue folder.
+
+A camera writes where and when a photo was taken (EXIF GPS), and editors' tools
+add comments and XMP: an image that carries any of it gets a copy without it,
+whatever its size, so the web never shows what the editor's phone knew. Only
+the formats browsers show are read (PNG, JPEG, GIF, WebP; a phone's multi-picture
+JPEG is read as its first picture), never Pillow's other decoders.
 """
 
 from __future__ import annotations
@@ -25,7 +31,43 @@ COLUMN_WIDTH = 552  # the email's content column, in CSS pixels
 MAX_WIDTH = 1200  # published images are at most this wide (2x a phone, ~2x the column)
 MAX_BYTES = 300_000  # and, where recompressing can manage it, at most this heavy
 _JPEG_QUALITIES = (85, 78, 70, 62, 55, 48, 40)
+# In the copies' names: copies made before version 2 could keep a comment, so are made again.
+_COPY_VERSION = 2
+_ORIENTATION = 0x0112  # the EXIF tag saying which way up the camera was held
 _FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "WEBP": ".webp"}
+# What Pillow may open: the formats above (its JPEG reader also opens MPO, the JPEG a
+# phone writes with a depth map or preview after the picture: read as its first picture).
+_READABLE = ("PNG", "JPEG", "GIF", "WEBP")
+# Header fields that say how to show the pixels, and nothing about who or where.
+_PLAIN_INFO = frozenset(
+    {
+        "adobe",
+        "adobe_transform",
+        "aspect",
+        "background",
+        "chromaticity",
+        "default_image",
+        "disposal",
+        "blend",
+        "bbox",
+        "dpi",
+        "duration",
+        "gamma",
+        "icc_profile",
+        "interlace",
+        "jfif",
+        "jfif_density",
+        "jfif_unit",
+        "jfif_version",
+        "loop",
+        "progression",
+        "progressive",
+        "srgb",
+        "timestamp",
+        "transparency",
+        "version",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +79,7 @@ class ImageInfo:
     format: str  # PNG, JPEG, GIF or WEBP
     size: int  # bytes on disk
     animated: bool = False
+    metadata: bool = False  # EXIF (GPS, camera), XMP, IPTC, comments or text
 
     @property
     def display_width(self) -> int:
@@ -62,13 +105,18 @@ def info(path: Path) -> ImageInfo:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=_READABLE) as image:
+            multi_picture = image.format == "MPO"
+            width, height = int(image.width), int(image.height)
+            if "exif" in image.info and image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width  # shown (and published) turned a quarter
             found = ImageInfo(
-                width=int(image.width),
-                height=int(image.height),
-                format=str(image.format or ""),
+                width=width,
+                height=height,
+                format="JPEG" if multi_picture else str(image.format or ""),
                 size=stat.st_size,
-                animated=bool(getattr(image, "is_animated", False)),
+                animated=not multi_picture and bool(getattr(image, "is_animated", False)),
+                metadata=multi_picture or _has_metadata(image),
             )
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ContentError(
@@ -83,9 +131,24 @@ def info(path: Path) -> ImageInfo:
     return found
 
 
+def _has_metadata(image: Any) -> bool:
+    """Whether the file says more than its pixels (read from the header, no decoding)."""
+    if set(image.info) - _PLAIN_INFO:
+        return True
+    # JPEG segments Pillow keeps no field for (extended XMP, C2PA, maker data...):
+    # only JFIF, the colour profile and Adobe's colour flag are plain.
+    return any(
+        marker not in ("APP0", "APP14") and not (marker == "APP2" and data[:12] == b"ICC_PROFILE\0")
+        for marker, data in getattr(image, "applist", ())
+    )
+
+
 def needs_optimising(found: ImageInfo) -> bool:
-    """Too wide or too heavy to send readers as it is (animations are left alone)."""
-    return not found.animated and (found.width > MAX_WIDTH or found.size > MAX_BYTES)
+    """Too wide or too heavy to send readers as it is, or carrying metadata (animations
+    are left alone)."""
+    return not found.animated and (
+        found.width > MAX_WIDTH or found.size > MAX_BYTES or found.metadata
+    )
 
 
 def published_file(source: Path, cache_dir: Path) -> Path:
@@ -99,11 +162,12 @@ def published_file(source: Path, cache_dir: Path) -> Path:
         return source
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:20]
-    target = cache_dir / f"{digest}-w{MAX_WIDTH}-b{MAX_BYTES}{_FORMATS.get(found.format, '')}"
+    name = f"{digest}-w{MAX_WIDTH}-b{MAX_BYTES}-v{_COPY_VERSION}{_FORMATS.get(found.format, '')}"
+    target = cache_dir / name
     if target.is_file():
         return target
     smaller = _recompress(data, found, source)
-    if smaller is None or len(smaller) >= found.size:
+    if smaller is None or (len(smaller) >= found.size and not found.metadata):
         return source  # nothing gained: readers get the original
     atomic_write_bytes(target, smaller)
     return target
@@ -113,13 +177,20 @@ def _recompress(data: bytes, found: ImageInfo, source: Path) -> bytes | None:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=_READABLE) as opened:
+            if found.format == "JPEG" and found.width > MAX_WIDTH:
+                # Decode at 1/2, 1/4 or 1/8 scale, still at least MAX_WIDTH wide: a 48 MP
+                # photo then takes a sixteenth of the memory and time.
+                upright = found.width == opened.width
+                opened.draft(None, (MAX_WIDTH, 1) if upright else (1, MAX_WIDTH))
             image: Any = ImageOps.exif_transpose(opened) or opened
             image.load()
     except (OSError, Image.DecompressionBombError) as exc:
         raise ContentError(
             f"cannot read this image ({exc})", where=str(source), hint="export it again"
         ) from None
+    # The copy keeps how to show the pixels (the colour profile among it), nothing else.
+    image.info = {key: value for key, value in image.info.items() if key in _PLAIN_INFO}
     if image.width > MAX_WIDTH:
         height = max(1, round(image.height * MAX_WIDTH / image.width))
         image = image.resize((MAX_WIDTH, height), Image.Resampling.LANCZOS)
@@ -153,6 +224,9 @@ def _smallest(image: Any, fmt: str, options: dict[str, Any]) -> bytes:
 
 def _save(image: Any, fmt: str, options: dict[str, Any]) -> bytes:
     out = io.BytesIO()
+    profile = image.info.get("icc_profile")
+    if profile and fmt in ("JPEG", "WEBP"):  # PNG takes it from info, these do not
+        options = {**options, "icc_profile": profile}
     image.save(out, fmt, **options)
     return out.getvalue()
 

@@ -186,7 +186,10 @@ def _with_head_tags(page_html: str, config: Config, page: IssuePage) -> str:
         _meta("name", "twitter:description", page.description),
     ]
     if page.image:
-        image_url = urls.asset(issue.slug, page.image)
+        remote = re.match(r"^[a-z][a-z0-9+.-]*:|^//", page.image, re.I)  # a lead image by URL
+        image_url = page.image if remote else urls.asset(issue.slug, page.image)
+        if image_url.startswith("//"):
+            image_url = f"https:{image_url}"
         tags += [
             _meta("property", "og:image", image_url),
             _meta("name", "twitter:image", image_url),
@@ -472,10 +475,27 @@ def index_html(config: Config, entries: Sequence[ArchiveEntry]) -> str:
     )
 
 
+# What XML 1.0 cannot hold (lxml refuses the whole feed for one such character).
+_NOT_XML = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def feed_xml(config: Config, entries: Sequence[ArchiveEntry]) -> bytes:
-    """An Atom feed of the published issues (newest first), made with feedgen."""
+    """An Atom feed of the published issues (newest first), made with feedgen.
+
+    A character XML cannot hold (a control character pasted into a title) is left
+    out, rather than the whole feed failing.
+    """
     from feedgen.feed import FeedGenerator
 
+    entries = [
+        dataclasses.replace(
+            entry,
+            title=_NOT_XML.sub("", entry.title),
+            description=_NOT_XML.sub("", entry.description),
+            headlines=tuple(_NOT_XML.sub("", title) for title in entry.headlines),
+        )
+        for entry in entries
+    ]
     news = config.newsletter
     urls = config.public_urls
     feed = FeedGenerator()
@@ -549,6 +569,18 @@ def export_archive(config: Config, store: Store, out_dir: Path) -> Export:
         )
     seen = visibility(store)
     entries = archive_entries(config, seen.listed)
+    try:
+        return _export(config, seen, entries, out_dir)
+    except OSError as exc:  # not allowed to write there, the disk is full...
+        raise PublishError(
+            f"cannot write the archive: {exc.strerror or exc}",
+            where=str(exc.filename or out_dir),
+            hint="check the folder's permissions and free space; the folder is unchanged",
+        ) from None
+
+
+def _export(config: Config, seen: Visibility, entries: list[ArchiveEntry], out_dir: Path) -> Export:
+    """Build the archive in a staging folder beside ``out_dir``, then swap it in."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         written: dict[Path, int] = {}

@@ -250,7 +250,15 @@ class PublicPrefix:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "")
-        if self.prefix and (path == self.prefix or path.startswith(self.prefix + "/")):
+        if self.prefix and path == self.prefix:
+            # The index's links are relative to BASE/: answered at BASE they would leave it.
+            home = self.prefix.rsplit("/", 1)[-1] + "/"
+            start_response(
+                "308 Permanent Redirect",
+                [("Location", home), ("Content-Length", "0"), ("Cache-Control", "no-store")],
+            )
+            return [b""]
+        if self.prefix and path.startswith(self.prefix + "/"):
             environ = dict(environ)
             environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.prefix
             environ["PATH_INFO"] = path[len(self.prefix) :] or "/"

@@ -212,6 +212,52 @@ def test_malformed_feed_is_one_error_and_state_survives(
     assert set(state["feeds"]) == {"good"}
 
 
+def _rss_item(title: str, author: str, description: str, link: str) -> bytes:
+    """One item, its fields written as given (entities and all)."""
+    return (
+        '<?xml version="1.0"?><rss version="2.0"><channel><title>T</title><item>'
+        f"<title>{title}</title><author>{author}</author><description>{description}"
+        f"</description><link>{link}</link></item></channel></rss>"
+    ).encode()
+
+
+@pytest.mark.server
+def test_a_hostile_feed_cannot_write_to_the_terminal_or_stop_the_pull(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """Well-formed XML can carry terminal escapes as escaped entities (&amp;#27;, which
+    the item's HTML turns into ESC), and &#xD800; breaks feedparser's loose parser."""
+    escape = "&amp;#27;]0;owned&amp;#7;&amp;#27;[2J"
+    server.routes["/escapes.xml"] = Reply(
+        body=_rss_item(
+            f"Harbour {escape} news", f"Ann {escape}", f"About {escape} it", server.url("/a")
+        ),
+        headers={"Content-Type": "application/rss+xml"},
+    )
+    server.routes["/surrogate.xml"] = Reply(
+        body=_rss_item("Bad &#xD800; title", "Ann", "x", server.url("/b")),
+        headers={"Content-Type": "application/rss+xml"},
+    )
+    server.routes["/good.xml"] = Reply(
+        body=rss_feed(_feed_items(server)), headers={"Content-Type": "application/rss+xml"}
+    )
+    cfg = make_workspace(tmp_path / "ws")
+    feeds.add_feed(cfg, "escapes", server.url("/escapes.xml"))
+    feeds.add_feed(cfg, "surrogate", server.url("/surrogate.xml"))
+    feeds.add_feed(cfg, "good", server.url("/good.xml"))
+
+    result = run(cfg, "feed", "pull")
+
+    line = one_error_line(result)
+    assert "1 of 3 feeds failed" in line and "surrogate: " in line and "malformed feed" in line
+    assert "good: 2 new" in result.stdout and "escapes: 1 new" in result.stdout
+    assert "Harbour ]0;owned [2J news" in result.stdout
+    items = json.loads(cfg.feed_state_path.read_text(encoding="utf-8"))["items"]
+    remembered = [str(value) for item in items.values() for value in item.values()]
+    for text in (result.output, *remembered):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text), repr(text)
+
+
 @pytest.mark.server
 def test_pull_of_one_malformed_feed_via_cli(server: LocalServer, tmp_path: Path) -> None:
     server.routes["/junk"] = Reply(

@@ -71,6 +71,10 @@ def settings(*, allow_private: bool = False) -> FetchSettings:
         ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
         ("192.0.2.10", None),  # documentation
         ("198.18.0.1", None),  # benchmarking
+        # What Python before 3.11.10 / 3.12.4 files as global (gh-113171):
+        ("192.0.0.192", "cloud metadata"),  # Oracle Cloud's metadata service
+        ("192.0.0.8", "reserved"),  # IETF protocol assignments, 192.0.0.0/24
+        ("fec0::1", "site-local"),  # deprecated, still routed on some networks
     ],
 )
 def test_addresses_off_the_public_internet_are_named(address: str, kind: str | None) -> None:
@@ -92,6 +96,8 @@ def test_public_addresses_pass(address: str) -> None:
         "http://100.100.100.200/latest/meta-data/",
         "https://[fe80::1]/",
         "http://[fd00:ec2::254]/",
+        "http://192.0.0.192/opc/v1/instance/",
+        "http://[fec0::1]/",
     ],
 )
 def test_non_loopback_private_urls_are_refused_when_resolved(url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from newsletter.config import FetchSettings
 from newsletter.errors import ImportSourceError
 from newsletter.importers import web
 from tests.support.importers import BASE_URL, make_workspace, one_error_line, run, snapshot
-from tests.support.local_http import HTML, LocalServer, Reply, closed_port, serve
+from tests.support.local_http import HTML, LocalServer, Reply, closed_port, drip, serve
 from tests.support.web_pages import BOILERPLATE, bare_page, blog_post, news_article
 
 AGENT = "newsletter-tests"
@@ -176,6 +177,43 @@ def test_stalled_server_times_out(server: LocalServer) -> None:
             web.fetch(server.url("/slow"), _settings(timeout=0.3), AGENT)
     finally:
         release.set()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Headers that never end, one byte at a time.
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nX-Padding: " + b"a" * 1000,
+        # Headers, then a body that never ends (no length: it would end at the close).
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n<html><body>"
+        + b"<p>more</p>" * 100,
+    ],
+    ids=["headers", "body"],
+)
+def test_a_server_that_drips_its_answer_is_cut_off_at_the_deadline(answer: bytes) -> None:
+    """Each byte comes within the timeout, so only the overall deadline can stop it."""
+    settings = _settings(timeout=0.25)  # each read waits 0.25 s at most; all of it, 1 s
+    for dripper in drip(answer, interval=0.02):
+        started = time.monotonic()
+        with pytest.raises(ImportSourceError, match=r"took longer than 1 s to download") as caught:
+            web.fetch(dripper.url("/slow"), settings, AGENT)
+        elapsed = time.monotonic() - started
+        assert caught.value.where == f"127.0.0.1:{dripper.port}"
+        # Cut off at the deadline, long before the answer would have ended (~20 s on).
+        assert elapsed < 10 and dripper.sent < len(answer) // 2, (elapsed, dripper.sent)
+
+
+@pytest.mark.server
+def test_what_a_server_says_reaches_the_terminal_escaped(tmp_path: Path) -> None:
+    """A reason phrase (or a Location) is the server's text: an ESC in it would make the
+    editor's terminal obey it (retitle the window, clear it, write the clipboard)."""
+    cfg = make_workspace(tmp_path / "ws")
+    answer = b"HTTP/1.1 404 \x1b]0;owned\x07\x1b[2J\r\nContent-Length: 0\r\n\r\n"
+    for dripper in drip(answer, interval=0):
+        line = one_error_line(run(cfg, "issue", "add", "1", dripper.url("/story")))
+    assert "\x1b" not in line and "\x07" not in line
+    assert "the server answered 404 \\x1b]0;owned\\x07\\x1b[2J" in line
 
 
 @pytest.mark.server

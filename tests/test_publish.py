@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import html
 import http.client
 import io
 import json
@@ -323,6 +324,11 @@ def test_serve_answers_with_and_without_the_path_prefix(site: Site) -> None:
         assert site.get(f"{prefix}/feed.xml")[0] == 200
         assert site.get(f"{prefix}/subscribe")[0] == 200
         # Relative links of the service's own pages resolve under the same prefix.
+        if prefix:  # the public address without its slash: the index's links would leave it
+            status, headers, _ = site.get(prefix)
+            assert status == 308 and urljoin(f"http://h{prefix}", headers["location"]) == (
+                f"http://h{prefix}/"
+            )
         status, headers, _ = site.get(f"{prefix}/{ISSUE}")
         assert status == 308
         assert urljoin(f"http://h{prefix}/{ISSUE}", headers["location"]).endswith(
@@ -363,6 +369,59 @@ def test_index_feed_and_page_show_the_issues_and_nobody(site: Site) -> None:
             assert person not in document
         assert TOKEN_RE.search(document) is None and "%%nl:" not in document
         assert "/u/" not in document
+
+
+def test_titles_are_text_in_the_feed_the_index_and_the_sharing_tags(site: Site) -> None:
+    """Markup in a title stays text everywhere; a control character pasted into a title
+    after the issue went out leaves the feed readable instead of failing it."""
+    folder = site.config.issues_dir / ISSUE
+    hostile = 'Tides "><script>alert(1)</script> & ]]> <b>bold</b>'
+    issue_md = folder / "issue.md"
+    issue_md.write_text(
+        issue_md.read_text(encoding="utf-8").replace(
+            "title: Tides and Timetables", f"title: '{hostile}'"
+        ),
+        encoding="utf-8",
+    )
+    assert site.run("send", "1", "--yes").exit_code == 0
+    page = site.get(f"/{ISSUE}/")[2].decode()
+    assert "<script>alert(1)</script>" not in page
+    escaped = (
+        "Tides &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; ]]&gt; &lt;b&gt;bold&lt;/b&gt;"
+    )
+    assert f'<meta property="og:title" content="{escaped}">' in page
+    index = site.get("/")[2].decode()
+    assert "<script>alert(1)</script>" not in index and "&lt;script&gt;" in index
+    # Edited after sending: an ESC in an article's title (YAML's "\e").
+    bus = folder / "articles" / "02-night-bus.md"
+    bus.write_text(
+        bus.read_text(encoding="utf-8").replace(
+            "title: The Night Bus Finds Its Riders", 'title: "The Night Bus\\e Finds Its Riders"'
+        ),
+        encoding="utf-8",
+    )
+    status, _, feed_bytes = site.get("/feed.xml")
+    assert status == 200
+    feed = feedparser.parse(feed_bytes)
+    assert not feed.bozo, feed.get("bozo_exception")
+    assert [entry.title for entry in feed.entries] == [hostile]
+    assert "<li>The Night Bus Finds Its Riders</li>" in feed.entries[0].content[0].value
+    exported = site.run("publish", "--to", str(site.root.parent / "site"))
+    assert exported.exit_code == 1  # the page cannot be built with it: one clear line
+    assert exported.stderr.startswith("Error: ") and "Traceback" not in exported.output
+
+
+def test_a_lead_image_given_by_url_is_shared_by_that_url(site: Site) -> None:
+    """An imported article's lead image is the page's og:image URL: shared as it is, not
+    as a path under the issue's folder."""
+    remote = 'https://cdn.example.net/wall.jpg?w=1200&q="80"'
+    wall = site.config.issues_dir / ISSUE / "articles" / "01-harbour-wall.md"
+    wall.write_text(WALL.replace("image: ../images/wall.jpg", f"image: '{remote}'"))
+    assert site.run("publish", "1").exit_code == 0
+    page = site.get(f"/{ISSUE}/")[2].decode()
+    shown = html.escape(remote, quote=True)
+    assert f'<meta property="og:image" content="{shown}">' in page
+    assert f'<meta name="twitter:image" content="{shown}">' in page
 
 
 def test_images_keep_their_own_width_and_decorative_ones_need_no_alt(site: Site) -> None:
@@ -509,6 +568,11 @@ def test_the_export_replaces_its_own_folder_and_refuses_any_other(
     assert refused.exit_code == 1
     assert "is not empty and is not an earlier archive export" in refused.stderr
     assert [p.name for p in other.iterdir()] == ["holiday.jpg"]
+    # A folder that cannot be written (here: /proc takes no new folder, whoever asks).
+    unwritable = site.run("publish", "--to", "/proc/newsletter-archive")
+    assert unwritable.exit_code == 1, unwritable.output
+    assert unwritable.stderr.startswith("Error: /proc/") and "Traceback" not in unwritable.output
+    assert "cannot write the archive" in unwritable.stderr
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -593,7 +657,8 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
     site: Site, web: LocalServer
 ) -> None:
     """HEAD first, GET where HEAD is refused (http.server answers it 501), redirects
-    followed, a stalled answer given up after [fetch] timeout; nothing leaves loopback."""
+    followed, a stalled answer given up after [fetch] timeout; nothing leaves loopback
+    (allow_private: the links' server is on 127.0.0.1, as an intranet's would be)."""
     web.routes["/ok"] = Reply(200, b"fine")
     web.routes["/moved"] = Reply(301, b"", {"Location": "/ok"})
     web.routes["/gone"] = Reply(404, b"no")
@@ -604,7 +669,7 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
     # The emails point at the running `serve` (which keeps its /newsletter prefix).
     toml.write_text(
         toml.read_text(encoding="utf-8").replace(BASE, f"{site.http.url}/newsletter")
-        + "\n[fetch]\ntimeout = 1.0\n",
+        + "\n[fetch]\ntimeout = 1.0\nallow_private = true\n",
         encoding="utf-8",
     )
     articles = ws / "issues" / ISSUE / "articles"
@@ -633,6 +698,44 @@ def test_check_online_requests_every_image_and_link_and_lists_each_failure(
     # 3 images, the web page, the moved source link, ok, gone, slow; not the per-reader ones.
     assert summary.startswith("requested 8 images and links: 6 answered, 2 failed")
     assert web.requests_for("/ok") and web.requests_for("/moved")  # GET after the 501 to HEAD
+
+
+def test_check_online_requests_no_private_address_but_the_public_one(
+    site: Site, web: LocalServer
+) -> None:
+    """A link in an imported article may point anywhere: at the editor's router, at the
+    cloud's metadata service. Without allow_private, no hop to a loopback, private or
+    metadata address is requested (readers could not reach it either), except under the
+    newsletter's own public address, here a local `serve`. (Only loopback here: the other
+    ranges are tested in test_importers_network without any connection.)"""
+    toml = site.root / "newsletter.toml"
+    toml.write_text(
+        toml.read_text(encoding="utf-8").replace(BASE, f"{site.http.url}/newsletter"),
+        encoding="utf-8",
+    )
+    router, by_name = web.url("/admin"), web.url("/admin", host="localhost")
+    articles = site.root / "issues" / ISSUE / "articles"
+    (articles / "01-harbour-wall.md").write_text(
+        WALL.replace("https://example.org/news/harbour-wall", router), encoding="utf-8"
+    )
+    (articles / "02-night-bus.md").write_text(BUS + f"\n[By name]({by_name}).\n", encoding="utf-8")
+    assert site.run("publish", "1").exit_code == 0
+    result = site.run("check", "1", "--online", "--json")
+    findings = json.loads(result.stdout)["findings"]
+    online = sorted(f["message"] for f in findings if f["code"] == "online-link")
+    reach = "readers cannot reach it either ([fetch] allow_private = true requests it)"
+    expected = [
+        (router, "127.0.0.1, a loopback address"),
+        (by_name, "localhost: it resolves to "),  # 127.0.0.1 or ::1, as the system says
+    ]
+    assert len(online) == len(expected), online
+    for message, (url, why) in zip(online, sorted(expected), strict=True):
+        assert message.startswith(f"link {url}: not requested: {why}"), message
+        assert message.endswith(f"; {reach}"), message
+    assert web.requests == []  # nothing reached the private server
+    (summary,) = [f["message"] for f in findings if f["code"] == "online"]
+    # The issue's page and its 3 images, on the public address, answered.
+    assert summary.startswith("requested 6 images and links: 4 answered, 2 failed"), summary
 
 
 # --- what a reader sees: real Chromium at a phone's and a desktop's width -------------------

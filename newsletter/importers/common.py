@@ -78,10 +78,18 @@ class ImportedArticle:
         return dump_front_matter(self.front_matter(), body.strip() + "\n")
 
 
+# Control characters (a terminal obeys ESC sequences in a title that `feed pull` prints),
+# lone surrogates and noncharacters (no XML, so no feed, can hold them).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
+
+
 def plain_text(value: str) -> str:
-    """Metadata as one line of plain text: tags removed (nh3), entities decoded."""
-    cleaned = nh3.clean(value, tags=set(), clean_content_tags={"script", "style"})
-    return " ".join(html.unescape(cleaned).split())
+    """Metadata as one line of plain text: tags removed (nh3), entities decoded, no
+    control characters (also none written as entities, like ``&#27;``)."""
+    cleaned = nh3.clean(
+        _CONTROLS.sub(" ", value), tags=set(), clean_content_tags={"script", "style"}
+    )
+    return " ".join(_CONTROLS.sub(" ", html.unescape(cleaned)).split())
 
 
 _SAFE_SCHEMES = ("http", "https", "mailto")
@@ -89,7 +97,10 @@ _SAFE_SCHEMES = ("http", "https", "mailto")
 
 def safe_link(target: str, base: str = "") -> str:
     """An absolute http(s)/mailto link, or "" for anything else (javascript:, data:...)."""
-    target = target.strip()
+    # A control character is no part of a URL: encoded, it never reaches a terminal raw.
+    target = _CONTROLS.sub(
+        lambda m: urllib.parse.quote(m.group(), errors="replace"), target.strip()
+    )
     if not target:
         return ""
     absolute = urllib.parse.urljoin(base, target) if base else target

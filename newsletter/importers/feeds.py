@@ -330,13 +330,20 @@ def _pull_one(
     if answer.status == 304:
         ids = [i for i in remembered.get("items", []) if i in items]
     else:
-        parsed = feedparser.parse(
-            answer.body,
-            response_headers={
-                "content-type": answer.headers.get("content-type", "application/xml"),
-                "content-location": answer.url,
-            },
-        )
+        try:
+            parsed = feedparser.parse(
+                answer.body,
+                response_headers={
+                    "content-type": answer.headers.get("content-type", "application/xml"),
+                    "content-location": answer.url,
+                },
+            )
+        except (UnicodeError, ValueError) as exc:  # e.g. &#xD800; read by its loose parser
+            raise ImportSourceError(
+                f"malformed feed: {exc}",
+                where=feed.url,
+                hint="ask the site to fix its feed, or import its articles by URL",
+            ) from None
         _check_parsed(parsed, feed)
         ids = []
         for entry in parsed.entries:

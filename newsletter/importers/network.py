@@ -13,10 +13,14 @@ intranet.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
+from typing import Any
 
 import urllib3
 
@@ -29,7 +33,14 @@ SETTING_HINT = (
 )
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_METADATA = {
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+    ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud
+}
+# Python before 3.11.10 and 3.12.4 counts these as global (gh-113171): named here.
+_IETF = ipaddress.IPv4Network("192.0.0.0/24")
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
 
 
 def blocked_reason(ip: IPAddress) -> str | None:
@@ -48,6 +59,8 @@ def blocked_reason(ip: IPAddress) -> str | None:
         ("link-local", ip.is_link_local),
         ("multicast", ip.is_multicast),
         ("carrier-grade NAT", ip in _CGNAT),
+        ("reserved", ip in _IETF),
+        ("site-local", ip in _SITE_LOCAL),
         ("private", ip.is_private),
         ("reserved", ip.is_reserved),
         ("non-public", not ip.is_global),
@@ -84,17 +97,85 @@ def resolve(
     return addresses
 
 
+class Watchdog:
+    """Ends a fetch's connections when its time is up.
+
+    A timeout bounds each wait for the next piece of an answer, not the answer: a
+    server that sends one byte of its headers or body every few seconds would keep
+    a fetch going for hours. At ``deadline`` (``time.monotonic()``) the watchdog
+    shuts down every socket it was given, so the read waiting on one ends at once
+    (whether in the TLS handshake, the headers or the body); ``fired`` says why.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock``'s connection down at the deadline (at once if it has passed)."""
+        # A duplicate: TLS takes the original object over, and shutting down any
+        # descriptor of a connection shuts the connection down.
+        copy = sock.dup()
+        with self._lock:
+            self._sockets.append(copy)
+            late = self.fired
+        if late:
+            _shut(copy)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def close(self) -> None:
+        """Stop watching (the fetch is over) and let go of the duplicates."""
+        self._timer.cancel()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watched(base: type[Any], watchdog: Watchdog | None) -> type[Any]:
+    """``base`` (a urllib3 connection class) whose sockets ``watchdog`` watches."""
+    if watchdog is None:
+        return base
+    watch = watchdog.watch
+
+    class Watched(base):  # type: ignore[misc,valid-type]
+        def _new_conn(self) -> socket.socket:
+            sock: socket.socket = super()._new_conn()
+            watch(sock)
+            return sock
+
+    return Watched
+
+
 def open_pinned(
     parts: urllib.parse.SplitResult,
     addresses: list[str],
     *,
     headers: Mapping[str, str],
     timeout: urllib3.Timeout,
+    watchdog: Watchdog | None = None,
+    method: str = "GET",
 ) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
-    """GET ``parts`` from the first of ``addresses`` that takes the connection.
+    """GET (or ``method``) ``parts`` from the first of ``addresses`` that takes the connection.
 
     The caller reads the response, then closes the pool. Redirects are not followed:
-    the caller checks each hop's host before going there.
+    the caller checks each hop's host before going there. ``watchdog`` ends the
+    connection at its deadline, wherever the answer is.
     """
     host = _ascii_host(parts.hostname or "")
     port = _port(parts)
@@ -117,9 +198,10 @@ def open_pinned(
             )
         else:
             pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+        pool.ConnectionCls = _watched(pool.ConnectionCls, watchdog)
         try:
             response = pool.urlopen(
-                "GET",
+                method,
                 path,
                 headers=request_headers,
                 redirect=False,

@@ -126,16 +126,22 @@ def fetch(
     timeout = urllib3.Timeout(connect=settings.timeout, read=settings.timeout)
     deadline = time.monotonic() + 4 * settings.timeout
     sent = {"User-Agent": agent, "Accept": accept, **(headers or {})}
+    watchdog = network.Watchdog(deadline)  # a server that drips its answer is cut off
     try:
         for hop in range(MAX_REDIRECTS + 1):
             addresses = network.resolve(
                 parts, where, allow_private=settings.allow_private, redirect=hop > 0
             )
-            pool, response = network.open_pinned(parts, addresses, headers=sent, timeout=timeout)
+            pool, response = network.open_pinned(
+                parts, addresses, headers=sent, timeout=timeout, watchdog=watchdog
+            )
             try:
                 location = response.headers.get("location", "")
                 if response.status not in _REDIRECTS or not location:
-                    return _read(response, url, where, settings, deadline, content_types, what)
+                    result = _read(response, url, where, settings, deadline, content_types, what)
+                    if watchdog.fired:  # the body may look complete where it was cut off
+                        raise _too_slow(what, where, settings)
+                    return result
             finally:
                 response.release_conn()
                 pool.close()
@@ -146,13 +152,21 @@ def fetch(
             "too many redirects", where=where, hint="check the URL in a browser"
         )
     except ImportSourceError:
+        if watchdog.fired:  # cut off: what was read makes no sense, and is not the reason
+            raise _too_slow(what, where, settings) from None
         raise
     except urllib3.exceptions.HTTPError as exc:
+        if watchdog.fired:
+            raise _too_slow(what, where, settings) from None
         raise _network_error(exc, where, settings) from None
     except (OSError, ValueError) as exc:
+        if watchdog.fired:
+            raise _too_slow(what, where, settings) from None
         raise ImportSourceError(
             f"could not fetch the {what}: {exc}", where=where, hint="check the URL"
         ) from None
+    finally:
+        watchdog.close()
 
 
 def _redirect_target(url: str, where: str) -> urllib.parse.SplitResult:
@@ -204,11 +218,7 @@ def _read(
         if size > limit:
             raise _too_large(what, where, limit)
         if time.monotonic() > deadline:
-            raise ImportSourceError(
-                f"the {what} took longer than {4 * settings.timeout:g} s to download",
-                where=where,
-                hint="try again later, or raise [fetch] timeout in newsletter.toml",
-            )
+            raise _too_slow(what, where, settings)
         chunks.append(chunk)
     body = b"".join(chunks)
     if content_types is not None and not kind and not _looks_like_html(body):
@@ -223,6 +233,14 @@ def _read(
 def _looks_like_html(body: bytes) -> bool:
     head = body[:1024].lstrip().lower()
     return head.startswith((b"<!doctype html", b"<html")) or b"<body" in head
+
+
+def _too_slow(what: str, where: str, settings: FetchSettings) -> ImportSourceError:
+    return ImportSourceError(
+        f"the {what} took longer than {4 * settings.timeout:g} s to download",
+        where=where,
+        hint="try again later, or raise [fetch] timeout in newsletter.toml",
+    )
 
 
 def _too_large(what: str, where: str, limit: int) -> ImportSourceError:

@@ -126,3 +126,56 @@ def closed_port() -> int:
 
 
 HTML = {"Content-Type": "text/html; charset=utf-8"}
+
+
+class Dripper:
+    """A server on 127.0.0.1 that answers every connection with ``data`` one byte at a
+    time, a byte every ``interval`` seconds (within any read timeout), until ``close``.
+
+    The slow-loris answer: each byte comes in time, the whole never does.
+    """
+
+    def __init__(self, data: bytes, interval: float) -> None:
+        self.data = data
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.sent = 0  # bytes sent in all
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)  # the request
+                for byte in self.data:
+                    conn.sendall(bytes([byte]))
+                    self.sent += 1
+                    if self.stopped.wait(self.interval):  # paces the trickle
+                        return
+            except OSError:
+                return  # the client hung up: what the tests want
+
+    def close(self) -> None:
+        self.stopped.set()
+        self._listener.close()
+
+
+def drip(data: bytes, interval: float) -> Iterator[Dripper]:
+    """Generator for a pytest fixture: a :class:`Dripper`, closed afterwards."""
+    dripper = Dripper(data, interval)
+    try:
+        yield dripper
+    finally:
+        dripper.close()
