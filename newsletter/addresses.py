@@ -6,6 +6,7 @@ ASCII addresses that a large import is made of.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from email_validator import EmailNotValidError, validate_email
@@ -97,3 +98,26 @@ def email_key(address: str) -> str:
         return _normalize(address).lower()
     except EmailNotValidError:
         return address.lower()
+
+
+# --- suppression ----------------------------------------------------------------------------
+
+SUPPRESSION_KEY_BYTES = 32
+SUPPRESSION_HASH_BYTES = 16
+_hashers: dict[bytes, hashlib.blake2b] = {}
+
+
+def suppression_hash(key: bytes, address_key: str) -> bytes:
+    """The keyed hash a suppression entry is stored under: BLAKE2b keyed with the database's
+    own random key (see migration 6), over :func:`email_key`'s form of the address.
+
+    Keyed, so the entries are no list of addresses: a plain hash of a guessed address
+    matches nothing without the key. Fast (the base state is cached per key): an import
+    hashes each new row in SQL, and must stay as fast as it was.
+    """
+    base = _hashers.get(key)
+    if base is None:
+        base = _hashers[key] = hashlib.blake2b(key=key, digest_size=SUPPRESSION_HASH_BYTES)
+    hasher = base.copy()
+    hasher.update(address_key.encode("utf-8"))
+    return hasher.digest()

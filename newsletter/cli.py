@@ -696,8 +696,10 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     """Import subscribers from a CSV file (columns: email, name, any others become fields).
 
     Every bad row is reported as FILE:LINE; the good rows are imported all at once.
-    Nobody who unsubscribed, bounced or complained is reactivated. Exits 1 when the
-    file itself is unusable, or when it has bad rows and no good one.
+    Nobody who unsubscribed, bounced or complained is reactivated, and nobody who left
+    or was removed is added back (suppressed). A sign-up date column (signup_date,
+    created_at, optin_time, Date Added...) is kept as consent, with the file and line.
+    Exits 1 when the file itself is unusable, or when it has bad rows and no good one.
     """
 
     def on_error(error: RowError) -> None:
@@ -708,9 +710,10 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     click.echo(
         f"{file}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.skipped_inactive} left alone (unsubscribed, bounced or complained), "
+        f"{report.suppressed} suppressed (left before: not added back), "
         f"{report.duplicates} duplicate rows merged, {report.error_count} bad rows."
     )
-    if report.error_count and not report.imported and not report.skipped_inactive:
+    if report.error_count and not (report.imported or report.skipped_inactive or report.suppressed):
         fail(f"{file}: no row could be imported")
 
 
