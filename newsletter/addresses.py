@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
@@ -104,20 +105,32 @@ def email_key(address: str) -> str:
 
 SUPPRESSION_KEY_BYTES = 32
 SUPPRESSION_HASH_BYTES = 16
-_hashers: dict[bytes, hashlib.blake2b] = {}
+_hashers: dict[bytes, Callable[[str], bytes]] = {}
+
+
+def suppression_hasher(key: bytes) -> Callable[[str], bytes]:
+    """The keyed hash suppression entries are stored under, for one database's ``key``.
+
+    BLAKE2b in its keyed mode (a MAC) over :func:`email_key`'s form of the address, 16
+    bytes. Keyed, so the entries are no list of addresses: a plain hash of a guessed
+    address matches nothing without the key. Fast (0.3 µs, 0.7 µs as an SQL function:
+    the keyed state is made once), because an import hashes every new row.
+    """
+    base = hashlib.blake2b(key=key, digest_size=SUPPRESSION_HASH_BYTES)
+
+    def digest(address_key: str) -> bytes:
+        hasher = base.copy()
+        hasher.update(address_key.encode("utf-8"))
+        return hasher.digest()
+
+    return digest
 
 
 def suppression_hash(key: bytes, address_key: str) -> bytes:
-    """The keyed hash a suppression entry is stored under: BLAKE2b keyed with the database's
-    own random key (see migration 6), over :func:`email_key`'s form of the address.
-
-    Keyed, so the entries are no list of addresses: a plain hash of a guessed address
-    matches nothing without the key. Fast (the base state is cached per key): an import
-    hashes each new row in SQL, and must stay as fast as it was.
-    """
-    base = _hashers.get(key)
-    if base is None:
-        base = _hashers[key] = hashlib.blake2b(key=key, digest_size=SUPPRESSION_HASH_BYTES)
-    hasher = base.copy()
-    hasher.update(address_key.encode("utf-8"))
-    return hasher.digest()
+    """:func:`suppression_hasher`'s hash of one address (also the SQL function)."""
+    hasher = _hashers.get(key)
+    if hasher is None:
+        if len(_hashers) > 16:
+            _hashers.clear()
+        hasher = _hashers[key] = suppression_hasher(key)
+    return hasher(address_key)

@@ -235,7 +235,7 @@ class Consent:
     """How a subscriber came to be on the list: the evidence of their consent."""
 
     source: str  # "form" (double opt-in), "import", "added" (by the editor)
-    origin: str  # form: the page it was on; import: "FILE:LINE"; otherwise ""
+    origin: str  # form: the page it was on; import: "FILE:LINE" (the file's name); else ""
     recorded_at: datetime  # form: the request; import and add: when it was recorded
     signed_up: str  # import: the original sign-up date from the file (ISO 8601), else ""
     confirmed_at: datetime | None  # form: the confirming click
