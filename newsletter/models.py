@@ -275,3 +275,4 @@ class Erasure:
     bounces: int  # bounce records stripped of the address and diagnostic (counts kept)
     consents: int
     suppression: Suppression
+    copies_cleared: bool  # the write-ahead log was emptied (False: another process reads)

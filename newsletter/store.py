@@ -358,6 +358,9 @@ class Store:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Deleted and overwritten content is zeroed, so that an erased person leaves
+            # no copy in free space (Debian's SQLite does this by default; not all do).
+            conn.execute("PRAGMA secure_delete = ON")
             # Commits are durable against process crashes; claims add a full fsync
             # (see claim_batch) so they also survive power loss.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -1850,12 +1853,12 @@ class Store:
         the server's text but stay counted. The suppression entry, a keyed hash, stays (or
         is made, reason ``erased``) so that no import adds them back. Deleted content is
         overwritten (secure_delete) and the write-ahead log emptied, so no copy of it stays
-        in the database files.
+        in the database files (unless another process, e.g. `serve`, is reading it: then
+        ``Erasure.copies_cleared`` is False and the log is emptied at a later checkpoint).
         """
         key = email_key(address)
         now = _now()
         with self._lock:
-            self._conn.execute("PRAGMA secure_delete = ON")
             try:
                 with self._transaction() as conn:
                     row = conn.execute(
@@ -1876,7 +1879,9 @@ class Store:
                             "SELECT count(*) FROM deliveries WHERE subscriber_id = ?", (sid,)
                         ).fetchone()
                         (consents,) = conn.execute(
-                            "SELECT count(*) FROM consents WHERE subscriber_id = ?", (sid,)
+                            "SELECT count(*) + (SELECT import_id IS NOT NULL FROM subscribers"
+                            " WHERE id = ?1) FROM consents WHERE subscriber_id = ?1",
+                            (sid,),
                         ).fetchone()
                         (theirs,) = conn.execute(
                             "SELECT count(*) FROM bounces WHERE subscriber_id = ?", (sid,)
@@ -1893,12 +1898,11 @@ class Store:
                         )
                     suppressed = _suppression(conn, key)
                     assert suppressed is not None
-                if self.path is not None:
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # Old versions of the pages live on in the write-ahead log until it is
+                # emptied: a checkpoint copies the new ones back and truncates it.
+                busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             except sqlite3.OperationalError as exc:
                 raise self._db_error(exc) from None
-            finally:
-                self._conn.execute("PRAGMA secure_delete = OFF")
         return Erasure(
             address=key,
             subscriber=row is not None,
@@ -1907,4 +1911,5 @@ class Store:
             bounces=bounces,
             consents=consents,
             suppression=suppressed,
+            copies_cleared=not busy,
         )
