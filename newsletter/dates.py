@@ -69,18 +69,26 @@ def _numeric(text: str) -> datetime | date | None:
 
 
 def _read(text: str) -> datetime | date:
-    if re.fullmatch(r"\d{9,10}", text):
-        return datetime.fromtimestamp(int(text), UTC)  # Unix seconds
-    if re.fullmatch(r"\d{4}-?\d{2}-?\d{2}", text):
-        return date.fromisoformat(text)
-    utc = _UTC_SUFFIX.search(text) is not None
-    bare = _UTC_SUFFIX.sub("", text)
+    if text.isdigit():
+        if len(text) == 8:
+            return date.fromisoformat(text)  # 20190304
+        if 9 <= len(text) <= 10:
+            return datetime.fromtimestamp(int(text), UTC)  # Unix seconds
+        raise ValueError("not a date this tool can read")
     try:
-        moment = datetime.fromisoformat(bare)
+        moment = datetime.fromisoformat(text)  # the common case, in C
     except ValueError:
         pass
     else:
-        return moment.replace(tzinfo=UTC) if utc and moment.tzinfo is None else moment
+        return moment.date() if len(text) == 10 else moment
+    text = " ".join(text.split())
+    utc = _UTC_SUFFIX.search(text) is not None
+    bare = _UTC_SUFFIX.sub("", text)
+    if utc:
+        try:
+            return datetime.fromisoformat(bare).replace(tzinfo=UTC)
+        except ValueError:
+            pass
     found = _numeric(bare)
     if found is not None:
         return found.replace(tzinfo=UTC) if utc and isinstance(found, datetime) else found
@@ -100,27 +108,45 @@ def _read(text: str) -> datetime | date:
     raise ValueError("not a date this tool can read")
 
 
-def parse_signup_date(text: str, *, now: datetime | None = None) -> str:
-    """The date ``text`` names, as ISO 8601 with the precision it had; ValueError saying why not.
+class SignupDates:
+    """Reads one file's sign-up dates: the plausible range is fixed once, and a date seen
+    before (lists repeat them) is not read again."""
 
-    A date alone stays a date (``2019-03-04``); a time without a zone stays without one
-    (we do not know it); a time with a zone is given in UTC. Dates before 1970 or after
-    tomorrow are not sign-up dates (a spreadsheet's zero date, a typo).
-    """
-    text = " ".join(text.split())
-    try:
-        found = _read(text)
-    except (ValueError, OverflowError, OSError) as exc:
-        message = str(exc)
-        if "day/month" in message:
-            raise ValueError(message) from None
-        raise ValueError("not a date this tool can read") from None
-    day = found.date() if isinstance(found, datetime) else found
-    latest = (now or datetime.now(UTC)).date() + timedelta(days=1)
-    if not date(EARLIEST_YEAR, 1, 1) <= day <= latest:
-        raise ValueError(f"{day.isoformat()} is not a plausible sign-up date")
-    if not isinstance(found, datetime):
-        return found.isoformat()
-    if found.tzinfo is not None:
-        found = found.astimezone(UTC)
-    return found.replace(microsecond=0).isoformat()
+    def __init__(self, now: datetime | None = None) -> None:
+        self.earliest = date(EARLIEST_YEAR, 1, 1)
+        self.latest = (now or datetime.now(UTC)).date() + timedelta(days=1)
+        self._seen: dict[str, str] = {}
+
+    def read(self, text: str) -> str:
+        """The date ``text`` names, as ISO 8601 with the precision it had; ValueError
+        saying why not. A date alone stays a date (``2019-03-04``); a time without a zone
+        stays without one (we do not know it); a time with a zone is given in UTC. Dates
+        before 1970 or after tomorrow are not sign-up dates (a spreadsheet's zero date,
+        a typo)."""
+        known = self._seen.get(text)
+        if known is not None:
+            return known
+        try:
+            found = _read(text.strip())
+        except (ValueError, OverflowError, OSError) as exc:
+            message = str(exc)
+            if "day/month" in message:
+                raise ValueError(message) from None
+            raise ValueError("not a date this tool can read") from None
+        day = found.date() if isinstance(found, datetime) else found
+        if not self.earliest <= day <= self.latest:
+            raise ValueError(f"{day.isoformat()} is not a plausible sign-up date")
+        if isinstance(found, datetime):
+            if found.tzinfo is not None:
+                found = found.astimezone(UTC)
+            result = found.replace(microsecond=0).isoformat()
+        else:
+            result = found.isoformat()
+        if len(self._seen) < 100_000:
+            self._seen[text] = result
+        return result
+
+
+def parse_signup_date(text: str, *, now: datetime | None = None) -> str:
+    """:meth:`SignupDates.read` for one date."""
+    return SignupDates(now).read(text)

@@ -41,7 +41,7 @@ from .addresses import (
     full_normalize,
     normalize_email,
 )
-from .dates import parse_signup_date
+from .dates import SignupDates
 from .errors import DeliveryError, StoreError
 from .migrations import MIGRATIONS, migrate
 from .models import (
@@ -790,6 +790,7 @@ class Store:
                 if key and key not in ignored and i not in date_cols
             ]
             width = len(header)
+            signup_dates = SignupDates()
             statuses = {s.value: s.value for s in Status} | _STATUS_SYNONYMS
 
             errors: list[RowError] = []
@@ -880,7 +881,7 @@ class Store:
                     )
                     if given_date:
                         try:
-                            signed_up = parse_signup_date(given_date)
+                            signed_up = signup_dates.read(given_date)
                         except ValueError as exc:
                             bad(
                                 line,
