@@ -48,6 +48,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2  # click's code for a usage error: unknown option, missing argument, bad value
 EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+ERASED = "(erased)"  # a bounce record's address after `subscribers erase` or `remove`
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -1263,7 +1264,8 @@ def status_command(ctx: Context, issue_ref: str) -> None:
         click.echo(f"Bounces: {len(bounced)}")
     for record in bounced:
         click.echo(
-            f"bounce {record.kind:<4} {record.status or '?':<7} {record.email}  {record.effect}"
+            f"bounce {record.kind:<4} {record.status or '?':<7} {record.email or ERASED}"
+            f"  {record.effect}"
         )
 
 
@@ -1395,6 +1397,6 @@ def bounces_list(ctx: Context, issue_ref: str | None, limit: int) -> None:
         when = (record.reported_at or record.recorded_at).strftime("%Y-%m-%d %H:%M")
         issue = record.issue_key or "-"
         click.echo(
-            f"{when}  {record.kind:<4}  {record.status or '?':<7}  {issue:<24}  {record.email}"
-            f"  {record.effect}"
+            f"{when}  {record.kind:<4}  {record.status or '?':<7}  {issue:<24}"
+            f"  {record.email or ERASED}  {record.effect}"
         )

@@ -35,12 +35,7 @@ from typing import Any, TextIO
 
 from email_validator import EmailNotValidError
 
-from .addresses import (
-    email_key,
-    fast_normalize,
-    full_normalize,
-    normalize_email,
-)
+from .addresses import email_key, fast_normalize, full_normalize, normalize_email
 from .dates import SignupDates
 from .errors import DeliveryError, StoreError
 from .migrations import MIGRATIONS, migrate
@@ -805,12 +800,9 @@ class Store:
                 if on_error is not None:
                     on_error(error)
 
-            # When anything is suppressed, each row's keyed hash is computed here (0.3 µs in
-            # this loop, three times that as an SQL function) and looked up in the merge.
             # Only the columns this file needs are bound: each one costs 0.2 µs a row.
             columns = ["line", "email_key", "email", "name", "fields", "status"]
             columns += ["signed_up"] if date_cols else []
-
             insert = (
                 f"INSERT INTO import_rows ({', '.join(columns)})"
                 f" VALUES ({', '.join('?' * len(columns))}) ON CONFLICT (email_key) DO UPDATE SET"

@@ -267,6 +267,7 @@ def test_erase_leaves_only_the_hash_and_counts(workspace: Path) -> None:
     assert after.stdout.splitlines()[0] == before.stdout.splitlines()[0]
     assert "  sent             2" in after.stdout.splitlines()
     assert "(1 of these were erased or removed since: only their counts are kept)" in after.stdout
+    assert "bounce soft 4.2.2   (erased)  soft bounce 1 of 3" in after.stdout
     # An old file does not bring her back; `show` says only that she is suppressed.
     again = cli(workspace, "subscribers", "import", str(csv_file))
     assert "0 added" in again.stdout and "1 suppressed" in again.stdout
