@@ -7,7 +7,9 @@ ASCII addresses that a large import is made of.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -119,3 +121,38 @@ def organisational_domain(domain: str) -> str:
     name = domain.strip().lower().rstrip(".")
     found: str = _public_suffixes()(name).top_domain_under_public_suffix
     return found or name
+
+
+# --- suppression ----------------------------------------------------------------------------
+
+SUPPRESSION_KEY_BYTES = 32
+SUPPRESSION_HASH_BYTES = 16
+_hashers: dict[bytes, Callable[[str], bytes]] = {}
+
+
+def suppression_hasher(key: bytes) -> Callable[[str], bytes]:
+    """The keyed hash suppression entries are stored under, for one database's ``key``.
+
+    BLAKE2b in its keyed mode (a MAC) over :func:`email_key`'s form of the address, 16
+    bytes. Keyed, so the entries are no list of addresses: a plain hash of a guessed
+    address matches nothing without the key. Fast (0.3 µs, 0.7 µs as an SQL function:
+    the keyed state is made once), because an import hashes every new row.
+    """
+    base = hashlib.blake2b(key=key, digest_size=SUPPRESSION_HASH_BYTES)
+
+    def digest(address_key: str) -> bytes:
+        hasher = base.copy()
+        hasher.update(address_key.encode("utf-8"))
+        return hasher.digest()
+
+    return digest
+
+
+def suppression_hash(key: bytes, address_key: str) -> bytes:
+    """:func:`suppression_hasher`'s hash of one address (also the SQL function)."""
+    hasher = _hashers.get(key)
+    if hasher is None:
+        if len(_hashers) > 16:
+            _hashers.clear()
+        hasher = _hashers[key] = suppression_hasher(key)
+    return hasher(address_key)

@@ -34,7 +34,7 @@ from .config import Config
 from .content import Issue
 from .errors import ConfigError, NewsletterError, PreviewError
 from .files import atomic_open_text
-from .models import DeliveryState, RowError, Status
+from .models import DeliveryState, PersonRecord, RowError, Status
 
 if TYPE_CHECKING:  # names for annotations only: a command imports the module itself
     from .delivery import DeliveryReport
@@ -49,6 +49,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2  # click's code for a usage error: unknown option, missing argument, bad value
 EXIT_DEFERRED = 75  # EX_TEMPFAIL: some recipients are left for the next run
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+ERASED = "(erased)"  # a bounce record's address after `subscribers erase` or `remove`
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -758,8 +759,10 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     """Import subscribers from a CSV file (columns: email, name, any others become fields).
 
     Every bad row is reported as FILE:LINE; the good rows are imported all at once.
-    Nobody who unsubscribed, bounced or complained is reactivated. Exits 1 when the
-    file itself is unusable, or when it has bad rows and no good one.
+    Nobody who unsubscribed, bounced or complained is reactivated, and nobody who left
+    or was removed is added back (suppressed). A sign-up date column (signup_date,
+    created_at, optin_time, Date Added...) is kept as consent, with the file and line.
+    Exits 1 when the file itself is unusable, or when it has bad rows and no good one.
     """
 
     def on_error(error: RowError) -> None:
@@ -770,9 +773,10 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     click.echo(
         f"{file}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.skipped_inactive} left alone (unsubscribed, bounced or complained), "
+        f"{report.suppressed} suppressed (left before: not added back), "
         f"{report.duplicates} duplicate rows merged, {report.error_count} bad rows."
     )
-    if report.error_count and not report.imported and not report.skipped_inactive:
+    if report.error_count and not (report.imported or report.skipped_inactive or report.suppressed):
         fail(f"{file}: no row could be imported")
 
 
@@ -866,6 +870,106 @@ def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> N
         with atomic_open_text(file, newline="") as handle:
             count = store.export_csv(handle, wanted)
     click.echo(f"Wrote {count} subscribers to {file}.", err=True)
+
+
+def _person(store: Store, email: str) -> PersonRecord:
+    record = store.person(email)
+    if record is None:
+        fail(
+            f"nothing is held about {email.strip()}: not on the list, not suppressed,"
+            " no bounce recorded; check the spelling"
+        )
+    return record
+
+
+@subscribers_group.command("show")
+@click.argument("email")
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON (as export-person).")
+@pass_ctx
+def subscribers_show(ctx: Context, email: str, as_json: bool) -> None:
+    """Show one person: status, fields, consent, history, deliveries and bounces.
+
+    Works for an address no longer on the list too: its suppression and any bounce
+    recorded for it.
+    """
+    from . import privacy
+
+    with _open_store(ctx) as store:
+        record = _person(store, email)
+    if as_json:
+        click.echo(json.dumps(privacy.person_document(record), indent=2, ensure_ascii=False))
+        return
+    for line in privacy.describe(record):
+        click.echo(line)
+
+
+@subscribers_group.command("export-person")
+@click.argument("email")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the JSON to FILE (replaced atomically) instead of standard output.",
+)
+@pass_ctx
+def subscribers_export_person(ctx: Context, email: str, out: Path | None) -> None:
+    """Everything held about one person, as JSON: the answer to an access request.
+
+    The subscriber row and fields, consent, status history, every delivery with its
+    Message-ID, bounces, an open confirmation and the suppression entry.
+    """
+    from . import privacy
+
+    if out is not None and not out.parent.is_dir():
+        fail(f"{out}: the folder {out.parent} does not exist; create it or fix the path")
+    with _open_store(ctx) as store:
+        record = _person(store, email)
+    text = json.dumps(privacy.person_document(record), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    with atomic_open_text(out) as handle:
+        handle.write(text)
+    click.echo(f"Wrote everything held about {record.address} to {out}.", err=True)
+
+
+@subscribers_group.command("erase")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Erase without asking.")
+@pass_ctx
+def subscribers_erase(ctx: Context, email: str, yes: bool) -> None:
+    """Delete everything held about one person: the answer to an erasure request.
+
+    Their row, fields, consent, history and ledger rows go (old issues keep the counts);
+    bounce records lose the address. Only a keyed hash of the address stays, so that
+    no import adds them back. Asks first, unless --yes.
+    """
+    from . import privacy
+
+    with _open_store(ctx) as store:
+        record = _person(store, email)
+        if not yes:
+            if not stdin_is_terminal():
+                fail(
+                    "not erasing: there is no terminal to confirm with (input is piped or"
+                    " absent); run it in a terminal, or add --yes to erase without asking"
+                )
+            for line in privacy.describe(record):
+                click.echo(line)
+            try:
+                confirmed = click.confirm(
+                    f"Erase everything held about {record.address}? This cannot be undone",
+                    default=False,
+                )
+            except click.Abort:
+                confirmed = False
+                click.echo()
+            if not confirmed:
+                click.echo("Nothing erased.")
+                sys.exit(EXIT_FAILURE)
+        erased = store.erase_person(email)
+    click.echo(privacy.describe_erasure(erased))
 
 
 @subscribers_group.command("count")
@@ -1326,21 +1430,29 @@ def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
                 sys.exit(EXIT_FAILURE)
             return
         counts = store.ledger_counts(issue_item.slug)
+        erased = store.erased_counts(issue_item.slug)
         problems = store.ledger_problems(issue_item.slug)
         bounced = store.bounces_for_issue(issue_item.slug)
     click.echo(
-        f"Issue {issue_item.number} ({issue_item.slug}): {snapshot.recipients} recipients, "
+        f"Issue {issue_item.number} ({issue_item.slug}): "
+        f"{snapshot.recipients + sum(erased.values())} recipients, "
         f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
     )
     for state, number in counts.items():
-        click.echo(f"  {state:<10}{number:>8}")
+        click.echo(f"  {state:<10}{number + erased.get(state, 0):>8}")
+    if erased:
+        click.echo(
+            f"  ({sum(erased.values())} of these were erased or removed since:"
+            " only their counts are kept)"
+        )
     for entry in problems:
         click.echo(f"{entry.state:<9} {entry.email}  attempts {entry.attempts}  {entry.last_reply}")
     if bounced:
         click.echo(f"Bounces: {len(bounced)}")
     for record in bounced:
         click.echo(
-            f"bounce {record.kind:<4} {record.status or '?':<7} {record.email}  {record.effect}"
+            f"bounce {record.kind:<4} {record.status or '?':<7} {record.email or ERASED}"
+            f"  {record.effect}"
         )
 
 
@@ -1613,6 +1725,6 @@ def bounces_list(ctx: Context, issue_ref: str | None, limit: int) -> None:
         when = (record.reported_at or record.recorded_at).strftime("%Y-%m-%d %H:%M")
         issue = record.issue_key or "-"
         click.echo(
-            f"{when}  {record.kind:<4}  {record.status or '?':<7}  {issue:<24}  {record.email}"
-            f"  {record.effect}"
+            f"{when}  {record.kind:<4}  {record.status or '?':<7}  {issue:<24}"
+            f"  {record.email or ERASED}  {record.effect}"
         )

@@ -88,7 +88,7 @@ class RowError:
 @dataclass(frozen=True)
 class ImportReport:
     """What an import did. ``rows`` = added + updated + unchanged + skipped_inactive
-    + duplicates + error_count."""
+    + suppressed + duplicates + error_count."""
 
     path: Path
     rows: int
@@ -99,6 +99,7 @@ class ImportReport:
     duplicates: int  # rows merged into an earlier row of the same file
     error_count: int
     errors: tuple[RowError, ...]  # the first store.MAX_KEPT_ROW_ERRORS of them
+    suppressed: int = 0  # new to the list but suppressed (they left before): not added
 
     @property
     def imported(self) -> int:
@@ -265,3 +266,66 @@ class ScheduleEntry:
     last_error: str
     not_before: datetime | None  # after a failed attempt, not tried again before this
     updated_at: datetime
+
+
+# --- suppression, consent, and what we hold about one person --------------------------------
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """An address that must never be added back but by its owner's own double opt-in.
+
+    Stored as a keyed hash of the address, so it outlives the subscriber's deletion
+    without keeping the address itself.
+    """
+
+    reason: str  # unsubscribed, bounced, complained, removed or erased
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Consent:
+    """How a subscriber came to be on the list: the evidence of their consent."""
+
+    source: str  # "form" (double opt-in), "import", "added" (by the editor)
+    origin: str  # form: the page it was on; import: "FILE:LINE" (the file's name); else ""
+    recorded_at: datetime  # form: the request; import and add: when it was recorded
+    signed_up: str  # import: the original sign-up date from the file (ISO 8601), else ""
+    confirmed_at: datetime | None  # form: the confirming click
+
+
+@dataclass(frozen=True)
+class PendingConfirmation:
+    """An open double opt-in request: a confirmation email is out."""
+
+    requested_at: datetime
+    sent_at: datetime
+    sends: int
+
+
+@dataclass(frozen=True)
+class PersonRecord:
+    """Everything the database holds about one address (an access request's answer)."""
+
+    address: str  # the normalised address asked about
+    subscriber: Subscriber | None  # None: not (or no longer) on the list
+    suppression: Suppression | None
+    consents: tuple[Consent, ...]
+    events: tuple[SubscriberEvent, ...]
+    deliveries: tuple[LedgerEntry, ...]
+    bounces: tuple[BounceRecord, ...]
+    confirmation: PendingConfirmation | None
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What `subscribers erase` deleted; only the suppression entry and counts are kept."""
+
+    address: str
+    subscriber: bool  # a subscriber row was deleted
+    events: int
+    deliveries: int  # ledger rows deleted (their counts kept per issue and state)
+    bounces: int  # bounce records stripped of the address and diagnostic (counts kept)
+    consents: int
+    suppression: Suppression
+    copies_cleared: bool  # the write-ahead log was emptied (False: another process reads)

@@ -325,6 +325,21 @@ def _clean_name(value: str) -> str:
     return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", value).split())[:MAX_NAME]
 
 
+MAX_PAGE = 200  # characters of the form's page kept with a subscriber's consent
+
+
+def _form_page(referer: str | None, posted_to: str) -> str:
+    """The page a subscribe form was on, for the consent record: the Referer's path when
+    one was sent (no host, query or fragment: a query may carry tokens or addresses),
+    else the path the form was posted to. Printable, one line, bounded; never an IP."""
+    path = ""
+    if referer:
+        with contextlib.suppress(ValueError):
+            path = urlsplit(referer[:2048]).path
+    path = re.sub(r"[^\x21-\x7e]", "", path or posted_to)
+    return path[:MAX_PAGE] or "/"
+
+
 def create_app(
     config: Config,
     store_path: Path | str | None = None,
@@ -496,7 +511,7 @@ def create_app(
             if pruned:
                 LOG.info("pruned %d unconfirmed subscribers older than %s", pruned, ttl)
 
-    def send_confirmation(address: str, name: str) -> None:
+    def send_confirmation(address: str, name: str, form_page: str) -> None:
         """Record a subscribe request and send its confirmation email (a background job).
 
         A reservation that cannot be used (a limit, a refusal, a failure) is released,
@@ -506,7 +521,11 @@ def create_app(
         try:
             with writing:
                 wanted = db().request_confirmation(
-                    address, name, resend_after=resend_after, reason="subscribe-form"
+                    address,
+                    name,
+                    resend_after=resend_after,
+                    reason="subscribe-form",
+                    page=form_page,
                 )
         except StoreError as exc:
             LOG.error("subscribe request not recorded: %s", exc)
@@ -624,10 +643,11 @@ def create_app(
         # The job starts once the answer is written (or after a second), so that its
         # work, which depends on the address, cannot slow the answer down.
         answered = threading.Event()
+        form_page = _form_page(request.headers.get("Referer"), request.path)
 
         def job() -> None:
             answered.wait(1.0)
-            send_confirmation(address, name)
+            send_confirmation(address, name, form_page)
 
         if not mail.submit(job):
             LOG.warning("confirmation queue full: a subscribe request was dropped")

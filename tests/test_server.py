@@ -811,3 +811,51 @@ def test_a_token_whose_id_now_names_someone_else_changes_nothing(service: Servic
     assert service.request("POST", f"/u/{own}", b"List-Unsubscribe=One-Click", FORM)[0] == 200
     after = service.store.get_subscriber(stranger.id)
     assert after is not None and after.status == Status.UNSUBSCRIBED
+
+
+# --- consent and suppression (issue 11) ---------------------------------------------------
+
+
+@pytest.mark.server
+def test_the_form_records_consent_and_the_click_completes_it(service: Service) -> None:
+    referer = f"{service.http.url}/about/join?email=reader@example.org&t=secret#form"
+    assert service.subscribe("page@example.org", Referer=referer)[0] == 200
+    assert service.subscribe("plain@example.org")[0] == 200
+    assert service.sink.wait_for(2)
+    pending = service.store.person("page@example.org")
+    assert pending is not None
+    (consent,) = pending.consents
+    # The page's path only: not the query (it can carry an address or a token), no IP.
+    assert (consent.source, consent.origin, consent.confirmed_at) == ("form", "/about/join", None)
+    assert abs(consent.recorded_at - datetime.now(UTC)) < timedelta(minutes=1)
+    plain = service.store.person("plain@example.org")
+    assert plain is not None and [c.origin for c in plain.consents] == ["/subscribe"]
+    message = next(m for m in service.messages() if m["To"] == "page@example.org")
+    path = urlsplit(confirmation_link(message)).path.removeprefix("/gazette")
+    assert service.request("POST", path, {"confirm": "yes"})[0] == 200
+    confirmed = service.store.person("page@example.org")
+    assert confirmed is not None
+    (consent,) = confirmed.consents
+    assert consent.confirmed_at is not None and consent.confirmed_at >= consent.recorded_at
+
+
+@pytest.mark.server
+def test_only_the_persons_confirmation_brings_a_removed_address_back(
+    service: Service, tmp_path: Path
+) -> None:
+    reader = service.store.add_subscriber("removed@example.org", "Rae")
+    send_issue(service.store, ISSUE)
+    service.store.set_status(reader.id, Status.BOUNCED, "bounce-hard", "5.1.1")
+    service.store.remove_subscriber(reader.id, force=True)
+    old_list = tmp_path / "old.csv"
+    old_list.write_text("email,name\nremoved@example.org,Rae\n", encoding="utf-8")
+    assert service.store.import_csv(old_list).suppressed == 1
+    # Their own request and click lift it.
+    assert service.subscribe("removed@example.org")[0] == 200
+    assert service.sink.wait_for(1)
+    path = urlsplit(confirmation_link(service.messages()[0])).path.removeprefix("/gazette")
+    assert service.store.suppression("removed@example.org") is not None  # not before the click
+    assert service.request("POST", path, {"confirm": "yes"})[0] == 200
+    back = service.store.get_subscriber("removed@example.org")
+    assert back is not None and back.status == Status.ACTIVE
+    assert service.store.suppression("removed@example.org") is None

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from newsletter.config import Config, DeliverySettings
-from newsletter.models import DeliveryState, Status
+from newsletter.feedback import FeedbackKind
+from newsletter.models import BounceKind, DeliveryState, FeedbackAction, FeedbackItem, Status
 from newsletter.store import Store
 from tests.support import EXAMPLE_SLUG, REPO
 from tests.support.smtp_server import Received, SmtpTestServer
@@ -81,3 +82,32 @@ def with_state(store: Store, state: DeliveryState, issue_key: str = EXAMPLE_SLUG
 def nonzero(counts: dict[DeliveryState, int]) -> dict[str, int]:
     """Ledger counts without the zeros, keyed by name, for readable asserts."""
     return {state.value: n for state, n in counts.items() if n}
+
+
+def record_bounce(
+    store: Store,
+    email: str,
+    kind: BounceKind,
+    status: str,
+    diagnostic: str,
+    *,
+    key: str,
+    issue_key: str = "",
+    soft_limit: int = 3,
+) -> None:
+    """A checked bounce for the subscriber at ``email``, applied as the inbox applies one
+    (``email`` may differ in case: the address the report named)."""
+    subscriber = store.get_subscriber(email)
+    assert subscriber is not None, email
+    hard = kind == BounceKind.HARD
+    action = FeedbackAction(
+        kind=FeedbackKind.HARD_BOUNCE if hard else FeedbackKind.SOFT_BOUNCE,
+        subscriber_id=subscriber.id,
+        email=email,
+        issue_key=issue_key,
+        reason="bounce-hard" if hard else "bounce-soft",
+        detail=f"test {key}",
+        status=status,
+        diagnostic=diagnostic,
+    )
+    store.record_feedback([FeedbackItem(key, "test", "applied", (action,))], soft_limit=soft_limit)
