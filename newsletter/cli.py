@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # names for annotations only: a command imports the module it
     from .bounces import BounceSummary
     from .delivery import DeliveryReport
     from .importers.sources import AddReport
+    from .segments import Segment
     from .store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -691,27 +692,115 @@ def subscribers_group() -> None:
 
 @subscribers_group.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--from",
+    "tool",
+    type=click.Choice(["mailchimp", "substack", "buttondown", "listmonk", "ghost"]),
+    default=None,
+    help="The file is that tool's export: its columns and statuses are read its way.",
+)
+@click.option(
+    "--map",
+    "column_map",
+    default=None,
+    metavar="OURS=THEIRS,...",
+    help='Name the columns of any other CSV, e.g. "email=Email Address,name=First Name".',
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Show the mapping and what would happen; write nothing."
+)
 @pass_ctx
-def subscribers_import(ctx: Context, file: Path) -> None:
-    """Import subscribers from a CSV file (columns: email, name, any others become fields).
+def subscribers_import(
+    ctx: Context, file: Path, tool: str | None, column_map: str | None, dry_run: bool
+) -> None:
+    """Import subscribers from a CSV file (columns: email, name, status, tags, created_at;
+    any others become fields), or another tool's export with --from or --map.
 
     Every bad row is reported as FILE:LINE; the good rows are imported all at once.
     Nobody who unsubscribed, bounced or complained is reactivated. Exits 1 when the
     file itself is unusable, or when it has bad rows and no good one.
     """
+    from . import presets
+
+    if tool is not None and column_map is not None:
+        raise click.UsageError("use --from or --map, not both")
+    mapping = presets.preset(tool) if tool is not None else None
+    if column_map is not None:
+        mapping = presets.parse_map(column_map)
+    shown: list[RowError] = []
 
     def on_error(error: RowError) -> None:
-        click.echo(f"{file}:{error.line}: {error.message}", err=True)
+        if not dry_run:
+            click.echo(f"{file}:{error.line}: {error.message}", err=True)
+        elif len(shown) < DRY_RUN_BAD_LINES:
+            shown.append(error)
 
     with _open_store(ctx) as store:
-        report = store.import_csv(file, on_error=on_error)
+        report = store.import_csv(file, on_error=on_error, mapping=mapping, dry_run=dry_run)
+    if report.mapping:
+        click.echo(f"Mapping ({mapping.name if mapping else 'plain'}):")
+        for line in report.mapping:
+            click.echo(f"  {line}")
+    per_status = ", ".join(f"{n} {status}" for status, n in report.new_by_status.items())
+    if dry_run:
+        click.echo(
+            f"{file}: would add {report.added} ({per_status or 'none'}), update"
+            f" {report.updated}, leave {report.unchanged} unchanged and"
+            f" {report.skipped_inactive} alone (unsubscribed, bounced or complained);"
+            f" {report.duplicates} duplicate rows, {report.error_count} bad rows."
+        )
+        for error in shown:
+            click.echo(f"{file}:{error.line}: {error.message}")
+        if report.error_count > len(shown):
+            click.echo(f"... and {report.error_count - len(shown)} more bad rows")
+        click.echo("Dry run: nothing was written.")
+        return
     click.echo(
-        f"{file}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{file}: {report.added} added"
+        + (f" ({per_status})" if per_status else "")
+        + f", {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.skipped_inactive} left alone (unsubscribed, bounced or complained), "
         f"{report.duplicates} duplicate rows merged, {report.error_count} bad rows."
     )
     if report.error_count and not report.imported and not report.skipped_inactive:
         fail(f"{file}: no row could be imported")
+
+
+DRY_RUN_BAD_LINES = 10  # the first bad lines `import --dry-run` shows
+
+
+@subscribers_group.command("tag")
+@click.argument("email")
+@click.argument("tags", nargs=-1, required=True)
+@pass_ctx
+def subscribers_tag(ctx: Context, email: str, tags: tuple[str, ...]) -> None:
+    """Add TAGS to a subscriber (recorded in their history)."""
+    with _open_store(ctx) as store:
+        added, _ = store.change_tags(email, add=tags, reason="tag", detail="cli")
+    click.echo(f"Tagged {email}: {', '.join(added)}." if added else f"{email} had those tags.")
+
+
+@subscribers_group.command("untag")
+@click.argument("email")
+@click.argument("tags", nargs=-1, required=True)
+@pass_ctx
+def subscribers_untag(ctx: Context, email: str, tags: tuple[str, ...]) -> None:
+    """Take TAGS off a subscriber (recorded in their history)."""
+    with _open_store(ctx) as store:
+        _, removed = store.change_tags(email, remove=tags, reason="untag", detail="cli")
+    click.echo(
+        f"Untagged {email}: {', '.join(removed)}." if removed else f"{email} had none of those."
+    )
+
+
+@subscribers_group.command("tags")
+@pass_ctx
+def subscribers_tags(ctx: Context) -> None:
+    """Print every tag with how many subscribers carry it."""
+    with _open_store(ctx) as store:
+        counts = store.tag_counts()
+    for tag, number in counts.items():
+        click.echo(f"{tag}\t{number}")
 
 
 @subscribers_group.command("add")
@@ -765,12 +854,27 @@ def subscribers_unsubscribe(ctx: Context, email: str) -> None:
 
 @subscribers_group.command("list")
 @click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
+@click.option("--tag", default=None, help="Only subscribers with this tag.")
+@click.option("--segment", default=None, help="Only subscribers in this [segments] entry.")
 @pass_ctx
-def subscribers_list(ctx: Context, status: str | None) -> None:
+def subscribers_list(
+    ctx: Context, status: str | None, tag: str | None, segment: str | None
+) -> None:
     """Print subscribers, one per line: email, status and name, tab-separated."""
+    cfg = ctx.config()
+    chosen = _segment(cfg, segment)
     with _open_store(ctx) as store:
-        for sub in store.list_subscribers(None if status is None else Status(status)):
+        for sub in store.list_subscribers(
+            None if status is None else Status(status), tag=tag, segment=chosen
+        ):
             click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
+
+
+def _segment(cfg: Config, name: str | None) -> Segment | None:
+    """The [segments] entry called ``name`` (None for none); an error names the known ones."""
+    from .segments import require_segment
+
+    return None if name is None else require_segment(cfg.segments, name)
 
 
 @subscribers_group.command("export")
@@ -793,14 +897,23 @@ def subscribers_export(ctx: Context, file: Path | None, status: str | None) -> N
 
 
 @subscribers_group.command("count")
+@click.option("--segment", default=None, help="Count only this [segments] entry.")
 @pass_ctx
-def subscribers_count(ctx: Context) -> None:
-    """Print how many subscribers have each status."""
+def subscribers_count(ctx: Context, segment: str | None) -> None:
+    """Print how many subscribers have each status (in a segment, with --segment)."""
+    cfg = ctx.config()
+    chosen = _segment(cfg, segment)
     with _open_store(ctx) as store:
-        counts = store.count_by_status()
+        if chosen is None:
+            counts = store.count_by_status()
+        else:
+            counts = {state: store.count(state, segment=chosen) for state in Status}
+        recipients = store.count_recipients(chosen) if chosen is not None else None
     for state, number in counts.items():
         click.echo(f"{state:<13}{number:>9}")
     click.echo(f"{'total':<13}{sum(counts.values()):>9}")
+    if recipients is not None:
+        click.echo(f"{'recipients':<13}{recipients:>9}  (active and not paused: a send's count)")
 
 
 # --- publishing ---

@@ -35,7 +35,7 @@ ARTICLE_FIELDS = (
     "summary",
     "bio",
 )
-ISSUE_FIELDS = ("number", "date", "title", "subject", "preheader", "articles")
+ISSUE_FIELDS = ("number", "date", "title", "subject", "preheader", "articles", "segment")
 SUBJECT_SEPARATOR = " | "
 _FENCE = "---"
 _MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -88,6 +88,7 @@ class Issue:
     articles: tuple[Article, ...]
     explicit_subject: str = ""
     intro_line: int = 1  # line of issue.md where the intro starts, for error messages
+    segment: str = ""  # the [segments] entry it goes to ("" = every active subscriber)
 
     @property
     def slug(self) -> str:
@@ -350,6 +351,7 @@ def read_issue(folder: Path) -> Issue:
         intro=intro.strip(),
         articles=tuple(articles),
         explicit_subject=_as_str(data.get("subject"), str(path), "subject"),
+        segment=_as_str(data.get("segment"), str(path), "segment").strip(),
         intro_line=intro_line + intro[: len(intro) - len(intro.lstrip())].count("\n"),
     )
 

@@ -39,10 +39,10 @@ from .models import (
     DeliveryResult,
     DeliveryState,
     LedgerEntry,
-    Status,
     Subscriber,
 )
 from .render import RenderedIssue
+from .segments import Segment
 from .store import Store
 from .transport import SendResult, Transport, WireReady, transport_from_config
 
@@ -63,6 +63,8 @@ class SendOptions:
     include_new: bool = False
     resend_uncertain: bool = False
     batch_size: int = 0  # rows claimed per transaction; 0 = chosen from connections and rate
+    # Only this [segments] entry; the first send records it and later ones must agree.
+    segment: Segment | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class SendPlan:
     message_size: int
     transport: str
     snapshot_fixed: bool
+    segment: str = ""  # the segment it goes to ("" = every active subscriber)
 
 
 def recipient_of(subscriber: Subscriber) -> Recipient:
@@ -237,11 +240,12 @@ class PreparedSend:
         """The numbers for the confirmation prompt, without changing anything."""
         store = self._store()
         key = self.issue_key
+        store.check_issue_segment(key, options.segment)  # before anyone is asked
         snapshot = store.issue_snapshot(key)
         counts = store.ledger_counts(key)
         # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
         uncertain = counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING]
-        new = store.count_new_subscribers(key)
+        new = store.count_new_subscribers(key, options.segment)
         if snapshot is None:
             pending = new
         else:
@@ -263,6 +267,7 @@ class PreparedSend:
             message_size=self.message_size(),
             transport=self.outbound.description,
             snapshot_fixed=snapshot is not None,
+            segment="" if options.segment is None else options.segment.name,
         )
 
     def run(
@@ -290,11 +295,13 @@ class PreparedSend:
             stop or threading.Event(),
         )
 
-    def dry_run(self, subscribers: Iterable[Subscriber] | None = None) -> DryRunReport:
-        """Build (and sign) every message, by default for every active subscriber,
-        without sending or recording anything."""
+    def dry_run(
+        self, subscribers: Iterable[Subscriber] | None = None, *, segment: Segment | None = None
+    ) -> DryRunReport:
+        """Build (and sign) every message, by default for everyone a send would go to now
+        (active, not paused, in ``segment``), without sending or recording anything."""
         if subscribers is None:
-            subscribers = self._store().list_subscribers(Status.ACTIVE)
+            subscribers = self._store().list_recipients(segment)
         started = time.monotonic()
         count = size = 0
         invalid: list[str] = []
@@ -503,6 +510,7 @@ def _send(
     batch = _batch_size(options, connections, rate)
     started = time.monotonic()
     with store.acquire_send_lock(key) as lock:
+        store.check_issue_segment(key, options.segment)
         counts = store.ledger_counts(key)
         maybe_work = (
             store.issue_snapshot(key) is None
@@ -524,7 +532,7 @@ def _send(
         try:
             if options.resend_uncertain:
                 store.resend_uncertain(key)
-            store.snapshot_recipients(key, include_new=options.include_new)
+            store.snapshot_recipients(key, include_new=options.include_new, segment=options.segment)
             counts = store.ledger_counts(key)
         except BaseException:
             if first is not None:

@@ -97,6 +97,10 @@ class ImportReport:
     duplicates: int  # rows merged into an earlier row of the same file
     error_count: int
     errors: tuple[RowError, ...]  # the first store.MAX_KEPT_ROW_ERRORS of them
+    # The new subscribers per status ("active": 120, "unsubscribed": 4, ...).
+    new_by_status: Mapping[str, int] = field(default_factory=dict)
+    mapping: tuple[str, ...] = ()  # how another tool's columns were read (--from, --map)
+    dry_run: bool = False  # nothing was written: the counts say what an import would do
 
     @property
     def imported(self) -> int:
