@@ -98,8 +98,9 @@ class SegmentSyntaxError(Exception):
 @dataclass(frozen=True)
 class _Token:
     kind: str  # word, string, prefix, op, lparen, rparen, end
-    text: str
+    text: str  # the value: a string without its quotes, a prefix without its colon
     position: int  # 1-based
+    raw: str = ""  # as written
 
 
 _TOKEN = re.compile(
@@ -132,7 +133,7 @@ def _tokens(text: str) -> list[_Token]:
                 value = re.sub(r"\\(.)", r"\1", value[1:-1])
             elif kind == "prefix":
                 value = value[:-1].lower()
-            out.append(_Token(kind, value, at + 1))
+            out.append(_Token(kind, value, at + 1, match.group()))
         at = match.end()
     out.append(_Token("end", "", len(text) + 1))
     return out
@@ -199,7 +200,7 @@ class _Parser:
         return False
 
     def fail(self, token: _Token, expected: str) -> SegmentSyntaxError:
-        found = "the end" if token.kind == "end" else repr(token.text)
+        found = "the end" if token.kind == "end" else repr(token.raw)
         return SegmentSyntaxError(token.position, f"expected {expected}, found {found}")
 
     def parse(self) -> Node:
