@@ -1092,6 +1092,13 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 @click.option(
     "--include-new", is_flag=True, help="Add subscribers who joined after this issue's first send."
 )
+@click.option(
+    "--segment",
+    "segment_name",
+    default=None,
+    metavar="NAME",
+    help="Send only to this [segments] entry (or set segment: in issue.md).",
+)
 @pass_ctx
 def send_command(
     ctx: Context,
@@ -1105,8 +1112,9 @@ def send_command(
     connections: int | None,
     resend_uncertain: bool,
     include_new: bool,
+    segment_name: str | None,
 ) -> None:
-    """Send ISSUE to every active subscriber, once; re-running resumes.
+    """Send ISSUE to every active subscriber (or a segment's), once; re-running resumes.
 
     Exit status: 0 when every recipient of this run was sent to, 1 when one
     failed or the run stopped, 75 when some were deferred for a later run.
@@ -1118,6 +1126,12 @@ def send_command(
     cfg = ctx.config()
     outbound = delivery.outbound_from_config(cfg)  # settings and DKIM key, before rendering
     issue_item = _issue(cfg, issue_ref)
+    if segment_name and issue_item.segment and segment_name != issue_item.segment:
+        fail(
+            f"{issue_item.path / content.ISSUE_FILE} says segment: {issue_item.segment};"
+            f" --segment {segment_name} disagrees: change one of them"
+        )
+    chosen = _segment(cfg, segment_name or issue_item.segment or None)
     rendered = render.render_issue(issue_item, cfg)
     if not dry_run and not test_addresses:
         publish.require_alt_text(rendered)  # before anything is recorded
@@ -1151,11 +1165,14 @@ def send_command(
         connections=connections,
         include_new=include_new,
         resend_uncertain=resend_uncertain,
+        segment=chosen,
     )
     with _open_store(ctx) as store:
         prepared = delivery.prepare_send(cfg, rendered, store, outbound=outbound)
         if dry_run:
-            dry = prepared.dry_run()
+            if chosen is not None:
+                click.echo(f"Segment:    {_describe_segment(chosen)}")
+            dry = prepared.dry_run(segment=chosen)
             for address in dry.invalid:
                 click.echo(f"cannot build a message for {address!r}", err=True)
             click.echo(
@@ -1166,6 +1183,8 @@ def send_command(
         plan = prepared.plan(options)
         click.echo(f"Subject:    {plan.subject}")
         click.echo(f"From:       {plan.sender}")
+        if chosen is not None:
+            click.echo(f"Segment:    {_describe_segment(chosen)}")
         click.echo(
             f"Recipients: {plan.recipients}"
             + (f" (already sent: {plan.already_sent})" if plan.already_sent else "")
@@ -1239,6 +1258,10 @@ def send_command(
         sys.exit(EXIT_DEFERRED)
 
 
+def _describe_segment(segment: Segment) -> str:
+    return f"{segment.name} ({segment.expression}; active subscribers who have not paused)"
+
+
 @main.command("status")
 @click.argument("issue_ref", metavar="ISSUE")
 @pass_ctx
@@ -1254,9 +1277,11 @@ def status_command(ctx: Context, issue_ref: str) -> None:
         counts = store.ledger_counts(issue_item.slug)
         problems = store.ledger_problems(issue_item.slug)
         bounced = store.bounces_for_issue(issue_item.slug)
+        segment = store.issue_segment(issue_item.slug)
     click.echo(
-        f"Issue {issue_item.number} ({issue_item.slug}): {snapshot.recipients} recipients, "
-        f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
+        f"Issue {issue_item.number} ({issue_item.slug}): {snapshot.recipients} recipients"
+        + (f" in segment {segment}" if segment else "")
+        + f", fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
     )
     for state, number in counts.items():
         click.echo(f"  {state:<10}{number:>8}")
