@@ -219,6 +219,11 @@ class PublicUrls:
         return f"{self.base}/confirm"
 
     @property
+    def preferences(self) -> str:
+        """The reader's preferences page (topics, pause): ``base/p/TOKEN``."""
+        return f"{self.base}/p"
+
+    @property
     def path_prefix(self) -> str:
         """The base's path ("/newsletter"; "" at a domain's root), as a proxy may keep it."""
         from urllib.parse import urlsplit

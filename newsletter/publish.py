@@ -47,7 +47,9 @@ EXPORT_MARKER = ".newsletter-archive"  # marks a folder `publish --to` may repla
 HEADLINES = 4  # lead headlines shown per issue on the index page
 DESCRIPTION_CHARS = 200
 # Names the service answers itself: an issue folder may not be published under them.
-RESERVED = frozenset({"u", "subscribe", "confirm", "healthz", "archive", FEED_FILE, INDEX_FILE})
+RESERVED = frozenset(
+    {"u", "p", "subscribe", "confirm", "healthz", "archive", FEED_FILE, INDEX_FILE}
+)
 
 
 class PublishError(NewsletterError):
