@@ -896,6 +896,14 @@ username = ""
 [unsubscribe]
 # The https link is base_url + "/u" (answered by `newsletter serve`); add a mailto too:
 mailto = ""            # e.g. unsubscribe@example.org
+
+# Named filters for `newsletter send ISSUE --segment NAME` (README: Tags and segments):
+# [segments]
+# europe = "tag:europe and not tag:harbours"
+
+# What readers may choose on their preferences page (the link in every footer):
+# [preferences]
+# topics = {{ europe = "News from Europe", harbours = "Harbours and ferries" }}
 """
 
 

@@ -862,6 +862,9 @@ class Store:
             created_i = lowered.index("created_at") if "created_at" in lowered else None
             consent_i = lowered.index("consent_at") if "consent_at" in lowered else None
             extra_i = header.index(EXTRA_FIELDS) if EXTRA_FIELDS in header else None
+            # created_at, then consent_at: the columns there are (usually none).
+            dated = [("created_at", created_i), ("consent_at", consent_i)]
+            dated = dated if created_i is not None or consent_i is not None else []
             ignored = {
                 "email",
                 "name",
@@ -935,7 +938,7 @@ class Store:
                         rows += 1
                         bad(line, str(exc))
                         continue
-                email = cell(row, email_i)
+                email = _restore(row[email_i].strip()) if email_i < len(row) else ""
                 if not email:
                     if any(value.strip() for value in row):
                         rows += 1
@@ -963,7 +966,11 @@ class Store:
                         )
                         continue
                     status = statuses.get(given, "active")
-                name = cell(row, name_i)
+                name = (
+                    _restore(row[name_i].strip())
+                    if name_i is not None and name_i < len(row)
+                    else ""
+                )
                 if len(name) > MAX_IMPORTED_NAME:
                     bad(line, f"the name has {len(name)} characters (at most {MAX_IMPORTED_NAME})")
                     continue
@@ -974,16 +981,18 @@ class Store:
                     except TagError as exc:
                         bad(line, f"tags: {exc.message}")
                         continue
-                moments = []
-                for label, index in (("created_at", created_i), ("consent_at", consent_i)):
-                    text = cell(row, index)
-                    try:
-                        moments.append(parse_moment(text) if text else "")
-                    except ValueError:
-                        bad(line, f"{label} {text!r} is not a date (use e.g. 2026-01-31)")
-                        break
-                if len(moments) < 2:
-                    continue
+                moments = ["", ""]
+                if dated:
+                    for n, (label, index) in enumerate(dated):
+                        text = cell(row, index)
+                        try:
+                            moments[n] = parse_moment(text) if text else ""
+                        except ValueError:
+                            bad(line, f"{label} {text!r} is not a date (use e.g. 2026-01-31)")
+                            moments = []
+                            break
+                    if not moments:
+                        continue
                 fields_json = "{}"
                 if field_cols or extra_i is not None:
                     values = {
@@ -1089,17 +1098,26 @@ class Store:
             (now,),
         ).rowcount
         before = conn.execute("SELECT coalesce(max(id), 0) FROM subscribers").fetchone()[0]
-        # Tags new to subscribers already in the list: one history line each.
-        conn.execute(
-            f"INSERT INTO {_EVENT_COLUMNS}"
-            " SELECT s.id, s.status, s.status, 'tag', ? || ': +' || group_concat(j.value, ' +'), ?"
-            " FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key,"
-            " json_each(i.tags) j"
-            f" WHERE i.tags <> '[]' AND s.status NOT IN ({inactive}) AND NOT EXISTS"
-            " (SELECT 1 FROM subscriber_tags t WHERE t.subscriber_id = s.id AND t.tag = j.value)"
-            " GROUP BY s.id ORDER BY s.id",
-            (detail, now),
+        tagged = bool(
+            conn.execute("SELECT 1 FROM import_rows WHERE tags <> '[]' LIMIT 1").fetchone()
         )
+        consented = bool(
+            conn.execute("SELECT 1 FROM import_rows WHERE consent_at <> '' LIMIT 1").fetchone()
+        )
+        # Tags new to subscribers already in the list: one history line each.
+        if tagged:
+            conn.execute(
+                f"INSERT INTO {_EVENT_COLUMNS}"
+                " SELECT s.id, s.status, s.status, 'tag',"
+                " ? || ': +' || group_concat(j.value, ' +'), ?"
+                " FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key,"
+                " json_each(i.tags) j"
+                f" WHERE i.tags <> '[]' AND s.status NOT IN ({inactive}) AND NOT EXISTS"
+                " (SELECT 1 FROM subscriber_tags t"
+                "  WHERE t.subscriber_id = s.id AND t.tag = j.value)"
+                " GROUP BY s.id ORDER BY s.id",
+                (detail, now),
+            )
         added = conn.execute(
             "INSERT INTO subscribers (email, email_key, name, fields, status, created_at,"
             " updated_at, status_changed_at)"
@@ -1110,14 +1128,15 @@ class Store:
             " ORDER BY i.line",
             (now,),
         ).rowcount
-        conn.execute(
-            "INSERT INTO subscriber_tags (subscriber_id, tag, added_at)"
-            " SELECT s.id, j.value, ? FROM import_rows i"
-            " JOIN subscribers s ON s.email_key = i.email_key, json_each(i.tags) j"
-            f" WHERE i.tags <> '[]' AND (s.id > ? OR s.status NOT IN ({inactive}))"
-            " ON CONFLICT DO NOTHING",
-            (now, before),
-        )
+        if tagged:
+            conn.execute(
+                "INSERT INTO subscriber_tags (subscriber_id, tag, added_at)"
+                " SELECT s.id, j.value, ? FROM import_rows i"
+                " JOIN subscribers s ON s.email_key = i.email_key, json_each(i.tags) j"
+                f" WHERE i.tags <> '[]' AND (s.id > ? OR s.status NOT IN ({inactive}))"
+                " ON CONFLICT DO NOTHING",
+                (now, before),
+            )
         # New ids are all above the old maximum: we hold the write lock.
         # One statement for all the subscribers the import added (it may be a million).
         conn.execute(
@@ -1126,13 +1145,15 @@ class Store:
             (detail, now, before),
         )
         # The consent an import carries (a confirmation time), in the new rows' history.
-        conn.execute(
-            f"INSERT INTO {_EVENT_COLUMNS}"
-            " SELECT s.id, s.status, s.status, 'consent', ? || ': confirmed ' || i.consent_at, ?"
-            " FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-            " WHERE s.id > ? AND i.consent_at <> '' ORDER BY s.id",
-            (detail, now, before),
-        )
+        if consented:
+            conn.execute(
+                f"INSERT INTO {_EVENT_COLUMNS}"
+                " SELECT s.id, s.status, s.status, 'consent',"
+                " ? || ': confirmed ' || i.consent_at, ?"
+                " FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+                " WHERE s.id > ? AND i.consent_at <> '' ORDER BY s.id",
+                (detail, now, before),
+            )
         new_by_status = dict(
             conn.execute(
                 "SELECT status, count(*) FROM subscribers WHERE id > ?"
