@@ -40,6 +40,7 @@ from .models import Status
 
 PAUSED = "paused"  # the tag a reader's "pause" sets: no send goes to them while it is there
 MAX_TAG = 64  # characters
+MAX_TAGS_IN_CELL = 100  # tags one CSV cell may carry: more is a mistake, not a subscriber
 TAG_SEPARATORS = re.compile(r"[,;]")
 _BAD_TAG_CHARS = re.compile(r"[\x00-\x1f\x7f\"]")
 MAX_EXPRESSION = 2000  # characters: a segment is a line in a config file
@@ -75,6 +76,11 @@ def split_tags(cell: str) -> list[str]:
         piece = piece.strip().strip('"').strip()
         if piece:
             out[normalize_tag(piece)] = None
+            if len(out) > MAX_TAGS_IN_CELL:
+                raise TagError(
+                    f"more than {MAX_TAGS_IN_CELL} tags in one cell",
+                    hint="is a column of something else read as tags?",
+                )
     return list(out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,30 @@ def test_cli_list_and_count_by_segment(tmp_path: Path) -> None:
         unknown.stderr
         == "Error: no segment 'asia' in [segments]; define it there, or use one of: europe\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[preferences]\ntopics = ["europe", "paused"]\n', "paused is the pause, not a topic"),
+        ('[preferences]\ntopics = "europe"\n', "topics must be a list of tags or a table"),
+        ('[preferences]\ntopics = ["a;b"]\n', "comma, semicolon"),
+        ("[preferences]\ncolour = 1\n", "unknown key 'colour' in [preferences]"),
+        ('[preferences]\npause = "no"\n', "pause must be true or false"),
+    ],
+)
+def test_preferences_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "newsletter.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        config.load(tmp_path, environ={})
+    assert str(info.value).startswith(f"{tmp_path / 'newsletter.toml'}:2: ")
+
+
+def test_preferences_topics_as_a_list_or_with_labels(tmp_path: Path) -> None:
+    path = tmp_path / "newsletter.toml"
+    path.write_text('[preferences]\ntopics = ["Europe", "harbours"]\npause = false\n')
+    prefs = config.load(tmp_path, environ={}).preferences
+    assert prefs.topics == (("europe", "Europe"), ("harbours", "harbours")) and not prefs.pause
+    path.write_text('[preferences.topics]\neurope = "News from  Europe"\n')
+    prefs = config.load(tmp_path, environ={}).preferences
+    assert prefs.topics == (("europe", "News from Europe"),) and prefs.pause

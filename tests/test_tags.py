@@ -36,6 +36,9 @@ def test_tags_are_normalised_and_bad_ones_refused() -> None:
     for bad in ("", "  ", "a,b", "a;b", 'say "x"', "bell\x07", "x" * 65):
         with pytest.raises(TagError):
             normalize_tag(bad)
+    assert len(split_tags(";".join(f"t{i}" for i in range(100)))) == 100
+    with pytest.raises(TagError, match="more than 100 tags"):
+        split_tags(";".join(f"t{i}" for i in range(101)))
 
 
 def test_tag_and_untag_change_only_what_differs_and_record_history(store: Store) -> None:
