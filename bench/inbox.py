@@ -7,7 +7,10 @@ over and over (each copy with its own Message-ID), plus one of each pathological
 (100,000 parts, 3,000 levels of nesting, 30,000 delivery-status blocks, 10 MB, the most
 lines and nesting the limits let through, a 7 MB bounce with an attachment, text that
 would make flufl.bounce's patterns backtrack). Then reads it back and times
-``inbox.classify`` on every message, one at a time.
+``inbox.classify`` on every message, one at a time; then the whole pipeline,
+``newsletter inbox import`` (classify, match against the ledger, apply: one transaction per
+message) into a fresh database whose ledger knows the corpus's Message-IDs, and the same
+import again (every message already processed).
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from newsletter.config import Config, Secrets
 from newsletter.inbox import DEFAULT_LIMITS, classify
+from newsletter.mailboxes import import_path
+from newsletter.models import DeliveryResult, DeliveryState
+from newsletter.store import Store
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "inbound"
 
@@ -123,6 +130,11 @@ def main() -> None:
             kinds[inbound.kind] += 1
             timings.append((elapsed, label, f"{inbound.kind}: {inbound.reason}"))
         box.close()
+        report(timings, kinds, total)
+        pipeline(path, Path(tmp))
+
+
+def report(timings: list[tuple[float, str, str]], kinds: Counter[str], total: float) -> None:
     ordinary = [t for t, label, _ in timings if label.endswith(".eml")]
     print(
         f"classify: {len(timings):,} messages in {total:.2f} s = {len(timings) / total:,.0f} msgs/s"
@@ -140,6 +152,46 @@ def main() -> None:
     print("slowest single messages:")
     for elapsed, label, what in sorted(timings, reverse=True)[:5]:
         print(f"  {elapsed * 1000:8.1f} ms  {label:<40} {what[:70]}")
+
+
+def ledger(store: Store) -> int:
+    """Subscribers and a sent issue for every recipient the corpus reports, with the
+    Message-ID it quotes: the corpus's reports then refer to messages we sent."""
+    sent: dict[str, str] = {}
+    for path in sorted(CORPUS.glob("*.eml")):
+        for item in classify(path.read_bytes()).feedback:
+            if item.recipient and item.message_ids and item.recipient.lower() not in sent:
+                sent[item.recipient.lower()] = item.message_ids[0]
+    for address in sent:
+        store.add_subscriber(address)
+    store.snapshot_recipients("001-bench")
+    with store.acquire_send_lock("001-bench"):
+        claimed = store.claim_batch("001-bench", "bench", len(sent))
+        store.record_results(
+            DeliveryResult(
+                "001-bench", c.subscriber.id, DeliveryState.SENT, "250", sent[c.subscriber.email]
+            )
+            for c in claimed
+        )
+    return len(sent)
+
+
+def pipeline(path: Path, folder: Path) -> None:
+    cfg = Config(root=folder, secrets=Secrets(secret_key="bench-secret-key-0123456789abcdef"))
+    with Store.open(folder / "bench.db") as store:
+        known = ledger(store)
+        for run in ("inbox import", "  again"):
+            start = time.perf_counter()
+            summary = import_path(store, cfg, path)
+            elapsed = time.perf_counter() - start
+            outcomes = ", ".join(f"{n:,} {o}" for o, n in summary.outcomes.most_common())
+            print(
+                f"{run}: {summary.messages:,} messages in {elapsed:.2f} s = "
+                f"{summary.messages / elapsed:,.0f} msgs/s ({outcomes})"
+            )
+            if summary.acted:
+                acted = ", ".join(f"{n:,} {k}" for k, n in summary.acted.most_common())
+                print(f"  acted on ({known} subscribers in the ledger): {acted}")
 
 
 if __name__ == "__main__":

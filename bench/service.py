@@ -14,7 +14,8 @@ Prints, all on 127.0.0.1 with waitress (8 threads) and a real SQLite file:
   addresses from one client, 50 +tag variants of one mailbox, and 400 addresses from 400
   clients behind a trusted proxy;
 - the archive page, first render and then cached;
-- bounce processing (detect + record) per second over an mbox of M messages.
+- bounce processing (classify, check against the ledger, apply) per second, over an mbox
+  of M messages.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from urllib.parse import urlencode
 
-from newsletter import bounces, config
+from newsletter import config, mailboxes
 from newsletter.models import DeliveryResult, DeliveryState
 from newsletter.server import create_app, mail_queue, start_server
 from newsletter.sink import RunningSink, start_sink
@@ -416,12 +417,13 @@ def main() -> None:
         box.close()
         with Store.open(cfg.db_path) as store:
             start = time.perf_counter()
-            summary = bounces.import_path(store, mbox_path, soft_limit=3)
+            summary = mailboxes.import_path(store, cfg, mbox_path)
             elapsed = time.perf_counter() - start
         print(
             f"bounce import: {summary.messages:,} messages in {elapsed:.2f} s = "
-            f"{summary.messages / elapsed:,.0f}/s ({summary.hard:,} hard, {summary.soft:,} soft, "
-            f"{summary.already_processed:,} duplicates skipped)"
+            f"{summary.messages / elapsed:,.0f}/s ("
+            + ", ".join(f"{n:,} {outcome}" for outcome, n in summary.outcomes.items())
+            + ")"
         )
 
 

@@ -37,9 +37,10 @@ from .files import atomic_open_text
 from .models import DeliveryState, RowError, Status
 
 if TYPE_CHECKING:  # names for annotations only: a command imports the module itself
-    from .bounces import BounceSummary
     from .delivery import DeliveryReport
     from .importers.sources import AddReport
+    from .mailboxes import InboxSummary
+    from .readers import FeedbackResult
     from .segments import Segment
     from .store import Store
 
@@ -1357,49 +1358,122 @@ def serve_command(ctx: Context, host: str | None, port: int | None) -> None:
     click.echo("Stopped.")
 
 
-def _print_bounce_summary(summary: BounceSummary) -> None:
-    for record in summary.records:
-        issue = f" issue {record.issue_key}" if record.issue_key else ""
-        click.echo(
-            f"{record.kind:<5} {record.status or '?':<7} {record.email}{issue}: {record.effect}"
+def _inbox_line(result: FeedbackResult) -> list[str]:
+    """What one message did, for the terminal: a line per report acted on, or why not."""
+    from .readers import Outcome
+
+    if result.outcome == Outcome.UNREADABLE:
+        return [f"unreadable  {result.name}: {result.reason}"]
+    lines = []
+    for decision in result.acted:
+        item, reference = decision.feedback, decision.reference
+        assert reference is not None
+        issue = f" issue {reference.issue_key}" if reference.issue_key else ""
+        named = item.recipient or reference.email
+        lines.append(
+            f"{item.kind.value:<12} {item.status or '-':<7} {named} -> {reference.email}{issue}"
+            f" (by {reference.by}): {decision.effect or 'would ' + decision.action}"
         )
+    if result.outcome == Outcome.UNMATCHED:
+        lines.append(f"unmatched   {result.name}: {result.reason}")
+    return lines
+
+
+def _print_inbox_summary(summary: InboxSummary, *, err: bool = False) -> None:
+    from .feedback import FeedbackKind
+    from .readers import Outcome
+
+    outcomes, acted = summary.outcomes, summary.acted
+    would = "would be " if summary.dry_run else ""
     click.echo(
-        f"{summary.messages} messages: {summary.hard} hard and {summary.soft} soft bounces, "
-        f"{summary.marked_bounced} subscribers marked bounced, "
-        f"{summary.unknown_addresses} unknown addresses, {summary.warnings_only} delay warnings, "
-        f"{summary.not_bounces} not bounces, {summary.already_processed} already processed."
+        f"{summary.messages} messages: {acted[FeedbackKind.HARD_BOUNCE]} hard and "
+        f"{acted[FeedbackKind.SOFT_BOUNCE]} soft bounces, {acted[FeedbackKind.COMPLAINT]} "
+        f"complaints and {acted[FeedbackKind.UNSUBSCRIBE]} unsubscribes {would}acted on; "
+        f"{outcomes[Outcome.UNMATCHED]} unmatched, {outcomes[Outcome.NO_ACTION]} with nothing"
+        f" to do, {outcomes[Outcome.IGNORED]} ignored, {outcomes[Outcome.UNREADABLE]}"
+        f" unreadable, {outcomes[Outcome.ALREADY_PROCESSED]} already processed.",
+        err=err,
     )
+    if not summary.dry_run:
+        click.echo(
+            f"Subscribers changed: {summary.marked_bounced} bounced, "
+            f"{summary.marked_complained} complained, {summary.unsubscribed} unsubscribed.",
+            err=err,
+        )
+    else:
+        click.echo("Dry run: nothing was changed.", err=err)
+
+
+def _inbox_printer(as_json: bool) -> Callable[[FeedbackResult], None]:
+    def show(result: FeedbackResult) -> None:
+        if as_json:
+            click.echo(json.dumps(result.as_json(), ensure_ascii=False, sort_keys=True))
+            return
+        for line in _inbox_line(result):
+            click.echo(line)
+
+    return show
+
+
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Say what each message would do; change nothing."
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="One JSON line per message (the summary: stderr)."
+)
+
+
+@main.group("inbox")
+def inbox_group() -> None:
+    """Read the bounce mailbox: bounces, complaints, unsubscribes (checked, then acted on)."""
+
+
+@inbox_group.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@dry_run_option
+@json_option
+@pass_ctx
+def inbox_import(ctx: Context, path: Path, dry_run: bool, as_json: bool) -> None:
+    """Process every message in PATH (an mbox file or a Maildir folder; it is not changed)."""
+    from . import mailboxes
+
+    cfg = ctx.config()
+    with _open_store(ctx) as store:
+        summary = mailboxes.import_path(
+            store, cfg, path, dry_run=dry_run, on_message=_inbox_printer(as_json)
+        )
+    _print_inbox_summary(summary, err=as_json)
+
+
+@inbox_group.command("fetch")
+@click.option("--all", "include_seen", is_flag=True, help="Also messages already marked read.")
+@dry_run_option
+@json_option
+@pass_ctx
+def inbox_fetch(ctx: Context, include_seen: bool, dry_run: bool, as_json: bool) -> None:
+    """Process new messages of the [bounces] IMAP folder and flag them read
+    (password: NEWSLETTER_IMAP_PASSWORD)."""
+    from . import mailboxes
+
+    cfg = ctx.config()
+    with _open_store(ctx) as store:
+        summary = mailboxes.fetch_imap(
+            store,
+            cfg,
+            include_seen=include_seen,
+            dry_run=dry_run,
+            on_message=_inbox_printer(as_json),
+        )
+    _print_inbox_summary(summary, err=as_json)
 
 
 @main.group("bounces")
 def bounces_group() -> None:
-    """Read bounce messages and mark bouncing subscribers."""
+    """The bounce mailbox (import and fetch are `inbox import` and `inbox fetch`)."""
 
 
-@bounces_group.command("import")
-@click.argument("path", type=click.Path(path_type=Path))
-@pass_ctx
-def bounces_import(ctx: Context, path: Path) -> None:
-    """Process the bounces in PATH (an mbox file or a Maildir folder; it is not changed)."""
-    from . import bounces
-
-    cfg = ctx.config()
-    with _open_store(ctx) as store:
-        summary = bounces.import_path(store, path, soft_limit=cfg.bounces.soft_limit)
-    _print_bounce_summary(summary)
-
-
-@bounces_group.command("fetch")
-@click.option("--all", "include_seen", is_flag=True, help="Also messages already marked read.")
-@pass_ctx
-def bounces_fetch(ctx: Context, include_seen: bool) -> None:
-    """Process new bounces from the [bounces] IMAP folder (password: NEWSLETTER_IMAP_PASSWORD)."""
-    from . import bounces
-
-    cfg = ctx.config()
-    with _open_store(ctx) as store:
-        summary = bounces.fetch_imap(store, cfg, include_seen=include_seen)
-    _print_bounce_summary(summary)
+bounces_group.add_command(inbox_import, "import")
+bounces_group.add_command(inbox_fetch, "fetch")
 
 
 @bounces_group.command("list")
@@ -1408,7 +1482,7 @@ def bounces_fetch(ctx: Context, include_seen: bool) -> None:
 @pass_ctx
 def bounces_list(ctx: Context, issue_ref: str | None, limit: int) -> None:
     """List recorded bounces: all (newest first), or those of ISSUE."""
-    from . import bounces
+    from . import mailboxes
 
     cfg = ctx.config()
     with _open_store(ctx) as store:
@@ -1416,7 +1490,7 @@ def bounces_list(ctx: Context, issue_ref: str | None, limit: int) -> None:
             records = store.list_bounces(limit)
         else:
             key = content.find_issue(cfg.issues_dir, issue_ref).name
-            records = bounces.bounces_for_issue(store, key)
+            records = mailboxes.bounces_for_issue(store, key)
     if not records:
         click.echo("No bounces recorded.")
     for record in records:

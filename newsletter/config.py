@@ -140,6 +140,14 @@ class BounceSettings:
     imap_username: str = ""
     imap_folder: str = "INBOX"
     imap_security: str = "ssl"  # ssl | starttls | none (none only for a loopback host)
+    # The envelope sender's address, e.g. "bounces@example.org": each copy then goes out
+    # from bounces+TOKEN@example.org (VERP), so a bounce names whom and which issue.
+    return_path: str = ""
+
+    @property
+    def verp_prefix(self) -> str:
+        """The local part before ``+TOKEN`` in the bounce address ("bounces" by default)."""
+        return self.return_path.rpartition("@")[0] or "bounces"
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,12 @@ class PreferencesSettings:
 # An SNS topic ARN: arn:aws[-partition]:sns:<region>:<12-digit account>:<topic name>.
 SNS_TOPIC_ARN_RE = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_.-]{1,256}")
 
+
+# The bounce address: a plain ASCII local part (no "+": VERP adds "+TOKEN") and a domain.
+RETURN_PATH_RE = re.compile(
+    r"[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+)*"
+    rf"@{_LABEL}(?:\.{_LABEL})+"
+)
 
 PLACEHOLDER_DOMAINS = ("example.org", "example.com", "example.net")
 
@@ -819,6 +833,12 @@ def _validate(config: Config, path: Path, text: str) -> None:
             "imap_security",
             f"[bounces] imap_security '{config.bounces.imap_security}' is not valid",
             "use ssl, starttls or none",
+        )
+    if config.bounces.return_path and not RETURN_PATH_RE.fullmatch(config.bounces.return_path):
+        fail(
+            "return_path",
+            f"[bounces] return_path '{config.bounces.return_path[:100]}' is not a plain address",
+            'write the bounce mailbox\'s address, e.g. "bounces@example.org" (no "+" in it)',
         )
     if config.fetch.timeout <= 0:
         fail("timeout", "[fetch] timeout must be more than 0 seconds", "set it to e.g. 20")

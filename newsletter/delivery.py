@@ -342,7 +342,7 @@ class PreparedSend:
                 except ValueError as exc:
                     out.append(SendResult(address, "failed", None, str(exc)))
                     continue
-                out.append(transport.send(template.envelope_from, address, outgoing.data))
+                out.append(transport.send(outgoing.envelope_from, address, outgoing.data))
         finally:
             transport.close()
         return out
@@ -446,7 +446,7 @@ def _worker(
                     results.put(_Outcome(item, None, note=f"not sent: {exc}", error=setup_error))
                     continue
             try:
-                result = transport.send(template.envelope_from, outgoing.recipient, data)
+                result = transport.send(outgoing.envelope_from, outgoing.recipient, data)
             except NewsletterError as exc:
                 # The transport's contract: raised only when the message certainly did not
                 # go out. Stop the run; this row goes back to the queue for the next one.

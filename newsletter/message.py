@@ -59,6 +59,7 @@ class OutgoingMessage:
     recipient: str
     message_id: str
     data: bytes
+    envelope_from: str = ""  # the MAIL FROM for this copy (VERP: bounces+TOKEN@domain)
 
 
 # A segment is literal bytes, or a (part, key) pair that is filled per recipient.
@@ -81,6 +82,8 @@ class MessageTemplate:
     # wherever it appears, and tests can recompute it.
     issued_at: int = field(default_factory=lambda: int(time.time()))
     sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)
+    # [bounces] return_path: each subscriber's copy goes out from PREFIX+TOKEN@domain.
+    return_path: str = ""
     preferences_url: str = ""  # base_url/p when `serve` answers there; "" leaves the link out
 
     @property
@@ -108,6 +111,24 @@ class MessageTemplate:
             f"{recipient.subscriber_id or recipient.email}:{address_fingerprint(recipient.email)}"
         )
         return self.signer.make(purpose, subject, self.issue_key, issued_at=self.issued_at)
+
+    def envelope_sender(self, recipient: Recipient) -> str:
+        """The envelope sender (MAIL FROM) of ``recipient``'s copy, where bounces go.
+
+        With ``return_path`` set, a subscriber's copy gets ``PREFIX+TOKEN@domain`` (VERP):
+        the token, signed, names the subscriber and the issue, so a bounce to it refers to
+        exactly one message we sent. The message's bytes do not change (the receiving
+        server writes the address as ``Return-Path``); this is one HMAC per recipient.
+        Proofs and samples (no subscriber id) go out from ``return_path`` itself.
+        """
+        if not self.return_path:
+            return self.envelope_from
+        subscriber_id = recipient.subscriber_id
+        if self.signer is None or not isinstance(subscriber_id, int):
+            return self.return_path
+        local, _, domain = self.return_path.rpartition("@")
+        token = self.signer.verp(subscriber_id, recipient.email, self.issue_key)
+        return f"{local}+{token}@{domain}"
 
     def personalise(self, recipient: Recipient, *, to: str | None = None) -> OutgoingMessage:
         """The finished message for one recipient: substitution, then signing if configured.
@@ -140,7 +161,12 @@ class MessageTemplate:
         data = b"".join(out)
         if self.sign is not None:
             data = self.sign(data)
-        return OutgoingMessage(recipient=recipient.email, message_id=message_id, data=data)
+        return OutgoingMessage(
+            recipient=recipient.email,
+            message_id=message_id,
+            data=data,
+            envelope_from=self.envelope_sender(recipient),
+        )
 
     def _header_value(
         self,
@@ -340,7 +366,12 @@ def prepare(
             where=str(config.path),
             hint="use an https URL (mail clients require it for one-click unsubscribe)",
         )
-    signer = TokenSigner(config.secrets.secret_key) if (unsub.url or unsub.mailto) else None
+    return_path = config.bounces.return_path
+    signer = (
+        TokenSigner(config.secrets.secret_key)
+        if (unsub.url or unsub.mailto or return_path)
+        else None
+    )
     subject = subject_prefix + rendered.subject
     boundary = f"===============nl{secrets.token_hex(12)}=="
     head: list[Segment] = [
@@ -383,7 +414,7 @@ def prepare(
     body.append(f"--{boundary}--\r\n".encode("ascii"))
     return MessageTemplate(
         segments=_merge_bytes([*head, *body]),
-        envelope_from=parseaddr(news.sender)[1],
+        envelope_from=return_path or parseaddr(news.sender)[1],
         subject=subject,
         sender_domain=config.sender_domain,
         unsubscribe_url=unsub.url,
@@ -391,6 +422,7 @@ def prepare(
         issue_key=rendered.issue.slug,
         signer=signer,
         sign=sign,
+        return_path=return_path,
         preferences_url=config.public_urls.preferences if unsub.url else "",
     )
 

@@ -110,7 +110,18 @@ MIGRATIONS: tuple[str, ...] = (
         changed_at TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
-    # 6: the audience: subscribers' tags (segments, reader preferences, pause), and the
+    # 6: Mailgun webhook tokens already used (a replayed request is refused until they
+    # expire), recorded in the transaction that applies the request's feedback.
+    """
+    CREATE TABLE webhook_tokens (
+        source TEXT NOT NULL,
+        token TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        PRIMARY KEY (source, token)
+    ) WITHOUT ROWID;
+    CREATE INDEX webhook_tokens_expiry ON webhook_tokens (expires_at);
+    """,
+    # 7: the audience: subscribers' tags (segments, reader preferences, pause), and the
     # segment an issue went to (its name and its filter as it read at the first send).
     """
     CREATE TABLE subscriber_tags (

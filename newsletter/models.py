@@ -12,6 +12,8 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
+from .feedback import FeedbackKind
+
 
 class Status(StrEnum):
     """A subscriber's status. Only ``active`` subscribers are sent to."""
@@ -179,18 +181,6 @@ class BounceKind(StrEnum):
 
 
 @dataclass(frozen=True)
-class Bounce:
-    """One recipient's failure, as a bounce message reports it."""
-
-    email: str
-    kind: BounceKind
-    status: str = ""  # RFC 3464 status code, e.g. "5.1.1"
-    diagnostic: str = ""  # e.g. "smtp; 550 5.1.1 <x@example.org>: user unknown"
-    original_message_id: str = ""  # Message-ID of the message that bounced, when quoted
-    reported_at: datetime | None = None  # when the reporting server gave up
-
-
-@dataclass(frozen=True)
 class BounceRecord:
     """A bounce as recorded, with what it did to the subscriber (``effect``)."""
 
@@ -216,3 +206,41 @@ class ConfirmationRequest:
     send: bool  # a confirmation email is due now (reserved: release it if sending fails)
     created: bool  # the address was new to the list
     previous_sent_at: datetime | None  # the reservation this request replaced
+
+
+@dataclass(frozen=True)
+class FeedbackAction:
+    """A checked bounce, complaint or unsubscribe: what to do to which subscriber.
+
+    Made only for feedback that refers to a message we sent to ``subscriber_id``
+    (see :mod:`newsletter.readers`); the store applies it.
+    """
+
+    kind: FeedbackKind  # HARD_BOUNCE, SOFT_BOUNCE, COMPLAINT or UNSUBSCRIBE
+    subscriber_id: int
+    email: str  # the address the report named (the subscriber's, or where they forward to)
+    issue_key: str  # "" when the report does not say which issue
+    reason: str  # the history's reason: bounce-hard, bounce-soft, complaint, mailto...
+    detail: str  # how it was matched and the mail's or event's id, for the history
+    status: str = ""  # RFC 3463 status, e.g. "5.1.1"
+    diagnostic: str = ""
+    reported_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One inbound mail or webhook event, processed once by ``key``, with its actions."""
+
+    key: str  # processed_messages.message_key
+    source: str  # "file bounces.mbox", "imap INBOX", "ses"...
+    outcome: str  # what it was, as processed_messages records it
+    actions: tuple[FeedbackAction, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplayToken:
+    """A webhook's single-use token (Mailgun), kept until ``expires_at``."""
+
+    source: str
+    token: str
+    expires_at: datetime

@@ -48,6 +48,7 @@ from .errors import (
     StoreError,
     TransportError,
 )
+from .hooks import enabled_providers, webhook_blueprint
 from .mailqueue import MailQueue
 from .message import to_field
 from .models import Status, Subscriber
@@ -63,6 +64,7 @@ from .tokens import (
     address_fingerprint,
 )
 from .transport import Transport
+from .webhooks import MAX_BODY_BYTES as MAX_WEBHOOK_BYTES
 
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"
@@ -74,6 +76,7 @@ MAIL_THREADS = 4
 MAIL_QUEUE_SIZE = 1000
 HOUSEKEEPING_SECONDS = 300  # pruning of stale pending rows and expired counters
 _EXTENSION = "newsletter"
+WEBHOOKS_CONFIG = "NEWSLETTER_WEBHOOKS"  # app.config: the providers whose route answers
 LOG = logging.getLogger("newsletter.server")
 
 # Our own pages load nothing from anywhere and post only to themselves.
@@ -329,6 +332,8 @@ def create_app(
     transport_factory: Callable[[], Transport] | None = None,
     mail_threads: int = MAIL_THREADS,
     mail_queue_size: int = MAIL_QUEUE_SIZE,
+    fetch_certificate: Callable[[str], bytes] | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> Flask:
     """The service's WSGI app for ``config``, on the database at ``store_path``.
 
@@ -337,7 +342,9 @@ def create_app(
     Needs NEWSLETTER_SECRET_KEY: the same key signs the unsubscribe links in the issues.
     Confirmation emails go out from ``mail_threads`` background threads, with at most
     ``mail_queue_size`` waiting; :func:`close_app` stops them (:class:`RunningService`
-    and :func:`serve_forever` do).
+    and :func:`serve_forever` do). The email services' webhooks (:mod:`.hooks`) fetch
+    SNS certificates with ``fetch_certificate`` and read the time from ``clock``
+    (defaults: verified https, the system clock).
     """
     signer = TokenSigner(config.secrets.secret_key)
     db_path = Path(store_path) if store_path is not None else config.db_path
@@ -787,6 +794,20 @@ def create_app(
         response.headers["Content-Security-Policy"] = ASSET_CSP
         return response
 
+    # -- the email services' webhooks: POST /hooks/<provider> ------------------------------
+
+    app.config[WEBHOOKS_CONFIG] = enabled_providers(config)
+    app.register_blueprint(
+        webhook_blueprint(
+            config,
+            db=db,
+            writing=writing,
+            proxies=proxies,
+            fetch_certificate=fetch_certificate,
+            clock=clock or (lambda: datetime.now(UTC)),
+        )
+    )
+
     # -- health and errors -----------------------------------------------------------------
 
     @app.get("/healthz")
@@ -948,8 +969,16 @@ SERVER_LIMITS: dict[str, Any] = {
 
 
 def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
-    """A waitress server bound to ``host:port`` (0 picks a free port); not yet running."""
+    """A waitress server bound to ``host:port`` (0 picks a free port); not yet running.
+
+    Request bodies are capped at 64 KB, or at the webhooks' 1 MB when one of them is
+    enabled (Flask still holds every other route to 64 KB).
+    """
     from waitress import create_server
+
+    limits = dict(SERVER_LIMITS)
+    if app.config.get(WEBHOOKS_CONFIG):
+        limits["max_request_body_size"] = max(MAX_WEBHOOK_BYTES, MAX_REQUEST_BYTES)
 
     _raise_file_limit(int(SERVER_LIMITS["connection_limit"]) + 100)
     try:
@@ -960,7 +989,7 @@ def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
             threads=threads,
             ident="newsletter",
             asyncore_loop_timeout=0.2,  # how soon stop() is noticed
-            **SERVER_LIMITS,
+            **limits,
         )
     except OSError as exc:
         raise ServiceError(

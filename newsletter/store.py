@@ -37,20 +37,23 @@ from email_validator import EmailNotValidError
 
 from .addresses import email_key, fast_normalize, full_normalize, normalize_email
 from .errors import DeliveryError, StoreError
+from .feedback import FeedbackKind
 from .migrations import MIGRATIONS, migrate
 from .models import (
     INACTIVE,
     PROBLEM_STATES,
-    Bounce,
     BounceKind,
     BounceRecord,
     ClaimedRecipient,
     ConfirmationRequest,
     DeliveryResult,
     DeliveryState,
+    FeedbackAction,
+    FeedbackItem,
     ImportReport,
     IssueSnapshot,
     LedgerEntry,
+    ReplayToken,
     RowError,
     SendLock,
     Status,
@@ -1723,114 +1726,12 @@ class Store:
                 raise self._db_error(exc) from None
 
     def is_processed(self, message_key: str) -> bool:
-        """True when a mail with this key (see :meth:`record_bounces`) was processed before."""
+        """True when a mail or event with this key (see :meth:`record_feedback`) was
+        processed before."""
         return (
             self._one("SELECT 1 FROM processed_messages WHERE message_key = ?", (message_key,))
             is not None
         )
-
-    def record_bounces(
-        self,
-        message_key: str,
-        bounces: Sequence[Bounce],
-        *,
-        source: str,
-        soft_limit: int,
-    ) -> list[BounceRecord] | None:
-        """Apply the bounces one mail reports, once: None if ``message_key`` was seen before.
-
-        The mail is marked processed in the same transaction, so a crash cannot count it
-        twice. Each bounce is matched to an issue (and, if the address is unknown, to a
-        subscriber) through the ledger's Message-ID. A hard bounce marks an active or
-        pending subscriber bounced; soft bounces are counted once per issue, and
-        ``soft_limit`` of them in a row (no issue delivered without a bounce between
-        them) mark the subscriber bounced. Status changes are subscriber events whose
-        detail has the DSN status, the issue and the date.
-        """
-        now = _now()
-        outcome = f"{len(bounces)} bounce(s)" if bounces else "not a bounce"
-        with self._transaction() as conn:
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO processed_messages"
-                " (message_key, source, outcome, processed_at) VALUES (?, ?, ?, ?)",
-                (message_key, source, outcome, now),
-            ).rowcount
-            if not inserted:
-                return None
-            ids = [
-                self._record_bounce(conn, message_key, bounce, len(bounces), soft_limit, now)
-                for bounce in bounces
-            ]
-            return [self._bounce_record(conn, bounce_id) for bounce_id in ids]
-
-    def _record_bounce(
-        self,
-        conn: sqlite3.Connection,
-        message_key: str,
-        bounce: Bounce,
-        in_message: int,
-        soft_limit: int,
-        now: str,
-    ) -> int:
-        issue_key = ""
-        subscriber_id: int | None = None
-        row = conn.execute(
-            "SELECT id FROM subscribers WHERE email_key = ?", (email_key(bounce.email),)
-        ).fetchone()
-        if row is not None:
-            subscriber_id = int(row[0])
-        found = _delivery_by_message_id(conn, bounce.original_message_id)
-        if found is not None:
-            issue_key = found[0]
-            # One message went to one subscriber: a forwarded address still finds them.
-            if subscriber_id is None and in_message == 1:
-                subscriber_id = found[1]
-        reported = _iso(bounce.reported_at) if bounce.reported_at is not None else None
-        when = (
-            (bounce.reported_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        )
-        about = f"{bounce.status or '?'} {bounce.diagnostic}".strip()
-        context = f"issue {issue_key}, " if issue_key else ""
-        counted = False
-        if subscriber_id is None:
-            effect = "no subscriber with this address"
-        elif bounce.kind == BounceKind.HARD:
-            changed = self._change_status(
-                conn,
-                subscriber_id,
-                Status.BOUNCED,
-                "bounce-hard",
-                f"{about} ({context}reported {when})",
-                now,
-                only_from=(Status.ACTIVE, Status.PENDING),
-            )
-            status = conn.execute(
-                "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
-            ).fetchone()[0]
-            effect = "marked bounced" if changed else f"no change (subscriber is {status})"
-        else:
-            counted, effect = self._count_soft_bounce(
-                conn, subscriber_id, issue_key, about, context, when, soft_limit, now
-            )
-        cursor = conn.execute(
-            "INSERT INTO bounces (message_key, subscriber_id, email, issue_key, kind, status,"
-            " diagnostic, counted, effect, reported_at, recorded_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                message_key,
-                subscriber_id,
-                bounce.email,
-                issue_key,
-                bounce.kind.value,
-                bounce.status,
-                bounce.diagnostic,
-                int(counted),
-                effect,
-                reported,
-                now,
-            ),
-        )
-        return int(cursor.lastrowid or 0)
 
     def _count_soft_bounce(
         self,
@@ -1945,3 +1846,162 @@ class Store:
             + ("" if limit is None else f" LIMIT {int(limit)}")
         )
         return [self._to_bounce_record(row) for row in rows]
+
+    # -- readers' feedback: inbound mail and webhooks ----------------------------------------
+
+    def sent_messages(self, subscriber_id: int) -> list[tuple[str, str]]:
+        """(issue_key, message_id) of each copy handed to a server for this subscriber
+        (at least one attempt), newest issue first; message_id is "" when none was recorded."""
+        rows = self._all(
+            "SELECT d.issue_key, d.message_id FROM deliveries d INDEXED BY deliveries_subscriber"
+            " JOIN issue_sends i ON i.issue_key = d.issue_key"
+            " WHERE d.subscriber_id = ? AND d.attempts > 0 ORDER BY i.snapshot_at DESC",
+            (subscriber_id,),
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    def webhook_token_seen(self, source: str, token: str, *, now: datetime | None = None) -> bool:
+        """True when this single-use webhook token was recorded and has not expired
+        (at ``now``: the time the request's signature was checked against)."""
+        row = self._one(
+            "SELECT 1 FROM webhook_tokens WHERE source = ? AND token = ? AND expires_at >= ?",
+            (source, token, _iso(now) if now is not None else _now()),
+        )
+        return row is not None
+
+    def record_feedback(
+        self,
+        items: Sequence[FeedbackItem],
+        *,
+        soft_limit: int,
+        replay: ReplayToken | None = None,
+        now: datetime | None = None,
+    ) -> list[tuple[str, ...] | None] | None:
+        """Apply checked feedback, each item once, all in one transaction.
+
+        Each item's key goes into processed_messages with its outcome; an item whose key
+        is there already changes nothing (None in its place). Otherwise each action's
+        effect is returned: a hard bounce marks an active or pending subscriber bounced,
+        a soft bounce is counted once per issue (``soft_limit`` in a row: bounced), a
+        complaint marks them complained and an unsubscribe unsubscribes them, each with a
+        history event; bounces are also kept in the bounces table. ``replay``, a webhook's
+        single-use token, is recorded first: if it is there already the request is a
+        replay, nothing changes and the result is None. ``now`` is the clock replay
+        tokens expire by (the one the request was checked with).
+        """
+        now_text = _now()
+        with self._transaction() as conn:
+            if replay is not None:
+                conn.execute(
+                    "DELETE FROM webhook_tokens WHERE expires_at < ?",
+                    (_iso(now) if now is not None else now_text,),
+                )
+                if not conn.execute(
+                    "INSERT OR IGNORE INTO webhook_tokens (source, token, expires_at)"
+                    " VALUES (?, ?, ?)",
+                    (replay.source, replay.token, _iso(replay.expires_at)),
+                ).rowcount:
+                    return None
+            results: list[tuple[str, ...] | None] = []
+            for item in items:
+                if not conn.execute(
+                    "INSERT OR IGNORE INTO processed_messages"
+                    " (message_key, source, outcome, processed_at) VALUES (?, ?, ?, ?)",
+                    (item.key, item.source, item.outcome[:500], now_text),
+                ).rowcount:
+                    results.append(None)
+                    continue
+                results.append(
+                    tuple(
+                        self._apply_feedback(conn, item.key, action, soft_limit, now_text)
+                        for action in item.actions
+                    )
+                )
+            return results
+
+    def _apply_feedback(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        action: FeedbackAction,
+        soft_limit: int,
+        now: str,
+    ) -> str:
+        """One checked action; returns what it did (the ``effect``)."""
+        row = conn.execute(
+            "SELECT status FROM subscribers WHERE id = ?", (action.subscriber_id,)
+        ).fetchone()
+        if row is None:
+            return "no change (the subscriber was deleted meanwhile)"
+        subscriber_id = action.subscriber_id
+        when = (
+            (action.reported_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        )
+        context = f"issue {action.issue_key}, " if action.issue_key else ""
+        about = f"{action.status or '?'} {action.diagnostic}".strip()
+        # The history's detail ends with how the report was matched and its id.
+        when_and_how = f"{when}; {action.detail}" if action.detail else when
+        kind = action.kind
+        if kind in (FeedbackKind.HARD_BOUNCE, FeedbackKind.SOFT_BOUNCE):
+            counted = False
+            if kind == FeedbackKind.HARD_BOUNCE:
+                changed = self._change_status(
+                    conn,
+                    subscriber_id,
+                    Status.BOUNCED,
+                    action.reason,
+                    f"{about} ({context}reported {when_and_how})",
+                    now,
+                    only_from=(Status.ACTIVE, Status.PENDING),
+                )
+                effect = "marked bounced" if changed else f"no change (subscriber is {row[0]})"
+            else:
+                counted, effect = self._count_soft_bounce(
+                    conn, subscriber_id, action.issue_key, about, context, when_and_how,
+                    soft_limit, now,
+                )  # fmt: skip
+            conn.execute(
+                "INSERT INTO bounces (message_key, subscriber_id, email, issue_key, kind, status,"
+                " diagnostic, counted, effect, reported_at, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    subscriber_id,
+                    action.email,
+                    action.issue_key,
+                    (
+                        BounceKind.HARD if kind == FeedbackKind.HARD_BOUNCE else BounceKind.SOFT
+                    ).value,
+                    action.status,
+                    action.diagnostic,
+                    int(counted),
+                    effect,
+                    None if action.reported_at is None else _iso(action.reported_at),
+                    now,
+                ),
+            )
+            return effect
+        detail = f"{action.diagnostic or kind.value} ({context}reported {when_and_how})"
+        if kind == FeedbackKind.COMPLAINT:
+            changed = self._change_status(
+                conn,
+                subscriber_id,
+                Status.COMPLAINED,
+                action.reason,
+                detail,
+                now,
+                only_from=(Status.ACTIVE, Status.PENDING, Status.BOUNCED, Status.UNSUBSCRIBED),
+            )
+            return "marked complained" if changed else f"no change (subscriber is {row[0]})"
+        if kind == FeedbackKind.UNSUBSCRIBE:
+            changed = self._change_status(
+                conn,
+                subscriber_id,
+                Status.UNSUBSCRIBED,
+                action.reason,
+                detail,
+                now,
+                only_from=(Status.ACTIVE, Status.PENDING, Status.BOUNCED),
+            )
+            return "unsubscribed" if changed else f"no change (subscriber is {row[0]})"
+        return f"no change ({kind.value} is never acted on)"

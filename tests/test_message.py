@@ -363,3 +363,31 @@ def test_sample_message_works_without_a_secret_key(
     parsed, text, markup = parse_message(data)
     assert parsed["To"] == "Sam Example <reader@example.org>"
     assert render.find_placeholders(text) == render.find_placeholders(markup) == []
+
+
+def test_verp_gives_each_subscribers_copy_its_own_signed_envelope_sender(
+    rendered: RenderedIssue, cfg: Config
+) -> None:
+    plain = message.prepare(rendered, cfg)
+    assert plain.personalise(ANN).envelope_from == "editor@example.org"
+    verp = message.prepare(
+        rendered, with_settings(cfg, "bounces", return_path="returns@mail.example.org")
+    )
+    ann = verp.personalise(ANN)
+    local, _, domain = ann.envelope_from.partition("@")
+    prefix, _, token = local.partition("+")
+    assert (prefix, domain) == ("returns", "mail.example.org")
+    signer = TokenSigner(TEST_SECRET_KEY)
+    assert signer.verp_matches(token, 42, "ann@example.org", rendered.issue.slug)
+    assert not signer.verp_matches(token, 42, "ann@example.org", "002-another-issue")
+    assert not signer.verp_matches(token, 43, "ann@example.org", rendered.issue.slug)
+    assert len(local) <= 64  # RFC 5321's limit for a local part
+    bob = verp.personalise(Recipient(email="bob@example.org", subscriber_id=43))
+    assert bob.envelope_from != ann.envelope_from
+    # Only the envelope differs: the bytes are the same template, the token is not in them.
+    assert b"returns+" not in ann.data and ann.data.count(b"\r\n") == plain.personalise(
+        ANN
+    ).data.count(b"\r\n")
+    # A proof or a sample (no subscriber id) goes out from the bounce address itself.
+    proof = verp.personalise(Recipient(email="editor@example.org", subscriber_id="test:x"))
+    assert proof.envelope_from == verp.envelope_from == "returns@mail.example.org"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from newsletter.errors import ConfigError
@@ -10,6 +12,7 @@ from newsletter.tokens import (
     UNSUBSCRIBE_PURPOSE,
     TokenSigner,
     address_fingerprint,
+    verp_subscriber_id,
 )
 
 KEY = "k" * 32
@@ -67,3 +70,20 @@ def test_an_unsubscribe_link_in_mail_already_sent_keeps_working() -> None:
     assert data.subject == f"42:{address_fingerprint('ann.lee@example.org')}"
     assert address_fingerprint(" Ann.Lee@Example.ORG ") == "c9556853d9f4"
     assert signer.verify(sent_long_ago, CONFIRM_PURPOSE) is None
+
+
+def test_verp_tokens_are_short_lower_case_and_name_subscriber_address_and_issue() -> None:
+    signer = TokenSigner(KEY)
+    token = signer.verp(123_456_789, "ann@example.org", "001-x")
+    assert re.fullmatch(r"[0-9a-z]+-[a-z2-7]{16}", token) and len(token) <= 40
+    assert verp_subscriber_id(token) == 123_456_789
+    assert signer.verp_matches(token.upper(), 123_456_789, "Ann@Example.org", "001-x")
+    for subscriber_id, address, issue in (
+        (123_456_788, "ann@example.org", "001-x"),
+        (123_456_789, "bob@example.org", "001-x"),
+        (123_456_789, "ann@example.org", "002-y"),
+    ):
+        assert not signer.verp_matches(token, subscriber_id, address, issue)
+    assert not TokenSigner("z" * 32).verp_matches(token, 123_456_789, "ann@example.org", "001-x")
+    assert verp_subscriber_id("not a token") is None
+    assert verp_subscriber_id(signer.make(UNSUBSCRIBE_PURPOSE, "1")) is None

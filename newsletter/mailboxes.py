@@ -1,16 +1,13 @@
-"""Bounce processing: read bounce mail, find who bounced and how, update the list.
+"""The bounce mailbox: every mail in it read, checked and acted on, once each.
 
-``inbox.classify`` reads each mail (standard DSNs field by field, the others through
-flufl.bounce's detectors); this module keeps its bounces and applies them.
-
-A 5.x.x status is a hard bounce, 4.x.x a soft one; ``delayed`` warnings are not
-bounces (the server is still trying). The bounce is matched to the issue (and,
-for a forwarded address, to the subscriber) through the Message-ID of the
-message that bounced, which the ledger keeps for every delivery.
-
-Every mail is processed once: its Message-ID (or, without one, a hash of its
-bytes) goes into the store in the same transaction as its effects. IMAP
-messages are also flagged ``\\Seen`` once processed.
+``newsletter inbox import PATH`` reads an mbox file or a Maildir folder (never changing
+it), ``newsletter inbox fetch`` the ``[bounces]`` IMAP folder; ``bounces import`` and
+``bounces fetch`` are the same commands under their old names. Each message goes through
+:func:`readers.process_mail` on its own: classified (:mod:`inbox`), its reports matched to
+a message we sent, then applied in its own transaction. A message that cannot be read is
+recorded as unreadable with the reason, and the run goes on; only the mailbox itself
+(missing, not a mailbox, the IMAP server) or the database can stop it. IMAP messages are
+flagged ``\\Seen`` once processed (not in a dry run).
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ import contextlib
 import imaplib
 import mailbox
 import ssl
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,116 +25,111 @@ from typing import Any
 from .config import Config
 from .errors import BounceError, ConfigError, TransportError
 from .feedback import FeedbackKind
-from .inbox import classify
-from .models import Bounce, BounceKind, BounceRecord
+from .models import BounceRecord
+from .readers import FeedbackResult, Matcher, Outcome, matcher_for, process_mail
 from .store import Store
 
 __all__ = [
-    "BounceSummary",
-    "Detected",
+    "InboxSummary",
     "bounces_for_issue",
-    "detect",
     "fetch_imap",
     "import_path",
-    "process_message",
 ]
 
 
-@dataclass(frozen=True)
-class Detected:
-    """What one mail says: the bounces in it (empty when it is not a bounce)."""
-
-    message_key: str
-    bounces: tuple[Bounce, ...]
-    delayed: tuple[str, ...] = ()  # addresses with only a "still trying" warning
-    subject: str = ""
-
-
 @dataclass
-class BounceSummary:
-    """What an import or a fetch did, for the command's report."""
+class InboxSummary:
+    """What an import or a fetch did (or, in a dry run, would do), for the command's report."""
 
     messages: int = 0
-    already_processed: int = 0
-    not_bounces: int = 0
-    warnings_only: int = 0
-    hard: int = 0
-    soft: int = 0
+    outcomes: Counter[Outcome] = field(default_factory=Counter)
+    # Reports acted on, by kind (hard-bounce, soft-bounce, complaint, unsubscribe).
+    acted: Counter[FeedbackKind] = field(default_factory=Counter)
     marked_bounced: int = 0
-    unknown_addresses: int = 0
-    records: list[BounceRecord] = field(default_factory=list)
+    marked_complained: int = 0
+    unsubscribed: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    dry_run: bool = False
 
-    def add(self, detected: Detected, records: list[BounceRecord] | None) -> None:
+    def add(self, result: FeedbackResult) -> None:
         self.messages += 1
-        if records is None:
-            self.already_processed += 1
-            return
-        if not detected.bounces:
-            if detected.delayed:
-                self.warnings_only += 1
-            else:
-                self.not_bounces += 1
-        for record in records:
-            self.records.append(record)
-            if record.kind == BounceKind.HARD:
-                self.hard += 1
-            else:
-                self.soft += 1
-            if record.effect.startswith("marked bounced"):
+        self.outcomes[result.outcome] += 1
+        if result.outcome == Outcome.UNREADABLE:
+            self.unreadable.append((result.name, result.reason))
+        for decision in result.acted:
+            self.acted[decision.feedback.kind] += 1
+            effect = decision.effect
+            if effect.startswith("marked bounced"):
                 self.marked_bounced += 1
-            if record.subscriber_id is None:
-                self.unknown_addresses += 1
+            elif effect == "marked complained":
+                self.marked_complained += 1
+            elif effect == "unsubscribed":
+                self.unsubscribed += 1
+
+    def missing(self, name: str, why: str) -> None:
+        """A message the mailbox lists but that could not be read from it."""
+        self.messages += 1
+        self.outcomes[Outcome.UNREADABLE] += 1
+        self.unreadable.append((name, why))
 
 
-# --- detection ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Run:
+    """What every message of one run is processed with."""
 
+    store: Store
+    matcher: Matcher
+    source: str
+    soft_limit: int
+    verp_prefix: str
+    dry_run: bool
+    summary: InboxSummary
+    on_message: Callable[[FeedbackResult], None] | None
 
-def detect(data: bytes) -> Detected:
-    """Who bounced, how (hard or soft, status code, diagnostic) and for which message.
-
-    The reading is ``inbox.classify``'s; this keeps only the bounces and delay warnings.
-    """
-    inbound = classify(data)
-    bounces = tuple(
-        Bounce(
-            email=item.recipient,
-            kind=BounceKind.SOFT if item.kind == FeedbackKind.SOFT_BOUNCE else BounceKind.HARD,
-            status=item.status or "5.0.0",
-            diagnostic=item.diagnostic,
-            original_message_id=item.message_ids[0] if item.message_ids else "",
-            reported_at=item.reported_at,
+    def process(self, name: str, data: bytes) -> FeedbackResult:
+        result = process_mail(
+            self.store,
+            data,
+            matcher=self.matcher,
+            source=self.source,
+            soft_limit=self.soft_limit,
+            verp_prefix=self.verp_prefix,
+            name=name,
+            dry_run=self.dry_run,
         )
-        for item in inbound.feedback
-        if item.recipient and item.kind in (FeedbackKind.HARD_BOUNCE, FeedbackKind.SOFT_BOUNCE)
+        self.summary.add(result)
+        if self.on_message is not None:
+            self.on_message(result)
+        return result
+
+
+def _run(
+    store: Store,
+    config: Config,
+    source: str,
+    *,
+    dry_run: bool,
+    on_message: Callable[[FeedbackResult], None] | None,
+) -> _Run:
+    matcher = matcher_for(store, config.secrets.secret_key)  # the key first: a clear error
+    return _Run(
+        store=store,
+        matcher=matcher,
+        source=source,
+        soft_limit=config.bounces.soft_limit,
+        verp_prefix=config.bounces.verp_prefix,
+        dry_run=dry_run,
+        summary=InboxSummary(dry_run=dry_run),
+        on_message=on_message,
     )
-    delayed = tuple(
-        item.recipient
-        for item in inbound.feedback
-        if item.recipient and item.kind == FeedbackKind.DELAY
-    )
-    return Detected(
-        message_key=inbound.event_id, bounces=bounces, delayed=delayed, subject=inbound.subject
-    )
 
 
-# --- processing ---------------------------------------------------------------------------
+# --- mbox files and Maildir folders --------------------------------------------------------
 
 
-def process_message(
-    store: Store, data: bytes, *, source: str, soft_limit: int
-) -> tuple[Detected, list[BounceRecord] | None]:
-    """Detect and apply one mail's bounces; records is None when it was processed before."""
-    detected = detect(data)
-    if store.is_processed(detected.message_key):
-        return detected, None
-    records = store.record_bounces(
-        detected.message_key, detected.bounces, source=source, soft_limit=soft_limit
-    )
-    return detected, records
-
-
-def _mailbox_messages(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every message in an mbox file or a Maildir folder."""
+def _mailbox_messages(path: Path) -> Iterator[tuple[str, bytes | OSError]]:
+    """(name, bytes) of every message in an mbox file or a Maildir folder; a message that
+    cannot be read comes as (name, the OSError) so the others are still read."""
     if path.is_dir():
         if not all((path / sub).is_dir() for sub in ("cur", "new")):
             raise BounceError(
@@ -159,33 +152,41 @@ def _mailbox_messages(path: Path) -> Iterator[tuple[str, bytes]]:
         raise BounceError("no such file or folder", where=str(path), hint="check the path")
     try:
         for key in box.iterkeys():
-            yield f"{path}:{key}", box.get_bytes(key)
+            try:
+                data: bytes | OSError = box.get_bytes(key)
+            except OSError as exc:  # a Maildir file that went away or cannot be read
+                data = exc
+            yield f"{path.name}:{key}", data
     finally:
         box.close()
 
 
 def import_path(
     store: Store,
+    config: Config,
     path: Path,
     *,
-    soft_limit: int,
-    on_message: Callable[[Detected, list[BounceRecord] | None], None] | None = None,
-) -> BounceSummary:
-    """Process every message of an mbox file or Maildir folder (read only, never changed)."""
-    summary = BounceSummary()
+    dry_run: bool = False,
+    on_message: Callable[[FeedbackResult], None] | None = None,
+) -> InboxSummary:
+    """Process every message of an mbox file or Maildir folder (read only, never changed).
+
+    ``dry_run`` changes nothing and says what each message would do; ``on_message`` sees
+    each message's :class:`FeedbackResult` as it is done.
+    """
+    path = Path(path)
+    run = _run(store, config, f"file {path.name}", dry_run=dry_run, on_message=on_message)
     try:
-        for _name, data in _mailbox_messages(Path(path)):
-            detected, records = process_message(
-                store, data, source=f"file {Path(path).name}", soft_limit=soft_limit
-            )
-            summary.add(detected, records)
-            if on_message is not None:
-                on_message(detected, records)
+        for name, data in _mailbox_messages(path):
+            if isinstance(data, OSError):
+                run.summary.missing(name, f"cannot be read: {data.strerror or data}")
+                continue
+            run.process(name, data)
     except OSError as exc:
         raise BounceError(
             f"cannot read it: {exc.strerror or exc}", where=str(path), hint="check the path"
         ) from None
-    return summary
+    return run.summary
 
 
 # --- IMAP ---------------------------------------------------------------------------------
@@ -274,38 +275,40 @@ def fetch_imap(
     config: Config,
     *,
     include_seen: bool = False,
+    dry_run: bool = False,
     connect: Callable[[Config], imaplib.IMAP4] = _imap_connect,
-    on_message: Callable[[Detected, list[BounceRecord] | None], None] | None = None,
-) -> BounceSummary:
+    on_message: Callable[[FeedbackResult], None] | None = None,
+) -> InboxSummary:
     """Process the unread messages of the [bounces] IMAP folder, then flag them ``\\Seen``.
 
     The store remembers every processed mail too, so a message read in a mail client
     (already \\Seen) is processed with ``include_seen``, and a crash between recording
-    and flagging never counts a bounce twice.
+    and flagging never counts a bounce twice. A dry run reads (without marking anything
+    read) and changes nothing.
     """
     settings = config.bounces
     where = f"{settings.imap_host}:{settings.imap_port}/{settings.imap_folder}"
-    summary = BounceSummary()
+    run = _run(
+        store, config, f"imap {settings.imap_folder}", dry_run=dry_run, on_message=on_message
+    )
     conn = connect(config)
     try:
-        _check(conn.select(_quote(settings.imap_folder)), "SELECT", where)
+        _check(conn.select(_quote(settings.imap_folder), readonly=dry_run), "SELECT", where)
         criteria = "ALL" if include_seen else "UNSEEN"
         found = _check(conn.uid("SEARCH", None, criteria), "SEARCH", where)  # type: ignore[arg-type]
         uids = [uid for chunk in found if isinstance(chunk, bytes) for uid in chunk.split()]
         for uid in uids:
-            number = uid.decode("ascii")
+            number = uid.decode("ascii", "replace")
+            name = f"{settings.imap_folder}:{number}"
             data = _fetched_bytes(
                 _check(conn.uid("FETCH", number, "(BODY.PEEK[])"), "FETCH", where)
             )
             if data is None:
+                run.summary.missing(name, "the server sent no message for this UID")
                 continue
-            detected, records = process_message(
-                store, data, source=f"imap {settings.imap_folder}", soft_limit=settings.soft_limit
-            )
-            summary.add(detected, records)
-            if on_message is not None:
-                on_message(detected, records)
-            _check(conn.uid("STORE", number, "+FLAGS", "(\\Seen)"), "STORE", where)
+            run.process(name, data)
+            if not dry_run:
+                _check(conn.uid("STORE", number, "+FLAGS", "(\\Seen)"), "STORE", where)
     except imaplib.IMAP4.error as exc:
         raise TransportError(
             f"IMAP error: {_imap_text(exc)}", where=where, hint="try again; check the folder"
@@ -317,7 +320,7 @@ def fetch_imap(
     finally:
         with contextlib.suppress(imaplib.IMAP4.error, OSError):
             conn.logout()
-    return summary
+    return run.summary
 
 
 def _quote(folder: str) -> str:
