@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # names for annotations only: a command imports the module it
     from .importers.sources import AddReport
     from .mailboxes import InboxSummary
     from .readers import FeedbackResult
+    from .segments import Segment
     from .store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -754,9 +755,29 @@ def subscribers_group() -> None:
 
 @subscribers_group.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--from",
+    "tool",
+    type=click.Choice(["mailchimp", "substack", "buttondown", "listmonk", "ghost"]),
+    default=None,
+    help="The file is that tool's export: its columns and statuses are read its way.",
+)
+@click.option(
+    "--map",
+    "column_map",
+    default=None,
+    metavar="OURS=THEIRS,...",
+    help='Name the columns of any other CSV, e.g. "email=Email Address,name=First Name".',
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Show the mapping and what would happen; write nothing."
+)
 @pass_ctx
-def subscribers_import(ctx: Context, file: Path) -> None:
-    """Import subscribers from a CSV file (columns: email, name, any others become fields).
+def subscribers_import(
+    ctx: Context, file: Path, tool: str | None, column_map: str | None, dry_run: bool
+) -> None:
+    """Import subscribers from a CSV file (columns: email, name, status, tags, created_at;
+    any others become fields), or another tool's export with --from or --map.
 
     Every bad row is reported as FILE:LINE; the good rows are imported all at once.
     Nobody who unsubscribed, bounced or complained is reactivated, and nobody who left
@@ -764,20 +785,88 @@ def subscribers_import(ctx: Context, file: Path) -> None:
     created_at, optin_time, Date Added...) is kept as consent, with the file and line.
     Exits 1 when the file itself is unusable, or when it has bad rows and no good one.
     """
+    from . import presets
+
+    if tool is not None and column_map is not None:
+        raise click.UsageError("use --from or --map, not both")
+    mapping = presets.preset(tool) if tool is not None else None
+    if column_map is not None:
+        mapping = presets.parse_map(column_map)
+    shown: list[RowError] = []
 
     def on_error(error: RowError) -> None:
-        click.echo(f"{file}:{error.line}: {error.message}", err=True)
+        if not dry_run:
+            click.echo(f"{file}:{error.line}: {error.message}", err=True)
+        elif len(shown) < DRY_RUN_BAD_LINES:
+            shown.append(error)
 
     with _open_store(ctx) as store:
-        report = store.import_csv(file, on_error=on_error)
+        report = store.import_csv(file, on_error=on_error, mapping=mapping, dry_run=dry_run)
+    if report.mapping:
+        click.echo(f"Mapping ({mapping.name if mapping else 'plain'}):")
+        for line in report.mapping:
+            click.echo(f"  {line}")
+    per_status = ", ".join(f"{n} {status}" for status, n in report.new_by_status.items())
+    if dry_run:
+        click.echo(
+            f"{file}: would add {report.added} ({per_status or 'none'}), update"
+            f" {report.updated}, leave {report.unchanged} unchanged and"
+            f" {report.skipped_inactive} alone (unsubscribed, bounced or complained);"
+            f" {report.duplicates} duplicate rows, {report.error_count} bad rows."
+        )
+        for error in shown:
+            click.echo(f"{file}:{error.line}: {error.message}")
+        if report.error_count > len(shown):
+            click.echo(f"... and {report.error_count - len(shown)} more bad rows")
+        click.echo("Dry run: nothing was written.")
+        return
     click.echo(
-        f"{file}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{file}: {report.added} added"
+        + (f" ({per_status})" if per_status else "")
+        + f", {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.skipped_inactive} left alone (unsubscribed, bounced or complained), "
         f"{report.suppressed} suppressed (left before: not added back), "
         f"{report.duplicates} duplicate rows merged, {report.error_count} bad rows."
     )
     if report.error_count and not (report.imported or report.skipped_inactive or report.suppressed):
         fail(f"{file}: no row could be imported")
+
+
+DRY_RUN_BAD_LINES = 10  # the first bad lines `import --dry-run` shows
+
+
+@subscribers_group.command("tag")
+@click.argument("email")
+@click.argument("tags", nargs=-1, required=True)
+@pass_ctx
+def subscribers_tag(ctx: Context, email: str, tags: tuple[str, ...]) -> None:
+    """Add TAGS to a subscriber (recorded in their history)."""
+    with _open_store(ctx) as store:
+        added, _ = store.change_tags(email, add=tags, reason="tag", detail="cli")
+    click.echo(f"Tagged {email}: {', '.join(added)}." if added else f"{email} had those tags.")
+
+
+@subscribers_group.command("untag")
+@click.argument("email")
+@click.argument("tags", nargs=-1, required=True)
+@pass_ctx
+def subscribers_untag(ctx: Context, email: str, tags: tuple[str, ...]) -> None:
+    """Take TAGS off a subscriber (recorded in their history)."""
+    with _open_store(ctx) as store:
+        _, removed = store.change_tags(email, remove=tags, reason="untag", detail="cli")
+    click.echo(
+        f"Untagged {email}: {', '.join(removed)}." if removed else f"{email} had none of those."
+    )
+
+
+@subscribers_group.command("tags")
+@pass_ctx
+def subscribers_tags(ctx: Context) -> None:
+    """Print every tag with how many subscribers carry it."""
+    with _open_store(ctx) as store:
+        counts = store.tag_counts()
+    for tag, number in counts.items():
+        click.echo(f"{tag}\t{number}")
 
 
 @subscribers_group.command("add")
@@ -831,12 +920,20 @@ def subscribers_unsubscribe(ctx: Context, email: str) -> None:
 
 @subscribers_group.command("list")
 @click.option("--status", type=_STATUS_CHOICE, default=None, help="Only this status.")
+@click.option("--tag", default=None, help="Only subscribers with this tag.")
+@click.option("--segment", default=None, help="Only subscribers in this [segments] entry.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
 @pass_ctx
-def subscribers_list(ctx: Context, status: str | None, as_json: bool) -> None:
+def subscribers_list(
+    ctx: Context, status: str | None, tag: str | None, segment: str | None, as_json: bool
+) -> None:
     """Print subscribers, one per line: email, status and name, tab-separated."""
+    cfg = ctx.config()
+    chosen = _segment(cfg, segment)
     with _open_store(ctx) as store:
-        for sub in store.list_subscribers(None if status is None else Status(status)):
+        for sub in store.list_subscribers(
+            None if status is None else Status(status), tag=tag, segment=chosen
+        ):
             if as_json:
                 row = {
                     "id": sub.id,
@@ -851,6 +948,13 @@ def subscribers_list(ctx: Context, status: str | None, as_json: bool) -> None:
                 click.echo(json.dumps(row, ensure_ascii=False))
             else:
                 click.echo(f"{sub.email}\t{sub.status}\t{sub.name}")
+
+
+def _segment(cfg: Config, name: str | None) -> Segment | None:
+    """The [segments] entry called ``name`` (None for none); an error names the known ones."""
+    from .segments import require_segment
+
+    return None if name is None else require_segment(cfg.segments, name)
 
 
 @subscribers_group.command("export")
@@ -973,19 +1077,31 @@ def subscribers_erase(ctx: Context, email: str, yes: bool) -> None:
 
 
 @subscribers_group.command("count")
+@click.option("--segment", default=None, help="Count only this [segments] entry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @pass_ctx
-def subscribers_count(ctx: Context, as_json: bool) -> None:
-    """Print how many subscribers have each status."""
+def subscribers_count(ctx: Context, segment: str | None, as_json: bool) -> None:
+    """Print how many subscribers have each status (in a segment, with --segment)."""
+    cfg = ctx.config()
+    chosen = _segment(cfg, segment)
     with _open_store(ctx) as store:
-        counts = store.count_by_status()
+        if chosen is None:
+            counts = store.count_by_status()
+        else:
+            counts = {state: store.count(state, segment=chosen) for state in Status}
+        recipients = store.count_recipients(chosen) if chosen is not None else None
     if as_json:
-        data = {state.value: number for state, number in counts.items()}
-        click.echo(json.dumps({**data, "total": sum(counts.values())}, indent=2))
+        data: dict[str, int] = {state.value: number for state, number in counts.items()}
+        data["total"] = sum(counts.values())
+        if recipients is not None:
+            data["recipients"] = recipients
+        click.echo(json.dumps(data, indent=2))
         return
     for state, number in counts.items():
         click.echo(f"{state:<13}{number:>9}")
     click.echo(f"{'total':<13}{sum(counts.values()):>9}")
+    if recipients is not None:
+        click.echo(f"{'recipients':<13}{recipients:>9}  (active and not paused: a send's count)")
 
 
 # --- publishing ---
@@ -1165,6 +1281,13 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     "--include-new", is_flag=True, help="Add subscribers who joined after this issue's first send."
 )
 @click.option(
+    "--segment",
+    "segment_name",
+    default=None,
+    metavar="NAME",
+    help="Send only to this [segments] entry (or set segment: in issue.md).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="The final report as JSON (the rest goes to stderr)."
 )
 @pass_ctx
@@ -1180,9 +1303,10 @@ def send_command(
     connections: int | None,
     resend_uncertain: bool,
     include_new: bool,
+    segment_name: str | None,
     as_json: bool,
 ) -> None:
-    """Send ISSUE to every active subscriber, once; re-running resumes.
+    """Send ISSUE to every active subscriber (or a segment's), once; re-running resumes.
 
     Exit status: 0 when every recipient of this run was sent to, 1 when one
     failed or the run stopped, 75 when some were deferred for a later run.
@@ -1198,6 +1322,12 @@ def send_command(
     cfg = ctx.config()
     outbound = delivery.outbound_from_config(cfg)  # settings and DKIM key, before rendering
     issue_item = _issue(cfg, issue_ref)
+    if segment_name and issue_item.segment and segment_name != issue_item.segment:
+        fail(
+            f"{issue_item.path / content.ISSUE_FILE} says segment: {issue_item.segment};"
+            f" --segment {segment_name} disagrees: change one of them"
+        )
+    chosen = _segment(cfg, segment_name or issue_item.segment or None)
     rendered = render.render_issue(issue_item, cfg)
     if not dry_run and not test_addresses:
         publish.require_alt_text(rendered)  # before anything is recorded
@@ -1231,11 +1361,14 @@ def send_command(
         connections=connections,
         include_new=include_new,
         resend_uncertain=resend_uncertain,
+        segment=chosen,
     )
     with _open_store(ctx) as store:
         prepared = delivery.prepare_send(cfg, rendered, store, outbound=outbound)
         if dry_run:
-            dry = prepared.dry_run()
+            if chosen is not None:
+                click.echo(f"Segment:    {_describe_segment(chosen)}")
+            dry = prepared.dry_run(segment=chosen)
             for address in dry.invalid:
                 click.echo(f"cannot build a message for {address!r}", err=True)
             click.echo(
@@ -1246,6 +1379,8 @@ def send_command(
         plan = prepared.plan(options)
         echo(f"Subject:    {plan.subject}")
         echo(f"From:       {plan.sender}")
+        if chosen is not None:
+            echo(f"Segment:    {_describe_segment(chosen)}")
         echo(
             f"Recipients: {plan.recipients}"
             + (f" (already sent: {plan.already_sent})" if plan.already_sent else "")
@@ -1337,6 +1472,10 @@ def send_command(
         sys.exit(1)
     if report.counts.get(DeliveryState.DEFERRED):  # the ledger, not this run's tally
         sys.exit(EXIT_DEFERRED)
+
+
+def _describe_segment(segment: Segment) -> str:
+    return f"{segment.name} ({segment.expression}; active subscribers who have not paused)"
 
 
 @main.command("schedule")
@@ -1433,10 +1572,12 @@ def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
         erased = store.erased_counts(issue_item.slug)
         problems = store.ledger_problems(issue_item.slug)
         bounced = store.bounces_for_issue(issue_item.slug)
+        segment = store.issue_segment(issue_item.slug)
     click.echo(
         f"Issue {issue_item.number} ({issue_item.slug}): "
-        f"{snapshot.recipients + sum(erased.values())} recipients, "
-        f"fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
+        f"{snapshot.recipients + sum(erased.values())} recipients"
+        + (f" in segment {segment}" if segment else "")
+        + f", fixed {snapshot.snapshot_at:%Y-%m-%d %H:%M} UTC"
     )
     for state, number in counts.items():
         click.echo(f"  {state:<10}{number + erased.get(state, 0):>8}")

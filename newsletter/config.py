@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .segments import PAUSED, Segment, SegmentError, TagError, make_segment, normalize_tag
 
 CONFIG_NAME = "newsletter.toml"
 STATE_DIR = ".newsletter"
@@ -203,6 +204,15 @@ class WebhookSettings:
     postmark_networks: tuple[str, ...] = ()  # if set, Postmark requests only from these CIDRs
 
 
+@dataclass(frozen=True)
+class PreferencesSettings:
+    """What a reader may choose on the preferences page (``newsletter serve``, ``/p/...``)."""
+
+    # The tags readers may set or clear themselves, with the label the page shows.
+    topics: tuple[tuple[str, str], ...] = ()
+    pause: bool = True  # offer "pause all issues" (the tag `paused`)
+
+
 # An SNS topic ARN: arn:aws[-partition]:sns:<region>:<12-digit account>:<topic name>.
 SNS_TOPIC_ARN_RE = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_.-]{1,256}")
 
@@ -255,6 +265,11 @@ class PublicUrls:
     @property
     def confirm(self) -> str:
         return f"{self.base}/confirm"
+
+    @property
+    def preferences(self) -> str:
+        """The reader's preferences page (topics, pause): ``base/p/TOKEN``."""
+        return f"{self.base}/p"
 
     @property
     def path_prefix(self) -> str:
@@ -399,6 +414,9 @@ class Config:
     fetch: FetchSettings = FetchSettings()
     webhooks: WebhookSettings = WebhookSettings()
     worker: WorkerSettings = WorkerSettings()
+    preferences: PreferencesSettings = PreferencesSettings()
+    # [segments]: name -> a filter over tags, status, fields and sign-up date (segments.py).
+    segments: Mapping[str, Segment] = field(default_factory=dict)
     secrets: Secrets = field(default_factory=Secrets)
     db_override: Path | None = None
 
@@ -541,6 +559,9 @@ def load(
     env = os.environ if environ is None else environ
     sections: dict[str, Any] = {}
     for name, value in data.items():
+        if name in _MAPPED_SECTIONS and isinstance(value, dict):
+            sections[name] = _MAPPED_SECTIONS[name](value, path, text)
+            continue
         if name not in _SECTIONS and not isinstance(value, dict):
             raise ConfigError(
                 f"unknown top-level key '{name}'",
@@ -551,7 +572,7 @@ def load(
             raise ConfigError(
                 f"unknown section [{name}]",
                 where=f"{path}:{_line_of(text, name, section=True)}",
-                hint=f"use one of: {', '.join(sorted(_SECTIONS))}",
+                hint=f"use one of: {', '.join(sorted([*_SECTIONS, *_MAPPED_SECTIONS]))}",
             )
         if not isinstance(value, dict):
             raise ConfigError(
@@ -577,6 +598,91 @@ def load(
     )
     _validate(config, path, text)
     return config
+
+
+def _line_in_section(text: str, section: str, key: str) -> int:
+    """The line of ``key`` inside ``[section]`` (a key may repeat in other sections)."""
+    inside = False
+    start = 1
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            name = header.group(1).strip()
+            inside = name == section or name.startswith(section + ".")
+            if name == section:
+                start = number
+            continue
+        if inside and re.match(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=", line):
+            return number
+    return start
+
+
+def _segments(values: dict[str, Any], path: Path, text: str) -> dict[str, Segment]:
+    """``[segments]``: each name's expression, parsed now so a typo stops every command
+    with the line and the position, not a send halfway."""
+    out: dict[str, Segment] = {}
+    for name, expression in values.items():
+        where = f"{path}:{_line_in_section(text, 'segments', name)}"
+        if not isinstance(expression, str):
+            raise ConfigError(
+                f"[segments] {name} must be a string, not {type(expression).__name__}",
+                where=where,
+                hint='write it as europe = "tag:europe and not tag:paused"',
+            )
+        try:
+            out[name] = make_segment(name, expression, where=where)
+        except SegmentError as exc:
+            raise ConfigError(exc.message, where=where, hint=exc.hint) from None
+    return out
+
+
+def _preferences(values: dict[str, Any], path: Path, text: str) -> PreferencesSettings:
+    """``[preferences]``: ``topics`` is a list of tags or a table of tag = "label"."""
+    known = {"topics", "pause"}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"unknown key '{key}' in [preferences]",
+                where=f"{path}:{_line_in_section(text, 'preferences', key)}",
+                hint="use one of: pause, topics",
+            )
+    where = f"{path}:{_line_in_section(text, 'preferences', 'topics')}"
+    raw = values.get("topics", [])
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        pairs = [(item, item) for item in raw]
+    elif isinstance(raw, dict) and all(isinstance(label, str) for label in raw.values()):
+        pairs = list(raw.items())
+    else:
+        raise ConfigError(
+            '[preferences] topics must be a list of tags or a table of tag = "label"',
+            where=where,
+            hint='write topics = ["europe", "harbours"]',
+        )
+    topics: list[tuple[str, str]] = []
+    for tag, label in pairs:
+        try:
+            normalized = normalize_tag(tag)
+        except TagError as exc:
+            raise ConfigError(f"[preferences] topics: {exc.message}", where=where) from None
+        if normalized == PAUSED:
+            raise ConfigError(
+                f"[preferences] topics: {PAUSED} is the pause, not a topic",
+                where=where,
+                hint="remove it; pause = true offers it",
+            )
+        if normalized not in (t for t, _ in topics):
+            topics.append((normalized, " ".join(label.split())[:100] or normalized))
+    pause = values.get("pause", True)
+    if not isinstance(pause, bool):
+        raise ConfigError(
+            "[preferences] pause must be true or false",
+            where=f"{path}:{_line_in_section(text, 'preferences', 'pause')}",
+        )
+    return PreferencesSettings(tuple(topics), pause)
+
+
+# Sections whose keys the editor names (not fixed settings): parsed by their own function.
+_MAPPED_SECTIONS: dict[str, Any] = {"segments": _segments, "preferences": _preferences}
 
 
 def _derive_public_urls(
@@ -901,6 +1007,14 @@ username = ""
 [unsubscribe]
 # The https link is base_url + "/u" (answered by `newsletter serve`); add a mailto too:
 mailto = ""            # e.g. unsubscribe@example.org
+
+# Named filters for `newsletter send ISSUE --segment NAME` (README: Tags and segments):
+# [segments]
+# europe = "tag:europe and not tag:harbours"
+
+# What readers may choose on their preferences page (the link in every footer):
+# [preferences]
+# topics = {{ europe = "News from Europe", harbours = "Harbours and ferries" }}
 """
 
 

@@ -35,7 +35,7 @@ ARTICLE_FIELDS = (
     "summary",
     "bio",
 )
-ISSUE_FIELDS = ("number", "date", "title", "subject", "preheader", "articles", "send_at")
+ISSUE_FIELDS = ("number", "date", "title", "subject", "preheader", "articles", "send_at", "segment")
 SUBJECT_SEPARATOR = " | "
 _FENCE = "---"
 _MD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -92,6 +92,7 @@ class Issue:
     # send_at_where is "issue.md:LINE" for its error messages.
     send_at: str = ""
     send_at_where: str = ""
+    segment: str = ""  # the [segments] entry it goes to ("" = every active subscriber)
 
     @property
     def slug(self) -> str:
@@ -354,6 +355,7 @@ def read_issue(folder: Path) -> Issue:
         intro=intro.strip(),
         articles=tuple(articles),
         explicit_subject=_as_str(data.get("subject"), str(path), "subject"),
+        segment=_as_str(data.get("segment"), str(path), "segment").strip(),
         intro_line=intro_line + intro[: len(intro) - len(intro.lstrip())].count("\n"),
         send_at=_send_at_text(data.get("send_at"), f"{path}:{_line_of_key(text, 'send_at')}"),
         send_at_where=f"{path}:{_line_of_key(text, 'send_at')}",

@@ -40,11 +40,11 @@ from .models import (
     DeliveryResult,
     DeliveryState,
     LedgerEntry,
-    Status,
     Subscriber,
 )
 from .pacing import DomainPacer, domain_of, is_rate_limited, start_of_day, warmup_cap
 from .render import RenderedIssue
+from .segments import Segment
 from .store import Store
 from .transport import SendResult, Transport, WireReady, transport_from_config
 
@@ -95,6 +95,8 @@ class SendOptions:
     include_new: bool = False
     resend_uncertain: bool = False
     batch_size: int = 0  # rows claimed per transaction; 0 = chosen from connections and rate
+    # Only this [segments] entry; the first send records it and later ones must agree.
+    segment: Segment | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class SendPlan:
     transport: str
     snapshot_fixed: bool
     warmup_left: int | None = None  # the warm-up plan's messages left today (None: no plan)
+    segment: str = ""  # the segment it goes to ("" = every active subscriber)
 
 
 def recipient_of(subscriber: Subscriber) -> Recipient:
@@ -272,11 +275,12 @@ class PreparedSend:
         """The numbers for the confirmation prompt, without changing anything."""
         store = self._store()
         key = self.issue_key
+        store.check_issue_segment(key, options.segment)  # before anyone is asked
         snapshot = store.issue_snapshot(key)
         counts = store.ledger_counts(key)
         # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
         uncertain = counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING]
-        new = store.count_new_subscribers(key)
+        new = store.count_new_subscribers(key, options.segment)
         if snapshot is None:
             pending = new
         else:
@@ -302,6 +306,7 @@ class PreparedSend:
             transport=self.outbound.description,
             snapshot_fixed=snapshot is not None,
             warmup_left=warmup,
+            segment="" if options.segment is None else options.segment.name,
         )
 
     def run(
@@ -329,11 +334,13 @@ class PreparedSend:
             stop or threading.Event(),
         )
 
-    def dry_run(self, subscribers: Iterable[Subscriber] | None = None) -> DryRunReport:
-        """Build (and sign) every message, by default for every active subscriber,
-        without sending or recording anything."""
+    def dry_run(
+        self, subscribers: Iterable[Subscriber] | None = None, *, segment: Segment | None = None
+    ) -> DryRunReport:
+        """Build (and sign) every message, by default for everyone a send would go to now
+        (active, not paused, in ``segment``), without sending or recording anything."""
         if subscribers is None:
-            subscribers = self._store().list_subscribers(Status.ACTIVE)
+            subscribers = self._store().list_recipients(segment)
         started = time.monotonic()
         count = size = 0
         invalid: list[str] = []
@@ -556,6 +563,7 @@ def _send(
             options, limit=warmup if options.limit is None else min(options.limit, warmup)
         )
     with store.acquire_send_lock(key) as lock:
+        store.check_issue_segment(key, options.segment)
         counts = store.ledger_counts(key)
         maybe_work = (
             store.issue_snapshot(key) is None
@@ -577,7 +585,7 @@ def _send(
         try:
             if options.resend_uncertain:
                 store.resend_uncertain(key)
-            store.snapshot_recipients(key, include_new=options.include_new)
+            store.snapshot_recipients(key, include_new=options.include_new, segment=options.segment)
             counts = store.ledger_counts(key)
         except BaseException:
             if first is not None:

@@ -31,7 +31,7 @@ from .render import (
     find_placeholders,
     split_on_placeholders,
 )
-from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
+from .tokens import PREFERENCES_PURPOSE, UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
 
 _POLICY = email.policy.SMTP
 _CRLF = b"\r\n"
@@ -85,6 +85,7 @@ class MessageTemplate:
     sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)
     # [bounces] return_path: each subscriber's copy goes out from PREFIX+TOKEN@domain.
     return_path: str = ""
+    preferences_url: str = ""  # base_url/p when `serve` answers there; "" leaves the link out
 
     @property
     def size(self) -> int:
@@ -98,15 +99,19 @@ class MessageTemplate:
             return f"{self.unsubscribe_url.rstrip('/')}/{token}"
         return f"mailto:{self.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}"
 
-    def _token(self, recipient: Recipient) -> str:
+    def preferences_link(self, recipient: Recipient) -> str:
+        """The reader's preferences page (topics, pause), or "" when no service answers it."""
+        if not self.preferences_url:
+            return ""
+        return f"{self.preferences_url.rstrip('/')}/{self._token(recipient, PREFERENCES_PURPOSE)}"
+
+    def _token(self, recipient: Recipient, purpose: str = UNSUBSCRIBE_PURPOSE) -> str:
         if self.signer is None:
             return "preview"
         subject = (
             f"{recipient.subscriber_id or recipient.email}:{address_fingerprint(recipient.email)}"
         )
-        return self.signer.make(
-            UNSUBSCRIBE_PURPOSE, subject, self.issue_key, issued_at=self.issued_at
-        )
+        return self.signer.make(purpose, subject, self.issue_key, issued_at=self.issued_at)
 
     def envelope_sender(self, recipient: Recipient) -> str:
         """The envelope sender (MAIL FROM) of ``recipient``'s copy, where bounces go.
@@ -138,7 +143,7 @@ class MessageTemplate:
         recipient = dataclasses.replace(recipient, name=header_safe_name(recipient.name))
         message_id = make_msgid(domain=self.sender_domain)
         unsubscribe = self.unsubscribe_link(recipient)
-        values = _values(recipient, unsubscribe)
+        values = _values(recipient, unsubscribe, self.preferences_link(recipient))
         out: list[bytes] = []
         for segment in self.segments:
             if isinstance(segment, bytes):
@@ -265,12 +270,13 @@ def _encoded_words(text: str) -> list[str]:
     return words
 
 
-def _values(recipient: Recipient, unsubscribe_url: str) -> dict[str, str]:
+def _values(recipient: Recipient, unsubscribe_url: str, preferences_url: str) -> dict[str, str]:
     values = {
         "name": recipient.name,
         "first_name": recipient.first_name,
         "email": recipient.email,
         "unsubscribe_url": unsubscribe_url,
+        "preferences_url": preferences_url,
     }
     for key, value in recipient.fields.items():
         values[f"field.{key.lower()}"] = value
@@ -429,6 +435,7 @@ def prepare(
         signer=signer,
         sign=sign,
         return_path=return_path,
+        preferences_url=config.public_urls.preferences if unsub.url else "",
     )
 
 
@@ -468,7 +475,7 @@ def sample_files(rendered: RenderedIssue, config: Config) -> dict[str, bytes]:
         config = _with_preview_key(config)
     template = prepare(rendered, config, require_unsubscribe=False)
     reader = sample_recipient()
-    values = _values(reader, template.unsubscribe_link(reader))
+    values = _values(reader, template.unsubscribe_link(reader), template.preferences_link(reader))
 
     def fill(match: re.Match[str]) -> str:
         key = rendered.placeholders.get(match.group(0))

@@ -197,6 +197,21 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (issue_key, state)
     ) WITHOUT ROWID;
     """,
+    # 9: the audience: subscribers' tags (segments, reader preferences, pause), the
+    # segment an issue went to (its name and its filter as it read at the first send), and
+    # when an imported address confirmed (a consent_at column; completes the import's consent).
+    """
+    CREATE TABLE subscriber_tags (
+        subscriber_id INTEGER NOT NULL REFERENCES subscribers (id) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (subscriber_id, tag)
+    ) WITHOUT ROWID;
+    CREATE INDEX subscriber_tags_tag ON subscriber_tags (tag, subscriber_id);
+    ALTER TABLE issue_sends ADD COLUMN segment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE issue_sends ADD COLUMN segment_filter TEXT NOT NULL DEFAULT '';
+    ALTER TABLE subscribers ADD COLUMN import_confirmed_at TEXT;
+    """,
 )
 
 

@@ -100,6 +100,10 @@ class ImportReport:
     error_count: int
     errors: tuple[RowError, ...]  # the first store.MAX_KEPT_ROW_ERRORS of them
     suppressed: int = 0  # new to the list but suppressed (they left before): not added
+    # The new subscribers per status ("active": 120, "unsubscribed": 4, ...).
+    new_by_status: Mapping[str, int] = field(default_factory=dict)
+    mapping: tuple[str, ...] = ()  # how another tool's columns were read (--from, --map)
+    dry_run: bool = False  # nothing was written: the counts say what an import would do
 
     @property
     def imported(self) -> int:

@@ -48,7 +48,7 @@ HEADLINES = 4  # lead headlines shown per issue on the index page
 DESCRIPTION_CHARS = 200
 # Names the service answers itself: an issue folder may not be published under them.
 RESERVED = frozenset(
-    {"u", "subscribe", "confirm", "healthz", "archive", "hooks", FEED_FILE, INDEX_FILE}
+    {"u", "p", "subscribe", "confirm", "healthz", "archive", "hooks", FEED_FILE, INDEX_FILE}
 )
 
 

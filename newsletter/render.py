@@ -41,7 +41,7 @@ DEFAULT_THEME_PREFIX = "!default"
 EMAIL_TEMPLATE = "email.mjml"
 TEXT_TEMPLATE = "email.txt"
 TEXT_WIDTH = 72
-PLACEHOLDER_KEYS = ("name", "first_name", "email", "unsubscribe_url")
+PLACEHOLDER_KEYS = ("name", "first_name", "email", "unsubscribe_url", "preferences_url")
 # The one spelling of a placeholder: ``%%nl:<key>:<nonce>%%`` (built and matched only here).
 _PLACEHOLDER_RE = re.compile(r"(%%nl:[a-z0-9_.]+:[0-9a-f]{10}%%)")
 _FIELD_KEY = re.compile(r"^[A-Za-z0-9_]+$")
@@ -133,6 +133,11 @@ class RecipientPlaceholders:
     @property
     def unsubscribe_url(self) -> str:
         return self._value("unsubscribe_url")
+
+    @property
+    def preferences_url(self) -> str:
+        """The reader's own preferences page (topics, pause), a signed link like unsubscribe's."""
+        return self._value("preferences_url")
 
     def field(self, key: str) -> str:
         """A subscriber's free field (from the CSV import), e.g. ``recipient.field("city")``."""
@@ -739,6 +744,8 @@ def _context(
         "archive_url": urls.home,
         "feed_url": urls.feed,
         "subscribe_url": urls.subscribe,
+        # The preferences page is answered by `newsletter serve`, like the https unsubscribe.
+        "preferences": bool(config.unsubscribe.url),
         "locale": news.locale,
     }
 

@@ -17,9 +17,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import render
 from .config import Config
-from .content import Issue
+from .content import ISSUE_FILE, Issue
 from .errors import NewsletterError, ScheduleError
 from .models import ScheduleEntry, ScheduleState
+from .segments import require_segment
 from .store import Store
 
 FORM = '"2026-12-04 07:00 Europe/Berlin" or ISO 8601 with an offset, e.g. 2026-12-04T07:00+01:00'
@@ -127,6 +128,11 @@ def preflight(config: Config, issue: Issue) -> Preflight:
         publish.require_alt_text(rendered)
     except NewsletterError as exc:
         problems.append(str(exc))
+    if issue.segment:
+        try:
+            require_segment(config.segments, issue.segment)
+        except NewsletterError as exc:
+            problems.append(f"{issue.path / ISSUE_FILE}: segment: {exc}")
     if not (config.unsubscribe.url or config.unsubscribe.mailto):
         problems.append(
             f"{config.path}: no unsubscribe address; set [newsletter] base_url (https) "

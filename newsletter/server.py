@@ -53,9 +53,11 @@ from .mailqueue import MailQueue
 from .message import rfc5322_date, to_field
 from .models import Status, Subscriber
 from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
+from .segments import PAUSED
 from .store import Store
 from .tokens import (
     CONFIRM_PURPOSE,
+    PREFERENCES_PURPOSE,
     UNSUBSCRIBE_PURPOSE,
     TokenData,
     TokenSigner,
@@ -127,6 +129,8 @@ border:1px solid #98a2b3;border-radius:4px}
 .error{color:#a4161a}.muted{color:#5b6475;font-size:.9em}
 .hp{position:absolute;left:-10000px;width:1px;height:1px;overflow:hidden}
 li{margin:.4em 0}
+fieldset{border:1px solid #d0d5dd;border-radius:4px;margin:0 0 1em;padding:.6em 1em}
+label.choice{font-weight:400;margin:.3em 0}label.choice input{width:auto;margin:0 .4em 0 0}
 </style></head>
 <body><main>
 <h1>{{ title }}</h1>
@@ -189,6 +193,25 @@ its way to it. Open it and follow the link to start receiving {{ newsletter }}.<
 {% endblock %}""",
     "message.html": """{% extends "base.html" %}{% block body %}
 <p>{{ message }}</p>
+{% endblock %}""",
+    "preferences.html": """{% extends "base.html" %}{% block body %}
+{% if saved %}<p role="status"><strong>Saved.</strong> {{ saved }}</p>{% endif %}
+<p>What {{ newsletter }} sends to <strong>{{ email }}</strong>.</p>
+<form method="post">
+<input type="hidden" name="form" value="preferences">
+{% if topics %}<fieldset><legend>Topics</legend>
+{% for tag, label, chosen in topics %}
+<label class="choice"><input type="checkbox" name="topic" value="{{ tag }}"
+{%- if chosen %} checked{% endif %}> {{ label }}</label>
+{% endfor %}</fieldset>{% endif %}
+{% if pause %}<fieldset><legend>Pause</legend>
+<label class="choice"><input type="checkbox" name="pause" value="yes"
+{%- if paused %} checked{% endif %}> Pause all issues until I come back here</label>
+</fieldset>{% endif %}
+<button type="submit">Save my preferences</button>
+</form>
+<p class="muted">Nothing changes until you press the button. To stop every issue for good,
+<a href="{{ unsubscribe_link }}">unsubscribe</a>.</p>
 {% endblock %}""",
     "confirm_email.txt": """Hello{{ greeting }},
 
@@ -466,6 +489,92 @@ def create_app(
             LOG.info("unsubscribe: subscriber %s (%s, %s)", subscriber.id, reason, detail)
         # RFC 8058: answer the POST itself, never with a redirect.
         return page("unsubscribed.html", title="You are unsubscribed")
+
+    # -- preferences: topics and pause ----------------------------------------------------
+
+    prefs = config.preferences
+    topic_tags = [tag for tag, _ in prefs.topics]
+
+    def preferences_reader(token: str) -> tuple[Subscriber | None, TokenData] | None:
+        """The subscriber a preferences link was made for: None for a forged or altered
+        link; (None, data) for a genuine one that names nobody on the list now (a proof
+        copy's, or a subscriber since removed, whose id may belong to someone else)."""
+        data = signer.verify(token, PREFERENCES_PURPOSE)
+        if data is None:
+            return None
+        ref, _, fingerprint = data.subject.partition(":")
+        reader = db().get_subscriber(int(ref)) if ref.isdigit() else None
+        if reader is None or fingerprint != address_fingerprint(reader.email):
+            return None, data
+        return reader, data
+
+    def preferences_page(reader: Subscriber, data: TokenData, saved: str = "") -> Response:
+        tags = set(db().tags_of(reader.id))
+        # The page's own unsubscribe link: the same reader and issue, signed now.
+        unsubscribe_token = signer.make(UNSUBSCRIBE_PURPOSE, data.subject, data.context)
+        return page(
+            "preferences.html",
+            title=f"Your {news.name} preferences",
+            email=reader.email,
+            topics=[(tag, label, tag in tags) for tag, label in prefs.topics],
+            pause=prefs.pause,
+            paused=PAUSED in tags,
+            saved=saved,
+            unsubscribe_link=_url(f"u/{unsubscribe_token}"),
+        )
+
+    @app.route("/p/<token>", methods=["GET", "HEAD", "POST"])
+    def preferences(token: str) -> Response:
+        found = preferences_reader(token)
+        if found is None:
+            return bad_link(
+                "This preferences link is incomplete or was changed. Copy the whole link from"
+                " the email, or use the one in a more recent issue."
+            )
+        reader, data = found
+        if reader is None:
+            return page(
+                "message.html",
+                title=f"Your {news.name} preferences",
+                message="This link names nobody on the list (it may come from a proof copy),"
+                " so there is nothing to choose here.",
+            )
+        if reader.status != Status.ACTIVE:
+            return page(
+                "message.html",
+                title=f"Your {news.name} preferences",
+                message=f"{reader.email} is not subscribed to {news.name} now, so there is"
+                " nothing to choose. You can subscribe again from the subscription form.",
+            )
+        if request.method != "POST":
+            return preferences_page(reader, data)  # a GET only shows
+        if not same_origin():
+            return page(
+                "message.html",
+                403,
+                title="Not allowed",
+                message="Please change your preferences on the page the email links to.",
+            )
+        # Only the topics the editor offers, whatever else the form carries.
+        chosen = set(request.form.getlist("topic")) & set(topic_tags)
+        add = [tag for tag in topic_tags if tag in chosen]
+        remove = [tag for tag in topic_tags if tag not in chosen]
+        if prefs.pause:
+            (add if request.form.get("pause") == "yes" else remove).append(PAUSED)
+        detail = "preferences page" + (f", issue {data.context}" if data.context else "")
+        with writing:
+            added, removed = db().change_tags(
+                reader.id, add, remove, reason="preferences", detail=detail
+            )
+        if added or removed:
+            LOG.info("preferences: subscriber %s (+%s -%s)", reader.id, added, removed)
+        paused_now = PAUSED in added
+        saved = (
+            "Issues are paused: you will get none until you come back here and resume."
+            if paused_now
+            else "Your choices are saved."
+        )
+        return preferences_page(reader, data, saved)
 
     # -- subscribe -------------------------------------------------------------------------
 

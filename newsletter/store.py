@@ -68,6 +68,8 @@ from .models import (
     SubscriberEvent,
     Suppression,
 )
+from .presets import EXTRA_FIELDS, ColumnMapping, RowProblem, parse_moment, recognise
+from .segments import PAUSED, Segment, TagError, join_tags, normalize_tag, split_tags
 
 MEMORY = ":memory:"
 BUSY_TIMEOUT_MS = 30_000  # a 1M-row import holds the write lock for a few seconds
@@ -220,6 +222,17 @@ def _record_consent(
     )
 
 
+def _unsuppressed(conn: sqlite3.Connection) -> str:
+    """`` AND ...`` leaving out import rows (``i``) whose address is suppressed; "" while
+    nothing is (then no hash is computed at all)."""
+    if conn.execute("SELECT 1 FROM suppressions LIMIT 1").fetchone() is None:
+        return ""
+    return (
+        " AND NOT EXISTS (SELECT 1 FROM suppressions p WHERE p.address_hash ="
+        f" suppression_hash({_HASH_KEY}, i.email_key))"
+    )
+
+
 def _forget(conn: sqlite3.Connection, subscriber_id: int) -> None:
     """Delete a subscriber with their history, consent and ledger rows, keeping the counts.
 
@@ -318,6 +331,49 @@ def _domain_filter(domains: Sequence[str]) -> tuple[str, list[str]]:
         tests.append(f"{domain} = ? OR {domain} LIKE ? ESCAPE '\\'")
         params += [name.lower(), f"%.{escaped}"]
     return f" AND NOT ({' OR '.join(tests)})", params
+
+
+def _audience_filter(
+    status: Status | None, tag: str | None, segment: Segment | None
+) -> tuple[str, list[Any]]:
+    """`` AND ...`` conditions on ``s`` for a status, a tag and a segment (bound values)."""
+    where = ""
+    params: list[Any] = []
+    if status is not None:
+        where += " AND s.status = ?"
+        params.append(Status(status).value)
+    if tag is not None:
+        try:
+            normalized = normalize_tag(tag)
+        except TagError as exc:
+            raise StoreError(exc.message, hint=exc.hint) from None
+        where += " AND s.id IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)"
+        params.append(normalized)
+    if segment is not None:
+        sql, values = segment.sql()
+        where += f" AND ({sql})"
+        params.extend(values)
+    return where, params
+
+
+# A send goes to active subscribers who have not paused (the `paused` tag).
+_NOT_PAUSED = "s.id NOT IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)"
+
+
+def _recipient_filter(segment: Segment | None) -> tuple[str, list[Any]]:
+    """The condition on ``s`` for whom a send goes to: active, not paused, in ``segment``."""
+    where = f"s.status = 'active' AND {_NOT_PAUSED}"
+    params: list[Any] = [PAUSED]
+    if segment is not None:
+        sql, values = segment.sql()
+        where += f" AND ({sql})"
+        params.extend(values)
+    return where, params
+
+
+def _not_sent(status: str, paused: bool) -> str:
+    """The ledger's reply for a row a send cancels: the reader left, or paused."""
+    return f"not sent: subscriber is {PAUSED if paused and status == 'active' else status}"
 
 
 def _lock_name(issue_key: str) -> str:
@@ -598,11 +654,17 @@ class Store:
             for r in rows
         ]
 
-    def list_subscribers(self, status: Status | None = None) -> Iterator[Subscriber]:
-        """All subscribers (or those with ``status``) by id, fetched a page at a time."""
+    def list_subscribers(
+        self,
+        status: Status | None = None,
+        *,
+        tag: str | None = None,
+        segment: Segment | None = None,
+    ) -> Iterator[Subscriber]:
+        """All subscribers (or those with ``status``, ``tag`` and in ``segment``) by id,
+        fetched a page at a time."""
         last = 0
-        where = "" if status is None else " AND s.status = ?"
-        extra: tuple[Any, ...] = () if status is None else (Status(status).value,)
+        where, extra = _audience_filter(status, tag, segment)
         while True:
             rows = self._all(
                 f"SELECT {_SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id > ?{where}"
@@ -615,14 +677,114 @@ class Store:
                 return
             last = rows[-1][0]
 
-    def count(self, status: Status | None = None) -> int:
-        """How many subscribers (with ``status``, or all)."""
-        if status is None:
-            return int(self._one("SELECT count(*) FROM subscribers")[0])
-        row = self._one(
-            "SELECT count(*) FROM subscribers WHERE status = ?", (Status(status).value,)
+    def count(
+        self,
+        status: Status | None = None,
+        *,
+        tag: str | None = None,
+        segment: Segment | None = None,
+    ) -> int:
+        """How many subscribers (with ``status``, ``tag`` and in ``segment``, or all)."""
+        where, params = _audience_filter(status, tag, segment)
+        return int(self._one(f"SELECT count(*) FROM subscribers s WHERE 1{where}", params)[0])
+
+    def count_recipients(self, segment: Segment | None = None) -> int:
+        """Who a send would go to now: active, not paused, in ``segment`` (when given)."""
+        where, params = _recipient_filter(segment)
+        return int(self._one(f"SELECT count(*) FROM subscribers s WHERE {where}", params)[0])
+
+    def list_recipients(self, segment: Segment | None = None) -> Iterator[Subscriber]:
+        """The subscribers :meth:`count_recipients` counts, by id (a dry run builds theirs)."""
+        last = 0
+        where, params = _recipient_filter(segment)
+        while True:
+            rows = self._all(
+                f"SELECT {_SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id > ? AND {where}"
+                f" ORDER BY s.id LIMIT {PAGE}",
+                (last, *params),
+            )
+            for row in rows:
+                yield _subscriber(row)
+            if len(rows) < PAGE:
+                return
+            last = rows[-1][0]
+
+    # -- tags ------------------------------------------------------------------------------
+
+    def tags_of(self, email_or_id: str | int) -> list[str]:
+        """A subscriber's tags, in alphabetical order."""
+        with self._lock:
+            try:
+                subscriber_id = self._subscriber_id(self._conn, email_or_id)
+            except sqlite3.OperationalError as exc:
+                raise self._db_error(exc) from None
+        rows = self._all(
+            "SELECT tag FROM subscriber_tags WHERE subscriber_id = ? ORDER BY tag",
+            (subscriber_id,),
         )
-        return int(row[0])
+        return [row[0] for row in rows]
+
+    def change_tags(
+        self,
+        email_or_id: str | int,
+        add: Iterable[str] = (),
+        remove: Iterable[str] = (),
+        *,
+        reason: str = "tag",
+        detail: str = "",
+    ) -> tuple[list[str], list[str]]:
+        """Add and remove tags in one transaction; returns (added, removed), only what changed.
+
+        Each change is one line in the subscriber's history (``+europe -paused``), with
+        ``reason`` (``tag``, ``preferences``...). A bad tag is a StoreError, nothing changed.
+        """
+        try:
+            wanted = list(dict.fromkeys(normalize_tag(tag) for tag in add))
+            unwanted = list(dict.fromkeys(normalize_tag(tag) for tag in remove))
+        except TagError as exc:
+            raise StoreError(exc.message, where=self._where, hint=exc.hint) from None
+        now = _now()
+        with self._transaction() as conn:
+            subscriber_id = self._subscriber_id(conn, email_or_id)
+            added: list[str] = []
+            removed: list[str] = []
+            for tag in (t for t in wanted if t not in unwanted):
+                if conn.execute(
+                    "INSERT INTO subscriber_tags (subscriber_id, tag, added_at)"
+                    " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (subscriber_id, tag, now),
+                ).rowcount:
+                    added.append(tag)
+            for tag in unwanted:
+                if conn.execute(
+                    "DELETE FROM subscriber_tags WHERE subscriber_id = ? AND tag = ?",
+                    (subscriber_id, tag),
+                ).rowcount:
+                    removed.append(tag)
+            if added or removed:
+                status = conn.execute(
+                    "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+                ).fetchone()[0]
+                change = " ".join([*(f"+{t}" for t in added), *(f"-{t}" for t in removed)])
+                conn.execute(
+                    "UPDATE subscribers SET updated_at = ? WHERE id = ?", (now, subscriber_id)
+                )
+                _record_event(
+                    conn,
+                    subscriber_id,
+                    status,
+                    status,
+                    reason,
+                    f"{detail}: {change}" if detail else change,
+                    now,
+                )
+            return added, removed
+
+    def tag_counts(self) -> dict[str, int]:
+        """Subscribers per tag (any status), by tag."""
+        return dict(
+            self._all("SELECT tag, count(*) FROM subscriber_tags GROUP BY tag ORDER BY tag")
+        )
 
     def count_by_status(self) -> dict[Status, int]:
         """Subscribers per status, every status present (zero when none)."""
@@ -654,11 +816,13 @@ class Store:
             _forget(conn, subscriber_id)
 
     def export_csv(self, out: TextIO, status: Status | None = None) -> int:
-        """Write subscribers as CSV (email, name, status, created_at, then fields); returns rows.
+        """Write subscribers as CSV (email, name, status, created_at, tags, then fields);
+        returns rows.
 
-        ``import_csv`` reads this back: ``status`` suppresses new rows, ``created_at`` is ignored.
-        A cell a spreadsheet would run (``=``, ``+``, ``-``, ``@``, tab, CR first) gets a
-        leading apostrophe, which the import takes off again.
+        ``import_csv`` reads this back: ``status`` suppresses new rows, ``created_at`` is the
+        sign-up date of new rows, ``tags`` are separated by ``;``. A cell a spreadsheet would
+        run (``=``, ``+``, ``-``, ``@``, tab, CR first) gets a leading apostrophe, which the
+        import takes off again.
         """
         where = "" if status is None else " WHERE s.status = ?"
         params: tuple[Any, ...] = () if status is None else (Status(status).value,)
@@ -671,38 +835,65 @@ class Store:
             )
         ]
         writer = csv.writer(out)
-        writer.writerow(["email", "name", "status", "created_at", *map(_neutralise, keys)])
+        writer.writerow(["email", "name", "status", "created_at", "tags", *map(_neutralise, keys)])
         count = 0
-        for sub in self.list_subscribers(status):
+        for sub, tags in self._with_tags(self.list_subscribers(status)):
             writer.writerow(
                 [
                     _neutralise(sub.email),
                     _neutralise(sub.name),
                     sub.status.value,
                     sub.created_at.isoformat(),
+                    _neutralise(join_tags(tags)),
                     *(_neutralise(sub.fields.get(key, "")) for key in keys),
                 ]
             )
             count += 1
         return count
 
+    def _with_tags(
+        self, subscribers: Iterable[Subscriber]
+    ) -> Iterator[tuple[Subscriber, list[str]]]:
+        """Each subscriber with their tags, looked up a page at a time."""
+        source = iter(subscribers)
+        while page := list(itertools.islice(source, PAGE)):
+            ids = [sub.id for sub in page]
+            found: dict[int, list[str]] = {}
+            for subscriber_id, tag in self._all(
+                "SELECT subscriber_id, tag FROM subscriber_tags WHERE subscriber_id IN"
+                f" ({', '.join('?' * len(ids))}) ORDER BY subscriber_id, tag",
+                ids,
+            ):
+                found.setdefault(subscriber_id, []).append(tag)
+            for sub in page:
+                yield sub, found.get(sub.id, [])
+
     # -- import ----------------------------------------------------------------------------
 
     def import_csv(
-        self, path: Path, *, on_error: Callable[[RowError], None] | None = None
+        self,
+        path: Path,
+        *,
+        on_error: Callable[[RowError], None] | None = None,
+        mapping: ColumnMapping | None = None,
+        dry_run: bool = False,
     ) -> ImportReport:
         """Import subscribers from a CSV file; all good rows land in one transaction.
 
         Columns: ``email`` (required), ``name``, ``status`` (active or subscribed, pending,
         unsubscribed, bounced or cleaned, complained; honoured only for new rows, so an
-        exported list keeps its unsubscribes), a sign-up date (``signup_date``,
-        ``created_at``, ``optin_time``... see SIGNUP_DATE_COLUMNS: recorded with the
-        consent, with the file and line), ``updated_at``/``status_changed_at`` (ignored);
-        any other column becomes a field. UTF-8 (with or without Excel's BOM), separated
-        by ``,`` ``;`` or tabs. Duplicates merge (later non-empty cells win); existing
-        subscribers get new names/fields but never a new status, so an import never
-        reactivates anyone, and a suppressed address is never added back
-        (``ImportReport.suppressed``). Each bad row goes to ``on_error``.
+        exported list keeps its unsubscribes), ``tags`` (separated by ``;`` or ``,``; added,
+        never removed), a sign-up date (``signup_date``, ``created_at``, ``optin_time``... see
+        SIGNUP_DATE_COLUMNS: recorded with the consent, with the file and line),
+        ``consent_at`` (when the address confirmed: the consent's confirmation),
+        ``updated_at``/``status_changed_at`` (ignored); any other column becomes a field.
+        UTF-8 (with or without Excel's BOM), separated by ``,`` ``;`` or tabs. Duplicates
+        merge (later non-empty cells win); existing subscribers get new names/fields/tags but
+        never a new status, so an import never reactivates anyone, and a suppressed address
+        is never added back (``ImportReport.suppressed``). Each bad row goes to ``on_error``.
+
+        ``mapping`` (:mod:`.presets`) first turns another tool's columns into these.
+        ``dry_run`` reads and checks everything, counts what would happen, writes nothing.
         """
         path = Path(path)
         try:
@@ -718,18 +909,22 @@ class Store:
                 conn.execute(
                     "CREATE TEMP TABLE import_rows (line INTEGER PRIMARY KEY,"
                     " email_key TEXT NOT NULL UNIQUE, email TEXT NOT NULL, name TEXT NOT NULL,"
-                    " fields TEXT NOT NULL, status TEXT NOT NULL, signed_up TEXT)"
+                    " fields TEXT NOT NULL, status TEXT NOT NULL,"
+                    " tags TEXT NOT NULL DEFAULT '[]', signed_up TEXT, consent_at TEXT)"
                 )
                 # Staging writes only the temp database: other writers are not blocked.
                 conn.execute("BEGIN")
                 try:
-                    rows, good, errors, error_count = self._stage(conn, handle, path, on_error)
+                    staged = self._stage(conn, handle, path, on_error, mapping)
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-                with self._transaction() as tx:
-                    counts = self._merge_staged(tx, path.name)
+                if dry_run:
+                    counts = self._count_staged(conn)
+                else:
+                    with self._transaction() as tx:
+                        counts = self._merge_staged(tx, path.name)
             except UnicodeDecodeError:
                 raise StoreError(
                     "not UTF-8 text",
@@ -741,7 +936,8 @@ class Store:
             finally:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("DROP TABLE IF EXISTS temp.import_rows")
-        added, updated, matched, skipped, distinct, suppressed = counts
+        rows, good, errors, error_count, description = staged
+        added, updated, matched, skipped, distinct, suppressed, new_by_status = counts
         return ImportReport(
             path=path,
             rows=rows,
@@ -753,6 +949,9 @@ class Store:
             error_count=error_count,
             errors=tuple(errors),
             suppressed=suppressed,
+            new_by_status=MappingProxyType(new_by_status),
+            mapping=description,
+            dry_run=dry_run,
         )
 
     def _stage(
@@ -761,8 +960,10 @@ class Store:
         handle: TextIO,
         path: Path,
         on_error: Callable[[RowError], None] | None,
-    ) -> tuple[int, int, list[RowError], int]:
-        """Stream the CSV into temp.import_rows; returns (rows, good rows, errors, error count)."""
+        mapping: ColumnMapping | None = None,
+    ) -> tuple[int, int, list[RowError], int, tuple[str, ...]]:
+        """Stream the CSV into temp.import_rows; returns (rows, good rows, errors, error
+        count, the mapping's description)."""
         first = handle.readline()
         if not first.strip():
             raise StoreError(
@@ -783,6 +984,25 @@ class Store:
                     where=f"{path}:1",
                     hint="rename or remove one of them",
                 )
+            convert: Callable[[Sequence[str]], list[str]] | None = None
+            description: tuple[str, ...] = ()
+            if mapping is not None:
+                bound = mapping.bind(header, path)
+                convert, description = bound.convert, bound.description
+                header = list(bound.header)
+                lowered = [cell.lower() for cell in header]
+            else:
+                known = recognise(header)
+                if known is not None:
+                    # Its own status flags would be read as fields: readers that tool does
+                    # not mail would become active.
+                    preset_name, tool, column = known
+                    raise StoreError(
+                        f"this is a {tool} export (it has {column!r})",
+                        where=f"{path}:1",
+                        hint=f"import it with --from {preset_name}, which reads its columns"
+                        " and statuses (add --dry-run to see how)",
+                    )
             if "email" not in lowered:
                 raise StoreError(
                     f"no 'email' column (columns: {', '.join(header) or 'none'})",
@@ -797,7 +1017,19 @@ class Store:
                 (i for i, key in enumerate(keyed) if key in SIGNUP_DATE_COLUMNS),
                 key=lambda i: SIGNUP_DATE_COLUMNS.index(keyed[i]),
             )
-            ignored = {"email", "name", "status", "updated_at", "status_changed_at"}
+            tags_i = lowered.index("tags") if "tags" in lowered else None
+            consent_i = lowered.index("consent_at") if "consent_at" in lowered else None
+            extra_i = header.index(EXTRA_FIELDS) if EXTRA_FIELDS in header else None
+            ignored = {
+                "email",
+                "name",
+                "status",
+                "tags",
+                "consent_at",
+                "updated_at",
+                "status_changed_at",
+                EXTRA_FIELDS,
+            }
             field_cols = [
                 (i, header[i])
                 for i, key in enumerate(lowered)
@@ -819,9 +1051,14 @@ class Store:
                 if on_error is not None:
                     on_error(error)
 
+            def cell(row: Sequence[str], i: int | None) -> str:
+                return _restore(row[i].strip()) if i is not None and i < len(row) else ""
+
             # Only the columns this file needs are bound: each one costs 0.2 µs a row.
             columns = ["line", "email_key", "email", "name", "fields", "status"]
+            columns += ["tags"] if tags_i is not None else []
             columns += ["signed_up"] if date_cols else []
+            columns += ["consent_at"] if consent_i is not None else []
             insert = (
                 f"INSERT INTO import_rows ({', '.join(columns)})"
                 f" VALUES ({', '.join('?' * len(columns))}) ON CONFLICT (email_key) DO UPDATE SET"
@@ -829,7 +1066,12 @@ class Store:
                 " fields = CASE WHEN excluded.fields = '{}' THEN fields"
                 " ELSE json_patch(fields, excluded.fields) END,"
                 " status = CASE WHEN status = 'active' THEN excluded.status ELSE status END,"
-                " signed_up = coalesce(signed_up, excluded.signed_up)"
+                " tags = CASE WHEN excluded.tags = '[]' THEN tags WHEN tags = '[]'"
+                " THEN excluded.tags ELSE (SELECT json_group_array(value) FROM"
+                " (SELECT value FROM json_each(tags) UNION SELECT value"
+                " FROM json_each(excluded.tags))) END,"
+                " signed_up = coalesce(signed_up, excluded.signed_up),"
+                " consent_at = coalesce(consent_at, excluded.consent_at)"
             )
             batch: list[tuple[Any, ...]] = []
             fast = fast_normalize
@@ -848,14 +1090,21 @@ class Store:
                     )
                 if not row:
                     continue
+                if convert is not None and any(value.strip() for value in row):
+                    try:
+                        row = convert(row)
+                    except RowProblem as exc:
+                        rows += 1
+                        bad(line, str(exc))
+                        continue
                 email = _restore(row[email_i].strip()) if email_i < len(row) else ""
                 if not email:
-                    if any(cell.strip() for cell in row):
+                    if any(value.strip() for value in row):
                         rows += 1
                         bad(line, "no email address")
                     continue
                 rows += 1
-                if len(row) > width and any(cell.strip() for cell in row[width:]):
+                if len(row) > width and any(value.strip() for value in row[width:]):
                     bad(line, f"{len(row)} cells but the header names {width} columns")
                     continue
                 normalized = fast(email)
@@ -884,6 +1133,13 @@ class Store:
                 if len(name) > MAX_IMPORTED_NAME:
                     bad(line, f"the name has {len(name)} characters (at most {MAX_IMPORTED_NAME})")
                     continue
+                tags_json = "[]"
+                if tags_i is not None and (tags_cell := cell(row, tags_i)):
+                    try:
+                        tags_json = dumps(split_tags(tags_cell))
+                    except TagError as exc:
+                        bad(line, f"tags: {exc.message}")
+                        continue
                 signed_up: str | None = None
                 if date_cols:
                     given_date, date_i = next(
@@ -900,19 +1156,34 @@ class Store:
                                 f" {exc}; write it as YYYY-MM-DD (ISO 8601)",
                             )
                             continue
+                consent_at: str | None = None
+                if consent_i is not None and (consent_cell := cell(row, consent_i)):
+                    try:
+                        consent_at = parse_moment(consent_cell)
+                    except ValueError:
+                        bad(
+                            line, f"consent_at {consent_cell!r} is not a date (use e.g. 2026-01-31)"
+                        )
+                        continue
                 fields_json = "{}"
-                if field_cols:
+                if field_cols or extra_i is not None:
                     values = {
                         key: _restore(value)
                         for i, key in field_cols
                         if i < len(row) and (value := row[i].strip())
                     }
+                    if extra_i is not None and (extra := cell(row, extra_i)):
+                        values.update(json.loads(extra))
                     if values:
                         fields_json = dumps(values)
                 key = normalized.lower()
                 staged: tuple[Any, ...] = (line, key, normalized, name, fields_json, status)
+                if tags_i is not None:
+                    staged += (tags_json,)
                 if date_cols:
                     staged += (signed_up,)
+                if consent_i is not None:
+                    staged += (consent_at,)
                 batch.append(staged)
                 good += 1
                 if len(batch) >= IMPORT_CHUNK:
@@ -926,15 +1197,13 @@ class Store:
                 where=f"{path}:{reader.line_num}",
                 hint="check the quoting on that line",
             ) from None
-        return rows, good, errors, error_count
+        return rows, good, errors, error_count, description
 
     @staticmethod
-    def _merge_staged(
-        conn: sqlite3.Connection, file_name: str
-    ) -> tuple[int, int, int, int, int, int]:
-        """Merge temp.import_rows into subscribers;
-        (added, updated, matched, skipped, distinct, suppressed)."""
-        now = _now()
+    def _count_staged(
+        conn: sqlite3.Connection,
+    ) -> tuple[int, int, int, int, int, int, dict[str, int]]:
+        """What merging temp.import_rows would do, without doing it (a dry run)."""
         inactive = ", ".join(f"'{s.value}'" for s in INACTIVE)
         distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
         skipped = conn.execute(
@@ -946,48 +1215,114 @@ class Store:
             f" WHERE s.status NOT IN ({inactive})"
         ).fetchone()[0]
         updated = conn.execute(
+            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+            f" WHERE s.status NOT IN ({inactive}) AND ("
+            " (i.name <> '' AND i.name IS NOT s.name)"
+            " OR (i.fields <> '{}' AND json_patch(s.fields, i.fields) IS NOT s.fields)"
+            " OR EXISTS (SELECT 1 FROM json_each(i.tags) j WHERE NOT EXISTS"
+            "  (SELECT 1 FROM subscriber_tags t WHERE t.subscriber_id = s.id AND t.tag = j.value)))"
+        ).fetchone()[0]
+        new_by_status = dict(
+            conn.execute(
+                "SELECT i.status, count(*) FROM import_rows i WHERE NOT EXISTS"
+                " (SELECT 1 FROM subscribers s WHERE s.email_key = i.email_key)"
+                f"{_unsuppressed(conn)} GROUP BY i.status ORDER BY i.status"
+            ).fetchall()
+        )
+        added = sum(new_by_status.values())
+        suppressed = distinct - skipped - matched - added
+        return added, updated, matched, skipped, distinct, suppressed, new_by_status
+
+    @staticmethod
+    def _merge_staged(
+        conn: sqlite3.Connection, file_name: str
+    ) -> tuple[int, int, int, int, int, int, dict[str, int]]:
+        """Merge temp.import_rows into subscribers; (added, updated, matched, skipped,
+        distinct, suppressed, added per status)."""
+        now = _now()
+        detail = f"file {file_name}"
+        inactive = ", ".join(f"'{s.value}'" for s in INACTIVE)
+        distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
+        skipped = conn.execute(
+            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+            f" WHERE s.status IN ({inactive})"
+        ).fetchone()[0]
+        matched = conn.execute(
+            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+            f" WHERE s.status NOT IN ({inactive})"
+        ).fetchone()[0]
+        # A subscriber gaining a tag counts as updated too.
+        new_tags = (
+            "EXISTS (SELECT 1 FROM json_each(new.tags) j WHERE NOT EXISTS"
+            " (SELECT 1 FROM subscriber_tags t WHERE t.subscriber_id = subscribers.id"
+            "  AND t.tag = j.value))"
+        )
+        updated = conn.execute(
             "UPDATE subscribers SET name = new.name, fields = new.fields, updated_at = ?"
             " FROM (SELECT s.id AS id,"
             "   CASE WHEN i.name <> '' THEN i.name ELSE s.name END AS name,"
             "   CASE WHEN i.fields = '{}' THEN s.fields ELSE json_patch(s.fields, i.fields) END"
-            "     AS fields"
+            "     AS fields, i.tags AS tags"
             "   FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
             f"  WHERE s.status NOT IN ({inactive})) AS new"
             " WHERE subscribers.id = new.id"
-            " AND (subscribers.name IS NOT new.name OR subscribers.fields IS NOT new.fields)",
+            " AND (subscribers.name IS NOT new.name OR subscribers.fields IS NOT new.fields"
+            f"  OR (new.tags <> '[]' AND {new_tags}))",
             (now,),
         ).rowcount
         before = conn.execute("SELECT coalesce(max(id), 0) FROM subscribers").fetchone()[0]
         # A new row whose address is suppressed is left out. The hash is computed in SQL,
         # for the rows new to the list only (a re-import hashes nothing), and not at all
         # while nothing is suppressed.
-        unsuppressed = ""
-        if conn.execute("SELECT 1 FROM suppressions LIMIT 1").fetchone():
-            unsuppressed = (
-                " AND NOT EXISTS (SELECT 1 FROM suppressions p WHERE p.address_hash ="
-                f" suppression_hash({_HASH_KEY}, i.email_key))"
-            )
+        unsuppressed = _unsuppressed(conn)
         import_id = conn.execute(
             "INSERT INTO imports (file, imported_at) VALUES (?, ?)", (file_name, now)
         ).lastrowid
-        # The consent of each row added (the file, its line, a sign-up date) is written
-        # with it.
+        tagged = bool(
+            conn.execute("SELECT 1 FROM import_rows WHERE tags <> '[]' LIMIT 1").fetchone()
+        )
+        # Tags new to subscribers already in the list: one history line each.
+        if tagged:
+            conn.execute(
+                f"INSERT INTO {_EVENT_COLUMNS}"
+                " SELECT s.id, s.status, s.status, 'tag',"
+                " ? || ': +' || group_concat(j.value, ' +'), ?"
+                " FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key,"
+                " json_each(i.tags) j"
+                f" WHERE i.tags <> '[]' AND s.status NOT IN ({inactive}) AND NOT EXISTS"
+                " (SELECT 1 FROM subscriber_tags t"
+                "  WHERE t.subscriber_id = s.id AND t.tag = j.value)"
+                " GROUP BY s.id ORDER BY s.id",
+                (detail, now),
+            )
+        # The consent of each row added (the file, its line, a sign-up date, a
+        # confirmation time) is written with it.
         added = conn.execute(
             "INSERT INTO subscribers (email, email_key, name, fields, status, created_at,"
-            " updated_at, status_changed_at, import_id, import_line, signed_up)"
+            " updated_at, status_changed_at, import_id, import_line, signed_up,"
+            " import_confirmed_at)"
             " SELECT i.email, i.email_key, i.name, i.fields, i.status, ?1, ?1, ?1, ?2, i.line,"
-            " i.signed_up FROM import_rows i"
+            " i.signed_up, i.consent_at FROM import_rows i"
             " WHERE NOT EXISTS (SELECT 1 FROM subscribers s WHERE s.email_key = i.email_key)"
             f"{unsuppressed} ORDER BY i.line",
             (now, import_id),
         ).rowcount
         suppressed = distinct - skipped - matched - added
+        if tagged:
+            conn.execute(
+                "INSERT INTO subscriber_tags (subscriber_id, tag, added_at)"
+                " SELECT s.id, j.value, ? FROM import_rows i"
+                " JOIN subscribers s ON s.email_key = i.email_key, json_each(i.tags) j"
+                f" WHERE i.tags <> '[]' AND (s.id > ? OR s.status NOT IN ({inactive}))"
+                " ON CONFLICT DO NOTHING",
+                (now, before),
+            )
         # New ids are all above the old maximum: we hold the write lock.
         # One statement for all the subscribers the import added (it may be a million).
         conn.execute(
             f"INSERT INTO {_EVENT_COLUMNS}"
             " SELECT id, NULL, status, 'import', ?, ? FROM subscribers WHERE id > ?",
-            (f"file {file_name}", now, before),
+            (detail, now, before),
         )
         conn.execute(
             "INSERT INTO suppressions (address_hash, reason, at)"
@@ -996,7 +1331,14 @@ class Store:
             " ON CONFLICT (address_hash) DO NOTHING",
             (now, before),
         )
-        return added, updated, matched, skipped, distinct, suppressed
+        new_by_status = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM subscribers WHERE id > ?"
+                " GROUP BY status ORDER BY status",
+                (before,),
+            ).fetchall()
+        )
+        return added, updated, matched, skipped, distinct, suppressed, new_by_status
 
     # -- the delivery ledger ---------------------------------------------------------------
 
@@ -1070,37 +1412,75 @@ class Store:
                 (_now(), issue_key),
             ).rowcount
 
-    def snapshot_recipients(self, issue_key: str, *, include_new: bool = False) -> int:
+    def snapshot_recipients(
+        self, issue_key: str, *, include_new: bool = False, segment: Segment | None = None
+    ) -> int:
         """Fix the recipients of ``issue_key``; returns how many ledger rows were added.
 
-        The first call queues every active subscriber and records the time. Later calls
-        add nobody, unless ``include_new``: then active subscribers without a row are
-        queued. With no active subscriber the first call records nothing.
+        The first call queues every active subscriber who has not paused (and, with a
+        ``segment``, is in it), and records the time and the segment. Later calls add
+        nobody, unless ``include_new``: then such subscribers without a row are queued,
+        within the same segment. A segment other than the recorded one is a DeliveryError
+        naming it. With nobody to send to, the first call records nothing.
         """
         now = _now()
+        where, params = _recipient_filter(segment)
         with self._transaction() as conn:
             known = conn.execute(
-                "SELECT 1 FROM issue_sends WHERE issue_key = ?", (issue_key,)
+                "SELECT segment FROM issue_sends WHERE issue_key = ?", (issue_key,)
             ).fetchone()
-            if known and not include_new:
-                return 0
-            if not known:
+            if known is not None:
+                self._check_segment(issue_key, known[0], segment)
+                if not include_new:
+                    return 0
+            else:
                 if not conn.execute(
-                    "SELECT 1 FROM subscribers WHERE status = 'active' LIMIT 1"
+                    f"SELECT 1 FROM subscribers s WHERE {where} LIMIT 1", params
                 ).fetchone():
                     return 0
                 conn.execute(
-                    "INSERT INTO issue_sends (issue_key, snapshot_at) VALUES (?, ?)",
-                    (issue_key, now),
+                    "INSERT INTO issue_sends (issue_key, snapshot_at, segment, segment_filter)"
+                    " VALUES (?, ?, ?, ?)",
+                    (
+                        issue_key,
+                        now,
+                        "" if segment is None else segment.name,
+                        "" if segment is None else segment.expression,
+                    ),
                 )
             return conn.execute(
                 "INSERT INTO deliveries (issue_key, subscriber_id, state, updated_at)"
-                " SELECT ?1, s.id, 'queued', ?2 FROM subscribers s WHERE s.status = 'active'"
+                f" SELECT ?, s.id, 'queued', ? FROM subscribers s WHERE {where}"
                 " AND NOT EXISTS (SELECT 1 FROM deliveries d"
-                "   WHERE d.issue_key = ?1 AND d.subscriber_id = s.id)"
+                "   WHERE d.issue_key = ? AND d.subscriber_id = s.id)"
                 " ORDER BY s.id",
-                (issue_key, now),
+                (issue_key, now, *params, issue_key),
             ).rowcount
+
+    def _check_segment(self, issue_key: str, recorded: str, segment: Segment | None) -> None:
+        given = "" if segment is None else segment.name
+        if given == recorded:
+            return
+        first = f"segment {recorded}" if recorded else "every active subscriber (no segment)"
+        raise DeliveryError(
+            f"issue {issue_key} went to {first} at its first send;"
+            f" {'segment ' + given if given else 'a send without a segment'} cannot change that",
+            where=self._where,
+            hint=f"send it with --segment {recorded}"
+            if recorded
+            else "send it without --segment (and no segment: in issue.md)",
+        )
+
+    def issue_segment(self, issue_key: str) -> str | None:
+        """The segment ``issue_key`` went to ("" for everyone), or None if never sent."""
+        row = self._one("SELECT segment FROM issue_sends WHERE issue_key = ?", (issue_key,))
+        return None if row is None else str(row[0])
+
+    def check_issue_segment(self, issue_key: str, segment: Segment | None) -> None:
+        """DeliveryError when ``issue_key`` was first sent to another segment than this."""
+        recorded = self.issue_segment(issue_key)
+        if recorded is not None:
+            self._check_segment(issue_key, recorded, segment)
 
     def issue_snapshot(self, issue_key: str) -> IssueSnapshot | None:
         """When the recipients of ``issue_key`` were fixed, or None if never sent."""
@@ -1136,7 +1516,11 @@ class Store:
             return []
         now = _now()
         skip_sql, skip_params = _domain_filter(skip_domains)
-        columns = f"d.attempts, {_SUBSCRIBER_COLUMNS}"
+        # The last column: whether the reader paused (a `paused` tag) since the snapshot.
+        columns = (
+            f"d.attempts, {_SUBSCRIBER_COLUMNS}, EXISTS (SELECT 1 FROM subscriber_tags t"
+            " WHERE t.subscriber_id = s.id AND t.tag = ?)"
+        )
         # The planner, without statistics, would walk the primary key (every row of the
         # issue) to get subscriber_id order; the state index gives it too, per state.
         joined = (
@@ -1150,18 +1534,18 @@ class Store:
                 rows = conn.execute(
                     f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'queued'"
                     f"{skip_sql} ORDER BY d.subscriber_id LIMIT ?",
-                    (issue_key, *skip_params, want),
+                    (PAUSED, issue_key, *skip_params, want),
                 ).fetchall()
                 if len(rows) < want:
                     rows += conn.execute(
                         f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'deferred'"
                         f" AND d.retry_at <= ?{skip_sql} ORDER BY d.subscriber_id LIMIT ?",
-                        (issue_key, now, *skip_params, want - len(rows)),
+                        (PAUSED, issue_key, now, *skip_params, want - len(rows)),
                     ).fetchall()
                 if not rows:
                     break
-                active = [r for r in rows if r[5] == Status.ACTIVE]
-                gone = [r for r in rows if r[5] != Status.ACTIVE]
+                active = [r for r in rows if r[5] == Status.ACTIVE and not r[-1]]
+                gone = [r for r in rows if r[5] != Status.ACTIVE or r[-1]]
                 conn.executemany(
                     "UPDATE deliveries SET state = 'sending', attempts = attempts + 1,"
                     " claimed_by = ?, updated_at = ? WHERE issue_key = ? AND subscriber_id = ?",
@@ -1170,10 +1554,10 @@ class Store:
                 conn.executemany(
                     "UPDATE deliveries SET state = 'cancelled', retry_at = NULL, updated_at = ?,"
                     " last_reply = ? WHERE issue_key = ? AND subscriber_id = ?",
-                    [(now, f"not sent: subscriber is {r[5]}", issue_key, r[1]) for r in gone],
+                    [(now, _not_sent(r[5], bool(r[-1])), issue_key, r[1]) for r in gone],
                 )
                 claimed.extend(
-                    ClaimedRecipient(issue_key, _subscriber(r[1:]), r[0] + 1) for r in active
+                    ClaimedRecipient(issue_key, _subscriber(r[1:-1]), r[0] + 1) for r in active
                 )
         return claimed
 
@@ -1257,13 +1641,15 @@ class Store:
             counts[DeliveryState(state)] = number
         return counts
 
-    def count_new_subscribers(self, issue_key: str) -> int:
-        """Active subscribers with no ledger row for ``issue_key`` (all of them before
-        its first send; afterwards, those a send adds only with ``include_new``)."""
+    def count_new_subscribers(self, issue_key: str, segment: Segment | None = None) -> int:
+        """Recipients (active, not paused, in ``segment``) with no ledger row for
+        ``issue_key``: all of them before its first send; afterwards, those a send adds
+        only with ``include_new``."""
+        where, params = _recipient_filter(segment)
         row = self._one(
-            "SELECT count(*) FROM subscribers s WHERE s.status = 'active' AND NOT EXISTS"
+            f"SELECT count(*) FROM subscribers s WHERE {where} AND NOT EXISTS"
             " (SELECT 1 FROM deliveries d WHERE d.issue_key = ? AND d.subscriber_id = s.id)",
-            (issue_key,),
+            (*params, issue_key),
         )
         return int(row[0])
 
@@ -2014,7 +2400,7 @@ class Store:
                 Consent(r[0], r[1], _dt(r[2]), r[3], _opt_dt(r[4]))
                 for r in conn.execute(
                     "SELECT * FROM (SELECT 'import', m.file || ':' || s.import_line,"
-                    "   m.imported_at, coalesce(s.signed_up, ''), NULL, 0"
+                    "   m.imported_at, coalesce(s.signed_up, ''), s.import_confirmed_at, 0"
                     "   FROM subscribers s JOIN imports m ON m.id = s.import_id WHERE s.id = ?1"
                     " UNION ALL SELECT source, origin, recorded_at, signed_up, confirmed_at, id"
                     "   FROM consents WHERE subscriber_id = ?1)"

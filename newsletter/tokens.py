@@ -1,4 +1,4 @@
-"""Signed, opaque tokens for unsubscribe and confirmation links.
+"""Signed, opaque tokens for unsubscribe, confirmation and preferences links.
 
 A token names what it is for, whom and which issue, and carries an HMAC so it
 cannot be forged or altered. The key comes from the environment only.
@@ -21,6 +21,8 @@ UNSUBSCRIBE_PURPOSE = (
     "unsubscribe"  # subject "<subscriber id>:<address_fingerprint>", context the issue
 )
 CONFIRM_PURPOSE = "confirm"  # subject the subscriber id, context address_fingerprint(address)
+# The reader's preferences page: subject "<subscriber id>:<address_fingerprint>", context the issue.
+PREFERENCES_PURPOSE = "preferences"
 # A per-recipient envelope sender (VERP): bounces+TOKEN@domain names subscriber and issue.
 VERP_PURPOSE = "verp"
 _VERP_MAC_CHARS = 16  # base32: 80 bits

@@ -38,6 +38,7 @@ from .pacing import start_of_day
 from .progress import ProgressLines
 from .render import RenderedIssue, render_issue
 from .schedule import parse_when, preflight, schedule_issue
+from .segments import require_segment
 from .store import Store
 
 LOG = logging.getLogger("newsletter.worker")
@@ -298,6 +299,16 @@ class Worker:
     def _run(self, key: str, rendered: RenderedIssue, *, kind: str) -> Job:
         scheduled = kind == "send"
         retry_at = self.clock() + dt.timedelta(minutes=self.config.worker.retry_minutes)
+        # The segment it goes to: issue.md's for a scheduled send (as `send` reads it); the
+        # one its first send recorded for a retry, which only resumes that snapshot.
+        name = rendered.issue.segment if scheduled else (self.store.issue_segment(key) or "")
+        try:
+            segment = require_segment(self.config.segments, name) if name else None
+        except NewsletterError as exc:
+            if scheduled:
+                return self._failed(key, str(exc))
+            LOG.error("issue %s: %s", key, exc, extra={"event": f"{kind}-error", "issue": key})
+            return Job(kind, False, str(exc), key)
         try:
             prepared = delivery.prepare_send(
                 self.config, rendered, self.store, outbound=self.outbound
@@ -306,7 +317,9 @@ class Worker:
                 lambda line: self.progress_line(f"issue {key}: {line}"),
                 every=self.config.worker.progress_seconds,
             )
-            report = prepared.run(delivery.SendOptions(), progress=lines, stop=self.stop)
+            report = prepared.run(
+                delivery.SendOptions(segment=segment), progress=lines, stop=self.stop
+            )
         except DeliveryError as exc:
             # Another send of this issue is running (a `send` by hand): it does the work.
             LOG.warning("%s", exc, extra={"event": f"{kind}-busy", "issue": key})

@@ -116,8 +116,8 @@ def test_export_to_stdout_and_to_a_file(workspace: Path) -> None:
     out = run(workspace, "export")
     assert out.exit_code == 0
     lines = out.stdout.splitlines()
-    assert lines[0] == "email,name,status,created_at,plan"
-    assert lines[1].startswith("a@example.com,A,active,") and lines[1].endswith(",pro")
+    assert lines[0] == "email,name,status,created_at,tags,plan"
+    assert lines[1].startswith("a@example.com,A,active,") and lines[1].endswith(",,pro")
     target = workspace / "out" / "export.csv"
     target.parent.mkdir()
     written = run(workspace, "export", str(target))

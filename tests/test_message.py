@@ -116,13 +116,21 @@ def test_decoded_parts_equal_the_rendered_issue_with_values_filled_in(
     out = template.personalise(ANN)
     _, text, markup = parse_message(out.data)
     link = template.unsubscribe_link(ANN)
-    values = {"first_name": "Ann", "email": "ann@example.org", "name": "Ann Lee"}
+    preferences = template.preferences_link(ANN)
+    values = {
+        "first_name": "Ann",
+        "email": "ann@example.org",
+        "name": "Ann Lee",
+        "unsubscribe_url": link,
+        "preferences_url": preferences,
+    }
     expected_text, expected_html = rendered.text, rendered.html
     for token, key in rendered.placeholders.items():
-        value = values.get(key, link if key == "unsubscribe_url" else "")
+        value = values.get(key, "")
         expected_text = expected_text.replace(token, value)
         expected_html = expected_html.replace(token, value)
     assert link.startswith("https://example.org/ledger/u/")
+    assert preferences.startswith("https://example.org/ledger/p/")
     assert (text, markup) == (expected_text, expected_html)
 
 

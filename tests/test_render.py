@@ -283,7 +283,12 @@ def test_missing_preheader_is_a_warning(issue: Issue, cfg: Config) -> None:
 
 
 def test_placeholders_are_the_only_per_recipient_parts(rendered: RenderedIssue) -> None:
-    assert sorted(rendered.placeholders.values()) == ["email", "first_name", "unsubscribe_url"]
+    assert sorted(rendered.placeholders.values()) == [
+        "email",
+        "first_name",
+        "preferences_url",
+        "unsubscribe_url",
+    ]
     for token in rendered.placeholders:
         assert token in rendered.html
     assert set(render.find_placeholders(rendered.text)) <= set(rendered.placeholders)

@@ -391,7 +391,7 @@ def test_export_neutralises_formulas_and_import_gives_them_back(
     out = io.StringIO()
     store.export_csv(out)
     rows = list(csv.reader(io.StringIO(out.getvalue())))
-    assert rows[0] == ["email", "name", "status", "created_at", "'=key", "note"]
+    assert rows[0] == ["email", "name", "status", "created_at", "tags", "'=key", "note"]
     cells = [cell for row in rows for cell in row]
     assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
     assert rows[-1][:2] == ["'=cmd@example.com", "Plain O'Neil"] and rows[-1][-1] == "it's fine"

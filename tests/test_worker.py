@@ -23,6 +23,7 @@ from newsletter.cli import main
 from newsletter.config import BounceSettings, Config, WorkerSettings
 from newsletter.errors import DeliveryError, ScheduleError
 from newsletter.models import DeliveryState, ScheduleState
+from newsletter.segments import make_segment
 from newsletter.store import Store
 from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY, copy_example
 from tests.support.delivery import copies, fill, for_server, nonzero, with_state
@@ -260,6 +261,49 @@ def test_a_deferred_recipient_is_retried_by_the_worker_alone(
         entry = site.store.ledger_entry(EXAMPLE_SLUG, slow)
     assert entry is not None and entry.attempts == 3  # deferred twice, then sent
     assert copies(server.messages) == dict.fromkeys(site.active, 1)
+
+
+def with_segment(site: Site, name: str, expression: str) -> content.Issue:
+    """Issue 1 with ``segment: NAME`` in its issue.md, and that [segments] entry."""
+    site.cfg = dataclasses.replace(site.cfg, segments={name: make_segment(name, expression)})
+    path = site.cfg.issues_dir / EXAMPLE_SLUG / content.ISSUE_FILE
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("---\n", f"---\nsegment: {name}\n", 1), encoding="utf-8")
+    return issue_one(site.cfg)
+
+
+def test_the_worker_sends_and_retries_within_the_segment_of_issue_md(
+    cfg: Config, tmp_path: Path, smtp_server: ServerFactory
+) -> None:
+    slow = "eamon@example.com"
+    server = smtp_server(Faults(rcpt={slow: "451 4.2.1 try later"}, rcpt_times={slow: 2}))
+    site = make_site(cfg, tmp_path, server, retries=0)
+    site.cfg = fast_worker(site.cfg, retry_minutes=0.01)  # parked 0.6 s, then retried
+    members = {slow, sorted(site.active - {slow})[0]}
+    for address in members:
+        site.store.change_tags(address, add=["europe"])
+    assert with_segment(site, "europe", "tag:europe").segment == "europe"
+    with site.store:
+        site.store.set_schedule(EXAMPLE_SLUG, dt.datetime.now(UTC) - dt.timedelta(seconds=1))
+        with running_worker(site.cfg, site.store):
+            wait_for(
+                lambda: site.store.ledger_counts(EXAMPLE_SLUG)[S.SENT] == len(members),
+                20,
+                "the segment's deferred recipient to be sent",
+            )
+        assert site.store.issue_segment(EXAMPLE_SLUG) == "europe"
+        entry = site.store.ledger_entry(EXAMPLE_SLUG, slow)
+    assert entry is not None and entry.attempts == 3  # deferred twice, then sent
+    assert copies(server.messages) == dict.fromkeys(members, 1)
+
+
+def test_scheduling_refuses_a_segment_that_is_not_in_the_config(site: Site) -> None:
+    issue = with_segment(site, "europe", "tag:europe")
+    site.cfg = dataclasses.replace(site.cfg, segments={})
+    future = dt.datetime.now(UTC) + dt.timedelta(days=1)
+    with pytest.raises(ScheduleError, match="no segment 'europe' in \\[segments\\]"):
+        schedule.schedule_issue(site.cfg, site.store, issue, schedule.When(future))
+    assert site.store.get_schedule(EXAMPLE_SLUG) is None
 
 
 def test_an_issue_that_fails_the_checks_at_send_time_is_not_sent(
