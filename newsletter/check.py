@@ -354,9 +354,10 @@ def _check_online(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
     """Request every image and link of the email; each failure is an error."""
     from . import linkcheck
 
+    # A fragment never reaches the server: the contents' page#article-N are one request.
     wanted = list(
         dict.fromkeys(
-            (kind, url)
+            (kind, url.split("#", 1)[0])
             for kind, url, _line in _email_urls(rendered)
             if url.lower().startswith(("http://", "https://"))
         )

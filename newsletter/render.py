@@ -310,10 +310,23 @@ def _tokens_html(
     _rewrite_images(
         tokens, asset_base, warnings if warnings is not None else [], where, widths, missing
     )
+    _shift_headings(tokens)
     rendered = str(md.renderer.render(tokens, md.options, {}))
     if _has_raw_html(tokens):
         rendered = _clean_html(rendered)
     return _captioned_images(rendered)
+
+
+# The masthead is the h1 and an article's title its h2: the Markdown's own headings go
+# below them (# and ## become h3, ### h4, ...), so a sub-heading never reads as a new article.
+FIRST_BODY_HEADING = 3
+
+
+def _shift_headings(tokens: Sequence[Token]) -> None:
+    for token in tokens:
+        if token.type in ("heading_open", "heading_close"):
+            level = int(token.tag[1:])
+            token.tag = f"h{min(max(level + 1, FIRST_BODY_HEADING), 6)}"
 
 
 def _has_raw_html(tokens: Sequence[Token]) -> bool:
@@ -920,8 +933,10 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     web_ctx = dict(email_ctx, recipient=RecipientPlaceholders(None), web=True)
     web_ctx["articles"] = email_ctx["articles"]
     # Browsers read <style> blocks, so the web page skips premailer's inlining.
-    web_html = mjml_to_html(
-        _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
+    web_html = web_landmarks(
+        mjml_to_html(
+            _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
+        )
     )
     if not issue.preheader:
         warnings.append(
@@ -949,6 +964,31 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
             **{**rendered.__dict__, "warnings": tuple(dict.fromkeys(warnings))}
         )
     return rendered
+
+
+_LANDMARK = re.compile(r"<!--(/?)landmark:(header|nav|main|footer)-->")
+# MJML's wrapper announces an email (role="article"): right in a mail client, but on a web
+# page it would make the page's header and footer parts of an article, not landmarks.
+_EMAIL_ROLE = re.compile(
+    r'(<div)\s+aria-label="[^"]*"|\s+aria-roledescription="email"|\s+role="article"'
+)
+
+
+def web_landmarks(markup: str) -> str:
+    """The web page's ``<!--landmark:main-->`` markers as the elements they stand for.
+
+    MJML cannot put an element around its sections, so the theme marks where the page's
+    header, main and footer start and end (on the web page only; an email sits inside
+    the client's own page, which has its own).
+    """
+    if not _LANDMARK.search(markup):
+        return markup
+    body = markup.find("<body")
+    start = markup.find("<div", body)
+    end = markup.find(">", start) + 1
+    wrapper = _EMAIL_ROLE.sub(lambda m: m.group(1) or "", markup[start:end])
+    markup = markup[:start] + wrapper + markup[end:]
+    return _LANDMARK.sub(lambda m: f"<{m.group(1)}{m.group(2)}>", markup)
 
 
 def _tidy_text(text: str) -> str:

@@ -202,6 +202,75 @@ def test_layout_is_one_column_at_most_600px(rendered: RenderedIssue) -> None:
     assert "mj-column-per-100" in rendered.html
 
 
+def test_masthead_is_the_h1_titles_h2_and_article_headings_smaller(
+    rendered: RenderedIssue, cfg: Config
+) -> None:
+    for markup in (rendered.html, rendered.web_html):
+        root = parse_strict(markup)
+        (h1,) = root.xpath("//h1")
+        assert h1.text_content() == cfg.newsletter.name
+        titles = root.xpath("//h2[starts-with(@id, 'article-')]")
+        assert [t.get("id") for t in titles] == [f"article-{n}" for n in range(1, 6)]
+        # The Markdown's own ## headings sit below the titles: h3, never h2.
+        sub = [h.text_content() for h in root.xpath("//h3")]
+        assert "A promenade timeline" in sub and "Why benches disappeared" in sub
+        assert not [h for h in root.xpath("//h2") if h.text_content() in sub]
+    root = parse_strict(rendered.html)
+
+    def size(element: lxml.html.HtmlElement) -> int:
+        return int(re.search(r"font-size:\s*(\d+)px", element.get("style")).group(1))
+
+    title, heading = root.xpath("//h2[@id='article-1']")[0], root.xpath("//h3")[0]
+    assert size(heading) < size(title)
+    assert "sans-serif" in heading.get("style") and "sans-serif" not in title.get("style")
+
+
+def test_heading_levels_shift_below_the_article_title() -> None:
+    markup = render.markdown_html("# One\n\n## Two\n\n### Three\n\n###### Six\n")
+    assert re.findall(r"<(h\d)>", markup) == ["h3", "h3", "h4", "h6"]
+    assert "TWO" in render.markdown_text("## Two\n")  # the text part is unchanged
+
+
+def test_contents_link_to_the_web_page_which_every_client_opens(
+    rendered: RenderedIssue, cfg: Config
+) -> None:
+    web_url = cfg.public_urls.issue(EXAMPLE_SLUG)
+    email_links = parse_strict(rendered.html).xpath("//ol[contains(@class, 'toc')]//a/@href")
+    assert email_links == [f"{web_url}#article-{n}" for n in range(1, 6)]
+    web = parse_strict(rendered.web_html)
+    assert web.xpath("//nav//ol//a/@href") == [f"#article-{n}" for n in range(1, 6)]
+    for n in range(1, 6):
+        assert web.xpath(f"//*[@id='article-{n}']")
+    # The web page is a page: header, main and footer landmarks, not an email "article".
+    assert [e.tag for e in web.xpath("//body//*[self::header or self::main or self::footer]")] == [
+        "header",
+        "main",
+        "footer",
+    ]
+    assert not web.xpath("//*[@role='article']")
+    assert "<!--landmark" not in rendered.web_html and "landmark:" not in rendered.html
+
+
+def test_no_inline_font_size_under_14px_in_the_body(rendered: RenderedIssue) -> None:
+    """Clients that drop <style> (and its media queries) show the inline sizes."""
+    root = parse_strict(rendered.html)
+    too_small = []
+    for element in root.xpath("//body//*"):
+        if hidden(element) or not (element.text or "").strip():
+            continue
+        sized = next(
+            (
+                int(match.group(1))
+                for e in (element, *element.iterancestors())
+                if (match := re.search(r"font-size:\s*(\d+)px", e.get("style") or ""))
+            ),
+            None,
+        )
+        if sized is not None and sized < 14:
+            too_small.append((sized, element.text.strip()[:30]))
+    assert too_small == []
+
+
 def test_text_part_carries_the_content(rendered: RenderedIssue, issue: Issue) -> None:
     text = rendered.text
     for article in issue.articles:
