@@ -37,6 +37,8 @@ class ImageInfo:
     format: str  # PNG, JPEG, GIF or WEBP
     size: int  # bytes on disk
     animated: bool = False
+    # Has see-through pixels: on a client's dark ground its dark lines can vanish.
+    transparent: bool = False
 
     @property
     def display_width(self) -> int:
@@ -69,6 +71,8 @@ def info(path: Path) -> ImageInfo:
                 format=str(image.format or ""),
                 size=stat.st_size,
                 animated=bool(getattr(image, "is_animated", False)),
+                transparent=image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+                or "transparency" in image.info,
             )
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ContentError(

@@ -938,6 +938,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
             _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
         )
     )
+    warnings.extend(_transparent_images(issue))
     if not issue.preheader:
         warnings.append(
             f"{issue.path / 'issue.md'}: no preheader; "
@@ -1010,6 +1011,21 @@ def _assets(issue: Issue) -> Iterator[tuple[Path, str]]:
             if relative not in seen:
                 seen.add(relative)
                 yield source, relative
+
+
+def _transparent_images(issue: Issue) -> Iterator[str]:
+    """A warning for each image with see-through parts.
+
+    The dark theme gives images a light ground, but clients that darken an email by
+    themselves (Gmail's apps, Outlook for Windows) put a dark one behind them, where a
+    dark drawing or logo on a transparent background disappears.
+    """
+    for source, relative in _assets(issue):
+        if source.is_file() and images.info(source).transparent:
+            yield (
+                f"{source}: image '{relative}' is transparent: in dark mode some clients show"
+                " it on a dark ground, where dark lines vanish; give it a solid light background"
+            )
 
 
 def find_placeholders(text: str) -> list[str]:

@@ -772,3 +772,22 @@ def test_text_part_keeps_loose_lists_and_multi_paragraph_quotes_readable() -> No
         "Intro.\n\n1. First item.\n\n   Its second paragraph.\n\n2. Second item.\n\n"
         "- a\n- b\n\n> Quote one.\n>\n> Quote two.\n\nAfter."
     )
+
+
+def test_a_transparent_image_is_a_dark_mode_warning(issue: Issue, cfg: Config) -> None:
+    from PIL import Image
+
+    images = issue.path / "images"
+    Image.new("RGBA", (40, 20), (0, 0, 0, 0)).save(images / "logo.png")
+    Image.new("RGB", (40, 20), (250, 250, 250)).save(images / "solid.png")
+    lead = issue.articles[0]
+    article = dataclasses.replace(
+        lead,
+        body=lead.body + "\n\n![A logo](../images/logo.png)\n\n![A box](../images/solid.png)\n",
+    )
+    result = render.render_issue(dataclasses.replace(issue, articles=(article,)), cfg)
+    (warning,) = [w for w in result.warnings if "transparent" in w]
+    assert "images/logo.png" in warning and "dark" in warning
+    assert str(images / "logo.png") in warning
+    # The dark look gives images a light ground to stand on where the client honours it.
+    assert re.search(r"img \{ background-color: #[0-9a-f]{6} !important; \}", result.html)
