@@ -275,7 +275,13 @@ def issue_show(ctx: Context, issue_ref: str) -> None:
         from . import images
 
         rendered = render.render_issue(item, cfg)
-        note = "  (over Gmail's ~102 KB clip!)" if rendered.over_gmail_clip else ""
+        if rendered.over_gmail_clip:
+            note = "  (over Gmail's ~102 KB clip!)"
+        else:
+            note = (
+                f", {rendered.visible_share:.0%} of it text; about"
+                f" {rendered.words_before_clip:,} more words fit before Gmail's ~102 KB clip"
+            )
         click.echo(f"Email HTML: {_kb(rendered.html_size)}{note}")
         weight = images.weight(source for source, _ in rendered.assets)
         click.echo(f"Images:     {weight.describe()}")

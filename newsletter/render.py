@@ -80,6 +80,24 @@ class RenderedIssue:
     def over_gmail_clip(self) -> bool:
         return self.html_size > GMAIL_CLIP_BYTES
 
+    @property
+    def visible_share(self) -> float:
+        """How much of the email's HTML is text a reader sees (the rest is markup)."""
+        return len(visible_text(self.html).encode("utf-8")) / max(self.html_size, 1)
+
+    @property
+    def words_before_clip(self) -> int:
+        """About how many more words fit before Gmail clips the email.
+
+        Each word the issue has now brings its share of all the markup, so this errs
+        on the safe side: a new paragraph costs less than the average word did.
+        """
+        words = len(visible_text(self.html).split())
+        room = GMAIL_CLIP_BYTES - self.html_size
+        if room <= 0 or not words:
+            return 0
+        return int(room / (self.html_size / words))
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -800,8 +818,21 @@ def _template_location(exc: BaseException) -> str | None:
     return location
 
 
-def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = True) -> str:
-    """MJML to email HTML with CSS inlined; media queries stay in <style>."""
+def mjml_to_html(
+    source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = True, compact: bool = True
+) -> str:
+    """MJML to email HTML with CSS inlined; media queries stay in <style>.
+
+    As in MJML itself, an ``<mj-style inline="inline">`` is inlined and not kept in
+    ``<head>`` (only what cannot be inlined, such as a media query, stays there). The
+    rest is made smaller without changing what a client shows (:func:`merge_sections`,
+    :func:`compact_html`); ``compact=False`` skips all three, for comparing. With
+    ``inline=False`` (the web page, for browsers) every style stays in ``<head>``.
+    """
+    css: list[str] = []
+    if inline and compact:
+        css = [match.group(1) for match in _INLINE_STYLE.finditer(source)]
+        source = merge_sections(_INLINE_STYLE.sub("", source))
     try:
         raw = mjml.mjml2html(source, fonts={})
     except ValueError as exc:
@@ -817,13 +848,14 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         keep_style_tags=True,
         remove_classes=False,
         disable_validation=True,
+        css_text=css,
         # Keep the pixel width="..." that MJML and the theme put on images: premailer would
         # overwrite it with CSS's "100%" (and add height="auto"), and Outlook for Windows
         # then shows each image at its natural size.
         disable_basic_attributes=["width", "height"],
         # This step parses every <img> style with cssutils (slow) to look for a float;
         # without "float" in any CSS or <img> tag it cannot find one.
-        align_floating_images=_may_float(raw),
+        align_floating_images=_may_float(raw) or any("float" in c.lower() for c in css),
         cssutils_logging_level=logging.CRITICAL,
     )
     inlined = str(inliner.transform(raw, pretty_print=False)).replace(
@@ -831,7 +863,89 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
     )
     if not inlined.lstrip().lower().startswith("<!doctype"):
         inlined = "<!doctype html>\n" + inlined
-    return inlined
+    return compact_html(inlined) if compact else inlined
+
+
+# A section and its one column, both with only their default attributes.
+_PLAIN_SECTION = re.compile(
+    r"<mj-section>\s*<mj-column>"
+    r"((?:(?!<mj-(?:section|column|wrapper|group|raw)\b|</mj-(?:section|column)>).)*)"
+    r"</mj-column>\s*</mj-section>",
+    re.S,
+)
+_ATTRIBUTES = re.compile(r"<mj-attributes>(.*?)</mj-attributes>", re.S)
+
+
+def merge_sections(source: str) -> str:
+    """MJML with each run of adjacent plain one-column sections made one section.
+
+    Every section costs about a kilobyte of tables and Outlook comments. Sections with no
+    padding of their own (the theme's mj-attributes say ``padding="0"``) and one column
+    stack exactly as one section whose column holds all their content. Anything else
+    (other attributes, several columns, a padding by default) is left as it is.
+    """
+    defaults = " ".join(_ATTRIBUTES.findall(source))
+    if not re.search(r'<mj-section\b[^>]*\bpadding="0(?:px)?"', defaults) or re.search(
+        r"<mj-column\b|<mj-all\b[^>]*\b(?:padding|border)", defaults
+    ):
+        return source
+    out: list[str] = []
+    run: list[str] = []
+    position = 0
+    for match in _PLAIN_SECTION.finditer(source):
+        between = source[position : match.start()]
+        if run and between.strip():
+            out.append(_one_section(run))
+            run = []
+        if not run:
+            out.append(between)
+        run.append(match.group(1))
+        position = match.end()
+    if run:
+        out.append(_one_section(run))
+    out.append(source[position:])
+    return "".join(out)
+
+
+def _one_section(contents: list[str]) -> str:
+    return "<mj-section><mj-column>" + "".join(contents) + "</mj-column></mj-section>"
+
+
+_INLINE_STYLE = re.compile(r"<mj-style\s+inline=[\"']inline[\"']\s*>(.*?)</mj-style>", re.I | re.S)
+# Two Outlook-only comments in a row are one: "<![endif]--><!--[if mso | IE]>" says nothing.
+_OUTLOOK_SEAM = "<![endif]--><!--[if mso | IE]>"
+_STYLE_ATTRIBUTE = re.compile(r"""(\sstyle=)("[^"]*"|'[^']*')""")
+_CSS_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+
+
+def compact_html(markup: str) -> str:
+    """Email HTML with less markup and the same rendering, for more room before Gmail clips.
+
+    Adjacent Outlook conditional comments become one (as MJML's minifier does), ``<style>``
+    blocks lose their comments and runs of white space, and inline styles the spaces
+    after ``;`` and ``,`` (outside quoted strings).
+    """
+    markup = markup.replace(_OUTLOOK_SEAM, "")
+    markup = _STYLE_OPEN.sub(
+        lambda m: f"<style{m.group(1)}>{_compact_css(m.group(2))}</style>", markup
+    )
+    return _STYLE_ATTRIBUTE.sub(lambda m: m.group(1) + _compact_declarations(m.group(2)), markup)
+
+
+def _compact_css(css: str) -> str:
+    css = " ".join(_CSS_COMMENT.sub(" ", css).split())
+    # A space before ":" can matter in a selector ("a :hover"); one after ":" or "," never.
+    css = re.sub(r"([:,])\s+", r"\1", css)
+    return re.sub(r"\s*([{};])\s*", r"\1", css).replace(";}", "}")
+
+
+def _compact_declarations(quoted: str) -> str:
+    """``"a:1; b:x, y"`` as ``"a:1;b:x,y"``: spaces inside quotes (font names) stay."""
+    quote, body = quoted[0], quoted[1:-1]
+    pieces = re.split(r"(\"[^\"]*\"|'[^']*')", body)
+    for index in range(0, len(pieces), 2):
+        pieces[index] = re.sub(r"([;,])\s+", r"\1", pieces[index])
+    return quote + "".join(pieces) + quote
 
 
 _STYLE_BLOCK = re.compile(r"<style\b[^>]*>(.*?)</style>", re.I | re.S)
@@ -900,14 +1014,31 @@ def _premailer_class() -> Any:
                 rules[key] = super()._parse_style_rules(css_body, ruleset_index)
             return rules[key]
 
+        def _process_css_text(self, css_text: str, index: int, rules: Any, head: Any) -> None:
+            # premailer keeps all of css_text in <head> when keep_style_tags is on; an
+            # mj-style inline="inline" keeps only what it could not inline.
+            these_rules, leftover = self._parse_style_rules(css_text, index)
+            rules.extend(these_rules)
+            if head is not None and leftover:
+                from lxml import etree
+
+                style = etree.Element("style")
+                style.attrib["type"] = "text/css"
+                style.text = self._css_rules_to_string(leftover)
+                head.append(style)
+
     return CachingPremailer
 
 
-def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None) -> RenderedIssue:
+def render_issue(
+    issue: Issue, config: Config, *, asset_base: str | None = None, compact: bool = True
+) -> RenderedIssue:
     """Render an issue once: email HTML and text with placeholders, and the web page.
 
     ``asset_base`` is where images are fetched from: by default the issue's web
     address (``base_url/slug``), ``""`` for paths relative to the build folder.
+    ``compact=False`` leaves out the steps that only make the email's HTML smaller
+    (see :func:`mjml_to_html`), to compare with.
     """
     require_buildable(issue)
     base = config.public_urls.issue(issue.slug).rstrip("/") if asset_base is None else asset_base
@@ -928,7 +1059,7 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     )
     email_mjml = _render_template(env, EMAIL_TEMPLATE, email_ctx)
     email_template = _template_file(env, EMAIL_TEMPLATE)
-    email_html = mjml_to_html(email_mjml, template=email_template)
+    email_html = mjml_to_html(email_mjml, template=email_template, compact=compact)
     text = _tidy_text(_render_template(env, TEXT_TEMPLATE, email_ctx))
     web_ctx = dict(email_ctx, recipient=RecipientPlaceholders(None), web=True)
     web_ctx["articles"] = email_ctx["articles"]

@@ -189,3 +189,40 @@ def test_no_text_under_14px_where_the_styles_in_head_are_dropped(
         size, text = page.evaluate(_SMALLEST_TEXT)
         assert size >= 14, (width, text)
         page.close()
+
+
+@pytest.mark.browser
+def test_compacting_the_markup_changes_no_pixel(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The steps that only make the HTML smaller (sections merged, inlined CSS out of the
+    head, comments and spaces) leave the email looking exactly as it did, light and dark."""
+    from PIL import Image, ImageChops
+
+    root = tmp_path_factory.mktemp("compact")
+    cfg = load_config(copy_example(root / "ws"))
+    issue = example_issue(cfg)
+    base = issue.path.resolve().as_uri()
+    files = {}
+    for compact in (True, False):
+        rendered = render.render_issue(issue, cfg, asset_base=base, compact=compact)
+        _, _, markup = parse(message.prepare(rendered, cfg).personalise(READER).data)
+        files[compact] = root / f"email-{compact}.html"
+        files[compact].write_text(markup, encoding="utf-8")
+    assert files[True].stat().st_size < files[False].stat().st_size * 0.92
+    outside = Outside()
+    for width in (375, 600):
+        for scheme in ("light", "dark"):
+            shots = []
+            for compact in (True, False):
+                page = open_file(browser, files[compact], width, outside)
+                page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
+                shot = root / f"{width}-{scheme}-{compact}.png"
+                page.screenshot(path=str(shot), full_page=True)
+                page.close()
+                shots.append(Image.open(shot).convert("RGB"))
+            assert shots[0].size == shots[1].size, (width, scheme)
+            difference = ImageChops.difference(shots[0], shots[1])
+            changed = sum(1 for pixel in difference.get_flattened_data() if max(pixel) > 0)
+            assert changed <= 20, (width, scheme, changed)  # anti-aliasing at most
+    assert outside.urls == []
