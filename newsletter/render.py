@@ -470,8 +470,11 @@ class _TextWriter:
                         blocks.append(text)
                 elif index and tokens[index - 1].type == "heading_open":
                     heading = tokens[index - 1].tag
-                    blocks.append(content.upper() if heading == "h2" else content)
-                    blocks[-1] = blocks[-1] + "\n" + "-" * min(len(content), self.width)
+                    prefix = "> " * quote_depth
+                    shown = content.upper() if heading == "h2" else content
+                    title = self.wrap(shown, prefix, prefix)
+                    underline = min(max(len(line) for line in title.split("\n")), self.width)
+                    blocks.append(title + "\n" + prefix + "-" * (underline - len(prefix)))
                 else:
                     # A list item's later paragraphs line up under its text.
                     body_indent = prefix + "   " * len(lists)
@@ -595,7 +598,17 @@ def template_environment(workspace_templates: Path | None) -> jinja2.Environment
         auto_reload=True,
     )
     env.filters["markdown"] = lambda text: markdown_html(str(text))
+    env.filters["wrap"] = wrap_text
     return env
+
+
+def wrap_text(text: object, width: int = TEXT_WIDTH, indent: str = "") -> str:
+    """``text`` wrapped for the plain-text part; lines after the first start with ``indent``.
+
+    A word longer than the line (a web address) stays whole, on a line of its own.
+    """
+    lines = wrap_line(" ".join(str(text).split()), width, "", indent)
+    return "\n".join(lines)
 
 
 def workspace_environment(config: Config) -> jinja2.Environment:

@@ -292,6 +292,43 @@ def test_text_part_carries_the_content(rendered: RenderedIssue, issue: Issue) ->
     assert "<p>" not in text and "&amp;" not in text and "&#" not in text
 
 
+MAX_TEXT_LINE = 78
+
+
+def long_lines(text: str) -> list[str]:
+    """Lines over 78 characters that are not a web address alone (in <>, quoted or listed)."""
+    return [
+        line
+        for line in text.splitlines()
+        if len(line) > MAX_TEXT_LINE
+        and not re.fullmatch(r"[>\s]*(?:\d+\.\s+|-\s+)?<?\S+://\S+", line)
+    ]
+
+
+def test_text_lines_fit_78_characters_and_greet_the_reader(
+    issue: Issue, cfg: Config, rendered: RenderedIssue
+) -> None:
+    long_title = "A Very Long Title About Harbours, Ferries, Trams and " * 3 + "Benches"
+    first = dataclasses.replace(
+        issue.articles[0],
+        title=long_title,
+        body="## " + "A heading that goes on and on " * 4 + "\n\n" + issue.articles[0].body,
+    )
+    tall = dataclasses.replace(issue, articles=(first, *issue.articles[1:]))
+    result = render.render_issue(tall, cfg)
+    recipient = message.Recipient(email="ann@example.org", name="Ann Lee", subscriber_id=3)
+    _, text, _ = send_to(result, cfg, recipient)
+    assert long_lines(text) == []
+    assert "\nHello Ann,\n\nWelcome to the first issue" in text  # as in the HTML
+    # The title, its contents entry (hanging under its number) and the heading are wrapped.
+    assert "\n1. A Very Long Title About Harbours, Ferries, Trams and A Very Long\n   Title" in text
+    assert "\nA HEADING THAT GOES ON AND ON A HEADING THAT GOES ON AND ON A HEADING\n" in text
+    # Each address the text part gives stands alone on its line.
+    assert "\nhttps://example.org/ledger/001-trams-ferries-benches/\n" in text
+    assert re.search(r"\nUnsubscribe:\nhttps://example\.org/ledger/u/\S+\n", text)
+    assert long_lines(rendered.text) == []
+
+
 def test_bylines_follow_the_configured_date_format(cfg: Config, issue: Issue) -> None:
     ferry, brief = issue.articles[1], issue.articles[0]
     assert render.byline(ferry, cfg.newsletter.date_format) == (
@@ -366,9 +403,9 @@ def test_no_placeholder_survives_substitution(rendered: RenderedIssue, cfg: Conf
     assert render.find_placeholders(markup) == []
     assert to == "Ann Lee <ann@example.org>"
     assert "Hello Ann," in markup
-    assert "you subscribed as ann@example.org." in text
+    assert "you subscribed as\nann@example.org." in text
     assert re.search(r'<a href="https://example\.org/ledger/u/[A-Za-z0-9_.-]+"', markup)
-    assert re.search(r"Unsubscribe: https://example\.org/ledger/u/[A-Za-z0-9_.-]+\n", text)
+    assert re.search(r"Unsubscribe:\nhttps://example\.org/ledger/u/[A-Za-z0-9_.-]+\n", text)
 
 
 NASTY_NAMES = [
@@ -510,6 +547,7 @@ def test_properties_hold_for_generated_articles(
     _, text, markup = send_to(rendered, cfg, recipient)
     assert render.find_placeholders(text) == [] and render.find_placeholders(markup) == []
     assert f"Hello {html.escape(recipient.first_name, quote=True)}," in markup
+    assert long_lines(text) == []
 
 
 # --- the theme: overrides, !default, errors --------------------------------------------------
