@@ -28,6 +28,7 @@ from .render import (
     RenderedIssue,
     fill_placeholders,
     find_placeholders,
+    greeting_fallback,
     split_on_placeholders,
 )
 from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
@@ -49,7 +50,29 @@ class Recipient:
 
     @property
     def first_name(self) -> str:
-        return self.name.split()[0] if self.name.split() else "there"
+        """What the greeting calls the reader ("" when unknown: the greeting's fallback)."""
+        return first_name_of(self.name, self.fields)
+
+
+# Words before a name that are not the name ("Dr. Ada Lovelace" is greeted as Ada).
+_TITLES = frozenset(
+    {"dr", "mr", "mrs", "ms", "mx", "prof", "sir", "dame", "herr", "frau", "m", "mme", "mlle"}
+    | {"monsieur", "madame"}
+)
+_FIRST_NAME_KEYS = frozenset({"firstname", "givenname", "prenom", "prénom", "vorname"})
+
+
+def first_name_of(name: str, fields: Mapping[str, str] | None = None) -> str:
+    """The name to greet someone by: a ``first_name`` field (from the CSV import) if there
+    is one, else the name's first word, where "Lovelace, Ada" is Ada; "" when unknown."""
+    for key, value in (fields or {}).items():
+        if re.sub(r"[\s_-]", "", key.casefold()) in _FIRST_NAME_KEYS and value.strip():
+            return " ".join(value.split())
+    last, comma, rest = name.partition(",")
+    words = (rest if comma and rest.strip() and last.strip() else name).split()
+    while len(words) > 1 and words[0].casefold().rstrip(".") in _TITLES:
+        words = words[1:]
+    return words[0] if words else ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,8 @@ class MessageTemplate:
     # wherever it appears, and tests can recompute it.
     issued_at: int = field(default_factory=lambda: int(time.time()))
     sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)
+    # Who the greeting addresses when a reader's first name is unknown ("Hello there,").
+    greeting_fallback: str = "there"
 
     @property
     def size(self) -> int:
@@ -116,7 +141,7 @@ class MessageTemplate:
         recipient = dataclasses.replace(recipient, name=header_safe_name(recipient.name))
         message_id = make_msgid(domain=self.sender_domain)
         unsubscribe = self.unsubscribe_link(recipient)
-        values = _values(recipient, unsubscribe)
+        values = _values(recipient, unsubscribe, self.greeting_fallback)
         out: list[bytes] = []
         for segment in self.segments:
             if isinstance(segment, bytes):
@@ -238,10 +263,10 @@ def _encoded_words(text: str) -> list[str]:
     return words
 
 
-def _values(recipient: Recipient, unsubscribe_url: str) -> dict[str, str]:
+def _values(recipient: Recipient, unsubscribe_url: str, fallback: str) -> dict[str, str]:
     values = {
         "name": recipient.name,
-        "first_name": recipient.first_name,
+        "first_name": recipient.first_name or fallback,
         "email": recipient.email,
         "unsubscribe_url": unsubscribe_url,
     }
@@ -385,6 +410,7 @@ def prepare(
         issue_key=rendered.issue.slug,
         signer=signer,
         sign=sign,
+        greeting_fallback=greeting_fallback(config),
     )
 
 
@@ -424,7 +450,7 @@ def sample_files(rendered: RenderedIssue, config: Config) -> dict[str, bytes]:
         config = _with_preview_key(config)
     template = prepare(rendered, config, require_unsubscribe=False)
     reader = sample_recipient()
-    values = _values(reader, template.unsubscribe_link(reader))
+    values = _values(reader, template.unsubscribe_link(reader), template.greeting_fallback)
 
     def fill(match: re.Match[str]) -> str:
         key = rendered.placeholders.get(match.group(0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import html
 import logging
@@ -16,7 +17,7 @@ import re
 import shutil
 import textwrap
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -29,7 +30,7 @@ import mjml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from . import images
+from . import i18n, images
 from .config import Config
 from .content import _MD_IMAGE, ISSUE_FILE, Article, Issue, require_buildable
 from .errors import ContentError, RenderError
@@ -127,6 +128,89 @@ class Placeholders:
         return token
 
 
+class ReaderValueMisuse(Exception):
+    """A template looked at a reader's value instead of printing it (see ReaderValue)."""
+
+    def __init__(self, key: str, operation: str) -> None:
+        super().__init__(key, operation)
+        self.key = key
+        self.operation = operation
+
+
+class ReaderValue(str):
+    """A per-reader value as templates see it: a placeholder, filled in at send time.
+
+    Templates are rendered once for all readers, so a template may print the value but
+    not test, compare or change it: ``{% if recipient.field("plan") == "paid" %}`` would
+    see the placeholder and take the same branch for every reader. Such a use raises,
+    and the build fails naming the template's file and line.
+    """
+
+    __slots__ = ("key",)
+    key: str
+
+    def __new__(cls, token: str, key: str) -> ReaderValue:
+        value = super().__new__(cls, token)
+        value.key = key
+        return value
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __html__(self) -> str:
+        return str.__str__(self)  # a token has nothing to escape
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+    def _misuse(self, operation: str) -> ReaderValueMisuse:
+        return ReaderValueMisuse(self.key, operation)
+
+    def __eq__(self, other: object) -> bool:
+        raise self._misuse("compared with ==")
+
+    def __ne__(self, other: object) -> bool:
+        raise self._misuse("compared with !=")
+
+    def __lt__(self, other: object) -> bool:
+        raise self._misuse("compared with <")
+
+    def __le__(self, other: object) -> bool:
+        raise self._misuse("compared with <=")
+
+    def __gt__(self, other: object) -> bool:
+        raise self._misuse("compared with >")
+
+    def __ge__(self, other: object) -> bool:
+        raise self._misuse("compared with >=")
+
+    def __bool__(self) -> bool:
+        raise self._misuse("tested with if")
+
+    def __len__(self) -> int:
+        raise self._misuse("measured")
+
+    def __contains__(self, other: object) -> bool:
+        raise self._misuse("searched with in")
+
+    def __iter__(self) -> Iterator[str]:
+        raise self._misuse("looped over")
+
+    def __getitem__(self, index: Any) -> str:
+        raise self._misuse("indexed or sliced")
+
+    def __mod__(self, other: Any) -> str:
+        raise self._misuse("formatted")
+
+    def __mul__(self, other: Any) -> str:
+        raise self._misuse("repeated")
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name == "key":
+            return super().__getattribute__(name)
+        raise ReaderValueMisuse(super().__getattribute__("key"), f"changed with .{name}()")
+
+
 class RecipientPlaceholders:
     """What templates see as ``recipient``: placeholders in the email, blanks on the web."""
 
@@ -134,7 +218,9 @@ class RecipientPlaceholders:
         self._placeholders = placeholders
 
     def _value(self, key: str) -> str:
-        return self._placeholders.token(key) if self._placeholders else ""
+        if self._placeholders is None:
+            return ""
+        return ReaderValue(self._placeholders.token(key), key)
 
     @property
     def name(self) -> str:
@@ -577,6 +663,30 @@ def _is_list_line(block: str, prefix: str) -> bool:
 # --- the Jinja environment ---------------------------------------------------------------
 
 
+def theme_translations(config: Config) -> Any:
+    """The theme's messages in the workspace's language (its own catalogs first)."""
+    return i18n.translations(config.newsletter.locale, config.templates_dir)
+
+
+def greeting_fallback(config: Config) -> str:
+    """Who "Hello ...," greets when a reader's first name is unknown."""
+    news = config.newsletter
+    return news.greeting_fallback or str(theme_translations(config).gettext("there"))
+
+
+def unknown_fields(rendered: RenderedIssue, known: Iterable[str]) -> list[str]:
+    """A warning for each ``recipient.field(NAME)`` the templates use that no subscriber
+    has (a typo such as ``field("citty")`` would print nothing for every reader)."""
+    have = {name.lower() for name in known}
+    used = sorted({key for key in rendered.placeholders.values() if key.startswith("field.")})
+    return [
+        f'templates use recipient.field("{key[6:]}"), which no subscriber has: it will be'
+        " empty for every reader (check the name against `newsletter subscribers export`)"
+        for key in used
+        if key[6:] not in have
+    ]
+
+
 def template_environment(workspace_templates: Path | None) -> jinja2.Environment:
     """Workspace templates override the packaged theme file by file; ``!default/`` reaches it."""
     theme = str(default_theme_dir())
@@ -596,10 +706,35 @@ def template_environment(workspace_templates: Path | None) -> jinja2.Environment
         lstrip_blocks=True,
         keep_trailing_newline=True,
         auto_reload=True,
+        extensions=["jinja2.ext.i18n"],
     )
+    env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
     env.filters["markdown"] = lambda text: markdown_html(str(text))
     env.filters["wrap"] = wrap_text
+    for name, function in list(env.filters.items()):
+        if name not in _PRINTING_FILTERS:
+            env.filters[name] = _refusing_reader_values(name, function)
     return env
+
+
+# Filters that print a value as it is (escaped, marked safe, wrapped whole): the only ones a
+# per-reader placeholder may go through.
+_PRINTING_FILTERS = frozenset({"e", "escape", "forceescape", "safe", "string", "default", "d"})
+
+
+def _refusing_reader_values(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (a Jinja filter), refusing a per-reader value: in a text template
+    Jinja passes it ``str(value)``, the bare placeholder, which no check could catch later."""
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
+        value = args[skip] if len(args) > skip else None
+        if isinstance(value, ReaderValue):
+            raise ReaderValueMisuse(value.key, f"changed with | {name}")
+        return function(*args, **kwargs)
+
+    return checked
 
 
 def wrap_text(text: object, width: int = TEXT_WIDTH, indent: str = "") -> str:
@@ -637,29 +772,50 @@ def clear_template_cache() -> None:
     _cached_environment.cache_clear()
 
 
-def format_date(date: dt.date | None, pattern: str) -> str:
-    """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``)."""
+def format_date(
+    date: dt.date | None, pattern: str, locale: str = "en", *, default: str = "long"
+) -> str:
+    """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``), with
+    ``locale``'s month and weekday names; an empty pattern is the locale's own ``default``
+    (``long``: November 20, 2026; ``short``: 11/20/26) format."""
     if date is None:
         return ""
-    return pattern.format(
-        day=date.day,
-        dd=f"{date.day:02d}",
-        month=date.month,
-        mm=f"{date.month:02d}",
-        month_name=date.strftime("%B"),
-        mon=date.strftime("%b"),
-        yy=f"{date.year % 100:02d}",
-        year=date.year,
-        weekday=date.strftime("%A"),
-    )
+    if not pattern:
+        return i18n.locale_date(date, default, locale)
+    fields = {
+        "day": date.day,
+        "dd": f"{date.day:02d}",
+        "month": date.month,
+        "mm": f"{date.month:02d}",
+        "yy": f"{date.year % 100:02d}",
+        "year": date.year,
+    }
+    if "{month_name}" in pattern:
+        fields["month_name"] = i18n.month_names(locale)[date.month]
+    if "{mon}" in pattern:
+        fields["mon"] = i18n.month_names(locale, "abbreviated")[date.month]
+    if "{weekday}" in pattern:
+        fields["weekday"] = i18n.weekday_name(date, locale)
+    return pattern.format(**fields)
 
 
-def byline(article: Article, date_format: str) -> str:
+def byline(
+    article: Article,
+    date_format: str,
+    locale: str = "en",
+    gettext: Callable[[str], str] | None = None,
+) -> str:
     """ "By Author, Source, 3/15/25", or "Source, 3/14/25" with no author."""
-    parts = [p for p in (article.source, format_date(article.date, date_format)) if p]
+    date = format_date(article.date, date_format, locale, default="short")
+    parts = [p for p in (article.source, date) if p]
     if article.author:
-        return ", ".join([f"By {article.author}", *parts])
+        by = (gettext or _english)("By %(author)s") % {"author": article.author}
+        return ", ".join([by, *parts])
     return ", ".join(parts)
+
+
+def _english(message: str) -> str:
+    return message
 
 
 @dataclass(frozen=True)
@@ -726,7 +882,12 @@ def _article_views(
                 number=number,
                 anchor=f"article-{number}",
                 title=article.title,
-                byline=byline(article, config.newsletter.date_format),
+                byline=byline(
+                    article,
+                    config.newsletter.date_format,
+                    config.newsletter.locale,
+                    theme_translations(config).gettext,
+                ),
                 url=article.url,
                 image=asset_url(article.image, asset_base) if article.image else "",
                 image_alt=article.image_alt,
@@ -773,7 +934,7 @@ def _context(
         "issue": issue,
         "subject": subject,
         "preheader": issue.preheader,
-        "issue_date": format_date(issue.date, news.issue_date_format),
+        "issue_date": format_date(issue.date, news.issue_date_format, news.locale),
         "intro_html": intro_html,
         "intro_text": intro_text,
         "articles": _article_views(issue, config, asset_base, warnings, missing_alt),
@@ -811,6 +972,19 @@ def _render_template(env: jinja2.Environment, name: str, context: Mapping[str, A
     except ValueError as exc:
         raise RenderError(
             str(exc), where=_template_location(exc) or name, hint="fix the template"
+        ) from None
+    except ReaderValueMisuse as exc:
+        shown = (
+            f'recipient.field("{exc.key.removeprefix("field.")}")'
+            if exc.key.startswith("field.")
+            else f"recipient.{exc.key}"
+        )
+        raise RenderError(
+            f"{shown} is {exc.operation}: the email is rendered once for every reader, so"
+            " this would come out the same for all of them",
+            where=_template_location(exc) or name,
+            hint=f"print it as it is ({{{{ {shown} }}}}); send readers who differ separate"
+            " issues (segments) instead of testing their values in a template",
         ) from None
 
 
@@ -1056,6 +1230,7 @@ def render_issue(
     require_buildable(issue)
     base = config.public_urls.issue(issue.slug).rstrip("/") if asset_base is None else asset_base
     env = workspace_environment(config)
+    env.install_gettext_translations(theme_translations(config), newstyle=True)  # type: ignore[attr-defined]
     subject = issue.subject(config.newsletter.subject_max_length)
     placeholders = Placeholders(_nonce(issue, config))
     warnings: list[str] = []

@@ -513,6 +513,13 @@ class Store:
             conn.execute("DELETE FROM deliveries WHERE subscriber_id = ?", (subscriber_id,))
             conn.execute("DELETE FROM subscribers WHERE id = ?", (subscriber_id,))
 
+    def field_names(self) -> set[str]:
+        """The names of the free fields (lower-cased) that any subscriber has."""
+        return {
+            str(row[0]).lower()
+            for row in self._all("SELECT DISTINCT j.key FROM subscribers s, json_each(s.fields) j")
+        }
+
     def export_csv(self, out: TextIO, status: Status | None = None) -> int:
         """Write subscribers as CSV (email, name, status, created_at, then fields); returns rows.
 

@@ -429,7 +429,8 @@ def test_names_come_through_unharmed(rendered: RenderedIssue, cfg: Config, name:
     raw = message.prepare(rendered, cfg).personalise(recipient).data
     parsed, text, markup = parse_message(raw)
     assert text.startswith(f"Dear {name}!\n")  # raw in text
-    assert f"Hello {html.escape(recipient.first_name, quote=True)}," in markup  # escaped in HTML
+    greeted = recipient.first_name or "there"
+    assert f"Hello {html.escape(greeted, quote=True)}," in markup  # escaped in HTML
     assert "<script>" not in markup
     (address,) = parsed["To"].addresses
     assert (address.display_name, address.addr_spec) == (name, "reader@example.org")
@@ -546,7 +547,7 @@ def test_properties_hold_for_generated_articles(
     recipient = message.Recipient(email="reader@example.org", name=name)
     _, text, markup = send_to(rendered, cfg, recipient)
     assert render.find_placeholders(text) == [] and render.find_placeholders(markup) == []
-    assert f"Hello {html.escape(recipient.first_name, quote=True)}," in markup
+    assert f"Hello {html.escape(recipient.first_name or 'there', quote=True)}," in markup
     assert long_lines(text) == []
 
 
