@@ -86,15 +86,25 @@ def _read_po(path: Path) -> gettext.GNUTranslations:
         with path.open("rb") as source:
             catalog = read_po(source, abort_invalid=True)
     except PoFileError as exc:
+        line = getattr(exc, "lineno", -1) + 1  # Babel counts from 0
+        problem = str(exc).split(" on ", 1)[0]
         raise ConfigError(
-            f"cannot read this message catalog: {exc}",
-            where=f"{path}:{getattr(exc, 'lineno', 0) or 1}",
+            f"cannot read this message catalog: {problem}",
+            where=f"{path}:{max(line, 1)}",
             hint="fix the .po file (msgid and msgstr lines in double quotes)",
         ) from None
     except OSError as exc:
         raise ConfigError(
             f"cannot read this message catalog ({exc.strerror})", where=str(path)
         ) from None
+    for entry, errors in catalog.check():
+        # A translation that names a value its message does not have would fail mid-render.
+        if errors:
+            raise ConfigError(
+                f"the translation of {entry.id!r} does not fit it: {errors[0]}",
+                where=f"{path}:{entry.lineno or 1}",
+                hint="use the same %(name)s values as the msgid",
+            )
     compiled = io.BytesIO()
     write_mo(compiled, catalog, use_fuzzy=False)
     compiled.seek(0)

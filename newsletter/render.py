@@ -354,6 +354,7 @@ def markdown_both(
     first_line: int = 1,
     image_dir: Path | None = None,
     missing_alt: list[str] | None = None,
+    image_labels: tuple[str, str] = ("Image", "picture"),
 ) -> tuple[str, str]:
     """``(markdown_html(...), markdown_text(text))`` from one parse.
 
@@ -361,9 +362,13 @@ def markdown_both(
     text seen before: re-rendering after one article changed (the preview server,
     `issue show` then `build`) converts only that article again. ``image_dir`` is
     where the text's image paths start, to show each image at its own width.
+    ``image_labels`` are the text part's words for an image: "[Image: alt]", and for
+    one with neither alt text nor title, in the reader's language.
     """
     widths = image_widths(text, image_dir) if image_dir is not None else ()
-    markup, plain, found, missing = _markdown_both(text, asset_base, where, first_line, widths)
+    markup, plain, found, missing = _markdown_both(
+        text, asset_base, where, first_line, widths, image_labels
+    )
     if warnings is not None:
         warnings.extend(found)
     if missing_alt is not None:
@@ -393,11 +398,14 @@ def _markdown_both(
     where: str,
     first_line: int,
     widths: tuple[tuple[str, int], ...] = (),
+    image_labels: tuple[str, str] = ("Image", "picture"),
 ) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
     warnings: list[str] = []
     missing: list[str] = []
     tokens = _parse(text, where, first_line)
-    plain = _TextWriter(TEXT_WIDTH).render(tokens)  # before _tokens_html rewrites image srcs
+    plain = _TextWriter(TEXT_WIDTH, image_labels).render(
+        tokens
+    )  # before _tokens_html rewrites image srcs
     markup = _tokens_html(tokens, asset_base, warnings, where, dict(widths), missing)
     return markup, plain, tuple(warnings), tuple(missing)
 
@@ -499,8 +507,9 @@ def _join_blocks(blocks: Sequence[str], depths: Sequence[int]) -> str:
 class _TextWriter:
     """Walks markdown-it block tokens and writes wrapped plain text."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, image_labels: tuple[str, str] = ("Image", "picture")) -> None:
         self.width = width
+        self.image_label, self.picture_label = image_labels
 
     def render(self, tokens: Sequence[Token]) -> str:
         blocks: list[str] = []
@@ -605,7 +614,7 @@ class _TextWriter:
                     continue
                 alt = "".join(c.content for c in child.children or ())
                 title = str(child.attrs.get("title", "") or "")
-                out.append(f"[Image: {alt or title or 'picture'}]")
+                out.append(f"[{self.image_label}: {alt or title or self.picture_label}]")
                 if title and title != alt:
                     out.append(f" {title}")
             elif child.type in ("em_open", "em_close"):
@@ -666,6 +675,26 @@ def _is_list_line(block: str, prefix: str) -> bool:
 def theme_translations(config: Config) -> Any:
     """The theme's messages in the workspace's language (its own catalogs first)."""
     return i18n.translations(config.newsletter.locale, config.templates_dir)
+
+
+def theme_gettext(config: Config) -> Callable[..., str]:
+    """``_("Unsubscribe from %(newsletter)s", newsletter=...)`` for Python code, in the
+    workspace's language (the same catalogs as the templates)."""
+    translations = theme_translations(config)
+
+    def gettext(message: str, **values: Any) -> str:
+        translated = str(translations.gettext(message))
+        return translated % values if values else translated
+
+    return gettext
+
+
+def render_theme_template(config: Config, name: str, values: Mapping[str, Any]) -> str:
+    """One of the theme's other templates (``service/...``, ``archive/...``), which the
+    workspace's templates/ overrides file by file like the email's, in its language."""
+    env = workspace_environment(config)
+    env.install_gettext_translations(theme_translations(config), newstyle=True)  # type: ignore[attr-defined]
+    return _render_template(env, name, {"locale": config.newsletter.locale, **values})
 
 
 def greeting_fallback(config: Config) -> str:
@@ -740,9 +769,19 @@ def _refusing_reader_values(name: str, function: Callable[..., Any]) -> Callable
 def wrap_text(text: object, width: int = TEXT_WIDTH, indent: str = "") -> str:
     """``text`` wrapped for the plain-text part; lines after the first start with ``indent``.
 
-    A word longer than the line (a web address) stays whole, on a line of its own.
+    A word longer than the line (a web address) stays whole, on a line of its own, and so
+    does one with a reader's value in it (an address of any length fills it at send time).
     """
-    lines = wrap_line(" ".join(str(text).split()), width, "", indent)
+    lines: list[str] = []
+    words: list[str] = []
+    for word in str(text).split():
+        if _PLACEHOLDER_RE.search(word):
+            lines.extend(wrap_line(" ".join(words), width, indent if lines else "", indent))
+            lines.append((indent if lines else "") + word)
+            words = []
+        else:
+            words.append(word)
+    lines.extend(wrap_line(" ".join(words), width, indent if lines else "", indent))
     return "\n".join(lines)
 
 
@@ -809,7 +848,8 @@ def byline(
     date = format_date(article.date, date_format, locale, default="short")
     parts = [p for p in (article.source, date) if p]
     if article.author:
-        by = (gettext or _english)("By %(author)s") % {"author": article.author}
+        _ = gettext or _english
+        by = _("By %(author)s") % {"author": article.author}
         return ", ".join([by, *parts])
     return ", ".join(parts)
 
@@ -857,6 +897,7 @@ def _article_views(
     missing_alt: list[str] | None = None,
 ) -> list[_ArticleView]:
     views = []
+    labels = _image_labels(config)
     for number, article in enumerate(issue.articles, start=1):
         where = str(article.path)
         body_html, body_text = markdown_both(
@@ -867,6 +908,7 @@ def _article_views(
             first_line=article.body_line,
             image_dir=article.path.parent,
             missing_alt=missing_alt,
+            image_labels=labels,
         )
         lead = article.path.parent / article.image if article.image else None
         lead_width = (
@@ -907,6 +949,11 @@ def _article_views(
     return views
 
 
+def _image_labels(config: Config) -> tuple[str, str]:
+    gettext = theme_translations(config).gettext
+    return str(gettext("Image")), str(gettext("picture"))
+
+
 def _context(
     issue: Issue,
     config: Config,
@@ -928,6 +975,7 @@ def _context(
         first_line=issue.intro_line,
         image_dir=issue.path / "articles",
         missing_alt=missing_alt,
+        image_labels=_image_labels(config),
     )
     return {
         "newsletter": news,
