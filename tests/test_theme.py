@@ -17,7 +17,14 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 from newsletter import message, render
-from tests.support import CHROMIUM, CHROMIUM_ARGS, copy_example, example_issue, load_config
+from tests.support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    EXAMPLE_SLUG,
+    copy_example,
+    example_issue,
+    load_config,
+)
 from tests.support import parse_message as parse
 
 READER = message.Recipient(email="reader@example.org", name="Ada Lovelace", subscriber_id=1)
@@ -225,4 +232,31 @@ def test_compacting_the_markup_changes_no_pixel(
             difference = ImageChops.difference(shots[0], shots[1])
             changed = sum(1 for pixel in difference.get_flattened_data() if max(pixel) > 0)
             assert changed <= 20, (width, scheme, changed)  # anti-aliasing at most
+    assert outside.urls == []
+
+
+@pytest.mark.browser
+def test_axe_finds_no_violation_in_the_archive_and_the_service_pages(
+    browser: Browser, tmp_path: Path
+) -> None:
+    from newsletter import publish, server
+
+    cfg = load_config(copy_example(tmp_path / "ws"))
+    pages = {"index.html": publish.index_html(cfg, publish.archive_entries(cfg, [EXAMPLE_SLUG]))}
+    app = server.create_app(cfg)
+    try:
+        client = app.test_client()
+        for path, name in (("/subscribe", "subscribe"), ("/u/x", "bad-link"), ("/x/y/z", "404")):
+            pages[f"{name}.html"] = client.get(path).get_data(as_text=True)
+    finally:
+        server.close_app(app)
+    outside = Outside()
+    for name, markup in pages.items():
+        path = tmp_path / name
+        path.write_text(markup, encoding="utf-8")
+        for scheme in ("light", "dark"):
+            page = open_file(browser, path, 375, outside)
+            page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
+            assert violations(page) == [], (name, scheme)
+            page.close()
     assert outside.urls == []
