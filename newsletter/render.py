@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import gettext
 import hashlib
 import html
 import logging
@@ -403,9 +404,8 @@ def _markdown_both(
     warnings: list[str] = []
     missing: list[str] = []
     tokens = _parse(text, where, first_line)
-    plain = _TextWriter(TEXT_WIDTH, image_labels).render(
-        tokens
-    )  # before _tokens_html rewrites image srcs
+    # The text first: _tokens_html rewrites the images' addresses in the tokens.
+    plain = _TextWriter(TEXT_WIDTH, image_labels).render(tokens)
     markup = _tokens_html(tokens, asset_base, warnings, where, dict(widths), missing)
     return markup, plain, tuple(warnings), tuple(missing)
 
@@ -672,7 +672,7 @@ def _is_list_line(block: str, prefix: str) -> bool:
 # --- the Jinja environment ---------------------------------------------------------------
 
 
-def theme_translations(config: Config) -> Any:
+def theme_translations(config: Config) -> gettext.NullTranslations:
     """The theme's messages in the workspace's language (its own catalogs first)."""
     return i18n.translations(config.newsletter.locale, config.templates_dir)
 
@@ -683,7 +683,7 @@ def theme_gettext(config: Config) -> Callable[..., str]:
     translations = theme_translations(config)
 
     def gettext(message: str, **values: Any) -> str:
-        translated = str(translations.gettext(message))
+        translated = translations.gettext(message)
         return translated % values if values else translated
 
     return gettext
@@ -700,7 +700,7 @@ def render_theme_template(config: Config, name: str, values: Mapping[str, Any]) 
 def greeting_fallback(config: Config) -> str:
     """Who "Hello ...," greets when a reader's first name is unknown."""
     news = config.newsletter
-    return news.greeting_fallback or str(theme_translations(config).gettext("there"))
+    return news.greeting_fallback or theme_translations(config).gettext("there")
 
 
 def unknown_fields(rendered: RenderedIssue, known: Iterable[str]) -> list[str]:
@@ -950,8 +950,8 @@ def _article_views(
 
 
 def _image_labels(config: Config) -> tuple[str, str]:
-    gettext = theme_translations(config).gettext
-    return str(gettext("Image")), str(gettext("picture"))
+    translations = theme_translations(config)
+    return translations.gettext("Image"), translations.gettext("picture")
 
 
 def _context(
