@@ -261,7 +261,9 @@ def create_app(
             with contextlib.suppress(Exception):
                 store.close()
 
-    _ = render.theme_gettext(config)  # the service's words, in the workspace's language
+    def _(message: str, **values: Any) -> str:
+        """The service's words in the workspace's language (an edited catalog is seen)."""
+        return render.theme_gettext(config)(message, **values)
 
     def page(template: str, status: int = 200, **values: Any) -> Response:
         values.setdefault("subscribe_url", _url("subscribe"))
