@@ -14,7 +14,7 @@ import email.policy
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -108,13 +108,24 @@ class CheckReport:
 
 
 def check_issue(
-    config: Config, issue: Issue, *, spam: bool = False, online: bool = False
+    config: Config,
+    issue: Issue,
+    *,
+    spam: bool = False,
+    online: bool = False,
+    subscriber_fields: Iterable[str] | None = None,
 ) -> CheckReport:
     """Render ``issue`` and run every check on it; ``spam`` also runs SpamAssassin, and
-    ``online`` requests every image and link of the email."""
+    ``online`` requests every image and link of the email. ``subscriber_fields`` (the free
+    fields subscribers have) finds ``recipient.field(...)`` names nobody has."""
     rendered = render.render_issue(issue, config)
     sample = message.sample_message(rendered, config)
     findings = [
+        *(
+            Finding("warning", "unknown-field", text)
+            for text in render.unknown_fields(rendered, subscriber_fields or ())
+            if subscriber_fields is not None
+        ),
         *_check_size(rendered),
         *_check_html(rendered, issue, config.root),
         *_check_public(rendered, config),
@@ -354,9 +365,10 @@ def _check_online(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
     """Request every image and link of the email; each failure is an error."""
     from . import linkcheck
 
+    # A fragment never reaches the server: the contents' page#article-N are one request.
     wanted = list(
         dict.fromkeys(
-            (kind, url)
+            (kind, url.split("#", 1)[0])
             for kind, url, _line in _email_urls(rendered)
             if url.lower().startswith(("http://", "https://"))
         )

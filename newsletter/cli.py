@@ -323,7 +323,13 @@ def issue_show(ctx: Context, issue_ref: str) -> None:
         from . import images
 
         rendered = render.render_issue(item, cfg)
-        note = "  (over Gmail's ~102 KB clip!)" if rendered.over_gmail_clip else ""
+        if rendered.over_gmail_clip:
+            note = "  (over Gmail's ~102 KB clip!)"
+        else:
+            note = (
+                f", {rendered.visible_share:.0%} of it text; about"
+                f" {rendered.words_before_clip:,} more words fit before Gmail's ~102 KB clip"
+            )
         click.echo(f"Email HTML: {_kb(rendered.html_size)}{note}")
         weight = images.weight(source for source, _ in rendered.assets)
         click.echo(f"Images:     {weight.describe()}")
@@ -354,7 +360,7 @@ def build_command(ctx: Context, issue_ref: str, out_dir: Path | None) -> None:
     click.echo(f"Subject: {rendered.subject}")
     for name, size in {**result.files, **{n: len(d) for n, d in samples.items()}}.items():
         click.echo(f"  {result.out_dir / name}  {_kb(size)}")
-    for warning in rendered.warnings:
+    for warning in (*rendered.warnings, *_field_warnings(ctx, rendered)):
         click.echo(f"Warning: {warning}", err=True)
 
 
@@ -502,7 +508,13 @@ def check_command(ctx: Context, issue_ref: str, spam: bool, online: bool, as_jso
     from . import check
 
     cfg = ctx.config()
-    report = check.check_issue(cfg, _issue(cfg, issue_ref), spam=spam, online=online)
+    fields: set[str] = set()
+    if cfg.db_path.is_file():  # reading the list must not create a database
+        with _open_store(ctx) as store:
+            fields = store.field_names()
+    report = check.check_issue(
+        cfg, _issue(cfg, issue_ref), spam=spam, online=online, subscriber_fields=fields
+    )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -736,6 +748,17 @@ def preview_command(
 
 
 # --- subscriber commands ---
+
+
+def _field_warnings(ctx: Context, rendered: render.RenderedIssue) -> list[str]:
+    """Fields the templates use that no subscriber has (none checked without a database:
+    reading one must not create it)."""
+    if not any(key.startswith("field.") for key in rendered.placeholders.values()):
+        return []
+    if not ctx.config().db_path.is_file():
+        return render.unknown_fields(rendered, ())
+    with _open_store(ctx) as store:
+        return render.unknown_fields(rendered, store.field_names())
 
 
 def _open_store(ctx: Context) -> Store:
@@ -1368,6 +1391,8 @@ def send_command(
         if dry_run:
             if chosen is not None:
                 click.echo(f"Segment:    {_describe_segment(chosen)}")
+            for warning in render.unknown_fields(rendered, store.field_names()):
+                click.echo(f"Warning: {warning}", err=True)
             dry = prepared.dry_run(segment=chosen)
             for address in dry.invalid:
                 click.echo(f"cannot build a message for {address!r}", err=True)

@@ -53,9 +53,15 @@ class NewsletterSettings:
     # the feed and the service's endpoints (/u, /subscribe, /confirm) all live under it.
     base_url: str = "https://example.org/newsletter"
     list_id: str = ""
+    # The readers' language: the theme's words (gettext catalogs), month names and dates.
     locale: str = "en"
-    date_format: str = "{month}/{day}/{yy}"
-    issue_date_format: str = "{month_name} {day}, {year}"
+    # Patterns like "{month}/{day}/{yy}"; "" is the locale's own short (bylines) and long
+    # (the issue's date) format: 11/18/26 and November 20, 2026 in English.
+    date_format: str = ""
+    issue_date_format: str = ""
+    # Who "Hello ...," greets when a reader's first name is unknown; "" is the locale's
+    # word for it ("there" in English).
+    greeting_fallback: str = ""
     postal_address: str = ""
     subject_max_length: int = 100
     precedence_bulk: bool = True
@@ -832,6 +838,14 @@ def _validate(config: Config, path: Path, text: str) -> None:
                 f"[newsletter] {key}: {problem}",
                 f"use fields like {{{', '.join(DATE_FIELDS)}}}",
             )
+    try:
+        from .i18n import babel_locale
+
+        babel_locale(config.newsletter.locale)
+    except ValueError as exc:
+        fail(
+            "locale", f"[newsletter] locale: {exc}", 'use a language code such as "en", "de", "fr"'
+        )
     if "@" not in parseaddr(config.newsletter.sender)[1]:
         fail(
             "sender",
@@ -994,7 +1008,9 @@ reply_to = ""
 # images, the feed (feed.xml) and the service's addresses (/u to unsubscribe,
 # /subscribe, /confirm) all live under it. Run `newsletter serve` there (see README).
 base_url = "https://example.org/newsletter"
-date_format = "{{month}}/{{day}}/{{yy}}"
+# The readers' language (the theme ships en, de and fr); dates follow it unless
+# date_format (bylines) or issue_date_format say otherwise, e.g. "{{day}}.{{month}}.{{year}}".
+locale = "en"
 postal_address = ""
 
 [smtp]

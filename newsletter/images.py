@@ -80,6 +80,8 @@ class ImageInfo:
     size: int  # bytes on disk
     animated: bool = False
     metadata: bool = False  # EXIF (GPS, camera), XMP, IPTC, comments or text
+    # Has see-through pixels: on a client's dark ground its dark lines can vanish.
+    transparent: bool = False
 
     @property
     def display_width(self) -> int:
@@ -117,6 +119,8 @@ def info(path: Path) -> ImageInfo:
                 size=stat.st_size,
                 animated=not multi_picture and bool(getattr(image, "is_animated", False)),
                 metadata=multi_picture or _has_metadata(image),
+                transparent=image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+                or "transparency" in image.info,
             )
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ContentError(

@@ -29,6 +29,7 @@ from .render import (
     RenderedIssue,
     fill_placeholders,
     find_placeholders,
+    greeting_fallback,
     split_on_placeholders,
 )
 from .tokens import PREFERENCES_PURPOSE, UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
@@ -50,7 +51,29 @@ class Recipient:
 
     @property
     def first_name(self) -> str:
-        return self.name.split()[0] if self.name.split() else "there"
+        """What the greeting calls the reader ("" when unknown: the greeting's fallback)."""
+        return first_name_of(self.name, self.fields)
+
+
+# Words before a name that are not the name ("Dr. Ada Lovelace" is greeted as Ada).
+_TITLES = frozenset(
+    {"dr", "mr", "mrs", "ms", "mx", "prof", "sir", "dame", "herr", "frau", "m", "mme", "mlle"}
+    | {"monsieur", "madame"}
+)
+_FIRST_NAME_KEYS = frozenset({"firstname", "givenname", "prenom", "prénom", "vorname"})
+
+
+def first_name_of(name: str, fields: Mapping[str, str] | None = None) -> str:
+    """The name to greet someone by: a ``first_name`` field (from the CSV import) if there
+    is one, else the name's first word, where "Lovelace, Ada" is Ada; "" when unknown."""
+    for key, value in (fields or {}).items():
+        if re.sub(r"[\s_-]", "", key.casefold()) in _FIRST_NAME_KEYS and value.strip():
+            return " ".join(value.split())
+    last, comma, rest = name.partition(",")
+    words = (rest if comma and rest.strip() and last.strip() else name).split()
+    while len(words) > 1 and words[0].casefold().rstrip(".") in _TITLES:
+        words = words[1:]
+    return words[0] if words else ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,8 @@ class MessageTemplate:
     # [bounces] return_path: each subscriber's copy goes out from PREFIX+TOKEN@domain.
     return_path: str = ""
     preferences_url: str = ""  # base_url/p when `serve` answers there; "" leaves the link out
+    # Who the greeting addresses when a reader's first name is unknown ("Hello there,").
+    greeting_fallback: str = "there"
 
     @property
     def size(self) -> int:
@@ -143,7 +168,9 @@ class MessageTemplate:
         recipient = dataclasses.replace(recipient, name=header_safe_name(recipient.name))
         message_id = make_msgid(domain=self.sender_domain)
         unsubscribe = self.unsubscribe_link(recipient)
-        values = _values(recipient, unsubscribe, self.preferences_link(recipient))
+        values = _values(
+            recipient, unsubscribe, self.preferences_link(recipient), self.greeting_fallback
+        )
         out: list[bytes] = []
         for segment in self.segments:
             if isinstance(segment, bytes):
@@ -270,10 +297,12 @@ def _encoded_words(text: str) -> list[str]:
     return words
 
 
-def _values(recipient: Recipient, unsubscribe_url: str, preferences_url: str) -> dict[str, str]:
+def _values(
+    recipient: Recipient, unsubscribe_url: str, preferences_url: str, fallback: str
+) -> dict[str, str]:
     values = {
         "name": recipient.name,
-        "first_name": recipient.first_name,
+        "first_name": recipient.first_name or fallback,
         "email": recipient.email,
         "unsubscribe_url": unsubscribe_url,
         "preferences_url": preferences_url,
@@ -436,6 +465,7 @@ def prepare(
         sign=sign,
         return_path=return_path,
         preferences_url=config.public_urls.preferences if unsub.url else "",
+        greeting_fallback=greeting_fallback(config),
     )
 
 
@@ -475,7 +505,12 @@ def sample_files(rendered: RenderedIssue, config: Config) -> dict[str, bytes]:
         config = _with_preview_key(config)
     template = prepare(rendered, config, require_unsubscribe=False)
     reader = sample_recipient()
-    values = _values(reader, template.unsubscribe_link(reader), template.preferences_link(reader))
+    values = _values(
+        reader,
+        template.unsubscribe_link(reader),
+        template.preferences_link(reader),
+        template.greeting_fallback,
+    )
 
     def fill(match: re.Match[str]) -> str:
         key = rendered.placeholders.get(match.group(0))

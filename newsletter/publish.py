@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from . import content, images, render
 from .config import Config
 from .content import Issue
@@ -45,6 +43,7 @@ INDEX_FILE = "index.html"
 FEED_FILE = "feed.xml"
 EXPORT_MARKER = ".newsletter-archive"  # marks a folder `publish --to` may replace
 HEADLINES = 4  # lead headlines shown per issue on the index page
+ARCHIVE_TEMPLATE = "archive/index.html"  # in the theme; a workspace may override it
 DESCRIPTION_CHARS = 200
 # Names the service answers itself: an issue folder may not be published under them.
 RESERVED = frozenset(
@@ -357,97 +356,6 @@ def archive_entries(config: Config, keys: Iterable[str]) -> list[ArchiveEntry]:
     return entries
 
 
-_INDEX = """<!doctype html>
-<html lang="{{ locale }}"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ name }}{% if tagline %}: {{ tagline }}{% endif %}</title>
-<meta name="description" content="{{ description }}">
-<link rel="canonical" href="{{ urls.home }}">
-<link rel="alternate" type="application/atom+xml" href="{{ urls.feed }}" title="{{ name }}">
-<meta property="og:type" content="website">
-<meta property="og:site_name" content="{{ name }}">
-<meta property="og:title" content="{{ name }}">
-<meta property="og:description" content="{{ description }}">
-<meta property="og:url" content="{{ urls.home }}">
-<meta name="twitter:card" content="summary">
-<meta name="twitter:title" content="{{ name }}">
-<meta name="twitter:description" content="{{ description }}">
-<style>
-*{box-sizing:border-box}
-body{margin:0;background:#f4f1ea;color:#1f2328;font:18px/1.6 Georgia,"Times New Roman",serif}
-.page{max-width:44rem;margin:0 auto;padding:2.5rem 1.25rem 3rem}
-header{text-align:center;margin-bottom:2rem}
-h1{font-size:2.2rem;line-height:1.15;margin:0 0 .4rem}
-.tagline{margin:0;color:#5c5c5c;font-size:1.05rem}
-.subscribe{background:#fff;border:1px solid #d9d2c0;border-radius:6px;padding:1.1rem 1.25rem;
-margin:0 0 2.5rem}
-.subscribe p{margin:0 0 .6rem}
-.subscribe form{display:flex;flex-wrap:wrap;gap:.5rem}
-.subscribe input[type=email]{flex:1 1 14rem;min-width:0;font:inherit;font-size:1rem;
-padding:.55rem .7rem;border:1px solid #98a2b3;border-radius:4px}
-.subscribe button{flex:0 0 auto;font:600 1rem/1 system-ui,-apple-system,"Segoe UI",sans-serif;
-padding:.7rem 1.3rem;border:0;border-radius:4px;background:#1d4e89;color:#fff;cursor:pointer}
-.hp{position:absolute;left:-10000px;width:1px;height:1px;overflow:hidden}
-h2.section{font:600 .8rem/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;
-text-transform:uppercase;letter-spacing:.08em;color:#5c5c5c;margin:0 0 1rem}
-ol.issues{list-style:none;margin:0;padding:0}
-.issue{background:#fff;border:1px solid #e4dece;border-radius:6px;padding:1.1rem 1.25rem;
-margin:0 0 1rem}
-.meta{margin:0;font:.8rem/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:#5c5c5c;
-text-transform:uppercase;letter-spacing:.06em}
-.issue h3{font-size:1.35rem;line-height:1.25;margin:.3rem 0 .4rem}
-.issue h3 a{color:#1d4e89;text-decoration:none}
-.issue h3 a:hover,.issue h3 a:focus{text-decoration:underline}
-.issue p.description{margin:0 0 .5rem;color:#3d3d3d}
-.issue ul{margin:0;padding-left:1.1rem;font-size:.95rem;color:#3d3d3d}
-.empty{color:#5c5c5c}
-footer{margin-top:2.5rem;text-align:center;font:.85rem/1.5 system-ui,-apple-system,sans-serif;
-color:#5c5c5c}
-footer a,.subscribe a{color:#1d4e89}
-@media (max-width:480px){body{font-size:17px}h1{font-size:1.75rem}.page{padding-top:1.5rem}
-.subscribe button{width:100%}}
-</style></head>
-<body><div class="page">
-<header>
-<h1>{{ name }}</h1>
-{% if tagline %}<p class="tagline">{{ tagline }}</p>{% endif %}
-</header>
-<section class="subscribe" aria-labelledby="subscribe-title">
-<p id="subscribe-title"><strong>Get each issue by email.</strong> Free; every issue has an
-unsubscribe link.</p>
-<form method="post" action="{{ urls.subscribe }}">
-<label class="hp" for="email">Email address</label>
-<input id="email" name="email" type="email" required maxlength="254" autocomplete="email"
- placeholder="you@example.com" aria-label="Email address">
-<div class="hp" aria-hidden="true"><label for="website">Leave this empty</label>
-<input id="website" name="website" type="text" tabindex="-1" autocomplete="off"></div>
-<button type="submit">Subscribe</button>
-</form>
-</section>
-<main>
-<h2 class="section">Past issues</h2>
-{% if entries %}<ol class="issues">
-{% for entry in entries %}<li class="issue">
-<p class="meta">No. {{ entry.number }} ·
-<time datetime="{{ entry.date.isoformat() }}">{{ entry.shown_date }}</time></p>
-<h3><a href="{{ entry.slug }}/">{{ entry.title }}</a></h3>
-{% if entry.description %}<p class="description">{{ entry.description }}</p>{% endif %}
-{% if entry.headlines %}<ul>
-{% for headline in entry.headlines[:headlines] %}<li>{{ headline }}</li>
-{% endfor %}{% if entry.headlines | length > headlines -%}
-<li>and {{ entry.headlines | length - headlines }} more</li>{% endif %}
-</ul>{% endif %}
-</li>
-{% endfor %}</ol>{% else %}<p class="empty">No issue has been published yet.</p>{% endif %}
-</main>
-<footer><p><a href="{{ feed_link }}">Atom feed</a>
-{%- if postal_address %} · {{ postal_address }}{% endif %}</p></footer>
-</div></body></html>
-"""
-
-_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-
-
 def index_html(config: Config, entries: Sequence[ArchiveEntry]) -> str:
     """The archive's home page: issues newest first with their lead headlines, a subscribe form.
 
@@ -455,23 +363,27 @@ def index_html(config: Config, entries: Sequence[ArchiveEntry]) -> str:
     folder is served; the form posts to the service's /subscribe.
     """
     news = config.newsletter
+    _ = render.theme_gettext(config)
     shown = [
         {
             **dataclasses.asdict(entry),
-            "shown_date": render.format_date(entry.date, news.issue_date_format),
+            "shown_date": render.format_date(entry.date, news.issue_date_format, news.locale),
         }
         for entry in entries
     ]
-    return _ENV.from_string(_INDEX).render(
-        locale=news.locale,
-        name=news.name,
-        tagline=news.tagline,
-        description=news.tagline or f"The archive of {news.name}",
-        urls=config.public_urls,
-        entries=shown,
-        headlines=HEADLINES,
-        feed_link=FEED_FILE,
-        postal_address=news.postal_address,
+    return render.render_theme_template(
+        config,
+        ARCHIVE_TEMPLATE,
+        {
+            "name": news.name,
+            "tagline": news.tagline,
+            "description": news.tagline or _("The archive of %(name)s", name=news.name),
+            "urls": config.public_urls,
+            "entries": shown,
+            "headlines": HEADLINES,
+            "feed_link": FEED_FILE,
+            "postal_address": news.postal_address,
+        },
     )
 
 
@@ -522,7 +434,8 @@ def feed_xml(config: Config, entries: Sequence[ArchiveEntry]) -> bytes:
             item.summary(entry.description)
         if entry.headlines:
             listing = "".join(f"<li>{html.escape(title)}</li>" for title in entry.headlines)
-            item.content(f"<p>In this issue:</p><ul>{listing}</ul>", type="html")
+            heading = html.escape(render.theme_gettext(config)("In this issue"))
+            item.content(f"<p>{heading}:</p><ul>{listing}</ul>", type="html")
     data: bytes = feed.atom_str(pretty=True)
     return data
 

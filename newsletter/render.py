@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
+import gettext
 import hashlib
 import html
 import logging
@@ -16,7 +18,7 @@ import re
 import shutil
 import textwrap
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -29,7 +31,7 @@ import mjml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from . import images
+from . import i18n, images
 from .config import Config
 from .content import _MD_IMAGE, ISSUE_FILE, Article, Issue, require_buildable
 from .errors import ContentError, RenderError
@@ -80,6 +82,24 @@ class RenderedIssue:
     def over_gmail_clip(self) -> bool:
         return self.html_size > GMAIL_CLIP_BYTES
 
+    @property
+    def visible_share(self) -> float:
+        """How much of the email's HTML is text a reader sees (the rest is markup)."""
+        return len(visible_text(self.html).encode("utf-8")) / max(self.html_size, 1)
+
+    @property
+    def words_before_clip(self) -> int:
+        """About how many more words fit before Gmail clips the email.
+
+        Each word the issue has now brings its share of all the markup, so this errs
+        on the safe side: a new paragraph costs less than the average word did.
+        """
+        words = len(visible_text(self.html).split())
+        room = GMAIL_CLIP_BYTES - self.html_size
+        if room <= 0 or not words:
+            return 0
+        return int(room / (self.html_size / words))
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -109,6 +129,89 @@ class Placeholders:
         return token
 
 
+class ReaderValueMisuse(Exception):
+    """A template looked at a reader's value instead of printing it (see ReaderValue)."""
+
+    def __init__(self, key: str, operation: str) -> None:
+        super().__init__(key, operation)
+        self.key = key
+        self.operation = operation
+
+
+class ReaderValue(str):
+    """A per-reader value as templates see it: a placeholder, filled in at send time.
+
+    Templates are rendered once for all readers, so a template may print the value but
+    not test, compare or change it: ``{% if recipient.field("plan") == "paid" %}`` would
+    see the placeholder and take the same branch for every reader. Such a use raises,
+    and the build fails naming the template's file and line.
+    """
+
+    __slots__ = ("key",)
+    key: str
+
+    def __new__(cls, token: str, key: str) -> ReaderValue:
+        value = super().__new__(cls, token)
+        value.key = key
+        return value
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __html__(self) -> str:
+        return str.__str__(self)  # a token has nothing to escape
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+    def _misuse(self, operation: str) -> ReaderValueMisuse:
+        return ReaderValueMisuse(self.key, operation)
+
+    def __eq__(self, other: object) -> bool:
+        raise self._misuse("compared with ==")
+
+    def __ne__(self, other: object) -> bool:
+        raise self._misuse("compared with !=")
+
+    def __lt__(self, other: object) -> bool:
+        raise self._misuse("compared with <")
+
+    def __le__(self, other: object) -> bool:
+        raise self._misuse("compared with <=")
+
+    def __gt__(self, other: object) -> bool:
+        raise self._misuse("compared with >")
+
+    def __ge__(self, other: object) -> bool:
+        raise self._misuse("compared with >=")
+
+    def __bool__(self) -> bool:
+        raise self._misuse("tested with if")
+
+    def __len__(self) -> int:
+        raise self._misuse("measured")
+
+    def __contains__(self, other: object) -> bool:
+        raise self._misuse("searched with in")
+
+    def __iter__(self) -> Iterator[str]:
+        raise self._misuse("looped over")
+
+    def __getitem__(self, index: Any) -> str:
+        raise self._misuse("indexed or sliced")
+
+    def __mod__(self, other: Any) -> str:
+        raise self._misuse("formatted")
+
+    def __mul__(self, other: Any) -> str:
+        raise self._misuse("repeated")
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name == "key":
+            return super().__getattribute__(name)
+        raise ReaderValueMisuse(super().__getattribute__("key"), f"changed with .{name}()")
+
+
 class RecipientPlaceholders:
     """What templates see as ``recipient``: placeholders in the email, blanks on the web."""
 
@@ -116,7 +219,9 @@ class RecipientPlaceholders:
         self._placeholders = placeholders
 
     def _value(self, key: str) -> str:
-        return self._placeholders.token(key) if self._placeholders else ""
+        if self._placeholders is None:
+            return ""
+        return ReaderValue(self._placeholders.token(key), key)
 
     @property
     def name(self) -> str:
@@ -255,6 +360,7 @@ def markdown_both(
     first_line: int = 1,
     image_dir: Path | None = None,
     missing_alt: list[str] | None = None,
+    image_labels: tuple[str, str] = ("Image", "picture"),
 ) -> tuple[str, str]:
     """``(markdown_html(...), markdown_text(text))`` from one parse.
 
@@ -262,9 +368,13 @@ def markdown_both(
     text seen before: re-rendering after one article changed (the preview server,
     `issue show` then `build`) converts only that article again. ``image_dir`` is
     where the text's image paths start, to show each image at its own width.
+    ``image_labels`` are the text part's words for an image: "[Image: alt]", and for
+    one with neither alt text nor title, in the reader's language.
     """
     widths = image_widths(text, image_dir) if image_dir is not None else ()
-    markup, plain, found, missing = _markdown_both(text, asset_base, where, first_line, widths)
+    markup, plain, found, missing = _markdown_both(
+        text, asset_base, where, first_line, widths, image_labels
+    )
     if warnings is not None:
         warnings.extend(found)
     if missing_alt is not None:
@@ -294,11 +404,13 @@ def _markdown_both(
     where: str,
     first_line: int,
     widths: tuple[tuple[str, int], ...] = (),
+    image_labels: tuple[str, str] = ("Image", "picture"),
 ) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
     warnings: list[str] = []
     missing: list[str] = []
     tokens = _parse(text, where, first_line)
-    plain = _TextWriter(TEXT_WIDTH).render(tokens)  # before _tokens_html rewrites image srcs
+    # The text first: _tokens_html rewrites the images' addresses in the tokens.
+    plain = _TextWriter(TEXT_WIDTH, image_labels).render(tokens)
     markup = _tokens_html(tokens, asset_base, warnings, where, dict(widths), missing)
     return markup, plain, tuple(warnings), tuple(missing)
 
@@ -315,10 +427,23 @@ def _tokens_html(
     _rewrite_images(
         tokens, asset_base, warnings if warnings is not None else [], where, widths, missing
     )
+    _shift_headings(tokens)
     rendered = str(md.renderer.render(tokens, md.options, {}))
     if _has_raw_html(tokens):
         rendered = _clean_html(rendered)
     return _captioned_images(rendered)
+
+
+# The masthead is the h1 and an article's title its h2: the Markdown's own headings go
+# below them (# and ## become h3, ### h4, ...), so a sub-heading never reads as a new article.
+FIRST_BODY_HEADING = 3
+
+
+def _shift_headings(tokens: Sequence[Token]) -> None:
+    for token in tokens:
+        if token.type in ("heading_open", "heading_close"):
+            level = int(token.tag[1:])
+            token.tag = f"h{min(max(level + 1, FIRST_BODY_HEADING), 6)}"
 
 
 def _has_raw_html(tokens: Sequence[Token]) -> bool:
@@ -387,8 +512,9 @@ def _join_blocks(blocks: Sequence[str], depths: Sequence[int]) -> str:
 class _TextWriter:
     """Walks markdown-it block tokens and writes wrapped plain text."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, image_labels: tuple[str, str] = ("Image", "picture")) -> None:
         self.width = width
+        self.image_label, self.picture_label = image_labels
 
     def render(self, tokens: Sequence[Token]) -> str:
         blocks: list[str] = []
@@ -444,8 +570,11 @@ class _TextWriter:
                         blocks.append(text)
                 elif index and tokens[index - 1].type == "heading_open":
                     heading = tokens[index - 1].tag
-                    blocks.append(content.upper() if heading == "h2" else content)
-                    blocks[-1] = blocks[-1] + "\n" + "-" * min(len(content), self.width)
+                    prefix = "> " * quote_depth
+                    shown = content.upper() if heading == "h2" else content
+                    title = self.wrap(shown, prefix, prefix)
+                    underline = min(max(len(line) for line in title.split("\n")), self.width)
+                    blocks.append(title + "\n" + prefix + "-" * (underline - len(prefix)))
                 else:
                     # A list item's later paragraphs line up under its text.
                     body_indent = prefix + "   " * len(lists)
@@ -490,7 +619,7 @@ class _TextWriter:
                     continue
                 alt = "".join(c.content for c in child.children or ())
                 title = str(child.attrs.get("title", "") or "")
-                out.append(f"[Image: {alt or title or 'picture'}]")
+                out.append(f"[{self.image_label}: {alt or title or self.picture_label}]")
                 if title and title != alt:
                     out.append(f" {title}")
             elif child.type in ("em_open", "em_close"):
@@ -548,6 +677,50 @@ def _is_list_line(block: str, prefix: str) -> bool:
 # --- the Jinja environment ---------------------------------------------------------------
 
 
+def theme_translations(config: Config) -> gettext.NullTranslations:
+    """The theme's messages in the workspace's language (its own catalogs first)."""
+    return i18n.translations(config.newsletter.locale, config.templates_dir)
+
+
+def theme_gettext(config: Config) -> Callable[..., str]:
+    """``_("Unsubscribe from %(newsletter)s", newsletter=...)`` for Python code, in the
+    workspace's language (the same catalogs as the templates)."""
+    translations = theme_translations(config)
+
+    def gettext(message: str, **values: Any) -> str:
+        translated = translations.gettext(message)
+        return translated % values if values else translated
+
+    return gettext
+
+
+def render_theme_template(config: Config, name: str, values: Mapping[str, Any]) -> str:
+    """One of the theme's other templates (``service/...``, ``archive/...``), which the
+    workspace's templates/ overrides file by file like the email's, in its language."""
+    env = workspace_environment(config)
+    env.install_gettext_translations(theme_translations(config), newstyle=True)  # type: ignore[attr-defined]
+    return _render_template(env, name, {"locale": config.newsletter.locale, **values})
+
+
+def greeting_fallback(config: Config) -> str:
+    """Who "Hello ...," greets when a reader's first name is unknown."""
+    news = config.newsletter
+    return news.greeting_fallback or theme_translations(config).gettext("there")
+
+
+def unknown_fields(rendered: RenderedIssue, known: Iterable[str]) -> list[str]:
+    """A warning for each ``recipient.field(NAME)`` the templates use that no subscriber
+    has (a typo such as ``field("citty")`` would print nothing for every reader)."""
+    have = {name.lower() for name in known}
+    used = sorted({key for key in rendered.placeholders.values() if key.startswith("field.")})
+    return [
+        f'templates use recipient.field("{key[6:]}"), which no subscriber has: it will be'
+        " empty for every reader (check the name against `newsletter subscribers export`)"
+        for key in used
+        if key[6:] not in have
+    ]
+
+
 def template_environment(workspace_templates: Path | None) -> jinja2.Environment:
     """Workspace templates override the packaged theme file by file; ``!default/`` reaches it."""
     theme = str(default_theme_dir())
@@ -567,9 +740,54 @@ def template_environment(workspace_templates: Path | None) -> jinja2.Environment
         lstrip_blocks=True,
         keep_trailing_newline=True,
         auto_reload=True,
+        extensions=["jinja2.ext.i18n"],
     )
+    env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
     env.filters["markdown"] = lambda text: markdown_html(str(text))
+    env.filters["wrap"] = wrap_text
+    for name, function in list(env.filters.items()):
+        if name not in _PRINTING_FILTERS:
+            env.filters[name] = _refusing_reader_values(name, function)
     return env
+
+
+# Filters that print a value as it is (escaped, marked safe, wrapped whole): the only ones a
+# per-reader placeholder may go through.
+_PRINTING_FILTERS = frozenset({"e", "escape", "forceescape", "safe", "string", "default", "d"})
+
+
+def _refusing_reader_values(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (a Jinja filter), refusing a per-reader value: in a text template
+    Jinja passes it ``str(value)``, the bare placeholder, which no check could catch later."""
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
+        value = args[skip] if len(args) > skip else None
+        if isinstance(value, ReaderValue):
+            raise ReaderValueMisuse(value.key, f"changed with | {name}")
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def wrap_text(text: object, width: int = TEXT_WIDTH, indent: str = "") -> str:
+    """``text`` wrapped for the plain-text part; lines after the first start with ``indent``.
+
+    A word longer than the line (a web address) stays whole, on a line of its own, and so
+    does one with a reader's value in it (an address of any length fills it at send time).
+    """
+    lines: list[str] = []
+    words: list[str] = []
+    for word in str(text).split():
+        if _PLACEHOLDER_RE.search(word):
+            lines.extend(wrap_line(" ".join(words), width, indent if lines else "", indent))
+            lines.append((indent if lines else "") + word)
+            words = []
+        else:
+            words.append(word)
+    lines.extend(wrap_line(" ".join(words), width, indent if lines else "", indent))
+    return "\n".join(lines)
 
 
 def workspace_environment(config: Config) -> jinja2.Environment:
@@ -598,29 +816,51 @@ def clear_template_cache() -> None:
     _cached_environment.cache_clear()
 
 
-def format_date(date: dt.date | None, pattern: str) -> str:
-    """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``)."""
+def format_date(
+    date: dt.date | None, pattern: str, locale: str = "en", *, default: str = "long"
+) -> str:
+    """Fill ``{month}/{day}/{yy}``-style patterns (portable, unlike strftime's ``%-m``), with
+    ``locale``'s month and weekday names; an empty pattern is the locale's own ``default``
+    (``long``: November 20, 2026; ``short``: 11/20/26) format."""
     if date is None:
         return ""
-    return pattern.format(
-        day=date.day,
-        dd=f"{date.day:02d}",
-        month=date.month,
-        mm=f"{date.month:02d}",
-        month_name=date.strftime("%B"),
-        mon=date.strftime("%b"),
-        yy=f"{date.year % 100:02d}",
-        year=date.year,
-        weekday=date.strftime("%A"),
-    )
+    if not pattern:
+        return i18n.locale_date(date, default, locale)
+    fields = {
+        "day": date.day,
+        "dd": f"{date.day:02d}",
+        "month": date.month,
+        "mm": f"{date.month:02d}",
+        "yy": f"{date.year % 100:02d}",
+        "year": date.year,
+    }
+    if "{month_name}" in pattern:
+        fields["month_name"] = i18n.month_names(locale)[date.month]
+    if "{mon}" in pattern:
+        fields["mon"] = i18n.month_names(locale, "abbreviated")[date.month]
+    if "{weekday}" in pattern:
+        fields["weekday"] = i18n.weekday_name(date, locale)
+    return pattern.format(**fields)
 
 
-def byline(article: Article, date_format: str) -> str:
+def byline(
+    article: Article,
+    date_format: str,
+    locale: str = "en",
+    gettext: Callable[[str], str] | None = None,
+) -> str:
     """ "By Author, Source, 3/15/25", or "Source, 3/14/25" with no author."""
-    parts = [p for p in (article.source, format_date(article.date, date_format)) if p]
+    date = format_date(article.date, date_format, locale, default="short")
+    parts = [p for p in (article.source, date) if p]
     if article.author:
-        return ", ".join([f"By {article.author}", *parts])
+        _ = gettext or _english
+        by = _("By %(author)s") % {"author": article.author}
+        return ", ".join([by, *parts])
     return ", ".join(parts)
+
+
+def _english(message: str) -> str:
+    return message
 
 
 @dataclass(frozen=True)
@@ -662,6 +902,7 @@ def _article_views(
     missing_alt: list[str] | None = None,
 ) -> list[_ArticleView]:
     views = []
+    labels = _image_labels(config)
     for number, article in enumerate(issue.articles, start=1):
         where = str(article.path)
         body_html, body_text = markdown_both(
@@ -672,6 +913,7 @@ def _article_views(
             first_line=article.body_line,
             image_dir=article.path.parent,
             missing_alt=missing_alt,
+            image_labels=labels,
         )
         lead = article.path.parent / article.image if article.image else None
         lead_width = (
@@ -687,7 +929,12 @@ def _article_views(
                 number=number,
                 anchor=f"article-{number}",
                 title=article.title,
-                byline=byline(article, config.newsletter.date_format),
+                byline=byline(
+                    article,
+                    config.newsletter.date_format,
+                    config.newsletter.locale,
+                    theme_translations(config).gettext,
+                ),
                 url=article.url,
                 image=asset_url(article.image, asset_base) if article.image else "",
                 image_alt=article.image_alt,
@@ -705,6 +952,11 @@ def _article_views(
         if article.url.startswith("http://"):
             warnings.append(f"{where}: url uses http, not https")
     return views
+
+
+def _image_labels(config: Config) -> tuple[str, str]:
+    translations = theme_translations(config)
+    return translations.gettext("Image"), translations.gettext("picture")
 
 
 def _context(
@@ -728,13 +980,14 @@ def _context(
         first_line=issue.intro_line,
         image_dir=issue.path / "articles",
         missing_alt=missing_alt,
+        image_labels=_image_labels(config),
     )
     return {
         "newsletter": news,
         "issue": issue,
         "subject": subject,
         "preheader": issue.preheader,
-        "issue_date": format_date(issue.date, news.issue_date_format),
+        "issue_date": format_date(issue.date, news.issue_date_format, news.locale),
         "intro_html": intro_html,
         "intro_text": intro_text,
         "articles": _article_views(issue, config, asset_base, warnings, missing_alt),
@@ -775,6 +1028,19 @@ def _render_template(env: jinja2.Environment, name: str, context: Mapping[str, A
         raise RenderError(
             str(exc), where=_template_location(exc) or name, hint="fix the template"
         ) from None
+    except ReaderValueMisuse as exc:
+        shown = (
+            f'recipient.field("{exc.key.removeprefix("field.")}")'
+            if exc.key.startswith("field.")
+            else f"recipient.{exc.key}"
+        )
+        raise RenderError(
+            f"{shown} is {exc.operation}: the email is rendered once for every reader, so"
+            " this would come out the same for all of them",
+            where=_template_location(exc) or name,
+            hint=f"print it as it is ({{{{ {shown} }}}}); send readers who differ separate"
+            " issues (segments) instead of testing their values in a template",
+        ) from None
 
 
 def _template_file(env: jinja2.Environment, name: str) -> str:
@@ -794,8 +1060,21 @@ def _template_location(exc: BaseException) -> str | None:
     return location
 
 
-def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = True) -> str:
-    """MJML to email HTML with CSS inlined; media queries stay in <style>."""
+def mjml_to_html(
+    source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = True, compact: bool = True
+) -> str:
+    """MJML to email HTML with CSS inlined; media queries stay in <style>.
+
+    As in MJML itself, an ``<mj-style inline="inline">`` is inlined and not kept in
+    ``<head>`` (only what cannot be inlined, such as a media query, stays there). The
+    rest is made smaller without changing what a client shows (:func:`merge_sections`,
+    :func:`compact_html`); ``compact=False`` skips all three, for comparing. With
+    ``inline=False`` (the web page, for browsers) every style stays in ``<head>``.
+    """
+    css: list[str] = []
+    if inline and compact:
+        css = [match.group(1) for match in _INLINE_STYLE.finditer(source)]
+        source = merge_sections(_INLINE_STYLE.sub("", source))
     try:
         raw = mjml.mjml2html(source, fonts={})
     except ValueError as exc:
@@ -811,13 +1090,14 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
         keep_style_tags=True,
         remove_classes=False,
         disable_validation=True,
+        css_text=css,
         # Keep the pixel width="..." that MJML and the theme put on images: premailer would
         # overwrite it with CSS's "100%" (and add height="auto"), and Outlook for Windows
         # then shows each image at its natural size.
         disable_basic_attributes=["width", "height"],
         # This step parses every <img> style with cssutils (slow) to look for a float;
         # without "float" in any CSS or <img> tag it cannot find one.
-        align_floating_images=_may_float(raw),
+        align_floating_images=_may_float(raw) or any("float" in c.lower() for c in css),
         cssutils_logging_level=logging.CRITICAL,
     )
     inlined = str(inliner.transform(raw, pretty_print=False)).replace(
@@ -825,7 +1105,89 @@ def mjml_to_html(source: str, *, template: str = EMAIL_TEMPLATE, inline: bool = 
     )
     if not inlined.lstrip().lower().startswith("<!doctype"):
         inlined = "<!doctype html>\n" + inlined
-    return inlined
+    return compact_html(inlined) if compact else inlined
+
+
+# A section and its one column, both with only their default attributes.
+_PLAIN_SECTION = re.compile(
+    r"<mj-section>\s*<mj-column>"
+    r"((?:(?!<mj-(?:section|column|wrapper|group|raw)\b|</mj-(?:section|column)>).)*)"
+    r"</mj-column>\s*</mj-section>",
+    re.S,
+)
+_ATTRIBUTES = re.compile(r"<mj-attributes>(.*?)</mj-attributes>", re.S)
+
+
+def merge_sections(source: str) -> str:
+    """MJML with each run of adjacent plain one-column sections made one section.
+
+    Every section costs about a kilobyte of tables and Outlook comments. Sections with no
+    padding of their own (the theme's mj-attributes say ``padding="0"``) and one column
+    stack exactly as one section whose column holds all their content. Anything else
+    (other attributes, several columns, a padding by default) is left as it is.
+    """
+    defaults = " ".join(_ATTRIBUTES.findall(source))
+    if not re.search(r'<mj-section\b[^>]*\bpadding="0(?:px)?"', defaults) or re.search(
+        r"<mj-column\b|<mj-all\b[^>]*\b(?:padding|border)", defaults
+    ):
+        return source
+    out: list[str] = []
+    run: list[str] = []
+    position = 0
+    for match in _PLAIN_SECTION.finditer(source):
+        between = source[position : match.start()]
+        if run and between.strip():
+            out.append(_one_section(run))
+            run = []
+        if not run:
+            out.append(between)
+        run.append(match.group(1))
+        position = match.end()
+    if run:
+        out.append(_one_section(run))
+    out.append(source[position:])
+    return "".join(out)
+
+
+def _one_section(contents: list[str]) -> str:
+    return "<mj-section><mj-column>" + "".join(contents) + "</mj-column></mj-section>"
+
+
+_INLINE_STYLE = re.compile(r"<mj-style\s+inline=[\"']inline[\"']\s*>(.*?)</mj-style>", re.I | re.S)
+# Two Outlook-only comments in a row are one: "<![endif]--><!--[if mso | IE]>" says nothing.
+_OUTLOOK_SEAM = "<![endif]--><!--[if mso | IE]>"
+_STYLE_ATTRIBUTE = re.compile(r"""(\sstyle=)("[^"]*"|'[^']*')""")
+_CSS_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+
+
+def compact_html(markup: str) -> str:
+    """Email HTML with less markup and the same rendering, for more room before Gmail clips.
+
+    Adjacent Outlook conditional comments become one (as MJML's minifier does), ``<style>``
+    blocks lose their comments and runs of white space, and inline styles the spaces
+    after ``;`` and ``,`` (outside quoted strings).
+    """
+    markup = markup.replace(_OUTLOOK_SEAM, "")
+    markup = _STYLE_OPEN.sub(
+        lambda m: f"<style{m.group(1)}>{_compact_css(m.group(2))}</style>", markup
+    )
+    return _STYLE_ATTRIBUTE.sub(lambda m: m.group(1) + _compact_declarations(m.group(2)), markup)
+
+
+def _compact_css(css: str) -> str:
+    css = " ".join(_CSS_COMMENT.sub(" ", css).split())
+    # A space before ":" can matter in a selector ("a :hover"); one after ":" or "," never.
+    css = re.sub(r"([:,])\s+", r"\1", css)
+    return re.sub(r"\s*([{};])\s*", r"\1", css).replace(";}", "}")
+
+
+def _compact_declarations(quoted: str) -> str:
+    """``"a:1; b:x, y"`` as ``"a:1;b:x,y"``: spaces inside quotes (font names) stay."""
+    quote, body = quoted[0], quoted[1:-1]
+    pieces = re.split(r"(\"[^\"]*\"|'[^']*')", body)
+    for index in range(0, len(pieces), 2):
+        pieces[index] = re.sub(r"([;,])\s+", r"\1", pieces[index])
+    return quote + "".join(pieces) + quote
 
 
 _STYLE_BLOCK = re.compile(r"<style\b[^>]*>(.*?)</style>", re.I | re.S)
@@ -894,18 +1256,36 @@ def _premailer_class() -> Any:
                 rules[key] = super()._parse_style_rules(css_body, ruleset_index)
             return rules[key]
 
+        def _process_css_text(self, css_text: str, index: int, rules: Any, head: Any) -> None:
+            # premailer keeps all of css_text in <head> when keep_style_tags is on; an
+            # mj-style inline="inline" keeps only what it could not inline.
+            these_rules, leftover = self._parse_style_rules(css_text, index)
+            rules.extend(these_rules)
+            if head is not None and leftover:
+                from lxml import etree
+
+                style = etree.Element("style")
+                style.attrib["type"] = "text/css"
+                style.text = self._css_rules_to_string(leftover)
+                head.append(style)
+
     return CachingPremailer
 
 
-def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None) -> RenderedIssue:
+def render_issue(
+    issue: Issue, config: Config, *, asset_base: str | None = None, compact: bool = True
+) -> RenderedIssue:
     """Render an issue once: email HTML and text with placeholders, and the web page.
 
     ``asset_base`` is where images are fetched from: by default the issue's web
     address (``base_url/slug``), ``""`` for paths relative to the build folder.
+    ``compact=False`` leaves out the steps that only make the email's HTML smaller
+    (see :func:`mjml_to_html`), to compare with.
     """
     require_buildable(issue)
     base = config.public_urls.issue(issue.slug).rstrip("/") if asset_base is None else asset_base
     env = workspace_environment(config)
+    env.install_gettext_translations(theme_translations(config), newstyle=True)  # type: ignore[attr-defined]
     subject = issue.subject(config.newsletter.subject_max_length)
     placeholders = Placeholders(_nonce(issue, config))
     warnings: list[str] = []
@@ -922,14 +1302,17 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     )
     email_mjml = _render_template(env, EMAIL_TEMPLATE, email_ctx)
     email_template = _template_file(env, EMAIL_TEMPLATE)
-    email_html = mjml_to_html(email_mjml, template=email_template)
+    email_html = mjml_to_html(email_mjml, template=email_template, compact=compact)
     text = _tidy_text(_render_template(env, TEXT_TEMPLATE, email_ctx))
     web_ctx = dict(email_ctx, recipient=RecipientPlaceholders(None), web=True)
     web_ctx["articles"] = email_ctx["articles"]
     # Browsers read <style> blocks, so the web page skips premailer's inlining.
-    web_html = mjml_to_html(
-        _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
+    web_html = web_landmarks(
+        mjml_to_html(
+            _render_template(env, EMAIL_TEMPLATE, web_ctx), template=email_template, inline=False
+        )
     )
+    warnings.extend(_transparent_images(issue))
     if not issue.preheader:
         warnings.append(
             f"{issue.path / 'issue.md'}: no preheader; "
@@ -958,6 +1341,31 @@ def render_issue(issue: Issue, config: Config, *, asset_base: str | None = None)
     return rendered
 
 
+_LANDMARK = re.compile(r"<!--(/?)landmark:(header|nav|main|footer)-->")
+# MJML's wrapper announces an email (role="article"): right in a mail client, but on a web
+# page it would make the page's header and footer parts of an article, not landmarks.
+_EMAIL_ROLE = re.compile(
+    r'(<div)\s+aria-label="[^"]*"|\s+aria-roledescription="email"|\s+role="article"'
+)
+
+
+def web_landmarks(markup: str) -> str:
+    """The web page's ``<!--landmark:main-->`` markers as the elements they stand for.
+
+    MJML cannot put an element around its sections, so the theme marks where the page's
+    header, main and footer start and end (on the web page only; an email sits inside
+    the client's own page, which has its own).
+    """
+    if not _LANDMARK.search(markup):
+        return markup
+    body = markup.find("<body")
+    start = markup.find("<div", body)
+    end = markup.find(">", start) + 1
+    wrapper = _EMAIL_ROLE.sub(lambda m: m.group(1) or "", markup[start:end])
+    markup = markup[:start] + wrapper + markup[end:]
+    return _LANDMARK.sub(lambda m: f"<{m.group(1)}{m.group(2)}>", markup)
+
+
 def _tidy_text(text: str) -> str:
     """Collapse runs of blank lines the template leaves, and end with one newline."""
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
@@ -977,6 +1385,21 @@ def _assets(issue: Issue) -> Iterator[tuple[Path, str]]:
             if relative not in seen:
                 seen.add(relative)
                 yield source, relative
+
+
+def _transparent_images(issue: Issue) -> Iterator[str]:
+    """A warning for each image with see-through parts.
+
+    The dark theme gives images a light ground, but clients that darken an email by
+    themselves (Gmail's apps, Outlook for Windows) put a dark one behind them, where a
+    dark drawing or logo on a transparent background disappears.
+    """
+    for source, relative in _assets(issue):
+        if source.is_file() and images.info(source).transparent:
+            yield (
+                f"{source}: image '{relative}' is transparent: in dark mode some clients show"
+                " it on a dark ground, where dark lines vanish; give it a solid light background"
+            )
 
 
 def find_placeholders(text: str) -> list[str]:

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import jinja2
 from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from . import publish
+from . import publish, render
 from .addresses import normalize_email
 from .config import Config
 from .delivery import outbound_from_config
@@ -50,7 +49,7 @@ from .errors import (
 )
 from .hooks import enabled_providers, webhook_blueprint
 from .mailqueue import MailQueue
-from .message import rfc5322_date, to_field
+from .message import first_name_of, rfc5322_date, to_field
 from .models import Status, Subscriber
 from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
 from .segments import PAUSED
@@ -109,137 +108,6 @@ ASSET_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 INDEX_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self' {origin};"
     " frame-ancestors 'none'; base-uri 'none'"
-)
-
-_PAGES = {
-    "base.html": """<!doctype html>
-<html lang="{{ locale }}"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex, nofollow">
-<title>{{ title }} · {{ newsletter }}</title>
-<style>
-body{font:17px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:34em;
-margin:3em auto;padding:0 1em;color:#1d2330;background:#fff}
-h1{font-size:1.5em;line-height:1.25}
-button{font:inherit;padding:.55em 1.4em;border:0;border-radius:4px;background:#1d4e89;
-color:#fff;cursor:pointer}
-label{display:block;font-weight:600}
-input{font:inherit;padding:.45em;width:100%;box-sizing:border-box;margin:.25em 0 1em;
-border:1px solid #98a2b3;border-radius:4px}
-.error{color:#a4161a}.muted{color:#5b6475;font-size:.9em}
-.hp{position:absolute;left:-10000px;width:1px;height:1px;overflow:hidden}
-li{margin:.4em 0}
-fieldset{border:1px solid #d0d5dd;border-radius:4px;margin:0 0 1em;padding:.6em 1em}
-label.choice{font-weight:400;margin:.3em 0}label.choice input{width:auto;margin:0 .4em 0 0}
-</style></head>
-<body><main>
-<h1>{{ title }}</h1>
-{% block body %}{% endblock %}
-</main>
-<footer><p class="muted">{{ newsletter }}</p></footer></body></html>
-""",
-    "unsubscribe.html": """{% extends "base.html" %}{% block body %}
-<p>Do you want to stop receiving {{ newsletter }}?</p>
-<form method="post">
-<input type="hidden" name="confirm" value="yes">
-<button type="submit">Unsubscribe</button>
-</form>
-<p class="muted">Nothing changes until you press the button.</p>
-{% endblock %}""",
-    "unsubscribed.html": """{% extends "base.html" %}{% block body %}
-<p>You are unsubscribed from {{ newsletter }}. You will receive no more issues.</p>
-<p class="muted">Changed your mind? You can <a href="{{ subscribe_url }}">subscribe again</a>.</p>
-{% endblock %}""",
-    "bad_link.html": """{% extends "base.html" %}{% block body %}
-<p>{{ message }}</p>
-{% if subscribe_url -%}
-<p><a href="{{ subscribe_url }}">Go to the subscription form</a></p>
-{%- endif %}
-{% endblock %}""",
-    "subscribe.html": """{% extends "base.html" %}{% block body %}
-{% if tagline %}<p>{{ tagline }}</p>{% endif %}
-{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-<form method="post">
-<label for="email">Email address</label>
-<input id="email" name="email" type="email" required maxlength="254" autocomplete="email"
- value="{{ email }}">
-<label for="name">Name <span class="muted">(optional)</span></label>
-<input id="name" name="name" type="text" maxlength="{{ max_name }}" autocomplete="name"
- value="{{ name }}">
-<div class="hp" aria-hidden="true"><label for="website">Leave this empty</label>
-<input id="website" name="website" type="text" tabindex="-1" autocomplete="off"></div>
-<button type="submit">Subscribe</button>
-</form>
-<p class="muted">We will send you an email with a link to confirm. Every issue has an
-unsubscribe link.</p>
-{% endblock %}""",
-    "check_inbox.html": """{% extends "base.html" %}{% block body %}
-<p>If <strong>{{ email }}</strong> can be subscribed, a message with a confirmation link is on
-its way to it. Open it and follow the link to start receiving {{ newsletter }}.</p>
-<p class="muted">Nothing there after a few minutes? Look in the spam folder, or
-<a href="{{ subscribe_url }}">try again</a> a little later.</p>
-{% endblock %}""",
-    "confirm.html": """{% extends "base.html" %}{% block body %}
-<p>Press the button to start receiving {{ newsletter }}.</p>
-<form method="post">
-<input type="hidden" name="confirm" value="yes">
-<button type="submit">Confirm my subscription</button>
-</form>
-<p class="muted">Nothing changes until you press the button.</p>
-{% endblock %}""",
-    "confirmed.html": """{% extends "base.html" %}{% block body %}
-<p>Thank you. You are subscribed to {{ newsletter }}; the next issue will come to your inbox.</p>
-{% if archive %}<p><a href="{{ archive_url }}">Read past issues</a></p>{% endif %}
-{% endblock %}""",
-    "message.html": """{% extends "base.html" %}{% block body %}
-<p>{{ message }}</p>
-{% endblock %}""",
-    "preferences.html": """{% extends "base.html" %}{% block body %}
-{% if saved %}<p role="status"><strong>Saved.</strong> {{ saved }}</p>{% endif %}
-<p>What {{ newsletter }} sends to <strong>{{ email }}</strong>.</p>
-<form method="post">
-<input type="hidden" name="form" value="preferences">
-{% if topics %}<fieldset><legend>Topics</legend>
-{% for tag, label, chosen in topics %}
-<label class="choice"><input type="checkbox" name="topic" value="{{ tag }}"
-{%- if chosen %} checked{% endif %}> {{ label }}</label>
-{% endfor %}</fieldset>{% endif %}
-{% if pause %}<fieldset><legend>Pause</legend>
-<label class="choice"><input type="checkbox" name="pause" value="yes"
-{%- if paused %} checked{% endif %}> Pause all issues until I come back here</label>
-</fieldset>{% endif %}
-<button type="submit">Save my preferences</button>
-</form>
-<p class="muted">Nothing changes until you press the button. To stop every issue for good,
-<a href="{{ unsubscribe_link }}">unsubscribe</a>.</p>
-{% endblock %}""",
-    "confirm_email.txt": """Hello{{ greeting }},
-
-someone, probably you, asked to subscribe {{ email }} to {{ newsletter }}.
-
-To confirm, open this link within {{ ttl_hours }} hours and press the button:
-
-{{ link }}
-
-If you did not ask for this, ignore this message: you will not be subscribed.
-""",
-    "confirm_email.html": """<!doctype html>
-<html lang="{{ locale }}"><head><meta charset="utf-8"><title>{{ subject }}</title></head>
-<body style="font-family:Helvetica,Arial,sans-serif;font-size:16px;line-height:1.5;color:#1d2330">
-<p>Hello{{ greeting }},</p>
-<p>someone, probably you, asked to subscribe {{ email }} to {{ newsletter }}.</p>
-<p><a href="{{ link }}" style="display:inline-block;padding:10px 20px;background:#1d4e89;
-color:#ffffff;text-decoration:none;border-radius:4px">Confirm my subscription</a></p>
-<p style="font-size:13px;color:#5b6475">The link works for {{ ttl_hours }} hours. If you did not
-ask for this, ignore this message: you will not be subscribed.</p>
-</body></html>
-""",
-}
-
-_ENV = jinja2.Environment(
-    loader=jinja2.DictLoader(_PAGES),
-    autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
-    undefined=jinja2.StrictUndefined,
 )
 
 
@@ -301,15 +169,15 @@ def confirmation_message(
 ) -> bytes:
     """The double opt-in email: one small MIME message (text and HTML), signed if DKIM is on."""
     news = config.newsletter
-    subject = f"Confirm your subscription to {news.name}"
+    _ = render.theme_gettext(config)
+    subject = _("Confirm your subscription to %(newsletter)s", newsletter=news.name)
     values = {
-        "greeting": f" {name.split()[0]}" if name.split() else "",
+        "greeting": first_name_of(name),
         "email": address,
         "newsletter": news.name,
         "link": link,
         "ttl_hours": config.server.confirm_ttl_hours,
         "subject": subject,
-        "locale": news.locale,
     }
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = news.sender
@@ -320,9 +188,12 @@ def confirmation_message(
         msg["Reply-To"] = news.reply_to
     # RFC 3834: no vacation replies to a message that a form made.
     msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(_ENV.get_template("confirm_email.txt").render(values), cte="quoted-printable")
+    msg.set_content(
+        render.render_theme_template(config, "service/confirm_email.txt", values),
+        cte="quoted-printable",
+    )
     msg.add_alternative(
-        _ENV.get_template("confirm_email.html").render(values),
+        render.render_theme_template(config, "service/confirm_email.html", values),
         subtype="html",
         cte="quoted-printable",
     )
@@ -437,10 +308,14 @@ def create_app(
             with contextlib.suppress(Exception):
                 store.close()
 
+    def _(message: str, **values: Any) -> str:
+        """The service's words in the workspace's language (an edited catalog is seen)."""
+        return render.theme_gettext(config)(message, **values)
+
     def page(template: str, status: int = 200, **values: Any) -> Response:
         values.setdefault("subscribe_url", _url("subscribe"))
-        html = _ENV.get_template(template).render(
-            newsletter=news.name, locale=news.locale, **values
+        html = render.render_theme_template(
+            config, f"service/{template}", {"newsletter": news.name, **values}
         )
         return Response(html, status=status, mimetype="text/html")
 
@@ -457,7 +332,7 @@ def create_app(
         return public_base(config)
 
     def bad_link(message: str, status: int = 400) -> Response:
-        return page("bad_link.html", status, title="This link does not work", message=message)
+        return page("bad_link.html", status, title=_("This link does not work"), message=message)
 
     # -- unsubscribe -----------------------------------------------------------------------
 
@@ -469,26 +344,30 @@ def create_app(
         data = unsubscribe_token(token)
         if data is None:
             return bad_link(
-                "This unsubscribe link is incomplete or was changed. Copy the whole link from"
-                " the email, or use the unsubscribe link in a more recent issue."
+                _(
+                    "This unsubscribe link is incomplete or was changed. Copy the whole link"
+                    " from the email, or use the unsubscribe link in a more recent issue."
+                )
             )
         if request.method != "POST":
             # Link scanners fetch GETs: a GET only asks.
-            return page("unsubscribe.html", title=f"Unsubscribe from {news.name}")
+            return page(
+                "unsubscribe.html", title=_("Unsubscribe from %(newsletter)s", newsletter=news.name)
+            )
         one_click = request.form.get(ONE_CLICK_FIELD, "") == ONE_CLICK_VALUE
         reason = "one-click" if one_click else "link"
         detail = f"issue {data.context}" if data.context else ""
-        ref, _, fingerprint = data.subject.partition(":")
+        ref, _colon, fingerprint = data.subject.partition(":")
         with writing:
             target = db().get_subscriber(int(ref) if ref.isdigit() else ref)
             if target is None or (fingerprint and fingerprint != address_fingerprint(target.email)):
                 # Not (or no longer) this person's link: say the usual, change nothing.
-                return page("unsubscribed.html", title="You are unsubscribed")
+                return page("unsubscribed.html", title=_("You are unsubscribed"))
             subscriber = db().unsubscribe(target.id, reason, detail)
         if subscriber is not None:
             LOG.info("unsubscribe: subscriber %s (%s, %s)", subscriber.id, reason, detail)
         # RFC 8058: answer the POST itself, never with a redirect.
-        return page("unsubscribed.html", title="You are unsubscribed")
+        return page("unsubscribed.html", title=_("You are unsubscribed"))
 
     # -- preferences: topics and pause ----------------------------------------------------
 
@@ -514,7 +393,7 @@ def create_app(
         unsubscribe_token = signer.make(UNSUBSCRIBE_PURPOSE, data.subject, data.context)
         return page(
             "preferences.html",
-            title=f"Your {news.name} preferences",
+            title=_("Your %(newsletter)s preferences", newsletter=news.name),
             email=reader.email,
             topics=[(tag, label, tag in tags) for tag, label in prefs.topics],
             pause=prefs.pause,
@@ -528,23 +407,31 @@ def create_app(
         found = preferences_reader(token)
         if found is None:
             return bad_link(
-                "This preferences link is incomplete or was changed. Copy the whole link from"
-                " the email, or use the one in a more recent issue."
+                _(
+                    "This preferences link is incomplete or was changed. Copy the whole link"
+                    " from the email, or use the one in a more recent issue."
+                )
             )
         reader, data = found
         if reader is None:
             return page(
                 "message.html",
-                title=f"Your {news.name} preferences",
-                message="This link names nobody on the list (it may come from a proof copy),"
-                " so there is nothing to choose here.",
+                title=_("Your %(newsletter)s preferences", newsletter=news.name),
+                message=_(
+                    "This link names nobody on the list (it may come from a proof copy),"
+                    " so there is nothing to choose here."
+                ),
             )
         if reader.status != Status.ACTIVE:
             return page(
                 "message.html",
-                title=f"Your {news.name} preferences",
-                message=f"{reader.email} is not subscribed to {news.name} now, so there is"
-                " nothing to choose. You can subscribe again from the subscription form.",
+                title=_("Your %(newsletter)s preferences", newsletter=news.name),
+                message=_(
+                    "%(email)s is not subscribed to %(newsletter)s now, so there is nothing"
+                    " to choose. You can subscribe again from the subscription form.",
+                    email=reader.email,
+                    newsletter=news.name,
+                ),
             )
         if request.method != "POST":
             return preferences_page(reader, data)  # a GET only shows
@@ -552,8 +439,8 @@ def create_app(
             return page(
                 "message.html",
                 403,
-                title="Not allowed",
-                message="Please change your preferences on the page the email links to.",
+                title=_("Not allowed"),
+                message=_("Please change your preferences on the page the email links to."),
             )
         # Only the topics the editor offers, whatever else the form carries.
         chosen = set(request.form.getlist("topic")) & set(topic_tags)
@@ -570,9 +457,9 @@ def create_app(
             LOG.info("preferences: subscriber %s (+%s -%s)", reader.id, added, removed)
         paused_now = PAUSED in added
         saved = (
-            "Issues are paused: you will get none until you come back here and resume."
+            _("Issues are paused: you will get none until you come back here and resume.")
             if paused_now
-            else "Your choices are saved."
+            else _("Your choices are saved.")
         )
         return preferences_page(reader, data, saved)
 
@@ -597,7 +484,7 @@ def create_app(
         return page(
             "subscribe.html",
             status,
-            title=f"Subscribe to {news.name}",
+            title=_("Subscribe to %(newsletter)s", newsletter=news.name),
             tagline=news.tagline,
             error=error,
             email=address,
@@ -710,9 +597,10 @@ def create_app(
         response = page(
             "message.html",
             429,
-            title="Too many requests",
-            message="Too many subscription requests came from your network."
-            " Please try again later.",
+            title=_("Too many requests"),
+            message=_(
+                "Too many subscription requests came from your network. Please try again later."
+            ),
         )
         response.headers["Retry-After"] = str(retry_after)
         return response
@@ -723,12 +611,12 @@ def create_app(
             return page(
                 "message.html",
                 403,
-                title="Not allowed",
-                message="Please subscribe through the form on our own site.",
+                title=_("Not allowed"),
+                message=_("Please subscribe through the form on our own site."),
             )
         address = request.form.get("email", "").strip()[:254]
         name = _clean_name(request.form.get("name", ""))
-        check_inbox = page("check_inbox.html", title="Check your inbox", email=address)
+        check_inbox = page("check_inbox.html", title=_("Check your inbox"), email=address)
         if request.form.get("website"):
             return check_inbox  # a bot filled the hidden field: say the usual, do nothing
         try:
@@ -736,7 +624,7 @@ def create_app(
         except StoreError:
             return subscribe_form(
                 400,
-                error="That does not look like an email address. Please check it.",
+                error=_("That does not look like an email address. Please check it."),
                 address=address,
                 name=name,
             )
@@ -766,7 +654,7 @@ def create_app(
     @app.get("/confirm/<token>")
     @app.post("/confirm/<token>")
     def confirm(token: str) -> Response:
-        expired = (
+        expired = _(
             "This confirmation link has expired or is not valid. Subscribe again to get a new one."
         )
         data = signer.verify(token, CONFIRM_PURPOSE, max_age_seconds=int(ttl.total_seconds()))
@@ -778,7 +666,10 @@ def create_app(
             return bad_link(expired)
         if request.method != "POST":
             # Link scanners fetch GETs (and HEADs): a GET only asks.
-            return page("confirm.html", title=f"Confirm your subscription to {news.name}")
+            return page(
+                "confirm.html",
+                title=_("Confirm your subscription to %(newsletter)s", newsletter=news.name),
+            )
         issued = datetime.fromtimestamp(data.issued_at, UTC)
         with writing:
             before = store.get_subscriber(subscriber.id)
@@ -793,7 +684,7 @@ def create_app(
                 LOG.warning("mail queue full: a welcome email was dropped")
         return page(
             "confirmed.html",
-            title="You are subscribed",
+            title=_("You are subscribed"),
             archive=bool(publish.visibility(db()).listed),
             archive_url=_url(""),
         )
@@ -808,7 +699,7 @@ def create_app(
         return publish.issue_folder(config, slug)
 
     def not_found() -> Response:
-        return page("message.html", 404, title="Not found", message="There is no such page.")
+        return page("message.html", 404, title=_("Not found"), message=_("There is no such page."))
 
     def entries() -> list[publish.ArchiveEntry]:
         return publish.archive_entries(config, publish.visibility(db()).listed)
@@ -901,8 +792,8 @@ def create_app(
         response = page(
             "message.html",
             503,
-            title="Please try again later",
-            message=f"{message} Please try again in a few minutes.",
+            title=_("Please try again later"),
+            message=message + " " + _("Please try again in a few minutes."),
         )
         response.headers["Retry-After"] = "120"
         return response
@@ -911,14 +802,16 @@ def create_app(
     def http_error(exc: HTTPException) -> Response:
         if exc.code == 404:
             return not_found()
-        return page("message.html", exc.code or 500, title=exc.name, message="That did not work.")
+        return page(
+            "message.html", exc.code or 500, title=exc.name, message=_("That did not work.")
+        )
 
     @app.errorhandler(NewsletterError)
     def newsletter_error(exc: NewsletterError) -> Response:
         LOG.error("%s", exc)
         if isinstance(exc, StoreError):
             drop_db()  # the next request opens a fresh connection
-        return unavailable("Something on our side is not working.")
+        return unavailable(_("Something on our side is not working."))
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
@@ -926,8 +819,8 @@ def create_app(
         return page(
             "message.html",
             500,
-            title="Something went wrong",
-            message="Something went wrong on our side. Please try again later.",
+            title=_("Something went wrong"),
+            message=_("Something went wrong on our side. Please try again later."),
         )
 
     @app.after_request

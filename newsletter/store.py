@@ -815,6 +815,13 @@ class Store:
             _suppress(conn, subscriber_id, "removed", _now())
             _forget(conn, subscriber_id)
 
+    def field_names(self) -> set[str]:
+        """The names of the free fields (lower-cased) that any subscriber has."""
+        return {
+            str(row[0]).lower()
+            for row in self._all("SELECT DISTINCT j.key FROM subscribers s, json_each(s.fields) j")
+        }
+
     def export_csv(self, out: TextIO, status: Status | None = None) -> int:
         """Write subscribers as CSV (email, name, status, created_at, tags, then fields);
         returns rows.

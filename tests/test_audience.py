@@ -139,7 +139,7 @@ def preferences_path(message: Received) -> str:
     assert isinstance(parsed, EmailMessage)
     text = parsed.get_body(("plain",))
     assert text is not None
-    found = re.search(r"Your preferences \(topics, pause\): (https://\S+)", text.get_content())
+    found = re.search(r"Your preferences \(topics, pause\):\s+(https://\S+)", text.get_content())
     assert found is not None
     link = found.group(1)
     assert link.startswith("https://example.org/ledger/p/")

@@ -44,7 +44,7 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     # The https unsubscribe link derives from the public address.
     assert cfg.unsubscribe == UnsubscribeSettings(url="https://example.org/newsletter/u")
     assert cfg.secrets == Secrets()
-    assert cfg.newsletter.date_format == "{month}/{day}/{yy}"
+    assert cfg.newsletter.date_format == ""  # the locale's own short date
     assert cfg.state_dir == tmp_path.resolve() / ".newsletter"
     assert cfg.db_path == cfg.state_dir / "newsletter.db"
     assert cfg.sender_domain == "example.org"

@@ -272,7 +272,7 @@ def test_plain_text_and_source_views(browser: Browser, server: PreviewServer) ->
     assert shown == server.state.text
     assert "RIDING THE LAST NIGHT BUS" in shown.upper()
     assert "1. It waits for the last train." in shown
-    assert f"subscribed as {READER.email}" in shown
+    assert f"subscribed as\n{READER.email}" in shown
     assert "%%nl:" not in shown
     page.get_by_role("tab", name="Headers & source").click()
     headers = page.locator("#headers")
