@@ -385,6 +385,21 @@ def _lock_name(issue_key: str) -> str:
 # --- the store ----------------------------------------------------------------------------
 
 
+def _staged_matches(conn: sqlite3.Connection, inactive: str) -> tuple[int, int, int]:
+    """(distinct rows, rows of inactive subscribers, rows of other known subscribers) in
+    temp.import_rows: what both an import and its dry run count first."""
+    distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
+    skipped = conn.execute(
+        "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+        f" WHERE s.status IN ({inactive})"
+    ).fetchone()[0]
+    matched = conn.execute(
+        "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+        f" WHERE s.status NOT IN ({inactive})"
+    ).fetchone()[0]
+    return int(distinct), int(skipped), int(matched)
+
+
 class Store:
     """One connection to the database; safe to share between threads (calls are serialised)."""
 
@@ -1212,15 +1227,7 @@ class Store:
     ) -> tuple[int, int, int, int, int, int, dict[str, int]]:
         """What merging temp.import_rows would do, without doing it (a dry run)."""
         inactive = ", ".join(f"'{s.value}'" for s in INACTIVE)
-        distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
-        skipped = conn.execute(
-            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-            f" WHERE s.status IN ({inactive})"
-        ).fetchone()[0]
-        matched = conn.execute(
-            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-            f" WHERE s.status NOT IN ({inactive})"
-        ).fetchone()[0]
+        distinct, skipped, matched = _staged_matches(conn, inactive)
         updated = conn.execute(
             "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
             f" WHERE s.status NOT IN ({inactive}) AND ("
@@ -1249,15 +1256,7 @@ class Store:
         now = _now()
         detail = f"file {file_name}"
         inactive = ", ".join(f"'{s.value}'" for s in INACTIVE)
-        distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
-        skipped = conn.execute(
-            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-            f" WHERE s.status IN ({inactive})"
-        ).fetchone()[0]
-        matched = conn.execute(
-            "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-            f" WHERE s.status NOT IN ({inactive})"
-        ).fetchone()[0]
+        distinct, skipped, matched = _staged_matches(conn, inactive)
         # A subscriber gaining a tag counts as updated too.
         new_tags = (
             "EXISTS (SELECT 1 FROM json_each(new.tags) j WHERE NOT EXISTS"
