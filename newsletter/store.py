@@ -678,19 +678,8 @@ class Store:
     ) -> Iterator[Subscriber]:
         """All subscribers (or those with ``status``, ``tag`` and in ``segment``) by id,
         fetched a page at a time."""
-        last = 0
-        where, extra = _audience_filter(status, tag, segment)
-        while True:
-            rows = self._all(
-                f"SELECT {_SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id > ?{where}"
-                f" ORDER BY s.id LIMIT {PAGE}",
-                (last, *extra),
-            )
-            for row in rows:
-                yield _subscriber(row)
-            if len(rows) < PAGE:
-                return
-            last = rows[-1][0]
+        where, params = _audience_filter(status, tag, segment)
+        return self._pages(where, params)
 
     def count(
         self,
@@ -710,11 +699,15 @@ class Store:
 
     def list_recipients(self, segment: Segment | None = None) -> Iterator[Subscriber]:
         """The subscribers :meth:`count_recipients` counts, by id (a dry run builds theirs)."""
-        last = 0
         where, params = _recipient_filter(segment)
+        return self._pages(f" AND {where}", params)
+
+    def _pages(self, where: str, params: Sequence[Any]) -> Iterator[Subscriber]:
+        """Subscribers matching `` AND ...`` conditions on ``s``, by id, a page at a time."""
+        last = 0
         while True:
             rows = self._all(
-                f"SELECT {_SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id > ? AND {where}"
+                f"SELECT {_SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id > ?{where}"
                 f" ORDER BY s.id LIMIT {PAGE}",
                 (last, *params),
             )
