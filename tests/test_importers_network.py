@@ -6,7 +6,6 @@ closed loopback port; the other ranges are checked without any connection.
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import socket
 import ssl
@@ -16,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from newsletter.config import FetchSettings
 from newsletter.errors import ImportSourceError
 from newsletter.importers import feeds, network, web
 from tests.support.importers import make_workspace, one_error_line, run, snapshot
 from tests.support.local_http import HTML, LocalServer, Reply, serve
+from tests.support.smtp_server import make_certificate
 from tests.support.web_pages import news_article, rss_feed
 
 AGENT = "newsletter-test/1"
@@ -220,31 +216,8 @@ def test_a_closed_ipv6_port_is_a_connection_error_not_a_crash() -> None:
 
 
 def _certificate_for_localhost_only(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    files = make_certificate(folder, with_ip=False)
+    return files.cert, files.key
 
 
 @pytest.fixture

@@ -215,8 +215,8 @@ class TlsFiles:
         return ssl.create_default_context(cafile=str(self.cert))
 
 
-def make_certificate(folder: Path) -> TlsFiles:
-    """Generate a self-signed certificate valid for 127.0.0.1 and localhost."""
+def make_certificate(folder: Path, *, with_ip: bool = True) -> TlsFiles:
+    """Generate a self-signed certificate valid for localhost and (``with_ip``) 127.0.0.1."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
@@ -230,7 +230,8 @@ def make_certificate(folder: Path) -> TlsFiles:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost")]
+                + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else [])
             ),
             critical=False,
         )
