@@ -95,7 +95,9 @@ class Site:
         if isinstance(body, dict):
             sent.update(FORM)
         try:
-            conn.request(method, path, body=data, headers=sent)
+            # A body over the limit is answered (413) before it is all sent.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(method, path, body=data, headers=sent)
             response = conn.getresponse()
             text = response.read().decode("utf-8", "replace")
         finally:
