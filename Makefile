@@ -8,8 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # What the tests drive besides Python packages (chromium: the preview page through
-# Playwright; spamassassin: `newsletter check --spam`).
-DEBIAN_PACKAGES := chromium spamassassin
+# Playwright; spamassassin: `newsletter check --spam`; postgresql: the store's contract tests
+# run on SQLite and on a temporary PostgreSQL cluster the tests start themselves).
+DEBIAN_PACKAGES := chromium spamassassin postgresql
 
 .PHONY: demo deps test lint clean
 

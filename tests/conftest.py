@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from newsletter import config
 from newsletter.config import Config
+from newsletter.db import Database
 from tests.support import CHROMIUM, TEST_SECRET_KEY, copy_example, load_config
+from tests.support import postgres as pg
 from tests.support.smtp_server import smtp_server, tls_files
 
 __all__ = ["smtp_server", "tls_files"]
@@ -85,3 +88,34 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 def rsa_key() -> rsa.RSAPrivateKey:
     """One 2048-bit key for the whole run (making keys is the slow part)."""
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    """One temporary PostgreSQL cluster for the session (skipped where none is installed,
+    with the reason; CI installs the package with `make deps`, so there it fails)."""
+    reason = pg.missing_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have it: {reason}", pytrace=False)
+        pytest.skip(reason)
+    with pg.postgres_server() as server:
+        yield server
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=ENGINES)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A new, migrated database on each engine in turn: the store's contract tests take
+    this fixture, so every one of them runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield Database.parse(tmp_path / "newsletter.db")
+        return
+    server: pg.PostgresServer = request.getfixturevalue("postgres_server")
+    database = server.new_database()
+    try:
+        yield database
+    finally:
+        server.drop_database(database)

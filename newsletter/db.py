@@ -1,0 +1,423 @@
+"""The two database engines under the store: SQLite (a file) and PostgreSQL (a server).
+
+SQLite is the default: nothing to install, right for one editor on one machine.
+PostgreSQL is the shared ledger of a team or a large list: every ``send``, ``worker``
+and ``serve`` process, on any machine, works on the one database.
+
+The store writes its SQL once, in the subset both engines accept (``?`` parameters,
+``ON CONFLICT``, ``RETURNING``, ``IS DISTINCT FROM``). :class:`Connection` runs it on
+either engine (for PostgreSQL it rewrites the parameters and drops SQLite's index
+hints) and raises the errors below, whichever driver failed; :class:`Dialect` names
+the few fragments that differ (JSON, string aggregation).
+
+Where a database is: ``--db`` / ``NEWSLETTER_DB`` holds a path (or ``sqlite:///path``)
+or a ``postgresql://user@host:port/name`` URL. A password never goes in the URL (it
+would show in argv, the environment of every process and the logs): libpq reads
+``PGPASSWORD`` and ``~/.pgpass``, and ``NEWSLETTER_DB_PASSWORD`` is passed to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import unquote, urlsplit
+
+from .errors import StoreError
+
+if TYPE_CHECKING:
+    import psycopg
+
+MEMORY = ":memory:"
+ENV_PASSWORD = "NEWSLETTER_DB_PASSWORD"
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+CONNECT_TIMEOUT_S = 10
+
+Engine = Literal["sqlite", "postgresql"]
+
+
+class DatabaseError(Exception):
+    """Any engine's database error (the driver's own class differs per engine)."""
+
+
+class OperationalError(DatabaseError):
+    """The database could not do it now: locked, busy, gone, out of space."""
+
+
+class IntegrityError(DatabaseError):
+    """A constraint refused the change (a unique key, a foreign key, a check)."""
+
+
+# --- where the database is --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where a database is: a SQLite file (``path``; None: in memory) or a PostgreSQL URL.
+
+    ``str()`` is safe to print: the URL never holds a password (``parse`` refuses one).
+    """
+
+    engine: Engine
+    path: Path | None = None
+    url: str = ""
+
+    @classmethod
+    def parse(cls, text: str | os.PathLike[str], *, where: str = "--db") -> Database:
+        """A path, ``sqlite:///path``, ``:memory:`` or ``postgresql://user@host:port/name``."""
+        raw = os.fspath(text)
+        if raw == MEMORY:
+            return cls("sqlite")
+        scheme, sep, _ = raw.partition("://")
+        if not sep or len(scheme) < 2 or "/" in scheme:  # a path (C:/x has a 1-letter scheme)
+            return cls("sqlite", Path(raw))
+        scheme = scheme.lower()
+        if scheme == "sqlite":
+            path = unquote(urlsplit(raw).path)
+            if not path:
+                raise StoreError(
+                    f"no file in {raw!r}", where=where, hint="write sqlite:///path/to/file.db"
+                )
+            return cls("sqlite") if path == f"/{MEMORY}" else cls("sqlite", Path(path))
+        if scheme not in POSTGRES_SCHEMES:
+            raise StoreError(
+                f"unknown database scheme {scheme!r}",
+                where=where,
+                hint="give a file path, sqlite:///path or postgresql://user@host:5432/name",
+            )
+        parts = urlsplit(raw)
+        if parts.password is not None:
+            raise StoreError(
+                "the database URL holds a password, which would show in process lists and logs",
+                where=where,
+                hint=f"remove it from the URL; set {ENV_PASSWORD} or PGPASSWORD, or use ~/.pgpass",
+            )
+        try:
+            parts.port  # noqa: B018 (validates the port)
+        except ValueError:
+            raise StoreError(
+                f"bad port in {raw!r}", where=where, hint="write postgresql://user@host:5432/name"
+            ) from None
+        if not parts.path.strip("/"):
+            raise StoreError(
+                f"no database name in {raw!r}",
+                where=where,
+                hint="write postgresql://user@host:5432/name",
+            )
+        return cls("postgresql", url=raw)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine == "postgresql"
+
+    def __str__(self) -> str:
+        if self.is_postgres:
+            return self.url
+        return MEMORY if self.path is None else str(self.path)
+
+
+# --- what differs between the engines ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """SQL fragments that differ between the engines (everything else is written once)."""
+
+    engine: Engine
+
+    def group_concat(self, expr: str, sep: str) -> str:
+        """An aggregate joining ``expr`` with the SQL string literal ``sep``."""
+        if self.engine == "postgresql":
+            return f"string_agg({expr}, {sep})"
+        return f"group_concat({expr}, {sep})"
+
+    def position(self, needle: str, haystack: str) -> str:
+        """1-based position of ``needle`` in ``haystack`` (0: absent)."""
+        if self.engine == "postgresql":
+            return f"strpos({haystack}, {needle})"
+        return f"instr({haystack}, {needle})"
+
+    def json_patch(self, target: str, patch: str) -> str:
+        """``target`` (a JSON object as text) with ``patch``'s keys set, as compact text."""
+        if self.engine == "postgresql":
+            return f"nl_json_patch({target}, {patch})"
+        return f"json_patch({target}, {patch})"
+
+    def json_array_values(self, column: str, alias: str) -> str:
+        """A FROM item: one row per element (column ``value``) of a JSON array."""
+        if self.engine == "postgresql":
+            return f"jsonb_array_elements_text(({column})::jsonb) AS {alias}(value)"
+        return f"json_each({column}) AS {alias}"
+
+    def json_object_keys(self, column: str, alias: str) -> str:
+        """A FROM item: one row per key (column ``key``) of a JSON object."""
+        if self.engine == "postgresql":
+            return f"jsonb_object_keys(({column})::jsonb) AS {alias}(key)"
+        return f"json_each({column}) AS {alias}"
+
+    def json_array_agg(self, expr: str) -> str:
+        """An aggregate: the values of ``expr`` as a JSON array (text)."""
+        if self.engine == "postgresql":
+            return f"coalesce(jsonb_agg({expr})::text, '[]')"
+        return f"json_group_array({expr})"
+
+
+SQLITE = Dialect("sqlite")
+POSTGRES = Dialect("postgresql")
+
+
+# --- connections -------------------------------------------------------------------------
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """One connection to either engine, running the store's SQL (``?`` parameters)."""
+
+    database: Database
+    dialect: Dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run ``sql`` once per row; how many rows changed in all."""
+        ...
+
+    def begin(self, *, exclusive: bool = True) -> None:
+        """Start a transaction; ``exclusive`` waits for every other writer (SQLite's
+        BEGIN IMMEDIATE; on PostgreSQL a transaction-scoped advisory lock), so that a
+        read-then-write never interleaves with another one."""
+        ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteConnection:
+    """A ``sqlite3`` connection in autocommit mode (transactions are explicit)."""
+
+    dialect = SQLITE
+
+    def __init__(self, raw: sqlite3.Connection, database: Database) -> None:
+        self.raw = raw
+        self.database = database
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        try:
+            return self.raw.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        try:
+            return self.raw.executemany(sql, rows).rowcount
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from exc
+
+    def begin(self, *, exclusive: bool = True) -> None:
+        self.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.raw.in_transaction:
+            self.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.in_transaction
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _sqlite_error(exc: sqlite3.Error) -> DatabaseError:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return IntegrityError(str(exc))
+    if isinstance(exc, sqlite3.OperationalError):
+        return OperationalError(str(exc))
+    return DatabaseError(str(exc))
+
+
+# The lock every exclusive PostgreSQL transaction takes: writers that read, decide and
+# write (a confirmation, an import's merge, a status change) then run one at a time, as
+# they do on SQLite. The send's hot path (claims, results) takes row locks instead.
+WRITER_LOCK = 0x6E6C_7772  # "nlwr"
+
+
+class PostgresConnection:
+    """A psycopg 3 connection in autocommit mode running the store's ``?`` SQL."""
+
+    dialect = POSTGRES
+
+    def __init__(self, raw: psycopg.Connection[Any], database: Database) -> None:
+        self.raw = raw
+        self.database = database
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        import psycopg
+
+        text, order = _postgres_sql(sql)
+        args = [params[i] for i in order] if order is not None else params
+        try:
+            return self.raw.execute(text, args if args else None)  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            raise _postgres_error(exc) from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        import psycopg
+
+        text, order = _postgres_sql(sql)
+        if order is not None:
+            rows = ([row[i] for i in order] for row in rows)
+        try:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(text, rows)  # type: ignore[arg-type]
+                return cursor.rowcount
+        except psycopg.Error as exc:
+            raise _postgres_error(exc) from exc
+
+    def begin(self, *, exclusive: bool = True) -> None:
+        self.execute("BEGIN")
+        if exclusive:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK,))
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.in_transaction:
+            self.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _postgres_error(exc: Exception) -> DatabaseError:
+    import psycopg
+
+    if isinstance(exc, psycopg.errors.IntegrityError):
+        return IntegrityError(str(exc).strip())
+    if isinstance(exc, psycopg.OperationalError):
+        return OperationalError(str(exc).strip())
+    return DatabaseError(str(exc).strip())
+
+
+_INDEX_HINT = re.compile(r"\s+INDEXED\s+BY\s+\w+", re.IGNORECASE)
+_PARAM = re.compile(r"'(?:[^']|'')*'|\?(\d*)|%")
+
+
+@functools.lru_cache(maxsize=1024)
+def _postgres_sql(sql: str) -> tuple[str, tuple[int, ...] | None]:
+    """The store's SQL for psycopg: ``?``/``?N`` become ``%s``, ``%`` is escaped, and
+    SQLite's ``INDEXED BY`` hints go (the planner picks). With ``?N`` parameters the
+    second item maps each ``%s`` to its index in the caller's parameters."""
+    sql = _INDEX_HINT.sub("", sql)
+    order: list[int] = []
+    numbered = False
+    position = 0
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal numbered, position
+        token = match.group(0)
+        if token.startswith("'"):
+            return token.replace("%", "%%")
+        if token == "%":
+            return "%%"
+        if match.group(1):
+            numbered = True
+            order.append(int(match.group(1)) - 1)
+        else:
+            order.append(position)
+            position += 1
+        return "%s"
+
+    text = _PARAM.sub(replace, sql)
+    return text, (tuple(order) if numbered else None)
+
+
+# --- opening -----------------------------------------------------------------------------
+
+
+def connect_sqlite(database: Database, *, busy_timeout_ms: int) -> SqliteConnection:
+    """Open the SQLite file (or memory) in autocommit mode; sharable between threads."""
+    raw = sqlite3.connect(
+        MEMORY if database.path is None else database.path,
+        isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+        check_same_thread=False,
+        timeout=busy_timeout_ms / 1000,
+    )
+    return SqliteConnection(raw, database)
+
+
+def postgres_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What psycopg gets besides the URL: the password from the environment, if set."""
+    env = os.environ if env is None else env
+    options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True}
+    password = env.get(ENV_PASSWORD)
+    if password:
+        options["password"] = password
+    return options
+
+
+def connect_postgres(database: Database) -> PostgresConnection:
+    """Connect to the PostgreSQL server (autocommit; transactions are explicit)."""
+    import psycopg
+
+    try:
+        raw = psycopg.connect(database.url, **postgres_options())
+    except psycopg.Error as exc:
+        raise StoreError(
+            f"cannot connect to PostgreSQL: {_first_line(exc)}",
+            where=_server_of(database),
+            hint=f"check that the server runs and the URL (--db); the password comes from "
+            f"{ENV_PASSWORD}, PGPASSWORD or ~/.pgpass",
+        ) from None
+    return PostgresConnection(raw, database)
+
+
+def connect(database: Database, *, busy_timeout_ms: int = 30_000) -> Connection:
+    if database.is_postgres:
+        return connect_postgres(database)
+    return connect_sqlite(database, busy_timeout_ms=busy_timeout_ms)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _server_of(database: Database) -> str:
+    """``host:port`` of a PostgreSQL URL, for error lines (never the password)."""
+    parts = urlsplit(database.url)
+    host = parts.hostname or "localhost"
+    if host.startswith("/") or "%2f" in (parts.netloc or "").lower():
+        return unquote(host)
+    return f"{host}:{parts.port or 5432}"

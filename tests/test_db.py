@@ -1,0 +1,188 @@
+"""The engine layer: where a database is, the SQL both engines run, one schema on both."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from newsletter.db import (
+    Connection,
+    Database,
+    IntegrityError,
+    _postgres_sql,
+    connect,
+    postgres_options,
+)
+from newsletter.errors import StoreError
+from newsletter.migrations import migrate_database, schema_target, schema_version
+from tests.support.postgres import PostgresServer
+
+
+@pytest.mark.parametrize(
+    ("text", "engine", "shown"),
+    [
+        ("lists/news.db", "sqlite", "lists/news.db"),
+        ("sqlite:///srv/news.db", "sqlite", "/srv/news.db"),
+        (":memory:", "sqlite", ":memory:"),
+        ("postgresql://news@db.example.org:5432/news", "postgresql", None),
+        ("postgres://news@db.example.org/news", "postgresql", None),
+    ],
+)
+def test_parse_tells_the_engine(text: str, engine: str, shown: str | None) -> None:
+    database = Database.parse(text)
+    assert database.engine == engine
+    assert str(database) == (shown or text)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("postgresql://news:hunter2@db.example.org/news", "holds a password"),
+        ("mysql://news@db.example.org/news", "unknown database scheme"),
+        ("postgresql://news@db.example.org:99999/news", "bad port"),
+        ("postgresql://news@db.example.org", "no database name"),
+    ],
+)
+def test_parse_refuses_with_the_next_step(text: str, fragment: str) -> None:
+    with pytest.raises(StoreError) as caught:
+        Database.parse(text, where="NEWSLETTER_DB")
+    assert fragment in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert caught.value.where == "NEWSLETTER_DB"
+
+
+def test_the_password_comes_from_the_environment_only() -> None:
+    assert postgres_options({"NEWSLETTER_DB_PASSWORD": "s3cret"})["password"] == "s3cret"
+    assert "password" not in postgres_options({})
+
+
+def test_postgres_sql_rewrites_parameters_outside_literals() -> None:
+    text, order = _postgres_sql(
+        "SELECT a FROM t INDEXED BY t_a WHERE a = ? AND b LIKE '%?%' AND c = ?"
+    )
+    assert text == "SELECT a FROM t WHERE a = %s AND b LIKE '%%?%%' AND c = %s"
+    assert order is None
+    text, order = _postgres_sql("UPDATE t SET a = ?2, b = ?1 WHERE c = ?2")
+    assert text == "UPDATE t SET a = %s, b = %s WHERE c = %s"
+    assert order == (1, 0, 1)
+
+
+def test_an_unreachable_server_is_one_line_naming_it() -> None:
+    with pytest.raises(StoreError) as caught:
+        connect(Database.parse("postgresql://news@127.0.0.1:1/news"))
+    assert caught.value.where == "127.0.0.1:1"
+    assert "cannot connect to PostgreSQL" in str(caught.value)
+
+
+def _columns(database: Database) -> dict[str, list[str]]:
+    conn = connect(database)
+    try:
+        if database.is_postgres:
+            rows = conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns"
+                " WHERE table_schema = 'public' AND table_name <> 'schema_version'"
+                " ORDER BY table_name, ordinal_position"
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT m.name, p.name FROM sqlite_schema m, pragma_table_info(m.name) p"
+                " WHERE m.type = 'table' ORDER BY m.name, p.cid"
+            ).fetchall()
+    finally:
+        conn.close()
+    tables: dict[str, list[str]] = {}
+    for table, column in rows:
+        tables.setdefault(table, []).append(column)
+    return tables
+
+
+def test_both_engines_have_one_schema(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    lite = Database.parse(tmp_path / "n.db")
+    conn = connect(lite)
+    migrate_database(conn)
+    conn.close()
+    server = postgres_server.new_database()
+    assert _columns(lite) == _columns(server)
+    conn = connect(server)
+    assert schema_version(conn) == schema_target()
+    conn.close()
+
+
+def test_two_processes_migrating_a_new_postgres_database_apply_it_once(
+    postgres_server: PostgresServer,
+) -> None:
+    database = postgres_server.new_database(migrated=False)
+    barrier = threading.Barrier(4)
+    results: list[int | BaseException] = []
+
+    def run() -> None:
+        conn = connect(database)
+        try:
+            barrier.wait()
+            results.append(migrate_database(conn))
+        except BaseException as exc:
+            results.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [schema_target()] * 4
+    conn = connect(database)
+    assert conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM suppression_key").fetchone()[0] == 1
+    conn.close()
+
+
+def test_constraint_errors_are_one_class_on_both_engines(database: Database) -> None:
+    conn = connect(database)
+    migrate_database(conn)
+    row = ("a@example.org", "a@example.org", "active", "t", "t", "t")
+    sql = (
+        "INSERT INTO subscribers (email, email_key, status, created_at, updated_at,"
+        " status_changed_at) VALUES (?, ?, ?, ?, ?, ?)"
+    )
+    conn.execute(sql, row)
+    with pytest.raises(IntegrityError):
+        conn.execute(sql, row)
+    conn.close()
+
+
+# No NUL: PostgreSQL text cannot hold one (the store refuses it on input).
+_field = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00"), max_size=8
+)
+_fields = st.dictionaries(_field, _field, max_size=4)
+
+
+@pytest.fixture(scope="module")
+def pg_connection(postgres_server: PostgresServer) -> Iterator[Connection]:
+    conn = connect(postgres_server.new_database())
+    yield conn
+    conn.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(target=_fields, patch=_fields)
+def test_postgres_json_patch_writes_what_sqlite_writes(
+    pg_connection: Connection, target: dict[str, str], patch: dict[str, str]
+) -> None:
+    """Subscriber fields are compared as text ("unchanged" = equal text), so the merge
+    must produce SQLite's bytes: its key order, compact, the same escapes."""
+    encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    lite = sqlite3.connect(":memory:")
+    expected = lite.execute("SELECT json_patch(?, ?)", (encode(target), encode(patch)))
+    wanted = expected.fetchone()[0]
+    got = pg_connection.execute("SELECT nl_json_patch(?, ?)", (encode(target), encode(patch)))
+    assert got.fetchone()[0] == wanted
+    assert json.loads(wanted) == {**target, **patch}
