@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from newsletter import store as store_module
 from newsletter.errors import StoreError
 from newsletter.feedback import Feedback, FeedbackKind
 from newsletter.inbox import classify
@@ -28,6 +27,7 @@ from newsletter.readers import (
     process_mail,
 )
 from newsletter.store import Store
+from newsletter.store import base as store_base
 from newsletter.tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
 from tests.support import TEST_SECRET_KEY
 from tests.support.inbound import arf, auto_reply, dsn, mailto_unsubscribe, returned_headers
@@ -421,7 +421,7 @@ def test_a_database_that_refuses_the_write_is_one_error_and_commits_nothing_of_t
     first = dsn([("reader53@example.com", "5.1.1")], to=verp(store, "reader53@example.com"))
     process(store, first)
     assert store.path is not None
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(store_base, "BUSY_TIMEOUT_MS", 50)
     second = dsn([("reader54@example.com", "5.1.1")], to=verp(store, "reader54@example.com"))
     with Store.open(store.path) as impatient, sqlite3.connect(store.path) as other:
         other.execute("BEGIN EXCLUSIVE")

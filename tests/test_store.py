@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from newsletter import store as store_module
 from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
 from newsletter.store import Store
+from newsletter.store import subscribers as store_subscribers
 from tests.support import REPO
 
 ISSUE = "2024-05"
@@ -158,7 +158,7 @@ def test_set_status_of_unknown_subscriber(store: Store) -> None:
 def test_list_pages_through_everyone_and_filters(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "PAGE", 3)
+    monkeypatch.setattr(store_subscribers, "PAGE", 3)
     ids = add_many(store, 10)
     store.set_status(ids[4], Status.BOUNCED, "test")
     assert [s.id for s in store.list_subscribers()] == ids
