@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from newsletter.db import Database
 from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
@@ -28,8 +29,9 @@ ISSUE = "2024-05"
 
 
 @pytest.fixture
-def store() -> Iterator[Store]:
-    with Store.open(":memory:") as db:
+def store(database: Database) -> Iterator[Store]:
+    """The store on each engine in turn: these tests are its contract."""
+    with Store.open(database) as db:
         yield db
 
 

@@ -19,7 +19,8 @@ One store, one module per topic: ``base`` (opening, transactions, shared helpers
 
 from __future__ import annotations
 
-from .base import BUSY_TIMEOUT_MS, MEMORY, StoreBase
+from ..db import MEMORY
+from .base import BUSY_TIMEOUT_MS, StoreBase
 from .feedback import FeedbackMixin
 from .imports import (
     IMPORT_CHUNK,

@@ -17,9 +17,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Self
 
-from ..addresses import email_key
+from ..addresses import email_key, suppression_hash
+from ..db import (
+    Connection,
+    Database,
+    DatabaseError,
+    OperationalError,
+    SqliteConnection,
+    connect,
+    connect_sqlite,
+)
 from ..errors import StoreError
-from ..migrations import MIGRATIONS, migrate
+from ..migrations import migrate_database, schema_version
 from ..models import (
     INACTIVE,
     BounceKind,
@@ -32,7 +41,6 @@ from ..models import (
 )
 from ..segments import PAUSED, Segment
 
-MEMORY = ":memory:"
 BUSY_TIMEOUT_MS = 30_000  # a 1M-row import holds the write lock for a few seconds
 
 
@@ -89,7 +97,7 @@ _EVENT_COLUMNS = "subscriber_events (subscriber_id, old_status, new_status, reas
 
 
 def _record_event(
-    conn: sqlite3.Connection,
+    conn: Connection,
     subscriber_id: int,
     old_status: str | None,
     new_status: str,
@@ -106,50 +114,57 @@ def _record_event(
 
 # --- suppression and consent ----------------------------------------------------------------
 
-# The database's own suppression key, as an SQL expression (a constant within a statement).
-_HASH_KEY = "(SELECT key FROM suppression_key)"
-
-
 # How a status that stops mail becomes a suppression reason (the same word).
 _SUPPRESSING = frozenset(s.value for s in INACTIVE)
 
 
-def _suppress(conn: sqlite3.Connection, subscriber_id: int, reason: str, at: str) -> None:
-    """Leave a suppression entry for this subscriber's address (an existing one stays)."""
+def _hash_key(conn: Connection) -> bytes:
+    """The database's own suppression key (random per database; see migrations 8)."""
+    return bytes(conn.execute("SELECT key FROM suppression_key").fetchone()[0])
+
+
+def _suppress(conn: Connection, subscriber_id: int, reason: str, at: str) -> None:
+    """Leave a suppression entry for this subscriber's address (an existing one stays).
+
+    The hash is computed here, not in SQL, so both engines store the same bytes."""
+    row = conn.execute("SELECT email_key FROM subscribers WHERE id = ?", (subscriber_id,))
+    found = row.fetchone()
+    if found is None:
+        return
     conn.execute(
-        "INSERT INTO suppressions (address_hash, reason, at)"
-        f" SELECT suppression_hash({_HASH_KEY}, email_key), ?, ? FROM subscribers WHERE id = ?"
+        "INSERT INTO suppressions (address_hash, reason, at) VALUES (?, ?, ?)"
         " ON CONFLICT (address_hash) DO NOTHING",
-        (reason, at, subscriber_id),
+        (suppression_hash(_hash_key(conn), found[0]), reason, at),
     )
 
 
-def _suppression(conn: sqlite3.Connection, key: str) -> Suppression | None:
+def _suppression(conn: Connection, key: str) -> Suppression | None:
     """The suppression entry of the address whose :func:`email_key` is ``key``, or None."""
     row = conn.execute(
-        "SELECT reason, at FROM suppressions"
-        f" WHERE address_hash = suppression_hash({_HASH_KEY}, ?)",
-        (key,),
+        "SELECT reason, at FROM suppressions WHERE address_hash = ?",
+        (suppression_hash(_hash_key(conn), key),),
     ).fetchone()
     return None if row is None else Suppression(row[0], _dt(row[1]))
 
 
 def _record_consent(
-    conn: sqlite3.Connection,
+    conn: Connection,
     subscriber_id: int,
     source: str,
     origin: str,
     at: str,
     signed_up: str = "",
-) -> None:
-    conn.execute(
+) -> int:
+    """Record how a subscriber's consent was given; the new consent's id."""
+    row = conn.execute(
         "INSERT INTO consents (subscriber_id, source, origin, recorded_at, signed_up)"
-        " VALUES (?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?) RETURNING id",
         (subscriber_id, source, origin, at, signed_up),
-    )
+    ).fetchone()
+    return int(row[0])
 
 
-def _forget(conn: sqlite3.Connection, subscriber_id: int) -> None:
+def _forget(conn: Connection, subscriber_id: int) -> None:
     """Delete a subscriber with their history, consent and ledger rows, keeping the counts.
 
     Their ledger rows become counts per issue and state (``erased_deliveries``), so an
@@ -225,11 +240,11 @@ def _recipient_filter(segment: Segment | None) -> tuple[str, list[Any]]:
 class StoreBase:
     """The connection and its plumbing, which every topic's mixin builds on."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, path: Path | None, *, durable_claims: bool = True
-    ) -> None:
+    def __init__(self, conn: Connection, *, durable_claims: bool = True) -> None:
         self._conn = conn
-        self.path = path
+        self.database: Database = conn.database
+        # The SQLite file (None: in memory or on PostgreSQL); send locks live beside it.
+        self.path: Path | None = conn.database.path
         self.durable_claims = durable_claims
         self._lock = threading.RLock()
         self._held: dict[str, str] = {}  # issue_key -> run_id of send locks held by this store
@@ -237,55 +252,33 @@ class StoreBase:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path | str, *, durable_claims: bool = True) -> Self:
-        """Open (creating folders and schema as needed) the database at ``path``.
+    def open(cls, where: Database | Path | str, *, durable_claims: bool = True) -> Self:
+        """Open the database (creating folders and schema as needed): a path, a
+        ``sqlite:///`` or ``postgresql://`` URL (see :class:`newsletter.db.Database`).
 
         ``":memory:"`` gives a private in-memory database, for tests. Every commit
-        survives a crash of the process (WAL, synchronous=NORMAL). ``durable_claims``
-        also fsyncs each claim, so that even a power loss cannot turn a row that was
-        handed to the server back into ``queued`` (which would send it twice).
+        survives a crash of the process (SQLite: WAL, synchronous=NORMAL; PostgreSQL:
+        its WAL). ``durable_claims`` also fsyncs each SQLite claim, so that even a power
+        loss cannot turn a row that was handed to the server back into ``queued``
+        (which would send it twice); PostgreSQL commits are durable by default.
         """
-        # Resolved, so that every path to one file (a symlink, a relative --db) shares one
-        # send lock: the lock file is named after the database.
-        db: Path | None = None if str(path) == MEMORY else Path(path).resolve()
-        where = MEMORY if db is None else str(db)
-        try:
-            if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                MEMORY if db is None else db,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(
-                f"cannot open the database: {exc}", where=where, hint="check the path (--db)"
-            ) from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            # Deleted and overwritten content is zeroed, so that an erased person leaves
-            # no copy in free space (Debian's SQLite does this by default; not all do).
-            conn.execute("PRAGMA secure_delete = ON")
-            # Commits are durable against process crashes; claims add a full fsync
-            # (see claim_batch) so they also survive power loss.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            with _setup_lock(db):
-                if db is not None:
-                    conn.execute("PRAGMA journal_mode = WAL")
-                migrate(conn, MIGRATIONS, where=where)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreError(
-                f"cannot use the database: {exc}",
-                where=where,
-                hint="is this a newsletter database? Point --db elsewhere",
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn, db, durable_claims=durable_claims)
+        database = where if isinstance(where, Database) else Database.parse(where)
+        if database.is_postgres:
+            conn = connect(database)
+            try:
+                migrate_database(conn)
+            except DatabaseError as exc:
+                conn.close()
+                raise StoreError(
+                    f"cannot use the database: {exc}",
+                    where=str(database),
+                    hint="is this a newsletter database? Point --db elsewhere",
+                ) from None
+            except BaseException:
+                conn.close()
+                raise
+            return cls(conn, durable_claims=durable_claims)
+        return cls(_open_sqlite(database), durable_claims=durable_claims)
 
     def close(self) -> None:
         with self._lock:
@@ -299,55 +292,82 @@ class StoreBase:
 
     @property
     def schema_version(self) -> int:
-        return int(self._one("PRAGMA user_version")[0])
+        with self._reading() as conn:
+            return schema_version(conn)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database.is_postgres
 
     # -- plumbing --------------------------------------------------------------------------
 
     @property
     def _where(self) -> str:
-        return MEMORY if self.path is None else str(self.path)
+        return str(self.database)
 
-    def _db_error(self, exc: sqlite3.Error) -> StoreError:
+    def _db_error(self, exc: DatabaseError) -> StoreError:
         return StoreError(
             f"database error: {exc}",
             where=self._where,
-            hint="check the disk and that no other program holds the database",
+            hint="check the disk and that no other program holds the database"
+            if not self.is_postgres
+            else "check that the PostgreSQL server runs and accepts this user",
         )
 
     @contextlib.contextmanager
-    def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE: waits for other writers, never deadlocks)."""
+    def _transaction(
+        self, *, durable: bool = False, exclusive: bool = True
+    ) -> Iterator[Connection]:
+        """A write transaction. ``exclusive`` (the default) waits for every other writer
+        (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so read-then-write logic
+        never interleaves; the send's hot path passes False and relies on row locks."""
         with self._lock:
             conn = self._conn
+            sqlite_durable = durable and isinstance(conn, SqliteConnection)
             try:
-                if durable:
+                if sqlite_durable:
                     conn.execute("PRAGMA synchronous = FULL")
-                conn.execute("BEGIN IMMEDIATE")
+                conn.begin(exclusive=exclusive)
                 try:
                     yield conn
-                    conn.execute("COMMIT")
+                    conn.commit()
                 except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                    conn.rollback()
                     raise
                 finally:
-                    if durable:
+                    if sqlite_durable:
                         conn.execute("PRAGMA synchronous = NORMAL")
-            except sqlite3.OperationalError as exc:
+            except OperationalError as exc:
                 raise self._db_error(exc) from None
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """The connection for reads outside a transaction (each statement on its own)."""
         with self._lock:
             try:
-                return self._conn.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
+                yield self._conn
+            except OperationalError as exc:
                 raise self._db_error(exc) from None
+
+    def _clear_old_copies(self) -> bool:
+        """Try to remove old copies of changed rows from the engine's files; True if some
+        may remain. SQLite: old pages live on in the write-ahead log until it is emptied,
+        so a checkpoint copies the new ones back and truncates it. PostgreSQL keeps old row
+        versions until VACUUM and its WAL until recycled (the operator's retention), so
+        this says so."""
+        if not isinstance(self._conn, SqliteConnection):
+            return True
+        return bool(self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._reading() as conn:
+            return conn.execute(sql, params).fetchall()
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
-    def _subscriber_id(self, conn: sqlite3.Connection, email_or_id: str | int) -> int:
+    def _subscriber_id(self, conn: Connection, email_or_id: str | int) -> int:
         if isinstance(email_or_id, int):
             row = conn.execute("SELECT id FROM subscribers WHERE id = ?", (email_or_id,)).fetchone()
         else:
@@ -362,7 +382,15 @@ class StoreBase:
             )
         return int(row[0])
 
-    def _get(self, conn: sqlite3.Connection, subscriber_id: int) -> Subscriber:
+    @staticmethod
+    def _email_key(conn: Connection, subscriber_id: int) -> str:
+        return str(
+            conn.execute(
+                "SELECT email_key FROM subscribers WHERE id = ?", (subscriber_id,)
+            ).fetchone()[0]
+        )
+
+    def _get(self, conn: Connection, subscriber_id: int) -> Subscriber:
         row = conn.execute(
             f"SELECT {_SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id = ?", (subscriber_id,)
         ).fetchone()
@@ -370,7 +398,7 @@ class StoreBase:
 
     @staticmethod
     def _change_status(
-        conn: sqlite3.Connection,
+        conn: Connection,
         subscriber_id: int,
         status: Status,
         reason: str,
@@ -440,3 +468,44 @@ class StoreBase:
             _opt_dt(row[10]),
             _dt(row[11]),
         )
+
+
+def _open_sqlite(database: Database) -> SqliteConnection:
+    """Open (creating the folder and schema as needed) a SQLite database."""
+    # Resolved, so that every path to one file (a symlink, a relative --db) shares one
+    # send lock: the lock file is named after the database.
+    db = None if database.path is None else database.path.resolve()
+    database = Database("sqlite", db)
+    where = str(database)
+    try:
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect_sqlite(database, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    except (OSError, DatabaseError, sqlite3.Error) as exc:
+        raise StoreError(
+            f"cannot open the database: {exc}", where=where, hint="check the path (--db)"
+        ) from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # Deleted and overwritten content is zeroed, so that an erased person leaves
+        # no copy in free space (Debian's SQLite does this by default; not all do).
+        conn.execute("PRAGMA secure_delete = ON")
+        # Commits are durable against process crashes; claims add a full fsync
+        # (see claim_batch) so they also survive power loss.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        with _setup_lock(db):
+            if db is not None:
+                conn.execute("PRAGMA journal_mode = WAL")
+            migrate_database(conn)
+    except DatabaseError as exc:
+        conn.close()
+        raise StoreError(
+            f"cannot use the database: {exc}",
+            where=where,
+            hint="is this a newsletter database? Point --db elsewhere",
+        ) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn

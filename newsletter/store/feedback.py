@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from ..db import Connection
 from ..feedback import FeedbackKind
 from ..models import BounceKind, BounceRecord, FeedbackAction, FeedbackItem, ReplayToken, Status
 from .base import StoreBase, _iso, _now
 
 
-def _delivery_by_message_id(conn: sqlite3.Connection, message_id: str) -> tuple[str, int] | None:
+def _delivery_by_message_id(conn: Connection, message_id: str) -> tuple[str, int] | None:
     """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None.
 
     The ledger keeps the Message-ID as the header had it; a reply or report may quote
@@ -33,11 +33,8 @@ class FeedbackMixin(StoreBase):
 
     def delivery_for_message_id(self, message_id: str) -> tuple[str, int] | None:
         """(issue_key, subscriber_id) of the ledger row that sent ``message_id``, or None."""
-        with self._lock:
-            try:
-                return _delivery_by_message_id(self._conn, message_id)
-            except sqlite3.OperationalError as exc:
-                raise self._db_error(exc) from None
+        with self._reading() as conn:
+            return _delivery_by_message_id(conn, message_id)
 
     def is_processed(self, message_key: str) -> bool:
         """True when a mail or event with this key (see :meth:`record_feedback`) was
@@ -49,7 +46,7 @@ class FeedbackMixin(StoreBase):
 
     def _count_soft_bounce(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         subscriber_id: int,
         issue_key: str,
         about: str,
@@ -91,7 +88,7 @@ class FeedbackMixin(StoreBase):
         return True, f"soft bounce {count} of {soft_limit} (subscriber is {status})"
 
     @staticmethod
-    def _run_broken(conn: sqlite3.Connection, subscriber_id: int, issue_key: str) -> bool:
+    def _run_broken(conn: Connection, subscriber_id: int, issue_key: str) -> bool:
         """True when an issue sent between the last counted soft bounce and this one got
         through without a bounce: the soft bounces are then no longer "in a row"."""
         row = conn.execute(
@@ -117,7 +114,7 @@ class FeedbackMixin(StoreBase):
             is not None
         )
 
-    def _bounce_record(self, conn: sqlite3.Connection, bounce_id: int) -> BounceRecord:
+    def _bounce_record(self, conn: Connection, bounce_id: int) -> BounceRecord:
         row = conn.execute(
             f"SELECT {self._BOUNCE_COLUMNS} FROM bounces WHERE id = ?", (bounce_id,)
         ).fetchone()
@@ -189,16 +186,17 @@ class FeedbackMixin(StoreBase):
                     (_iso(now) if now is not None else now_text,),
                 )
                 if not conn.execute(
-                    "INSERT OR IGNORE INTO webhook_tokens (source, token, expires_at)"
-                    " VALUES (?, ?, ?)",
+                    "INSERT INTO webhook_tokens (source, token, expires_at)"
+                    " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                     (replay.source, replay.token, _iso(replay.expires_at)),
                 ).rowcount:
                     return None
             results: list[tuple[str, ...] | None] = []
             for item in items:
                 if not conn.execute(
-                    "INSERT OR IGNORE INTO processed_messages"
-                    " (message_key, source, outcome, processed_at) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO processed_messages"
+                    " (message_key, source, outcome, processed_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
                     (item.key, item.source, item.outcome[:500], now_text),
                 ).rowcount:
                     results.append(None)
@@ -213,7 +211,7 @@ class FeedbackMixin(StoreBase):
 
     def _apply_feedback(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         key: str,
         action: FeedbackAction,
         soft_limit: int,

@@ -7,7 +7,6 @@ import csv
 import itertools
 import json
 import re
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -17,11 +16,12 @@ from email_validator import EmailNotValidError
 
 from ..addresses import fast_normalize, full_normalize
 from ..dates import SignupDates
+from ..db import Connection, DatabaseError, OperationalError
 from ..errors import StoreError
 from ..models import INACTIVE, ImportReport, RowError, Status
 from ..presets import EXTRA_FIELDS, ColumnMapping, RowProblem, parse_moment, recognise
 from ..segments import TagError, split_tags
-from .base import _EVENT_COLUMNS, _HASH_KEY, StoreBase, _now, _restore, _to_json
+from .base import _EVENT_COLUMNS, StoreBase, _now, _restore, _to_json
 
 IMPORT_CHUNK = 5_000
 MAX_KEPT_ROW_ERRORS = 1_000  # ImportReport.errors keeps this many; on_error sees them all
@@ -60,7 +60,12 @@ def _first_bad_utf8_line(path: Path) -> int:
     return 1
 
 
-def _unsuppressed(conn: sqlite3.Connection) -> str:
+# The database's own suppression key, as an SQL expression (SQLite: migrate() registers
+# the suppression_hash() function).
+_HASH_KEY = "(SELECT key FROM suppression_key)"
+
+
+def _unsuppressed(conn: Connection) -> str:
     """`` AND ...`` leaving out import rows (``i``) whose address is suppressed; "" while
     nothing is (then no hash is computed at all)."""
     if conn.execute("SELECT 1 FROM suppressions LIMIT 1").fetchone() is None:
@@ -71,7 +76,7 @@ def _unsuppressed(conn: sqlite3.Connection) -> str:
     )
 
 
-def _staged_matches(conn: sqlite3.Connection, inactive: str) -> tuple[int, int, int]:
+def _staged_matches(conn: Connection, inactive: str) -> tuple[int, int, int]:
     """(distinct rows, rows of inactive subscribers, rows of other known subscribers) in
     temp.import_rows: what both an import and its dry run count first."""
     distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
@@ -150,10 +155,10 @@ class ImportsMixin(StoreBase):
                     where=f"{path}:{_first_bad_utf8_line(path)}",
                     hint="save the file as UTF-8 (in Excel: 'CSV UTF-8')",
                 ) from None
-            except sqlite3.OperationalError as exc:
+            except OperationalError as exc:
                 raise self._db_error(exc) from None
             finally:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(DatabaseError):
                     conn.execute("DROP TABLE IF EXISTS temp.import_rows")
         rows, good, errors, error_count, description = staged
         added, updated, matched, skipped, distinct, suppressed, new_by_status = counts
@@ -175,7 +180,7 @@ class ImportsMixin(StoreBase):
 
     def _stage(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         handle: TextIO,
         path: Path,
         on_error: Callable[[RowError], None] | None,
@@ -420,7 +425,7 @@ class ImportsMixin(StoreBase):
 
     @staticmethod
     def _count_staged(
-        conn: sqlite3.Connection,
+        conn: Connection,
     ) -> tuple[int, int, int, int, int, int, dict[str, int]]:
         """What merging temp.import_rows would do, without doing it (a dry run)."""
         inactive = ", ".join(f"'{s.value}'" for s in INACTIVE)
@@ -446,7 +451,7 @@ class ImportsMixin(StoreBase):
 
     @staticmethod
     def _merge_staged(
-        conn: sqlite3.Connection, file_name: str
+        conn: Connection, file_name: str
     ) -> tuple[int, int, int, int, int, int, dict[str, int]]:
         """Merge temp.import_rows into subscribers; (added, updated, matched, skipped,
         distinct, suppressed, added per status)."""
@@ -479,8 +484,8 @@ class ImportsMixin(StoreBase):
         # while nothing is suppressed.
         unsuppressed = _unsuppressed(conn)
         import_id = conn.execute(
-            "INSERT INTO imports (file, imported_at) VALUES (?, ?)", (file_name, now)
-        ).lastrowid
+            "INSERT INTO imports (file, imported_at) VALUES (?, ?) RETURNING id", (file_name, now)
+        ).fetchone()[0]
         tagged = bool(
             conn.execute("SELECT 1 FROM import_rows WHERE tags <> '[]' LIMIT 1").fetchone()
         )

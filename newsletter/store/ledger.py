@@ -326,7 +326,7 @@ class LedgerMixin(StoreBase):
                 " updated_at = ?, sent_at = coalesce(?, sent_at)"
                 " WHERE issue_key = ? AND subscriber_id = ? AND state = 'sending'",
                 params,
-            ).rowcount
+            )
             for result in bounces:
                 self._change_status(
                     conn,

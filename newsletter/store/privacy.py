@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sqlite3
-
-from ..addresses import email_key
+from ..addresses import email_key, suppression_hash
+from ..db import OperationalError
 from ..models import (
     Consent,
     DeliveryState,
@@ -16,11 +15,11 @@ from ..models import (
     Suppression,
 )
 from .base import (
-    _HASH_KEY,
     _SUBSCRIBER_COLUMNS,
     StoreBase,
     _dt,
     _forget,
+    _hash_key,
     _now,
     _opt_dt,
     _subscriber,
@@ -34,11 +33,8 @@ class PrivacyMixin(StoreBase):
 
     def suppression(self, address: str) -> Suppression | None:
         """Why and since when ``address`` is suppressed (see migration 6), or None."""
-        with self._lock:
-            try:
-                return _suppression(self._conn, email_key(address))
-            except sqlite3.OperationalError as exc:
-                raise self._db_error(exc) from None
+        with self._reading() as conn:
+            return _suppression(conn, email_key(address))
 
     def count_suppressions(self) -> int:
         """How many addresses are suppressed."""
@@ -163,8 +159,9 @@ class PrivacyMixin(StoreBase):
                             "SELECT count(*) FROM deliveries WHERE subscriber_id = ?", (sid,)
                         ).fetchone()
                         (consents,) = conn.execute(
-                            "SELECT count(*) + (SELECT import_id IS NOT NULL FROM subscribers"
-                            " WHERE id = ?1) FROM consents WHERE subscriber_id = ?1",
+                            "SELECT count(*) + (SELECT CASE WHEN import_id IS NULL THEN 0"
+                            " ELSE 1 END FROM subscribers WHERE id = ?1)"
+                            " FROM consents WHERE subscriber_id = ?1",
                             (sid,),
                         ).fetchone()
                         (theirs,) = conn.execute(
@@ -176,16 +173,13 @@ class PrivacyMixin(StoreBase):
                     else:
                         conn.execute(
                             "INSERT INTO suppressions (address_hash, reason, at) VALUES"
-                            f" (suppression_hash({_HASH_KEY}, ?), 'erased', ?)"
-                            " ON CONFLICT (address_hash) DO NOTHING",
-                            (key, now),
+                            " (?, 'erased', ?) ON CONFLICT (address_hash) DO NOTHING",
+                            (suppression_hash(_hash_key(conn), key), now),
                         )
                     suppressed = _suppression(conn, key)
                     assert suppressed is not None
-                # Old versions of the pages live on in the write-ahead log until it is
-                # emptied: a checkpoint copies the new ones back and truncates it.
-                busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            except sqlite3.OperationalError as exc:
+                busy = self._clear_old_copies()
+            except OperationalError as exc:
                 raise self._db_error(exc) from None
         return Erasure(
             address=key,

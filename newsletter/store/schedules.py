@@ -151,13 +151,15 @@ class SchedulesMixin(StoreBase):
     def metric_counts(self) -> dict[str, list[tuple[str, ...]]]:
         """Counts for ``GET /metrics``, computed now so that every process agrees: rows
         of labels and a count, never an address or a name."""
+        colon = self._conn.dialect.position("':'", "outcome || ':'")
         queries = {
             "subscribers": "SELECT status, count(*) FROM subscribers GROUP BY status",
             "ledger": "SELECT issue_key, state, count(*) FROM deliveries GROUP BY issue_key, state",
             "events": "SELECT new_status, coalesce(old_status, ''), count(*)"
             " FROM subscriber_events GROUP BY new_status, old_status",
             # outcome is "applied: …", "unmatched: …" (readers.Outcome, then the reason).
-            "inbound": "SELECT source, substr(outcome, 1, instr(outcome || ':', ':') - 1),"
+            "inbound": "SELECT source, substr(outcome, 1,"
+            f" {colon} - 1),"
             " count(*) FROM processed_messages GROUP BY 1, 2",
             "bounces": "SELECT kind, count(*) FROM bounces GROUP BY kind",
             "schedules": "SELECT state, count(*) FROM schedules GROUP BY state",

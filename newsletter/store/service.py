@@ -4,13 +4,12 @@ requests nobody confirmed.
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 
-from ..addresses import normalize_email
+from ..addresses import normalize_email, suppression_hash
 from ..errors import StoreError
 from ..models import ConfirmationRequest, Status, Subscriber
-from .base import _HASH_KEY, StoreBase, _dt, _iso, _now, _record_consent, _record_event
+from .base import StoreBase, _dt, _hash_key, _iso, _now, _record_consent, _record_event
 
 # The reasons request_confirmation records when it creates a pending subscriber: only
 # such rows are pruned when unconfirmed (an imported pending row is the editor's data).
@@ -75,12 +74,14 @@ class ServiceMixin(StoreBase):
             ).fetchone()
             created = row is None
             if row is None:
-                cursor = conn.execute(
-                    "INSERT INTO subscribers (email, email_key, name, fields, status, created_at,"
-                    " updated_at, status_changed_at) VALUES (?, ?, ?, '{}', 'pending', ?, ?, ?)",
-                    (normalized, normalized.lower(), name.strip(), stamp, stamp, stamp),
+                subscriber_id = int(
+                    conn.execute(
+                        "INSERT INTO subscribers (email, email_key, name, fields, status,"
+                        " created_at, updated_at, status_changed_at)"
+                        " VALUES (?, ?, ?, '{}', 'pending', ?, ?, ?) RETURNING id",
+                        (normalized, normalized.lower(), name.strip(), stamp, stamp, stamp),
+                    ).fetchone()[0]
                 )
-                subscriber_id = int(cursor.lastrowid or 0)
                 _record_event(conn, subscriber_id, None, Status.PENDING.value, reason, "", stamp)
             else:
                 subscriber_id = int(row[0])
@@ -129,11 +130,8 @@ class ServiceMixin(StoreBase):
 
     def confirmation_sent_at(self, email_or_id: str | int) -> datetime | None:
         """When the last confirmation email was reserved for this subscriber, or None."""
-        with self._lock:
-            try:
-                subscriber_id = self._subscriber_id(self._conn, email_or_id)
-            except sqlite3.OperationalError as exc:
-                raise self._db_error(exc) from None
+        with self._reading() as conn:
+            subscriber_id = self._subscriber_id(conn, email_or_id)
         row = self._one(
             "SELECT sent_at FROM confirmations WHERE subscriber_id = ?", (subscriber_id,)
         )
@@ -169,9 +167,8 @@ class ServiceMixin(StoreBase):
             conn.execute("UPDATE subscribers SET soft_bounces = 0 WHERE id = ?", (subscriber_id,))
             conn.execute("DELETE FROM confirmations WHERE subscriber_id = ?", (subscriber_id,))
             conn.execute(
-                "DELETE FROM suppressions WHERE address_hash ="
-                f" (SELECT suppression_hash({_HASH_KEY}, email_key) FROM subscribers WHERE id = ?)",
-                (subscriber_id,),
+                "DELETE FROM suppressions WHERE address_hash = ?",
+                (suppression_hash(_hash_key(conn), self._email_key(conn, subscriber_id)),),
             )
             completed = conn.execute(
                 "UPDATE consents SET confirmed_at = ? WHERE id = (SELECT max(id) FROM consents"
@@ -179,10 +176,8 @@ class ServiceMixin(StoreBase):
                 (now, subscriber_id),
             ).rowcount
             if not completed:  # a request from before consent was recorded
-                _record_consent(conn, subscriber_id, "form", "", row[1])
-                conn.execute(
-                    "UPDATE consents SET confirmed_at = ? WHERE id = last_insert_rowid()", (now,)
-                )
+                consent = _record_consent(conn, subscriber_id, "form", "", row[1])
+                conn.execute("UPDATE consents SET confirmed_at = ? WHERE id = ?", (now, consent))
             return self._get(conn, subscriber_id)
 
     def prune_pending(self, ttl: timedelta, *, now: datetime | None = None) -> int:

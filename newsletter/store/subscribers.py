@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
@@ -94,7 +93,7 @@ class SubscribersMixin(StoreBase):
                 raise _suppressed_error(normalized, suppressed, self._where)
             cursor = conn.execute(
                 "INSERT INTO subscribers (email, email_key, name, fields, status, created_at,"
-                " updated_at, status_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " updated_at, status_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     normalized,
                     normalized.lower(),
@@ -106,7 +105,7 @@ class SubscribersMixin(StoreBase):
                     now,
                 ),
             )
-            subscriber_id = int(cursor.lastrowid or 0)
+            subscriber_id = int(cursor.fetchone()[0])
             _record_event(conn, subscriber_id, None, Status(status).value, reason, "", now)
             _record_consent(conn, subscriber_id, "added", "", now)
             if Status(status).value in _SUPPRESSING:
@@ -144,11 +143,8 @@ class SubscribersMixin(StoreBase):
 
     def subscriber_events(self, email_or_id: str | int) -> list[SubscriberEvent]:
         """A subscriber's status history, oldest first."""
-        with self._lock:
-            try:
-                subscriber_id = self._subscriber_id(self._conn, email_or_id)
-            except sqlite3.OperationalError as exc:
-                raise self._db_error(exc) from None
+        with self._reading() as conn:
+            subscriber_id = self._subscriber_id(conn, email_or_id)
         rows = self._all(
             "SELECT subscriber_id, old_status, new_status, reason, detail, at"
             " FROM subscriber_events WHERE subscriber_id = ? ORDER BY id",
@@ -213,11 +209,8 @@ class SubscribersMixin(StoreBase):
 
     def tags_of(self, email_or_id: str | int) -> list[str]:
         """A subscriber's tags, in alphabetical order."""
-        with self._lock:
-            try:
-                subscriber_id = self._subscriber_id(self._conn, email_or_id)
-            except sqlite3.OperationalError as exc:
-                raise self._db_error(exc) from None
+        with self._reading() as conn:
+            subscriber_id = self._subscriber_id(conn, email_or_id)
         rows = self._all(
             "SELECT tag FROM subscriber_tags WHERE subscriber_id = ? ORDER BY tag",
             (subscriber_id,),
@@ -319,7 +312,10 @@ class SubscribersMixin(StoreBase):
         """The names of the free fields (lower-cased) that any subscriber has."""
         return {
             str(row[0]).lower()
-            for row in self._all("SELECT DISTINCT j.key FROM subscribers s, json_each(s.fields) j")
+            for row in self._all(
+                "SELECT DISTINCT j.key FROM subscribers s,"
+                f" {self._conn.dialect.json_object_keys('s.fields', 'j')}"
+            )
         }
 
     def export_csv(self, out: TextIO, status: Status | None = None) -> int:
@@ -336,8 +332,8 @@ class SubscribersMixin(StoreBase):
         keys = [
             row[0]
             for row in self._all(
-                "SELECT DISTINCT j.key FROM subscribers s, json_each(s.fields) j"
-                f"{where} ORDER BY 1",
+                "SELECT DISTINCT j.key FROM subscribers s,"
+                f" {self._conn.dialect.json_object_keys('s.fields', 'j')}{where} ORDER BY 1",
                 params,
             )
         ]
