@@ -21,6 +21,7 @@ from pathlib import Path
 
 from newsletter import config, content, delivery
 from newsletter.config import SmtpSettings
+from newsletter.db import Database
 from newsletter.render import render_issue
 from newsletter.sink import SinkMessage, start_sink
 from newsletter.store import Store
@@ -64,7 +65,7 @@ def main() -> None:
                 connections=args.connections,
                 domains=((THROTTLED, args.rate),),
             ),
-            db_override=Path(tmp) / "bench.db",
+            db_override=Database("sqlite", Path(tmp) / "bench.db"),
         )
         csv = Path(tmp) / "list.csv"
         with csv.open("w", encoding="utf-8") as out:
@@ -77,7 +78,7 @@ def main() -> None:
                 else:
                     out.write(f"reader{i}@example.{('org', 'com', 'net')[i % 3]},Reader {i}\n")
         issue = content.read_issue(content.find_issue(cfg.issues_dir, "1"))
-        with Store.open(cfg.db_path) as store:
+        with Store.open(cfg.database) as store:
             store.import_csv(csv)
             prepared = delivery.prepare_send(cfg, render_issue(issue, cfg), store)
             started = time.monotonic()

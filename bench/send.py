@@ -117,7 +117,7 @@ def client(args: argparse.Namespace) -> None:
                 key_file=str(pair.private_path),
             ),
         )
-    with Store.open(cfg.db_path, durable_claims=not args.no_fsync) as store:
+    with Store.open(cfg.database, durable_claims=not args.no_fsync) as store:
         store.import_csv(write_list(ws / "list.csv", args.client_subscribers))
         cpu0 = _cpu()
         start = time.perf_counter()

@@ -40,6 +40,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from newsletter import config, mailboxes
+from newsletter.db import Database
 from newsletter.models import DeliveryResult, DeliveryState
 from newsletter.server import create_app, mail_queue, start_server
 from newsletter.sink import RunningSink, start_sink
@@ -152,7 +153,7 @@ def subscribe_timing(tmp: Path, sink: RunningSink, rounds: int) -> None:
     request long sent: what one probe sees), once back to back."""
     cfg = workspace(tmp / "timing", sink.port, UNLIMITED)
     states = ("active", "pending", "unsubscribed", "unknown")
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         for i in range(2 * rounds):
             store.add_subscriber(f"active{i}@example.org")
             store.request_confirmation(f"pending{i}@example.org", resend_after=timedelta(0))
@@ -290,12 +291,12 @@ def bombing(tmp: Path) -> None:
     )
 
 
-def sending(db_path: Path, stop: threading.Event) -> Callable[[], int]:
+def sending(database: Database, stop: threading.Event) -> Callable[[], int]:
     """A send in a thread: claim + record batches of 50 until stopped; returns a join()."""
     done = [0]
 
     def run() -> None:
-        with Store.open(db_path) as store, store.acquire_send_lock(ISSUE):
+        with Store.open(database) as store, store.acquire_send_lock(ISSUE):
             while not stop.is_set():
                 batch = store.claim_batch(ISSUE, "bench", 50)
                 if not batch:
@@ -346,7 +347,7 @@ def main() -> None:
             "email,name\n" + "".join(f"r{i}@example.com,R {i}\n" for i in range(args.subscribers)),
             encoding="utf-8",
         )
-        with Store.open(cfg.db_path) as store:
+        with Store.open(cfg.database) as store:
             store.import_csv(csv)
             ids = [s.id for s in store.list_subscribers()]
             store.snapshot_recipients(ISSUE)
@@ -367,7 +368,7 @@ def main() -> None:
         report("one-click unsubscribe, alone", half, elapsed, latencies, errors)
 
         stop = threading.Event()
-        join = sending(cfg.db_path, stop)
+        join = sending(cfg.database, stop)
         elapsed, latencies, errors = hammer(
             service.port, one_click(ids[-2 * half : -half]), args.clients
         )
@@ -389,7 +390,7 @@ def main() -> None:
             f" ({mail_queue(service.app).rejected} dropped: queue full)"
         )
 
-        with Store.open(cfg.db_path) as store, store.acquire_send_lock(ISSUE):
+        with Store.open(cfg.database) as store, store.acquire_send_lock(ISSUE):
             for batch in iter(lambda: store.claim_batch(ISSUE, "b", 500), []):
                 store.record_results(
                     DeliveryResult(ISSUE, c.subscriber.id, DeliveryState.SENT, "250") for c in batch
@@ -415,7 +416,7 @@ def main() -> None:
             box.add(message)
         box.flush()
         box.close()
-        with Store.open(cfg.db_path) as store:
+        with Store.open(cfg.database) as store:
             start = time.perf_counter()
             summary = mailboxes.import_path(store, cfg, mbox_path)
             elapsed = time.perf_counter() - start

@@ -339,10 +339,10 @@ def _check_public(rendered: RenderedIssue, config: Config) -> Iterator[Finding]:
                 f"{kind} {_short(url)} would not be served at its address: {problem}",
                 f"email.html:{line}",
             )
-    if others and config.db_path.is_file():
+    if others and config.database.exists:
         from .store import Store
 
-        with Store.open(config.db_path) as store:
+        with Store.open(config.database) as store:
             visible = publish.visibility(store)
         for other, (kind, url, line) in others.items():
             needed = visible.pages if kind == "link" else visible.assets

@@ -62,7 +62,7 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 class Context:
     """What every command may need: the workspace root and overrides from global flags."""
 
-    def __init__(self, workspace: Path | None, db: Path | None) -> None:
+    def __init__(self, workspace: Path | None, db: str | None) -> None:
         self.workspace = workspace
         self.db = db
 
@@ -121,13 +121,15 @@ class Newsletter(click.Group):
 )
 @click.option(
     "--db",
-    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     envvar=config_module.ENV_DB,
-    help="SQLite database (default: .newsletter/newsletter.db; env NEWSLETTER_DB).",
+    metavar="PATH|URL",
+    help="The database: a SQLite file (default: .newsletter/newsletter.db) or "
+    "postgresql://user@host:5432/name (password from NEWSLETTER_DB_PASSWORD, PGPASSWORD "
+    "or ~/.pgpass); env NEWSLETTER_DB.",
 )
 @click.pass_context
-def main(ctx: click.Context, workspace: Path | None, db: Path | None) -> None:
+def main(ctx: click.Context, workspace: Path | None, db: str | None) -> None:
     """Compose, render, preview and send a curated newsletter."""
     ctx.obj = Context(workspace, db)
 
@@ -291,11 +293,11 @@ def issue_list(ctx: Context, as_json: bool) -> None:
 
 def _schedules(cfg: Config) -> dict[str, Any]:
     """The database's schedules by issue, without creating a database that is not there."""
-    if not cfg.db_path.is_file():
+    if not cfg.database.exists:
         return {}
     from .store import Store
 
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         return {entry.issue_key: entry for entry in store.list_schedules()}
 
 
@@ -509,7 +511,7 @@ def check_command(ctx: Context, issue_ref: str, spam: bool, online: bool, as_jso
 
     cfg = ctx.config()
     fields: set[str] = set()
-    if cfg.db_path.is_file():  # reading the list must not create a database
+    if cfg.database.exists:  # reading the list must not create a database
         with _open_store(ctx) as store:
             fields = store.field_names()
     report = check.check_issue(
@@ -755,7 +757,7 @@ def _field_warnings(ctx: Context, rendered: render.RenderedIssue) -> list[str]:
     reading one must not create it)."""
     if not any(key.startswith("field.") for key in rendered.placeholders.values()):
         return []
-    if not ctx.config().db_path.is_file():
+    if not ctx.config().database.exists:
         return render.unknown_fields(rendered, ())
     with _open_store(ctx) as store:
         return render.unknown_fields(rendered, store.field_names())
@@ -765,7 +767,7 @@ def _open_store(ctx: Context) -> Store:
     """The workspace's database (imported late: email-validator slows every command's start)."""
     from .store import Store
 
-    return Store.open(ctx.config().db_path)
+    return Store.open(ctx.config().database)
 
 
 _STATUS_CHOICE = click.Choice(["active", "pending", "unsubscribed", "bounced", "complained"])
@@ -1735,7 +1737,7 @@ def serve_command(ctx: Context, host: str | None, port: int | None, log_json: bo
         )
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"Serving on http://{shown}:{running.effective_port}  (Ctrl-C to stop)")
-        click.echo(f"Database: {cfg.db_path}")
+        click.echo(f"Database: {cfg.database}")
         click.echo(f"Public address: {cfg.public_urls.base}/{_placeholder_mark(cfg)}")
         if not cfg.unsubscribe.url:
             click.echo(

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .db import Database
+from .errors import ConfigError, StoreError
 from .segments import PAUSED, Segment, SegmentError, TagError, make_segment, normalize_tag
 
 CONFIG_NAME = "newsletter.toml"
@@ -424,7 +425,7 @@ class Config:
     # [segments]: name -> a filter over tags, status, fields and sign-up date (segments.py).
     segments: Mapping[str, Segment] = field(default_factory=dict)
     secrets: Secrets = field(default_factory=Secrets)
-    db_override: Path | None = None
+    db_override: Database | None = None
 
     @property
     def path(self) -> Path:
@@ -461,8 +462,10 @@ class Config:
         return self.state_dir / "feeds.json"
 
     @property
-    def db_path(self) -> Path:
-        return self.db_override or self.state_dir / "newsletter.db"
+    def database(self) -> Database:
+        """Where the list and the ledger live: ``--db``/``NEWSLETTER_DB`` (a path or a
+        ``postgresql://`` URL), else the workspace's SQLite file."""
+        return self.db_override or Database("sqlite", self.state_dir / "newsletter.db")
 
     @property
     def public_urls(self) -> PublicUrls:
@@ -543,7 +546,7 @@ def load(
     root: Path | None = None,
     *,
     environ: Mapping[str, str] | None = None,
-    db: Path | None = None,
+    db: Database | Path | str | None = None,
 ) -> Config:
     """Load and validate the workspace config at ``root`` (or found upward from cwd)."""
     root = find_root() if root is None else root.resolve()
@@ -588,14 +591,7 @@ def load(
             )
         sections[name] = _build(_SECTIONS[name], name, value, path, text)
     sections = _derive_public_urls(sections, data, path, text)
-    db_env = env.get(ENV_DB)
-    override = db or (Path(db_env) if db_env else None)
-    if override is not None and str(override) != ":memory:" and not override.parent.is_dir():
-        raise ConfigError(
-            f"the database folder {override.parent} does not exist",
-            where="--db" if db else ENV_DB,
-            hint="create the folder first, or fix the path (a typo would start an empty list)",
-        )
+    override = _database(db, env)
     config = Config(
         root=root,
         secrets=Secrets.from_env(env),
@@ -604,6 +600,28 @@ def load(
     )
     _validate(config, path, text)
     return config
+
+
+def _database(db: Database | Path | str | None, env: Mapping[str, str]) -> Database | None:
+    """The ``--db`` option, else ``NEWSLETTER_DB``: a path or a database URL."""
+    if isinstance(db, Database):
+        return db
+    where = "--db" if db else ENV_DB
+    text = db if db else env.get(ENV_DB)
+    if not text:
+        return None
+    try:
+        database = Database.parse(text, where=where)
+    except StoreError as exc:
+        raise ConfigError(exc.message, where=where, hint=exc.hint) from None
+    folder = None if database.path is None else database.path.parent
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(
+            f"the database folder {folder} does not exist",
+            where=where,
+            hint="create the folder first, or fix the path (a typo would start an empty list)",
+        )
+    return database
 
 
 def _line_in_section(text: str, section: str, key: str) -> int:

@@ -115,6 +115,12 @@ class Database:
     def is_postgres(self) -> bool:
         return self.engine == "postgresql"
 
+    @property
+    def exists(self) -> bool:
+        """Whether there may be data to read: a SQLite file that exists, or any server
+        database (the store migrates an empty one; it never creates a database)."""
+        return self.is_postgres or (self.path is not None and self.path.is_file())
+
     def __str__(self) -> str:
         if self.is_postgres:
             return self.url

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import content, delivery, render
 from .config import Config, SmtpSettings
+from .db import Database
 from .errors import ContentError
 from .models import ImportReport
 from .package_data import example_subscribers
@@ -58,7 +59,7 @@ def run_demo(
         demo_config = dataclasses.replace(
             config,
             smtp=SmtpSettings(host=sink.host, port=sink.port, security="none"),
-            db_override=db_path,
+            db_override=Database("sqlite", db_path),
             # The demo signs unsubscribe links with a throwaway key unless one is exported.
             secrets=config.secrets.replace(
                 secret_key=config.secrets.secret_key or secrets.token_hex(32)

@@ -2,8 +2,9 @@
 
 The counting is the well-kept ``limits`` library's fixed-window strategy; its counters
 live in the workspace database (table ``rate_limits``, created by the store's
-migrations) through :class:`SqliteStorage`, where each hit is one atomic SQL upsert.
-So two ``serve`` processes on one database, or a restart, share the same budget.
+migrations) through :class:`DatabaseStorage`, where each hit is one atomic SQL upsert.
+So every ``serve`` process on one database (SQLite, or PostgreSQL across machines), or a
+restart, shares the same budget.
 
 Three limits guard the subscribe form (all per hour, configured in ``[server]``):
 subscribe requests per client address, confirmation emails per mailbox (its
@@ -15,21 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from limits import RateLimitItem, RateLimitItemPerHour
 from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
 from .config import ServerSettings
+from .db import Connection, Database, DatabaseError, connect
 from .store import BUSY_TIMEOUT_MS, Store
 
-SCHEME = "newsletter-sqlite"
+SCHEME = "newsletter-db"
 GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
 IPV6_CLIENT_PREFIX = 64  # one IPv6 client usually holds a whole /64
 MAX_CLIENT_KEY = 64
@@ -37,49 +37,48 @@ MAX_CLIENT_KEY = 64
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class SqliteStorage(Storage):
-    """A ``limits`` storage in the workspace's SQLite database (fixed windows only).
+class DatabaseStorage(Storage):
+    """A ``limits`` storage in the workspace's database (fixed windows only).
 
-    ``SqliteStorage(path)`` or ``limits.storage.storage_from_string(
-    "newsletter-sqlite:///abs/path.db")``. Each thread uses its own connection; a hit
-    is one ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``, atomic between
-    threads and processes.
+    ``DatabaseStorage(database)`` (a :class:`Database`, a path or a URL), or
+    ``limits.storage.storage_from_string("newsletter-db:" + url_or_path)``. Each thread
+    uses its own connection; a hit is one ``INSERT ... ON CONFLICT DO UPDATE ...
+    RETURNING``, atomic between threads, processes and (on PostgreSQL) machines.
     """
 
     STORAGE_SCHEME = [SCHEME]  # noqa: RUF012 (the limits registry reads a list)
 
     def __init__(
         self,
-        uri: str | Path | None = None,
+        uri: Database | str | Path | None = None,
         wrap_exceptions: bool = False,
         **options: float | str | bool,
     ) -> None:
         if uri is None:
-            raise ValueError("SqliteStorage needs the database path")
-        text = str(uri)
-        path = urlsplit(text).path if text.startswith(f"{SCHEME}:") else text
-        Store.open(path).close()  # create or migrate the table now
-        self.path = path
+            raise ValueError("DatabaseStorage needs the database")
+        if isinstance(uri, Database):
+            database = uri
+        else:
+            text = str(uri)
+            database = Database.parse(text.removeprefix(f"{SCHEME}:"))
+        Store.open(database).close()  # create or migrate the table now
+        self.database = database
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        super().__init__(text, wrap_exceptions=wrap_exceptions, **options)
+        self._connections: list[Connection] = []
+        super().__init__(f"{SCHEME}:{database}", wrap_exceptions=wrap_exceptions, **options)
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
-        return sqlite3.Error
+        return DatabaseError
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                isolation_level=None,  # each statement commits on its own
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn = connect(self.database, busy_timeout_ms=BUSY_TIMEOUT_MS)
+            if not self.database.is_postgres:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA synchronous = NORMAL")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -126,7 +125,7 @@ class SqliteStorage(Storage):
     def check(self) -> bool:
         try:
             self._conn().execute("SELECT count(*) FROM rate_limits").fetchone()
-        except sqlite3.Error:
+        except DatabaseError:
             return False
         return True
 

@@ -40,6 +40,7 @@ from werkzeug.exceptions import HTTPException
 from . import publish, render
 from .addresses import normalize_email
 from .config import Config
+from .db import Database
 from .delivery import outbound_from_config
 from .errors import (
     NewsletterError,
@@ -51,7 +52,7 @@ from .hooks import enabled_providers, webhook_blueprint
 from .mailqueue import MailQueue
 from .message import first_name_of, rfc5322_date, to_field
 from .models import Status, Subscriber
-from .ratelimit import SqliteStorage, SubscribeLimiter, client_address, trusted_networks
+from .ratelimit import DatabaseStorage, SubscribeLimiter, client_address, trusted_networks
 from .segments import PAUSED
 from .store import Store
 from .tokens import (
@@ -236,7 +237,7 @@ def _form_page(referer: str | None, posted_to: str) -> str:
 
 def create_app(
     config: Config,
-    store_path: Path | str | None = None,
+    store_path: Database | Path | str | None = None,
     *,
     transport_factory: Callable[[], Transport] | None = None,
     mail_threads: int = MAIL_THREADS,
@@ -256,8 +257,13 @@ def create_app(
     (defaults: verified https, the system clock).
     """
     signer = TokenSigner(config.secrets.secret_key)
-    db_path = Path(store_path) if store_path is not None else config.db_path
-    with Store.open(db_path) as setup:  # create or migrate now, not on the first request
+    if store_path is None:
+        database = config.database
+    elif isinstance(store_path, Database):
+        database = store_path
+    else:
+        database = Database.parse(store_path)
+    with Store.open(database) as setup:  # create or migrate now, not on the first request
         setup.prune_pending(timedelta(hours=config.server.confirm_ttl_hours))
     # Confirmation mail leaves the way an issue does: same transport, same DKIM signer.
     outbound = outbound_from_config(config, make_transport=transport_factory)
@@ -280,7 +286,7 @@ def create_app(
     # Werkzeug answers "//x" with a redirect to an absolute URL built from the Host header.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
-    storage = SqliteStorage(db_path)
+    storage = DatabaseStorage(database)
     limiter = SubscribeLimiter(storage, config.server, config.secrets.secret_key or "")
     proxies = trusted_networks(config.server.trusted_proxies)
     mail = MailQueue(threads=mail_threads, size=mail_queue_size)
@@ -298,7 +304,7 @@ def create_app(
     def db() -> Store:
         store: Store | None = getattr(connections, "store", None)
         if store is None:
-            store = connections.store = Store.open(db_path)
+            store = connections.store = Store.open(database)
         return store
 
     def drop_db() -> None:
@@ -867,7 +873,7 @@ class _Background:
     """What an app runs beside its requests, for :func:`close_app`."""
 
     mail: MailQueue
-    storage: SqliteStorage
+    storage: DatabaseStorage
 
 
 class _Housekeeping:

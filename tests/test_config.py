@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from newsletter import config
+from newsletter import cli, config
 from newsletter.config import (
     Config,
     DeliverySettings,
@@ -46,7 +47,7 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     assert cfg.secrets == Secrets()
     assert cfg.newsletter.date_format == ""  # the locale's own short date
     assert cfg.state_dir == tmp_path.resolve() / ".newsletter"
-    assert cfg.db_path == cfg.state_dir / "newsletter.db"
+    assert cfg.database.path == cfg.state_dir / "newsletter.db"
     assert cfg.sender_domain == "example.org"
     assert cfg.list_id == "My Newsletter <my-newsletter.example.org>"
 
@@ -236,7 +237,9 @@ def test_a_database_in_a_folder_that_does_not_exist_is_refused(tmp_path: Path) -
     with pytest.raises(ConfigError, match="NEWSLETTER_DB"):
         config.load(tmp_path, environ={"NEWSLETTER_DB": str(tmp_path / "nope" / "x.db")})
     assert not (tmp_path / "typo").exists()
-    assert config.load(tmp_path, environ={}, db=tmp_path / "x.db").db_path == tmp_path / "x.db"
+    assert (
+        config.load(tmp_path, environ={}, db=tmp_path / "x.db").database.path == tmp_path / "x.db"
+    )
 
 
 def test_webhooks_section_reads_lists_and_names(tmp_path: Path) -> None:
@@ -361,3 +364,23 @@ def test_server_public_url_must_agree_and_base_url_must_be_a_web_address(tmp_pat
     assert "base_url 'example.org/news' is not a web address" in load_error(tmp_path)
     write_config(tmp_path, '[newsletter]\nbase_url = "http://127.0.0.1:8080/news"\n')
     assert config.load(tmp_path, environ={}).unsubscribe.url == ""  # one-click needs https
+
+
+def test_the_database_may_be_a_postgresql_url(workspace: Path) -> None:
+    url = "postgresql://news@db.example.org:5432/news"
+    cfg = config.load(workspace, environ={"NEWSLETTER_DB": url})
+    assert cfg.database.is_postgres and str(cfg.database) == url
+    assert config.load(workspace, environ={}, db=url).database.is_postgres
+
+
+def test_a_password_in_the_database_url_is_refused_without_echoing_it(
+    workspace: Path, runner: CliRunner
+) -> None:
+    url = "postgresql://news:hunter2@db.example.org/news"
+    with pytest.raises(ConfigError) as caught:
+        config.load(workspace, environ={"NEWSLETTER_DB": url})
+    assert caught.value.where == "NEWSLETTER_DB" and "hunter2" not in str(caught.value)
+    result = runner.invoke(cli.main, ["-C", str(workspace), "--db", url, "subscribers", "list"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --db: the database URL holds a password")
+    assert "hunter2" not in result.output and "NEWSLETTER_DB_PASSWORD" in result.output

@@ -155,7 +155,7 @@ def start(folder: Path, sns: SnsSigner, extra: str, env: dict[str, str]) -> Iter
     certificates = Certificates(sns.pem)
     app = create_app(cfg, fetch_certificate=certificates, clock=lambda: NOW)
     running = start_server(app, "127.0.0.1", 0, threads=4)
-    store = Store.open(cfg.db_path)
+    store = Store.open(cfg.database)
     try:
         yield Hooks(running, store, certificates)
     finally:

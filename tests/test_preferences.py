@@ -43,7 +43,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
     with (root / "newsletter.toml").open("a", encoding="utf-8") as toml:
         toml.write(PREFERENCES)
     cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": TEST_SECRET_KEY})
-    store = Store.open(cfg.db_path)
+    store = Store.open(cfg.database)
     running: RunningService = start_server(create_app(cfg), "127.0.0.1", 0, threads=4)
     try:
         yield Service(cfg, running, sink, store, TokenSigner(TEST_SECRET_KEY))

@@ -185,7 +185,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     root = tmp_path / "ws"
     write_workspace(root, sink.port)
     cfg = config_module.load(root, environ={config_module.ENV_SECRET_KEY: KEY})
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         store.add_subscriber("ada@example.org", "Ada Lovelace", {"city": "Portsmouth"})
         store.add_subscriber("bob@example.org", "Bob Reader")
     running = start_server(create_app(cfg), "127.0.0.1", 0, threads=4)
@@ -449,7 +449,7 @@ def test_a_real_send_refuses_an_image_without_alt_text_but_a_proof_goes(site: Si
         "`newsletter check` lists them all"
     ]
     assert site.messages() == []
-    with Store.open(site.config.db_path) as store:
+    with Store.open(site.config.database) as store:
         assert store.issue_snapshot(ISSUE) is None and store.publication_states() == {}
     proof = site.run("send", "1", "--test", "editor@example.org")
     assert proof.exit_code == 0, proof.output
@@ -644,7 +644,7 @@ def test_publish_refuses_a_page_that_cannot_be_built(site: Site) -> None:
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ") and "cannot be published" in result.stderr
     assert "plan.png" in result.stderr
-    with Store.open(site.config.db_path) as store:
+    with Store.open(site.config.database) as store:
         assert publish.visibility(store).pages == frozenset()
 
 

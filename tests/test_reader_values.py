@@ -124,7 +124,7 @@ def test_a_field_no_subscriber_has_is_a_warning_in_build_check_and_dry_run(
         '{% include "!default/email.txt" %}\nCity: {{ recipient.field("citty") }}'
         ' / {{ recipient.field("city") }}\n',
     )
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         store.add_subscriber("ann@example.org", "Ann", fields={"City": "Port Alder"})
     warning = 'recipient.field("citty"), which no subscriber has'
     build = runner.invoke(main, ["-C", str(workspace), "build", "1"])

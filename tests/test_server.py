@@ -181,7 +181,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
     root = tmp_path / "ws"
     write_workspace(root, sink.port)
     cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": TEST_SECRET_KEY})
-    store = Store.open(cfg.db_path)
+    store = Store.open(cfg.database)
     app = create_app(cfg)
     running = start_server(app, "127.0.0.1", 0, threads=4)
     try:
@@ -437,7 +437,7 @@ def test_subscribing_again_while_pending_resends_within_a_rate_limit(service: Se
     sent_at = service.store.confirmation_sent_at("eager@example.org")
     assert sent_at is not None
     # Eleven minutes later (the interval is ten), a new request sends again.
-    with sqlite3.connect(service.config.db_path) as conn:
+    with sqlite3.connect(service.config.database.path) as conn:
         earlier = (sent_at - timedelta(minutes=11)).isoformat()
         conn.execute("UPDATE confirmations SET sent_at = ?", (earlier,))
     assert service.subscribe("eager@example.org")[0] == 200
@@ -636,7 +636,7 @@ def test_unsubscribes_during_a_send_are_honoured_with_no_lost_update(
     def send() -> None:
         try:
             first_unsubscribe.wait(10)
-            with Store.open(service.config.db_path) as sender, sender.acquire_send_lock(ISSUE):
+            with Store.open(service.config.database) as sender, sender.acquire_send_lock(ISSUE):
                 while True:
                     start = time.monotonic_ns()
                     batch = sender.claim_batch(ISSUE, "sender", 10)
@@ -782,7 +782,7 @@ def test_a_real_send_skips_those_who_unsubscribe_while_it_runs(service: Service)
                     service.request("POST", f"/u/{token}", b"List-Unsubscribe=One-Click", FORM)[0]
                 )
 
-    with Store.open(service.config.db_path) as sender:
+    with Store.open(service.config.database) as sender:
         report = delivery.prepare_send(service.config, rendered, sender).run(
             delivery.SendOptions(connections=2, batch_size=8), progress=progress
         )

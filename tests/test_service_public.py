@@ -31,7 +31,7 @@ from limits.strategies import FixedWindowRateLimiter
 from newsletter import config as config_module
 from newsletter.models import Status
 from newsletter.ratelimit import (
-    SqliteStorage,
+    DatabaseStorage,
     canonical_mailbox,
     client_address,
     trusted_networks,
@@ -145,7 +145,7 @@ def site(
     root = tmp_path / "ws"
     write_config(root, mail.port, server=server, smtp_timeout=smtp_timeout)
     cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": KEY})
-    store = Store.open(cfg.db_path)
+    store = Store.open(cfg.database)
     running = start_server(create_app(cfg, **app_options), "127.0.0.1", 0, threads=threads)
     try:
         yield Site(cfg, running, store, mail)
@@ -345,11 +345,11 @@ def test_limits_are_shared_by_every_serve_on_the_database(
 
 def test_sqlite_storage_counts_atomically_across_connections(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
-    one = SqliteStorage(db)
-    two = storage_from_string(f"newsletter-sqlite://{db}")
-    assert isinstance(two, SqliteStorage) and two.check()
+    one = DatabaseStorage(db)
+    two = storage_from_string(f"newsletter-db:{db}")
+    assert isinstance(two, DatabaseStorage) and two.check()
 
-    def hammer(storage: SqliteStorage) -> None:
+    def hammer(storage: DatabaseStorage) -> None:
         for _ in range(100):
             storage.incr("k", 3600)
 
@@ -384,7 +384,7 @@ def test_unconfirmed_requests_are_pruned_after_the_ttl(tmp_path: Path) -> None:
     write_config(root, 2525, server="confirm_ttl_hours = 48\n")
     cfg = config_module.load(root, environ={"NEWSLETTER_SECRET_KEY": KEY})
     long_ago = datetime.now(UTC) - timedelta(hours=49)
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         store.request_confirmation("stale@example.org", resend_after=timedelta(0), now=long_ago)
         store.request_confirmation("fresh@example.org", resend_after=timedelta(0))
         # Asked long ago, and again just now: its new link is still good.
@@ -396,13 +396,13 @@ def test_unconfirmed_requests_are_pruned_after_the_ttl(tmp_path: Path) -> None:
         store.request_confirmation("gone@example.org", resend_after=timedelta(0), now=long_ago)
         store.add_subscriber("imported@example.org", status=Status.PENDING, reason="import")
         store.add_subscriber("active@example.org")
-        with sqlite3.connect(cfg.db_path) as conn:
+        with sqlite3.connect(cfg.database.path) as conn:
             conn.execute(
                 "UPDATE subscribers SET status_changed_at = ? WHERE email = ?",
                 (long_ago.isoformat(), "imported@example.org"),
             )
     create_app(cfg)  # serve prunes when it starts, then every few minutes
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         left = {s.email for s in store.list_subscribers()}
         assert left == {
             "fresh@example.org",
@@ -505,7 +505,7 @@ def test_stop_abandons_queued_emails_cleanly(tmp_path: Path, smtp_server: Server
         socket.create_connection(("127.0.0.1", running.port), timeout=2)
     # The one being sent gives up at its SMTP timeout and releases its reservation.
     assert queue.wait_idle(10)
-    with Store.open(cfg.db_path) as store:
+    with Store.open(cfg.database) as store:
         assert store.confirmation_sent_at("q0@example.org") is None
         assert store.get_subscriber("q1@example.org") is None
         assert store.get_subscriber("q2@example.org") is None

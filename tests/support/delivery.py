@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from newsletter.config import Config, DeliverySettings
+from newsletter.db import Database
 from newsletter.feedback import FeedbackKind
 from newsletter.models import BounceKind, DeliveryState, FeedbackAction, FeedbackItem, Status
 from newsletter.store import Store
@@ -23,7 +24,12 @@ _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)", re.MULTILINE | re.IGNOR
 
 
 def for_server(
-    cfg: Config, server: SmtpTestServer, db: Path, *, timeout: float = 5.0, **delivery: Any
+    cfg: Config,
+    server: SmtpTestServer,
+    db: Path | Database,
+    *,
+    timeout: float = 5.0,
+    **delivery: Any,
 ) -> Config:
     """``cfg`` sending to ``server`` with its ledger in ``db``; ``delivery`` overrides keys."""
     settings = DeliverySettings(retry_backoff=0.01)
@@ -31,7 +37,7 @@ def for_server(
         cfg,
         smtp=server.settings(timeout=timeout),
         delivery=dataclasses.replace(settings, **delivery),
-        db_override=db,
+        db_override=db if isinstance(db, Database) else Database("sqlite", db),
     )
 
 
