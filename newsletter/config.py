@@ -109,6 +109,11 @@ class DeliverySettings:
     warmup_days: int = 0
     warmup_initial: int = 50
     warmup_growth: float = 1.5
+    # How long a send's claimed rows stay its own without a sign of life (PostgreSQL, where
+    # several senders share an issue): a sender that dies leaves them `uncertain` this long
+    # after its last heartbeat, which comes every third of it. Longer survives longer
+    # stalls of the database connection; shorter reports a dead sender sooner.
+    lease_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -892,6 +897,8 @@ def _validate(config: Config, path: Path, text: str) -> None:
         fail("rate", "[delivery] rate must not be negative", "use 0 for no limit")
     if config.delivery.domain_rate < 0:
         fail("domain_rate", "[delivery] domain_rate must not be negative", "use 0 for no limit")
+    if not config.delivery.lease_seconds >= 1:
+        fail("lease_seconds", "[delivery] lease_seconds must be at least 1", "e.g. 60")
     if config.delivery.warmup_days < 0 or config.delivery.warmup_initial < 1:
         fail(
             "warmup_days",

@@ -83,6 +83,7 @@ class _WorkQueue(queue.Queue[object]):
 
 PROGRESS_INTERVAL = 0.1  # seconds between progress callbacks (the last one always comes)
 CLAIM_AHEAD_SECONDS = 1.0  # with a rate limit, claim at most about this much work at once
+SHARE_SECONDS = 1.0  # how often a run counts the senders it shares the rates with
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,13 @@ class PreparedSend:
         store.check_issue_segment(key, options.segment)  # before anyone is asked
         snapshot = store.issue_snapshot(key)
         counts = store.ledger_counts(key)
-        # A row still `sending` now belongs to a dead run (or a running one): not ours to send.
-        uncertain = counts[DeliveryState.UNCERTAIN] + counts[DeliveryState.SENDING]
+        # A row still `sending` belongs to a dead run (uncertain) or to a running one (a
+        # sender on PostgreSQL): not ours to send either way.
+        uncertain = (
+            counts[DeliveryState.UNCERTAIN]
+            + counts[DeliveryState.SENDING]
+            - store.rows_in_flight(key)
+        )
         new = store.count_new_subscribers(key, options.segment)
         if snapshot is None:
             pending = new
@@ -402,11 +408,17 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
+        self.rate = rate
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.clock = clock
         self.sleep = sleep or stop.wait
         self.next_at = clock()
         self.lock = threading.Lock()
+
+    def share(self, senders: int) -> None:
+        """Leave this run ``1/senders`` of the rate: the others take the rest."""
+        with self.lock:
+            self.interval = senders / self.rate if self.rate > 0 else 0.0
 
     def acquire(self) -> bool:
         """Wait for this send's slot; False if the run was stopped while waiting."""
@@ -562,7 +574,7 @@ def _send(
         options = dataclasses.replace(
             options, limit=warmup if options.limit is None else min(options.limit, warmup)
         )
-    with store.acquire_send_lock(key) as lock:
+    with store.acquire_send_lock(key, lease_seconds=config.delivery.lease_seconds) as lock:
         store.check_issue_segment(key, options.segment)
         counts = store.ledger_counts(key)
         maybe_work = (
@@ -610,7 +622,7 @@ def _send(
             uncertain=run.uncertain,
             retried=run.retried,
             elapsed=time.monotonic() - started,
-            found_uncertain=lock.uncertain,
+            found_uncertain=store.found_uncertain(key),
             counts=store.ledger_counts(key),
             problems=tuple(store.ledger_problems(key, limit=50)),
             stopped_by=run.stopped_by,
@@ -644,6 +656,8 @@ class _Run:
         self.limit = limit
         self.stop = stop
         self.progress = progress
+        # How often to look again while only other senders hold rows (PostgreSQL).
+        self.poll = min(1.0, config.delivery.lease_seconds / 4)
         self.started = time.monotonic()
         self.last_progress = 0.0
         self.work: queue.Queue[object] = _WorkQueue()
@@ -664,6 +678,8 @@ class _Run:
         self.held_count = 0
         self.skipped_dry: frozenset[str] | None = None  # skip set of the last empty claim
         self.slowed = 0  # rate-limit replies that slowed a domain down
+        self.limiter: RateLimiter | None = None
+        self.shared_at = -math.inf  # when the senders sharing the rates were last counted
 
     @property
     def done(self) -> int:
@@ -678,6 +694,7 @@ class _Run:
         rate: float,
     ) -> None:
         limiter = RateLimiter(rate, self.stop)
+        self.limiter = limiter
         self.workers = [
             threading.Thread(
                 target=_worker,
@@ -730,8 +747,21 @@ class _Run:
         elif self.stop.is_set() and not self.stopped_by:
             self.stopped_by = "stopped"  # by the caller's stop event
 
+    def share_rates(self) -> None:
+        """Split the configured rates between the senders alive now (PostgreSQL; on SQLite
+        a run paces alone), counted again every SHARE_SECONDS."""
+        now = time.monotonic()
+        if now - self.shared_at < SHARE_SECONDS:
+            return
+        self.shared_at = now
+        share = self.store.pacing_share()
+        self.pacer.share = share
+        if self.limiter is not None:
+            self.limiter.share(share)
+
     def loop(self) -> None:
         while not self.stop.is_set():
+            self.share_rates()
             left = None if self.limit is None else self.limit - self.claimed_total
             claimed: list[ClaimedRecipient] = []
             skip = frozenset(
@@ -770,7 +800,14 @@ class _Run:
                 return
             due_at = self.store.next_retry_at(self.key)
             if due_at is None:
-                return  # nothing queued, nothing deferred within this run
+                if not self.store.rows_in_flight(self.key, besides=self.run_id):
+                    return  # nothing queued, nothing deferred, nobody else sending
+                # Other senders (PostgreSQL) still hold rows: they record them, defer them
+                # (claimed here when due) or die, and then their lease runs out and the
+                # next claim here makes them uncertain. The run ends with every row settled.
+                if self.stop.wait(self.poll):
+                    return
+                continue
             wait = (due_at - datetime.now(UTC)).total_seconds()
             if wait > 0 and self.stop.wait(min(wait, 60.0)):
                 return
@@ -905,7 +942,7 @@ class _Run:
 
     def flush(self) -> None:
         if self.pending:
-            self.store.record_results(self.pending)
+            self.store.record_results(self.pending, run_id=self.run_id)
             self.pending = []
 
 

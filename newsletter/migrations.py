@@ -213,6 +213,29 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE issue_sends ADD COLUMN segment_filter TEXT NOT NULL DEFAULT '';
     ALTER TABLE subscribers ADD COLUMN import_confirmed_at TEXT;
     """,
+    # 10: the runs sending an issue (one at a time on SQLite, any number on PostgreSQL):
+    # where each runs, its lease (its `sending` rows are its own while the lease lasts),
+    # and its counts so far, for `status`.
+    """
+    CREATE TABLE senders (
+        run_id TEXT PRIMARY KEY,
+        issue_key TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'expired')),
+        started_at TEXT NOT NULL,
+        heartbeat_at TEXT NOT NULL,
+        lease_until TEXT NOT NULL,
+        finished_at TEXT,
+        claimed INTEGER NOT NULL DEFAULT 0,
+        sent INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        deferred INTEGER NOT NULL DEFAULT 0,
+        uncertain INTEGER NOT NULL DEFAULT 0,
+        rate REAL NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE INDEX senders_issue ON senders (issue_key, state);
+    """,
 )
 
 
@@ -391,6 +414,31 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (subscriber_id, tag)
     );
     CREATE INDEX subscriber_tags_tag ON subscriber_tags (tag, subscriber_id);
+    """,
+    # 10: the runs sending an issue (see SQLite's 10). The claim's index also orders by
+    # subscriber, as SQLite's does (its index entries end with the primary key): the
+    # claim takes the first queued rows in that order without sorting every queued row.
+    """
+    CREATE TABLE senders (
+        run_id TEXT PRIMARY KEY,
+        issue_key TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'expired')),
+        started_at TEXT NOT NULL,
+        heartbeat_at TEXT NOT NULL,
+        lease_until TEXT NOT NULL,
+        finished_at TEXT,
+        claimed BIGINT NOT NULL DEFAULT 0,
+        sent BIGINT NOT NULL DEFAULT 0,
+        failed BIGINT NOT NULL DEFAULT 0,
+        deferred BIGINT NOT NULL DEFAULT 0,
+        uncertain BIGINT NOT NULL DEFAULT 0,
+        rate DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE INDEX senders_issue ON senders (issue_key, state);
+    DROP INDEX deliveries_state;
+    CREATE INDEX deliveries_state ON deliveries (issue_key, state, subscriber_id);
     """,
 )
 

@@ -121,6 +121,34 @@ class SendLock:
 
 
 @dataclass(frozen=True)
+class SenderRun:
+    """One run that sends (or sent) an issue, as the ``senders`` table has it.
+
+    ``responding``: its lease had not run out when this was read (its heartbeat comes
+    every third of the lease); a ``running`` run that is not responding has died or
+    lost the database, and its ``sending`` rows become uncertain when a sender notices.
+    ``rate``: messages sent per second over the minute before its last heartbeat.
+    """
+
+    run_id: str
+    issue_key: str
+    host: str
+    pid: int
+    state: str  # running, finished, expired
+    started_at: datetime
+    heartbeat_at: datetime
+    lease_until: datetime
+    finished_at: datetime | None
+    claimed: int
+    sent: int
+    failed: int
+    deferred: int  # 4xx results recorded (a row retried within the run counts each time)
+    uncertain: int
+    rate: float
+    responding: bool
+
+
+@dataclass(frozen=True)
 class ClaimedRecipient:
     """A ledger row now committed as ``sending``: send to ``subscriber`` then record it."""
 

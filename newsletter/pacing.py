@@ -60,6 +60,9 @@ class DomainPacer:
     ) -> None:
         self.limits = dict(limits)
         self.default = default
+        # Senders sharing the limits (PostgreSQL: the runs alive on the database); each
+        # paces at its part of every configured rate.
+        self.share = 1
         self.clock = clock
         self.next_at: dict[str, float] = {}
         # key -> (rate, since, the rate it grows back to before its limit applies again)
@@ -84,7 +87,7 @@ class DomainPacer:
 
     def configured(self, key: str) -> float | None:
         rate = self.limits.get(key, self.default)
-        return rate if rate > 0 else None
+        return rate / self.share if rate > 0 else None
 
     def rate(self, key: str) -> float | None:
         """Messages per second allowed to ``key`` now; None: no limit of its own."""

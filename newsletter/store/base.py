@@ -247,7 +247,8 @@ class StoreBase:
         self.path: Path | None = conn.database.path
         self.durable_claims = durable_claims
         self._lock = threading.RLock()
-        self._held: dict[str, str] = {}  # issue_key -> run_id of send locks held by this store
+        # issue_key -> the run this store sends it with (store.ledger._Lease)
+        self._held: dict[str, Any] = {}
 
     # -- opening ---------------------------------------------------------------------------
 

@@ -1,5 +1,12 @@
-"""The delivery ledger: the send lock, the recipient snapshot, claims and results, and
-which issues were sent and published.
+"""The delivery ledger: the send lock, the recipient snapshot, claims and results, the
+runs that send, and which issues were sent and published.
+
+On SQLite one run sends an issue at a time (a file lock). On PostgreSQL any number of
+runs, on any machines, share it: each registers in ``senders`` with a lease that a
+heartbeat renews, claims rows with ``FOR UPDATE SKIP LOCKED`` and owns its ``sending``
+rows while the lease lasts. A run whose lease runs out is ``expired`` by the next live
+sender that looks, and its ``sending`` rows become ``uncertain``, as a crashed SQLite
+run's do. Lease times are on the database's clock, so the senders' clocks may differ.
 """
 
 from __future__ import annotations
@@ -7,16 +14,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
+import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from ..addresses import email_key
-from ..errors import DeliveryError
+from ..db import Connection, DatabaseError, Dialect
+from ..errors import DeliveryError, StoreError
 from ..models import (
     PROBLEM_STATES,
     ClaimedRecipient,
@@ -24,6 +38,7 @@ from ..models import (
     DeliveryState,
     IssueSnapshot,
     LedgerEntry,
+    SenderRun,
     SendLock,
     Status,
 )
@@ -39,12 +54,19 @@ from .base import (
     _subscriber,
 )
 
+LOG = logging.getLogger("newsletter.store.ledger")
 
-def _domain_filter(domains: Sequence[str]) -> tuple[str, list[str]]:
+LEASE_SECONDS = 60.0  # [delivery] lease_seconds
+RATE_WINDOW = 60.0  # seconds: a sender's rate in `status` is over this last stretch
+_INTERRUPTED = "'interrupted while sending (run ' || claimed_by || ')'"
+
+
+def _domain_filter(domains: Sequence[str], dialect: Dialect) -> tuple[str, list[str]]:
     """SQL (on ``s.email_key``) that leaves out addresses at these domains or under them."""
     if not domains:
         return "", []
-    domain = "substr(s.email_key, instr(s.email_key, '@') + 1)"
+    at = dialect.position("'@'", "s.email_key")
+    domain = f"substr(s.email_key, {at} + 1)"
     params: list[str] = []
     tests = []
     for name in domains:
@@ -65,23 +87,102 @@ def _lock_name(issue_key: str) -> str:
     return hashlib.sha256(issue_key.encode()).hexdigest()[:16]
 
 
+@dataclass(eq=False)
+class _Lease:
+    """This store's run on one issue: its lease, its counts, the heartbeat that renews it."""
+
+    issue_key: str
+    run_id: str
+    seconds: float
+    skew: timedelta  # the database's clock minus ours: leases run on the database's clock
+    found: int = 0  # rows this run marked uncertain (left by dead runs)
+    sent: int = 0
+    # (monotonic time, sent so far), over the last RATE_WINDOW seconds and one before it
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.skew
+
+    def times(self) -> tuple[str, str]:
+        """Now and the end of a lease starting now, on the database's clock."""
+        now = self.now()
+        return _iso(now), _iso(now + timedelta(seconds=self.seconds))
+
+    def count_sent(self, sent: int) -> None:
+        self.sent += sent
+        moment = time.monotonic()
+        self.samples.append((moment, self.sent))
+        while len(self.samples) > 2 and self.samples[1][0] <= moment - RATE_WINDOW:
+            self.samples.popleft()
+
+    def rate(self) -> float:
+        """Messages sent per second over the last minute (since the start, if shorter)."""
+        if not self.samples:
+            return 0.0
+        moment = time.monotonic()
+        first_at, first_sent = self.samples[0]
+        for at, sent in self.samples:  # the last sample at or before the window's start
+            if at > moment - RATE_WINDOW:
+                break
+            first_at, first_sent = at, sent
+        span = moment - max(first_at, moment - RATE_WINDOW)
+        return (self.sent - first_sent) / span if span > 0 else 0.0
+
+
+def _sender_run(row: Sequence[Any], now: str) -> SenderRun:
+    return SenderRun(
+        run_id=row[0],
+        issue_key=row[1],
+        host=row[2],
+        pid=int(row[3]),
+        state=row[4],
+        started_at=_dt(row[5]),
+        heartbeat_at=_dt(row[6]),
+        lease_until=_dt(row[7]),
+        finished_at=_opt_dt(row[8]),
+        claimed=int(row[9]),
+        sent=int(row[10]),
+        failed=int(row[11]),
+        deferred=int(row[12]),
+        uncertain=int(row[13]),
+        rate=float(row[14]),
+        responding=row[4] == "running" and row[7] >= now,
+    )
+
+
+_SENDER_COLUMNS = (
+    "run_id, issue_key, host, pid, state, started_at, heartbeat_at, lease_until, finished_at,"
+    " claimed, sent, failed, deferred, uncertain, rate"
+)
+
+
 class LedgerMixin(StoreBase):
-    """The delivery ledger and publications."""
+    """The delivery ledger, the runs that send, and publications."""
 
     def lock_path(self, issue_key: str) -> Path | None:
-        """The file whose flock marks a running send of ``issue_key`` (None in memory)."""
+        """The file whose flock marks a running send of ``issue_key`` (None in memory and
+        on PostgreSQL, where runs cooperate instead)."""
         if self.path is None:
             return None
         return self.path.with_name(f"{self.path.name}.send-{_lock_name(issue_key)}.lock")
 
     @contextlib.contextmanager
-    def acquire_send_lock(self, issue_key: str) -> Iterator[SendLock]:
-        """Hold the send lock of ``issue_key`` for one run; DeliveryError if another holds it.
+    def acquire_send_lock(
+        self, issue_key: str, *, lease_seconds: float = LEASE_SECONDS
+    ) -> Iterator[SendLock]:
+        """Register one run sending ``issue_key``, for the duration of the block.
 
-        On entry, rows left ``sending`` by a dead run become ``uncertain`` (counted in
+        SQLite: the run holds the issue's send lock; DeliveryError if another holds it.
+        PostgreSQL: any number of runs share the issue; this one's claims are its own while
+        its lease (``lease_seconds``, renewed every third of it by a heartbeat thread) lasts.
+        On entry, rows left ``sending`` by dead runs become ``uncertain`` (counted in
         ``SendLock.uncertain``), and deferred rows parked for "the next run" become due.
+        One store runs one send of an issue at a time (a second is a DeliveryError).
         """
-        run_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        host, pid = socket.gethostname(), os.getpid()
+        run_id = f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
         lock_path = self.lock_path(issue_key)
         fd: int | None = None
         busy = f"another send of issue {issue_key} is running"
@@ -102,10 +203,20 @@ class LedgerMixin(StoreBase):
                     os.close(fd)
                     raise
                 os.ftruncate(fd, 0)
-                holder = f"pid {os.getpid()} on {socket.gethostname()}, run {run_id}\n"
+                holder = f"pid {pid} on {host}, run {run_id}\n"
                 os.pwrite(fd, holder.encode(), 0)
-            self._held[issue_key] = run_id
+            lease = _Lease(issue_key, run_id, lease_seconds, timedelta(0))
+            self._held[issue_key] = lease
         try:
+            lease.skew = self._clock_skew()
+            now, until = lease.times()
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO senders (run_id, issue_key, host, pid, state, started_at,"
+                    " heartbeat_at, lease_until) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+                    (run_id, issue_key, host, pid, now, now, until),
+                )
+            lease.count_sent(0)
             uncertain = self.mark_crashed_as_uncertain(issue_key)
             with self._transaction() as conn:
                 conn.execute(
@@ -113,8 +224,23 @@ class LedgerMixin(StoreBase):
                     " AND retry_at IS NULL",
                     (_now(), issue_key),
                 )
+            lease.thread = threading.Thread(
+                target=self._heartbeat, args=(lease,), name=f"lease-{run_id}", daemon=True
+            )
+            lease.thread.start()
             yield SendLock(issue_key, run_id, uncertain)
         finally:
+            lease.stop.set()
+            if lease.thread is not None:
+                lease.thread.join()
+            with contextlib.suppress(StoreError, DatabaseError):
+                now, _ = lease.times()
+                with self._transaction() as conn:
+                    conn.execute(
+                        "UPDATE senders SET state = 'finished', finished_at = ?, heartbeat_at = ?,"
+                        " rate = ? WHERE run_id = ? AND state = 'running'",
+                        (now, now, lease.rate(), run_id),
+                    )
             with self._lock:
                 self._held.pop(issue_key, None)
                 if fd is not None:
@@ -122,21 +248,164 @@ class LedgerMixin(StoreBase):
                         os.ftruncate(fd, 0)
                     os.close(fd)  # releases the flock
 
-    def mark_crashed_as_uncertain(self, issue_key: str) -> int:
-        """Rows left ``sending`` become ``uncertain``; call only while holding the send lock.
+    def _clock_skew(self) -> timedelta:
+        """How far the database's clock is ahead of ours (PostgreSQL; 0 on SQLite, which
+        runs on this machine's clock)."""
+        if not self.is_postgres:
+            return timedelta(0)
+        with self._reading() as conn:
+            before = datetime.now(UTC)
+            server: datetime = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+            after = datetime.now(UTC)
+        return server - (before + (after - before) / 2)
 
-        With the lock held no other run is alive on this issue, so every ``sending`` row
-        was claimed by a run that died before recording the result.
+    def _database_now(self) -> str:
+        return _iso(datetime.now(UTC) + self._clock_skew())
+
+    def _heartbeat(self, lease: _Lease) -> None:
+        """Renew ``lease`` every third of its length until the run ends or loses it.
+
+        A thread, not the send loop, so that waits the loop cannot cut short (a server
+        that takes its 30 s timeout, a retry's backoff, a slow snapshot) do not cost the
+        lease; claims renew it too, and fail once it is lost.
         """
-        if issue_key not in self._held:
-            raise RuntimeError(f"mark_crashed_as_uncertain({issue_key!r}) needs the send lock")
-        with self._transaction() as conn:
-            return conn.execute(
-                "UPDATE deliveries SET state = 'uncertain', updated_at = ?,"
-                " last_reply = 'interrupted while sending (run ' || claimed_by || ')'"
-                " WHERE issue_key = ? AND state = 'sending'",
-                (_now(), issue_key),
+        while not lease.stop.wait(lease.seconds / 3):
+            try:
+                with self._transaction(exclusive=not self.is_postgres) as conn:
+                    if not self._renew(conn, lease):
+                        LOG.warning(
+                            "run %s lost its lease on issue %s", lease.run_id, lease.issue_key
+                        )
+                        return
+            except (StoreError, DatabaseError) as exc:
+                LOG.warning("run %s could not renew its lease: %s", lease.run_id, exc)
+
+    def _renew(self, conn: Connection, lease: _Lease) -> bool:
+        """Extend the run's lease (and lock its row till commit); False if it was lost."""
+        now, until = lease.times()
+        return (
+            conn.execute(
+                "UPDATE senders SET heartbeat_at = ?, lease_until = ?, rate = ?"
+                " WHERE run_id = ? AND state = 'running'",
+                (now, until, lease.rate(), lease.run_id),
             ).rowcount
+            == 1
+        )
+
+    def _expire_runs(self, conn: Connection, issue_key: str, now: str) -> int:
+        """Runs of ``issue_key`` whose lease ran out become ``expired``, and their
+        ``sending`` rows ``uncertain``; returns how many rows."""
+        expired = [
+            row[0]
+            for row in conn.execute(
+                "UPDATE senders SET state = 'expired', finished_at = ?"
+                " WHERE issue_key = ? AND state = 'running' AND lease_until < ? RETURNING run_id",
+                (now, issue_key, now),
+            ).fetchall()
+        ]
+        if not expired:
+            return 0
+        LOG.warning("runs %s of issue %s stopped renewing their lease", expired, issue_key)
+        marks = ", ".join("?" * len(expired))
+        return conn.execute(
+            "UPDATE deliveries SET state = 'uncertain', updated_at = ?,"
+            f" last_reply = {_INTERRUPTED} WHERE issue_key = ? AND state = 'sending'"
+            f" AND claimed_by IN ({marks})",
+            (now, issue_key, *expired),
+        ).rowcount
+
+    def _expire_dead_senders(self, lease: _Lease) -> None:
+        """Before a claim (PostgreSQL): expire runs whose lease ran out, if there are any
+        (one small read when there are none)."""
+        now = _iso(lease.now())
+        if not self._one(
+            "SELECT 1 FROM senders WHERE issue_key = ? AND state = 'running'"
+            " AND lease_until < ? LIMIT 1",
+            (lease.issue_key, now),
+        ):
+            return
+        with self._transaction(exclusive=False) as conn:
+            lease.found += self._expire_runs(conn, lease.issue_key, now)
+
+    def mark_crashed_as_uncertain(self, issue_key: str) -> int:
+        """Rows left ``sending`` by dead runs become ``uncertain``; call only while holding
+        the send lock.
+
+        SQLite: with the lock held no other run is alive on this issue, so every
+        ``sending`` row was claimed by a run that died before recording the result.
+        PostgreSQL: runs whose lease ran out are dead; so are claims of no running run.
+        """
+        lease = self._held.get(issue_key)
+        if lease is None:
+            raise RuntimeError(f"mark_crashed_as_uncertain({issue_key!r}) needs the send lock")
+        now = _iso(lease.now())
+        with self._transaction() as conn:
+            if not self.is_postgres:
+                conn.execute(
+                    "UPDATE senders SET state = 'expired', finished_at = ?"
+                    " WHERE issue_key = ? AND state = 'running' AND run_id <> ?",
+                    (now, issue_key, lease.run_id),
+                )
+                found = conn.execute(
+                    f"UPDATE deliveries SET state = 'uncertain', updated_at = ?,"
+                    f" last_reply = {_INTERRUPTED} WHERE issue_key = ? AND state = 'sending'",
+                    (now, issue_key),
+                ).rowcount
+            else:
+                found = self._expire_runs(conn, issue_key, now)
+                found += conn.execute(
+                    f"UPDATE deliveries SET state = 'uncertain', updated_at = ?,"
+                    f" last_reply = {_INTERRUPTED} WHERE issue_key = ? AND state = 'sending'"
+                    " AND claimed_by NOT IN (SELECT run_id FROM senders"
+                    "   WHERE issue_key = ? AND state = 'running')",
+                    (now, issue_key, issue_key),
+                ).rowcount
+        lease.found += found
+        return found
+
+    def found_uncertain(self, issue_key: str) -> int:
+        """Rows this store's run on ``issue_key`` found left by dead runs and marked
+        uncertain, at its start and (PostgreSQL) since."""
+        lease = self._held.get(issue_key)
+        return 0 if lease is None else int(lease.found)
+
+    def rows_in_flight(self, issue_key: str, *, besides: str = "") -> int:
+        """Rows of ``issue_key`` that running senders (other than run ``besides``) have
+        claimed and not yet recorded. A dead run's count as its until its lease runs out
+        and a live sender expires it."""
+        row = self._one(
+            "SELECT count(*) FROM deliveries INDEXED BY deliveries_state"
+            " WHERE issue_key = ? AND state = 'sending' AND claimed_by <> ?"
+            " AND claimed_by IN (SELECT run_id FROM senders"
+            "   WHERE issue_key = ? AND state = 'running')",
+            (issue_key, besides, issue_key),
+        )
+        return int(row[0])
+
+    def senders(self, issue_key: str, *, finished: bool = False) -> list[SenderRun]:
+        """The runs sending ``issue_key`` now (with ``finished``: every run it had), oldest
+        first. A run that stopped renewing its lease is listed as not responding."""
+        now = self._database_now()
+        where = "" if finished else " AND state = 'running'"
+        rows = self._all(
+            f"SELECT {_SENDER_COLUMNS} FROM senders WHERE issue_key = ?{where}"
+            " ORDER BY started_at, run_id",
+            (issue_key,),
+        )
+        return [_sender_run(row, now) for row in rows]
+
+    def pacing_share(self) -> int:
+        """How many senders share the configured rates (``[delivery] rate``, domain pacing)
+        now: on PostgreSQL, the runs alive on the database, whatever their issue, as they
+        send from one newsletter's reputation; on SQLite 1, as each run paced alone
+        before several senders existed."""
+        if not self.is_postgres:
+            return 1
+        row = self._one(
+            "SELECT count(*) FROM senders WHERE state = 'running' AND lease_until >= ?",
+            (self._database_now(),),
+        )
+        return max(1, int(row[0]))
 
     def snapshot_recipients(
         self, issue_key: str, *, include_new: bool = False, segment: Segment | None = None
@@ -237,11 +506,21 @@ class LedgerMixin(StoreBase):
         unsubscribe during a send is honoured for everyone not yet claimed. An empty
         list means nothing is due now (see :meth:`next_retry_at`). Rows of recipients at
         ``skip_domains`` (or under them) are left for later (a domain's pacing).
+
+        With ``worker_id`` the run id of this store's send lock, the claim renews the
+        run's lease (DeliveryError if the run lost it: its rows are someone else's now),
+        and on PostgreSQL first expires the runs whose lease ran out. Rows another run
+        holds are skipped, never waited for (``FOR UPDATE SKIP LOCKED``).
         """
         if n <= 0:
             return []
+        lease = self._held.get(issue_key)
+        if lease is not None and lease.run_id != worker_id:
+            lease = None  # a claim outside the run (tests, tools): no lease to renew
+        if lease is not None and self.is_postgres:
+            self._expire_dead_senders(lease)
         now = _now()
-        skip_sql, skip_params = _domain_filter(skip_domains)
+        skip_sql, skip_params = _domain_filter(skip_domains, self._conn.dialect)
         # The last column: whether the reader paused (a `paused` tag) since the snapshot.
         columns = (
             f"d.attempts, {_SUBSCRIBER_COLUMNS}, EXISTS (SELECT 1 FROM subscriber_tags t"
@@ -253,19 +532,32 @@ class LedgerMixin(StoreBase):
             "FROM deliveries d INDEXED BY deliveries_state"
             " JOIN subscribers s ON s.id = d.subscriber_id"
         )
+        # PostgreSQL: rows another sender's claim holds are passed over, and a row that
+        # claim took is seen as it now is (no longer queued). SQLite has one writer.
+        locking = " FOR UPDATE OF d SKIP LOCKED" if self.is_postgres else ""
         claimed: list[ClaimedRecipient] = []
-        with self._transaction(durable=self.durable_claims) as conn:
+        # On PostgreSQL the claim needs no table-wide writer lock: its rows' locks suffice.
+        with self._transaction(durable=self.durable_claims, exclusive=not self.is_postgres) as conn:
+            if lease is not None and not self._renew(conn, lease):
+                raise DeliveryError(
+                    f"this send of issue {issue_key} (run {lease.run_id}) lost its lease:"
+                    " another sender took its unrecorded rows as uncertain",
+                    where=self._where,
+                    hint="the database was out of reach longer than [delivery] lease_seconds;"
+                    " send again to carry on (see `newsletter status`)",
+                )
             while len(claimed) < n:
                 want = n - len(claimed)
                 rows = conn.execute(
                     f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'queued'"
-                    f"{skip_sql} ORDER BY d.subscriber_id LIMIT ?",
+                    f"{skip_sql} ORDER BY d.subscriber_id LIMIT ?{locking}",
                     (PAUSED, issue_key, *skip_params, want),
                 ).fetchall()
                 if len(rows) < want:
                     rows += conn.execute(
                         f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'deferred'"
-                        f" AND d.retry_at <= ?{skip_sql} ORDER BY d.subscriber_id LIMIT ?",
+                        f" AND d.retry_at <= ?{skip_sql} ORDER BY d.subscriber_id LIMIT ?"
+                        f"{locking}",
                         (PAUSED, issue_key, now, *skip_params, want - len(rows)),
                     ).fetchall()
                 if not rows:
@@ -285,16 +577,26 @@ class LedgerMixin(StoreBase):
                 claimed.extend(
                     ClaimedRecipient(issue_key, _subscriber(r[1:-1]), r[0] + 1) for r in active
                 )
+            if lease is not None and claimed:
+                conn.execute(
+                    "UPDATE senders SET claimed = claimed + ? WHERE run_id = ?",
+                    (len(claimed), lease.run_id),
+                )
         return claimed
 
-    def record_results(self, results: Iterable[DeliveryResult]) -> int:
+    def record_results(
+        self, results: Iterable[DeliveryResult], *, run_id: str | None = None
+    ) -> int:
         """Record outcomes of claimed rows in one transaction; returns rows updated.
 
-        Only rows in ``sending`` change, so a result recorded twice is a no-op. A FAILED
+        Only rows in ``sending`` change (claimed by run ``run_id``, when given), so a
+        result recorded twice is a no-op, and so is a result of a run whose lease ran out
+        (its rows are ``uncertain`` by then, or claimed again by another run). A FAILED
         result with ``bounce`` also marks an active subscriber bounced (with the reply).
+        With ``run_id`` the run of this store's send lock, its counts and lease move on.
         """
         now = _now()
-        params = []
+        groups: dict[DeliveryState, list[tuple[Any, ...]]] = {}
         bounces = []
         for result in results:
             sent = result.state == DeliveryState.SENT
@@ -303,30 +605,35 @@ class LedgerMixin(StoreBase):
                 if result.state == DeliveryState.DEFERRED and result.retry_at is not None
                 else None
             )
-            params.append(
-                (
-                    result.state.value,
-                    result.reply,
-                    result.message_id,
-                    retry,
-                    now,
-                    now if sent else None,
-                    result.issue_key,
-                    result.subscriber_id,
-                )
+            row: tuple[Any, ...] = (
+                result.state.value,
+                result.reply,
+                result.message_id,
+                retry,
+                now,
+                now if sent else None,
+                result.issue_key,
+                result.subscriber_id,
             )
+            groups.setdefault(result.state, []).append(row if run_id is None else (*row, run_id))
             if result.bounce and result.state == DeliveryState.FAILED:
                 bounces.append(result)
-        if not params:
+        if not groups:
             return 0
-        with self._transaction() as conn:
-            updated = conn.executemany(
-                "UPDATE deliveries SET state = ?, last_reply = ?,"
-                " message_id = coalesce(nullif(?, ''), message_id), retry_at = ?,"
-                " updated_at = ?, sent_at = coalesce(?, sent_at)"
-                " WHERE issue_key = ? AND subscriber_id = ? AND state = 'sending'",
-                params,
-            )
+        lease = next((x for x in self._held.values() if x.run_id == run_id), None)
+        sql = (
+            "UPDATE deliveries SET state = ?, last_reply = ?,"
+            " message_id = coalesce(nullif(?, ''), message_id), retry_at = ?,"
+            " updated_at = ?, sent_at = coalesce(?, sent_at)"
+            " WHERE issue_key = ? AND subscriber_id = ? AND state = 'sending'"
+            + ("" if run_id is None else " AND claimed_by = ?")
+        )
+        # Status changes read then write: with bounces, the writer lock (as every status
+        # change takes); otherwise, on PostgreSQL, row locks suffice.
+        with self._transaction(exclusive=bool(bounces) or not self.is_postgres) as conn:
+            # The run's row first: an expiring sender locks it before the run's rows too.
+            renewed = lease is not None and self._renew(conn, lease)
+            counts = {state: conn.executemany(sql, rows) for state, rows in groups.items()}
             for result in bounces:
                 self._change_status(
                     conn,
@@ -337,7 +644,26 @@ class LedgerMixin(StoreBase):
                     now,
                     only_from=(Status.ACTIVE, Status.PENDING),
                 )
-        return updated
+            if renewed and lease is not None:
+                conn.execute(
+                    "UPDATE senders SET sent = sent + ?, failed = failed + ?,"
+                    " deferred = deferred + ?, uncertain = uncertain + ? WHERE run_id = ?",
+                    (
+                        *(
+                            counts.get(state, 0)
+                            for state in (
+                                DeliveryState.SENT,
+                                DeliveryState.FAILED,
+                                DeliveryState.DEFERRED,
+                                DeliveryState.UNCERTAIN,
+                            )
+                        ),
+                        lease.run_id,
+                    ),
+                )
+        if renewed and lease is not None:
+            lease.count_sent(counts.get(DeliveryState.SENT, 0))
+        return sum(counts.values())
 
     def next_retry_at(self, issue_key: str) -> datetime | None:
         """When the earliest deferred row of this run becomes due, or None."""
