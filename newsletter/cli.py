@@ -34,7 +34,7 @@ from .config import Config
 from .content import Issue
 from .errors import ConfigError, NewsletterError, PreviewError
 from .files import atomic_open_text
-from .models import DeliveryState, PersonRecord, RowError, Status
+from .models import DeliveryState, PersonRecord, RowError, SenderRun, Status
 
 if TYPE_CHECKING:  # names for annotations only: a command imports the module itself
     from .delivery import DeliveryReport
@@ -1568,7 +1568,8 @@ def worker_command(ctx: Context, once: bool, log_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @pass_ctx
 def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
-    """Show ISSUE's delivery counts and every failed, deferred or uncertain recipient."""
+    """Show ISSUE's delivery counts, the processes sending it now (host, pid, heartbeat,
+    rate), and every failed, deferred or uncertain recipient."""
     cfg = ctx.config()
     issue_item = _issue(cfg, issue_ref)
     if as_json:
@@ -1600,6 +1601,7 @@ def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
         problems = store.ledger_problems(issue_item.slug)
         bounced = store.bounces_for_issue(issue_item.slug)
         segment = store.issue_segment(issue_item.slug)
+        senders = store.senders(issue_item.slug)
     click.echo(
         f"Issue {issue_item.number} ({issue_item.slug}): "
         f"{snapshot.recipients + sum(erased.values())} recipients"
@@ -1613,6 +1615,7 @@ def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
             f"  ({sum(erased.values())} of these were erased or removed since:"
             " only their counts are kept)"
         )
+    _print_senders(senders)
     for entry in problems:
         click.echo(f"{entry.state:<9} {entry.email}  attempts {entry.attempts}  {entry.last_reply}")
     if bounced:
@@ -1622,6 +1625,43 @@ def status_command(ctx: Context, issue_ref: str, as_json: bool) -> None:
             f"bounce {record.kind:<4} {record.status or '?':<7} {record.email or ERASED}"
             f"  {record.effect}"
         )
+
+
+def _print_senders(senders: Sequence[SenderRun]) -> None:
+    """The processes sending the issue now, one line each."""
+    if not senders:
+        return
+    click.echo(f"Sending now: {len(senders)} process{'es' if len(senders) > 1 else ''}")
+    for run in senders:
+        where = f"  {run.host} pid {run.pid} (run {run.run_id}), since {run.started_at:%H:%M:%S}"
+        if run.responding:
+            click.echo(
+                f"{where}, heartbeat {run.heartbeat_age:.0f} s ago: sent {run.sent:,},"
+                f" {run.rate:,.1f} msgs/s over the last minute"
+            )
+        else:
+            click.echo(
+                f"{where}: not responding since {run.heartbeat_at:%H:%M:%S} (sent {run.sent:,});"
+                " its unrecorded rows become uncertain when a sender notices"
+            )
+
+
+def _sender_data(run: SenderRun) -> dict[str, Any]:
+    return {
+        "run": run.run_id,
+        "host": run.host,
+        "pid": run.pid,
+        "started_at": run.started_at.isoformat(),
+        "heartbeat_at": run.heartbeat_at.isoformat(),
+        "lease_until": run.lease_until.isoformat(),
+        "responding": run.responding,
+        "claimed": run.claimed,
+        "sent": run.sent,
+        "failed": run.failed,
+        "deferred": run.deferred,
+        "uncertain": run.uncertain,
+        "rate": round(run.rate, 1),
+    }
 
 
 def _status_data(store: Store, issue_item: Issue) -> dict[str, Any]:
@@ -1645,6 +1685,7 @@ def _status_data(store: Store, issue_item: Issue) -> dict[str, Any]:
         if snapshot is None
         else {"at": snapshot.snapshot_at.isoformat(), "recipients": snapshot.recipients},
         "counts": {state.value: n for state, n in store.ledger_counts(key).items()},
+        "senders": [_sender_data(run) for run in store.senders(key)],
         "problems": [
             {
                 "state": entry.state.value,

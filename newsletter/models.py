@@ -146,6 +146,7 @@ class SenderRun:
     uncertain: int
     rate: float
     responding: bool
+    heartbeat_age: float  # seconds from its last heartbeat to when this was read
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,13 @@ import csv
 import io
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,13 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from newsletter.db import Database
+from newsletter.db import Database, connect
 from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
-from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
+from newsletter.models import DeliveryResult, DeliveryState, RowError, SenderRun, Status
 from newsletter.store import Store
 from newsletter.store import subscribers as store_subscribers
 from tests.support import REPO
+from tests.support.postgres import PostgresServer
 
 ISSUE = "2024-05"
 
@@ -38,6 +42,25 @@ def store(database: Database) -> Iterator[Store]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "newsletter.db"
+
+
+@pytest.fixture
+def pg(postgres_server: PostgresServer) -> Iterator[Database]:
+    """A PostgreSQL database alone, for what only PostgreSQL does (several senders)."""
+    database = postgres_server.new_database()
+    try:
+        yield database
+    finally:
+        postgres_server.drop_database(database)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Look again every few milliseconds until ``condition()`` holds (a lease that runs
+    out is a condition on the database's clock: there is nothing to be told)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        threading.Event().wait(0.02)
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -656,8 +679,8 @@ import sys
 from pathlib import Path
 from newsletter.store import Store
 store = Store.open(Path(sys.argv[1]))
-with store.acquire_send_lock(sys.argv[2]):
-    claimed = store.claim_batch(sys.argv[2], "child", int(sys.argv[3]))
+with store.acquire_send_lock(sys.argv[2]) as lock:
+    claimed = store.claim_batch(sys.argv[2], lock.run_id, int(sys.argv[3]))
     print(" ".join(str(c.subscriber.id) for c in claimed), flush=True)
     sys.stdin.readline()  # "sending" until killed
 """
@@ -682,8 +705,12 @@ def test_a_killed_send_leaves_uncertain_rows(db_path: Path) -> None:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     with Store.open(db_path) as db:
+        [dead] = db.senders(ISSUE)
+        assert (dead.pid, dead.claimed, dead.state) == (proc.pid, 5, "running")
         with db.acquire_send_lock(ISSUE) as lock:
             assert lock.uncertain == 5
+            assert [r.run_id for r in db.senders(ISSUE)] == [lock.run_id]
+            assert db.senders(ISSUE, finished=True)[0].state == "expired"
             counts = db.ledger_counts(ISSUE)
             assert (counts[DeliveryState.UNCERTAIN], counts[DeliveryState.QUEUED]) == (5, 3)
             rest = db.claim_batch(ISSUE, "w", 10)  # uncertain rows are not resent by default
@@ -781,3 +808,192 @@ def test_processes_creating_one_database_at_once(db_path: Path) -> None:
     with Store.open(db_path) as db:
         assert db.schema_version == len(MIGRATIONS)
         assert db.count() == 4
+
+
+# --- the runs that send: one at a time on SQLite, any number on PostgreSQL ----------------
+
+
+def test_a_run_is_listed_while_it_sends_with_its_counts_and_rate(store: Store) -> None:
+    add_many(store, 4)
+    store.snapshot_recipients(ISSUE)
+    assert store.senders(ISSUE) == []
+    with store.acquire_send_lock(ISSUE) as lock:
+        [run] = store.senders(ISSUE)
+        assert (run.run_id, run.host, run.pid) == (lock.run_id, socket.gethostname(), os.getpid())
+        assert (run.state, run.responding, run.sent) == ("running", True, 0)
+        claimed = store.claim_batch(ISSUE, lock.run_id, 3)
+        recorded = store.record_results(
+            [result(c.subscriber.id, DeliveryState.SENT) for c in claimed[:2]]
+            + [result(claimed[2].subscriber.id, DeliveryState.FAILED, "550 no")],
+            run_id=lock.run_id,
+        )
+        assert recorded == 3
+        [run] = store.senders(ISSUE)
+        assert (run.claimed, run.sent, run.failed, run.uncertain) == (3, 2, 1, 0)
+        assert run.rate > 0 and run.heartbeat_age < 30
+        assert run.lease_until > run.heartbeat_at >= run.started_at
+    assert store.senders(ISSUE) == []
+    [done] = store.senders(ISSUE, finished=True)
+    assert (done.run_id, done.state, done.sent) == (lock.run_id, "finished", 2)
+    assert done.finished_at is not None and not done.responding
+
+
+def test_results_are_recorded_only_for_the_run_that_claimed_the_rows(store: Store) -> None:
+    add_many(store, 2)
+    store.snapshot_recipients(ISSUE)
+    with store.acquire_send_lock(ISSUE) as lock:
+        claimed = store.claim_batch(ISSUE, lock.run_id, 2)
+        sent = [result(c.subscriber.id, DeliveryState.SENT) for c in claimed]
+        assert store.record_results(sent, run_id="another-run") == 0
+        assert store.ledger_counts(ISSUE)[DeliveryState.SENDING] == 2
+        assert store.record_results(sent, run_id=lock.run_id) == 2
+        assert store.senders(ISSUE)[0].sent == 2
+
+
+def test_senders_on_postgresql_share_an_issue_and_pass_over_rows_another_holds(
+    pg: Database,
+) -> None:
+    with Store.open(pg) as first, Store.open(pg) as second:
+        ids = add_many(first, 10)
+        first.snapshot_recipients(ISSUE)
+        with first.acquire_send_lock(ISSUE) as one, second.acquire_send_lock(ISSUE) as two:
+            assert {r.run_id for r in first.senders(ISSUE)} == {one.run_id, two.run_id}
+            assert first.pacing_share() == 2
+            mine = first.claim_batch(ISSUE, one.run_id, 3)
+            assert [c.subscriber.id for c in mine] == ids[:3]
+            # Another claim in progress holds the next two rows: passed over, not waited for.
+            holder = connect(pg)
+            holder.begin(exclusive=False)
+            holder.execute(
+                "SELECT 1 FROM deliveries WHERE subscriber_id IN (?, ?) FOR UPDATE",
+                (ids[3], ids[4]),
+            )
+            got: list[int] = []
+            claim = threading.Thread(
+                target=lambda: got.extend(
+                    c.subscriber.id for c in second.claim_batch(ISSUE, two.run_id, 3)
+                )
+            )
+            claim.start()
+            claim.join(10)
+            assert not claim.is_alive(), "the claim waited for rows another claim holds"
+            holder.rollback()
+            holder.close()
+            assert got == ids[5:8]
+            rest = second.claim_batch(ISSUE, two.run_id, 10)
+            assert [c.subscriber.id for c in rest] == [ids[3], ids[4], *ids[8:]]
+            assert first.rows_in_flight(ISSUE, besides=one.run_id) == 7
+            assert first.rows_in_flight(ISSUE) == 10
+            # Neither run's rows are the other's to record.
+            assert (
+                first.record_results(
+                    [result(i, DeliveryState.SENT) for i in got], run_id=one.run_id
+                )
+                == 0
+            )
+            assert (
+                second.record_results(
+                    [result(i, DeliveryState.SENT) for i in got], run_id=two.run_id
+                )
+                == 3
+            )
+
+
+def claim_and_hang(database: Database, lease: float, count: int) -> subprocess.Popen[str]:
+    """A child process that registers a run with a short lease, claims ``count`` rows,
+    prints their ids, then waits for a line: "record" records them sent, then it claims
+    again and prints what came of each."""
+    code = """
+import sys
+from newsletter.errors import DeliveryError
+from newsletter.models import DeliveryResult, DeliveryState
+from newsletter.store import Store
+store = Store.open(sys.argv[1])
+with store.acquire_send_lock(sys.argv[2], lease_seconds=float(sys.argv[3])) as lock:
+    claimed = store.claim_batch(sys.argv[2], lock.run_id, int(sys.argv[4]))
+    print(lock.run_id, *(c.subscriber.id for c in claimed), flush=True)
+    sys.stdin.readline()
+    results = [DeliveryResult(sys.argv[2], c.subscriber.id, DeliveryState.SENT) for c in claimed]
+    print("recorded", store.record_results(results, run_id=lock.run_id), flush=True)
+    try:
+        store.claim_batch(sys.argv[2], lock.run_id, 1)
+    except DeliveryError as exc:
+        print("claim:", exc, flush=True)
+"""
+    return child(code, str(database), ISSUE, str(lease), str(count))
+
+
+def run_of(store: Store, run_id: str) -> SenderRun:
+    [run] = [r for r in store.senders(ISSUE, finished=True) if r.run_id == run_id]
+    return run
+
+
+@pytest.mark.server
+def test_a_killed_sender_keeps_its_rows_while_its_lease_lasts_then_they_are_uncertain(
+    pg: Database,
+) -> None:
+    with Store.open(pg) as store:
+        ids = add_many(store, 8)
+        store.snapshot_recipients(ISSUE)
+        proc = claim_and_hang(pg, 1.0, 5)
+        try:
+            assert proc.stdout is not None
+            run_id, *claimed = proc.stdout.readline().split()
+            assert [int(x) for x in claimed] == ids[:5]
+            started = run_of(store, run_id).started_at
+            # Its heartbeat renews the lease: alive past its first lease, it keeps its rows.
+            wait_until(lambda: run_of(store, run_id).heartbeat_at > started + timedelta(seconds=1))
+            with store.acquire_send_lock(ISSUE) as lock:
+                assert lock.uncertain == 0
+                assert [c.subscriber.id for c in store.claim_batch(ISSUE, lock.run_id, 1)] == [
+                    ids[5]
+                ]
+                assert store.ledger_counts(ISSUE)[DeliveryState.SENDING] == 6
+                proc.send_signal(signal.SIGKILL)
+                assert proc.wait(30) == -signal.SIGKILL
+                wait_until(lambda: not run_of(store, run_id).responding)
+                # The next claim of a live sender expires the dead run first.
+                rest = store.claim_batch(ISSUE, lock.run_id, 10)
+                assert [c.subscriber.id for c in rest] == ids[6:]
+                assert store.found_uncertain(ISSUE) == 5
+                counts = store.ledger_counts(ISSUE)
+                assert (counts[DeliveryState.UNCERTAIN], counts[DeliveryState.SENDING]) == (5, 3)
+                assert run_of(store, run_id).state == "expired"
+                assert store.rows_in_flight(ISSUE, besides=lock.run_id) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        problems = store.ledger_problems(ISSUE)
+        assert {p.subscriber_id for p in problems} == set(ids[:5])
+        assert all(f"interrupted while sending (run {run_id})" in p.last_reply for p in problems)
+
+
+@pytest.mark.server
+def test_a_sender_that_lost_its_lease_records_nothing_and_claims_no_more(pg: Database) -> None:
+    with Store.open(pg) as store:
+        ids = add_many(store, 5)
+        store.snapshot_recipients(ISSUE)
+        proc = claim_and_hang(pg, 1.0, 3)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            run_id, *_ = proc.stdout.readline().split()
+            proc.send_signal(signal.SIGSTOP)  # frozen: a stalled machine, a long GC pause
+            wait_until(lambda: not run_of(store, run_id).responding)
+            with store.acquire_send_lock(ISSUE) as lock:
+                assert lock.uncertain == 3
+                assert [c.subscriber.id for c in store.claim_batch(ISSUE, lock.run_id, 5)] == (
+                    ids[3:]
+                )
+            proc.send_signal(signal.SIGCONT)
+            proc.stdin.write("record\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert "recorded 0" in out
+        assert "lost its lease" in out
+        counts = store.ledger_counts(ISSUE)
+        assert (counts[DeliveryState.UNCERTAIN], counts[DeliveryState.SENDING]) == (3, 2)
+        assert run_of(store, run_id).state == "expired"

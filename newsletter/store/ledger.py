@@ -131,7 +131,7 @@ class _Lease:
         return (self.sent - first_sent) / span if span > 0 else 0.0
 
 
-def _sender_run(row: Sequence[Any], now: str) -> SenderRun:
+def _sender_run(row: Sequence[Any], now: datetime) -> SenderRun:
     return SenderRun(
         run_id=row[0],
         issue_key=row[1],
@@ -148,7 +148,8 @@ def _sender_run(row: Sequence[Any], now: str) -> SenderRun:
         deferred=int(row[12]),
         uncertain=int(row[13]),
         rate=float(row[14]),
-        responding=row[4] == "running" and row[7] >= now,
+        responding=row[4] == "running" and _dt(row[7]) >= now,
+        heartbeat_age=max(0.0, (now - _dt(row[6])).total_seconds()),
     )
 
 
@@ -259,8 +260,8 @@ class LedgerMixin(StoreBase):
             after = datetime.now(UTC)
         return server - (before + (after - before) / 2)
 
-    def _database_now(self) -> str:
-        return _iso(datetime.now(UTC) + self._clock_skew())
+    def _database_now(self) -> datetime:
+        return datetime.now(UTC) + self._clock_skew()
 
     def _heartbeat(self, lease: _Lease) -> None:
         """Renew ``lease`` every third of its length until the run ends or loses it.
@@ -403,7 +404,7 @@ class LedgerMixin(StoreBase):
             return 1
         row = self._one(
             "SELECT count(*) FROM senders WHERE state = 'running' AND lease_until >= ?",
-            (self._database_now(),),
+            (_iso(self._database_now()),),
         )
         return max(1, int(row[0]))
 
@@ -645,9 +646,11 @@ class LedgerMixin(StoreBase):
                     only_from=(Status.ACTIVE, Status.PENDING),
                 )
             if renewed and lease is not None:
+                lease.count_sent(counts.get(DeliveryState.SENT, 0))
                 conn.execute(
                     "UPDATE senders SET sent = sent + ?, failed = failed + ?,"
-                    " deferred = deferred + ?, uncertain = uncertain + ? WHERE run_id = ?",
+                    " deferred = deferred + ?, uncertain = uncertain + ?, rate = ?"
+                    " WHERE run_id = ?",
                     (
                         *(
                             counts.get(state, 0)
@@ -658,11 +661,10 @@ class LedgerMixin(StoreBase):
                                 DeliveryState.UNCERTAIN,
                             )
                         ),
+                        lease.rate(),
                         lease.run_id,
                     ),
                 )
-        if renewed and lease is not None:
-            lease.count_sent(counts.get(DeliveryState.SENT, 0))
         return sum(counts.values())
 
     def next_retry_at(self, issue_key: str) -> datetime | None:
