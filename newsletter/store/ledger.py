@@ -96,6 +96,7 @@ class _Lease:
     seconds: float
     skew: timedelta  # the database's clock minus ours: leases run on the database's clock
     found: int = 0  # rows this run marked uncertain (left by dead runs)
+    claimed: int = 0
     sent: int = 0
     # (monotonic time, sent so far), over the last RATE_WINDOW seconds and one before it
     samples: deque[tuple[float, int]] = field(default_factory=deque)
@@ -239,8 +240,8 @@ class LedgerMixin(StoreBase):
                 with self._transaction() as conn:
                     conn.execute(
                         "UPDATE senders SET state = 'finished', finished_at = ?, heartbeat_at = ?,"
-                        " rate = ? WHERE run_id = ? AND state = 'running'",
-                        (now, now, lease.rate(), run_id),
+                        " rate = ?, claimed = ? WHERE run_id = ? AND state = 'running'",
+                        (now, now, lease.rate(), lease.claimed, run_id),
                     )
             with self._lock:
                 self._held.pop(issue_key, None)
@@ -273,6 +274,7 @@ class LedgerMixin(StoreBase):
         while not lease.stop.wait(lease.seconds / 3):
             try:
                 with self._transaction(exclusive=not self.is_postgres) as conn:
+                    self._relaxed_commit(conn)
                     if not self._renew(conn, lease):
                         LOG.warning(
                             "run %s lost its lease on issue %s", lease.run_id, lease.issue_key
@@ -281,14 +283,23 @@ class LedgerMixin(StoreBase):
             except (StoreError, DatabaseError) as exc:
                 LOG.warning("run %s could not renew its lease: %s", lease.run_id, exc)
 
-    def _renew(self, conn: Connection, lease: _Lease) -> bool:
-        """Extend the run's lease (and lock its row till commit); False if it was lost."""
+    def _relaxed_commit(self, conn: Connection) -> None:
+        """PostgreSQL: this transaction's commit need not wait for the disk, as SQLite's
+        results are committed with synchronous=NORMAL. Losing it to a crash of the server
+        only leaves rows `sending`, which become uncertain: never sent twice. Claims keep
+        the full wait (a lost claim would make a sent row `queued` again)."""
+        if self.is_postgres:
+            conn.execute("SET LOCAL synchronous_commit TO OFF")
+
+    def _renew(self, conn: Connection, lease: _Lease, *, claimed: int = 0) -> bool:
+        """Extend the run's lease (and lock its row till commit), counting ``claimed`` more
+        rows; False if the run lost it."""
         now, until = lease.times()
         return (
             conn.execute(
-                "UPDATE senders SET heartbeat_at = ?, lease_until = ?, rate = ?"
+                "UPDATE senders SET heartbeat_at = ?, lease_until = ?, rate = ?, claimed = ?"
                 " WHERE run_id = ? AND state = 'running'",
-                (now, until, lease.rate(), lease.run_id),
+                (now, until, lease.rate(), lease.claimed + claimed, lease.run_id),
             ).rowcount
             == 1
         )
@@ -539,14 +550,6 @@ class LedgerMixin(StoreBase):
         claimed: list[ClaimedRecipient] = []
         # On PostgreSQL the claim needs no table-wide writer lock: its rows' locks suffice.
         with self._transaction(durable=self.durable_claims, exclusive=not self.is_postgres) as conn:
-            if lease is not None and not self._renew(conn, lease):
-                raise DeliveryError(
-                    f"this send of issue {issue_key} (run {lease.run_id}) lost its lease:"
-                    " another sender took its unrecorded rows as uncertain",
-                    where=self._where,
-                    hint="the database was out of reach longer than [delivery] lease_seconds;"
-                    " send again to carry on (see `newsletter status`)",
-                )
             while len(claimed) < n:
                 want = n - len(claimed)
                 rows = conn.execute(
@@ -565,24 +568,35 @@ class LedgerMixin(StoreBase):
                     break
                 active = [r for r in rows if r[5] == Status.ACTIVE and not r[-1]]
                 gone = [r for r in rows if r[5] != Status.ACTIVE or r[-1]]
-                conn.executemany(
-                    "UPDATE deliveries SET state = 'sending', attempts = attempts + 1,"
-                    " claimed_by = ?, updated_at = ? WHERE issue_key = ? AND subscriber_id = ?",
-                    [(worker_id, now, issue_key, r[1]) for r in active],
-                )
-                conn.executemany(
-                    "UPDATE deliveries SET state = 'cancelled', retry_at = NULL, updated_at = ?,"
-                    " last_reply = ? WHERE issue_key = ? AND subscriber_id = ?",
-                    [(now, _not_sent(r[5], bool(r[-1])), issue_key, r[1]) for r in gone],
-                )
+                if active:  # one statement for the batch: one round trip on PostgreSQL
+                    conn.execute(
+                        "UPDATE deliveries SET state = 'sending', attempts = attempts + 1,"
+                        " claimed_by = ?, updated_at = ? WHERE issue_key = ? AND subscriber_id"
+                        f" IN ({', '.join('?' * len(active))})",
+                        (worker_id, now, issue_key, *(r[1] for r in active)),
+                    )
+                if gone:
+                    conn.executemany(
+                        "UPDATE deliveries SET state = 'cancelled', retry_at = NULL,"
+                        " updated_at = ?, last_reply = ? WHERE issue_key = ? AND subscriber_id = ?",
+                        [(now, _not_sent(r[5], bool(r[-1])), issue_key, r[1]) for r in gone],
+                    )
                 claimed.extend(
                     ClaimedRecipient(issue_key, _subscriber(r[1:-1]), r[0] + 1) for r in active
                 )
-            if lease is not None and claimed:
-                conn.execute(
-                    "UPDATE senders SET claimed = claimed + ? WHERE run_id = ?",
-                    (len(claimed), lease.run_id),
+            # The lease is renewed in the claim's own transaction: the rows are claimed only
+            # if the run still holds it. (Renewing last cannot deadlock with a sender that
+            # expires this run: that one waits for no row this claim is taking.)
+            if lease is not None and not self._renew(conn, lease, claimed=len(claimed)):
+                raise DeliveryError(
+                    f"this send of issue {issue_key} (run {lease.run_id}) lost its lease:"
+                    " another sender took its unrecorded rows as uncertain",
+                    where=self._where,
+                    hint="the database was out of reach longer than [delivery] lease_seconds;"
+                    " send again to carry on (see `newsletter status`)",
                 )
+        if lease is not None:
+            lease.claimed += len(claimed)
         return claimed
 
     def record_results(
@@ -632,6 +646,7 @@ class LedgerMixin(StoreBase):
         # Status changes read then write: with bounces, the writer lock (as every status
         # change takes); otherwise, on PostgreSQL, row locks suffice.
         with self._transaction(exclusive=bool(bounces) or not self.is_postgres) as conn:
+            self._relaxed_commit(conn)
             # The run's row first: an expiring sender locks it before the run's rows too.
             renewed = lease is not None and self._renew(conn, lease)
             counts = {state: conn.executemany(sql, rows) for state, rows in groups.items()}
