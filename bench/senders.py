@@ -5,12 +5,12 @@ more senders, and SQLite's one sender, side by side.
 
 The sink is `newsletter smtp-sink --count-only` in its own process (bench/send.py's).
 PostgreSQL is a temporary cluster with the server's defaults (fsync on; tests/support/
-postgres.py). For each engine and number of senders: a fresh database with N generated
-subscribers (filled with add_subscriber, not timed), then that many `newsletter send 1
---yes` processes at once. The rate is the messages sent over the span from the first
-sender's registration to the last one's end (the senders table), so the processes'
-start-up (Python, rendering the issue) is not counted. Each sender uses [delivery]
-connections = 4. It also prints each process's share and the uncertain/duplicate count
+postgres.py). For each engine and number of senders: a fresh copy of a database with N
+generated subscribers (filled once per engine with add_subscriber, not timed), then that
+many `newsletter send 1 --yes` processes at once. The rate is the messages sent over the
+span from the first sender's registration to the last one's end (the senders table), so
+the processes' start-up (Python, rendering the issue) is not counted. Each sender uses
+[delivery] connections = 4. It also prints each process's share, and the rows not sent
 (must be 0: nobody was killed).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,24 +98,27 @@ def main() -> None:
         expected = 0
         try:
             ws = make_workspace(folder / "ws", sink.port)
+            started = time.perf_counter()
+            sqlite_list = Database.parse(folder / "list.db")
+            fill(sqlite_list, args.subscribers)
+            postgres_list = server.new_database()
+            fill(postgres_list, args.subscribers)
+            print(f"(filled both lists in {time.perf_counter() - started:.1f} s, not timed)")
             runs: list[tuple[str, int]] = [("sqlite", 1)] + [
                 ("postgresql", k) for k in args.senders
             ]
             for n, (engine, senders) in enumerate(runs):
                 if engine == "sqlite":
-                    database = Database.parse(folder / f"run{n}.db")
+                    assert sqlite_list.path is not None
+                    database = Database.parse(shutil.copy(sqlite_list.path, folder / f"{n}.db"))
                 else:
-                    database = server.new_database()
-                started = time.perf_counter()
-                fill(database, args.subscribers)
-                filled = time.perf_counter() - started
+                    database = server.clone(postgres_list)
                 result = run(ws, database, senders)
                 expected += args.subscribers
                 print(
                     f"{engine:<10} senders={senders}: {result['sent']:>7,.0f} sent in"
                     f" {result['span']:6.2f} s = {result['rate']:6,.0f} msgs/s;"
                     f" shares {result['shares']}; not sent: {result['problems']:.0f}"
-                    f" (fill {filled:.1f} s, not timed)"
                 )
         finally:
             received, sink_cpu = sink.stop()

@@ -113,7 +113,8 @@ class ImportReport:
 
 @dataclass(frozen=True)
 class SendLock:
-    """Held while one run sends an issue. ``uncertain`` = rows found left by a dead run."""
+    """One run sending an issue (on SQLite it holds the issue's lock; on PostgreSQL others
+    may send it too). ``uncertain`` = rows found left by dead runs when it started."""
 
     issue_key: str
     run_id: str

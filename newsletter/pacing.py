@@ -9,6 +9,9 @@ rows back while the other domains' rows go ahead (see ``delivery._Run``), so one
 domain does not stall the rest. A 421, or a 4xx that says it is about rate, volume or
 too many messages, halves that key's rate (from what it was sending at, for a domain
 without a limit) for a while; it then grows back by half every ``RECOVER_SECONDS``.
+
+The configured limits are the newsletter's: on PostgreSQL, where several senders share
+an issue, each paces at its ``share`` of them (the send loop counts the senders alive).
 """
 
 from __future__ import annotations

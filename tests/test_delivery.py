@@ -605,6 +605,41 @@ def test_the_rate_limiter_spaces_sends_across_workers() -> None:
     assert slept == [0.25]
 
 
+def test_senders_sharing_the_rate_each_space_their_sends_by_their_part() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        slept.append(round(seconds, 9))
+        return False
+
+    limiter = RateLimiter(4.0, threading.Event(), clock=lambda: now[0], sleep=sleep)
+    limiter.share(2)  # two senders alive: 2 msgs/s each, 4 in all
+    assert all(limiter.acquire() for _ in range(3))
+    assert slept == [0.5, 1.0]
+    limiter.share(1)  # the other one finished
+    now[0] += 1.5  # the third send's slot
+    assert limiter.acquire() and limiter.acquire()
+    assert slept[2:] == [0.25]
+
+
+def test_the_plan_counts_rows_a_live_run_is_sending_as_in_flight_not_uncertain(
+    example: tuple[Config, RenderedIssue], store: Store, tmp_path: Path
+) -> None:
+    cfg, rendered = example
+    fill(store, tmp_path, generated=5)
+    store.snapshot_recipients(EXAMPLE_SLUG)
+
+    def plan() -> delivery.SendPlan:
+        with Store.open(store.database) as other:
+            return prepare_send(cfg, rendered, other, outbound=Outbound(MemoryTransport)).plan()
+
+    with store.acquire_send_lock(EXAMPLE_SLUG) as lock:
+        store.claim_batch(EXAMPLE_SLUG, lock.run_id, 3)
+        assert plan().uncertain == 0  # another run's, alive: not ours, and not uncertain
+    assert plan().uncertain == 3  # its run ended without recording them
+
+
 def test_a_stopped_rate_limiter_says_so() -> None:
     stop = threading.Event()
     stop.set()

@@ -50,6 +50,16 @@ def test_a_domain_counts_against_the_longest_configured_domain_it_is_under() -> 
     assert pacer.rate("example.org") is None  # no default: no limit of its own
 
 
+def test_senders_sharing_a_domain_limit_each_take_their_part_of_it() -> None:
+    clock = FakeClock()
+    pacer = DomainPacer((("gmail.example.com", 20.0),), 4.0, clock=clock)
+    pacer.share = 2  # two senders alive on the database
+    assert pacer.rate("gmail.example.com") == 10.0 and pacer.rate("example.org") == 2.0
+    assert pacer.take("gmail.example.com")
+    assert pacer.wait("gmail.example.com") == pytest.approx(0.1)
+    assert pacer.hold("gmail.example.com") == 2
+
+
 def test_sends_to_a_limited_domain_are_spaced_and_others_are_not() -> None:
     clock = FakeClock()
     pacer = DomainPacer((("gmail.example.com", 20.0),), clock=clock)
