@@ -317,7 +317,7 @@ class LedgerMixin(StoreBase):
         ]
         if not expired:
             return 0
-        LOG.warning("runs %s of issue %s stopped renewing their lease", expired, issue_key)
+        LOG.info("runs %s of issue %s stopped renewing their lease", expired, issue_key)
         marks = ", ".join("?" * len(expired))
         return conn.execute(
             "UPDATE deliveries SET state = 'uncertain', updated_at = ?,"
