@@ -277,16 +277,19 @@ class PreparedSend:
         store = self._store()
         key = self.issue_key
         store.check_issue_segment(key, options.segment)  # before anyone is asked
+        # In this order, because another sender (PostgreSQL) may fix the recipients
+        # meanwhile: without a snapshot, `new` was read before there was one; with one,
+        # the counts (and the newcomers) are read after it.
+        new = store.count_new_subscribers(key, options.segment)
         snapshot = store.issue_snapshot(key)
         counts = store.ledger_counts(key)
+        if snapshot is not None:
+            new = store.count_new_subscribers(key, options.segment)
         # A row still `sending` belongs to a dead run (uncertain) or to a running one (a
         # sender on PostgreSQL): not ours to send either way.
-        uncertain = (
-            counts[DeliveryState.UNCERTAIN]
-            + counts[DeliveryState.SENDING]
-            - store.rows_in_flight(key)
+        uncertain = counts[DeliveryState.UNCERTAIN] + max(
+            0, counts[DeliveryState.SENDING] - store.rows_in_flight(key)
         )
-        new = store.count_new_subscribers(key, options.segment)
         if snapshot is None:
             pending = new
         else:

@@ -24,6 +24,7 @@ from newsletter.errors import DeliveryError, TransportError
 from newsletter.message import Recipient, prepare
 from newsletter.models import DeliveryState, Status
 from newsletter.render import RenderedIssue
+from newsletter.segments import Segment
 from newsletter.store import Store
 from newsletter.transport import (
     MemoryTransport,
@@ -638,6 +639,25 @@ def test_the_plan_counts_rows_a_live_run_is_sending_as_in_flight_not_uncertain(
         store.claim_batch(EXAMPLE_SLUG, lock.run_id, 3)
         assert plan().uncertain == 0  # another run's, alive: not ours, and not uncertain
     assert plan().uncertain == 3  # its run ended without recording them
+
+
+def test_a_plan_made_while_another_sender_fixes_the_recipients_still_counts_them(
+    example: tuple[Config, RenderedIssue], store: Store, tmp_path: Path
+) -> None:
+    cfg, rendered = example
+    active = fill(store, tmp_path)
+
+    class Racing(Store):
+        """Another sender fixes the recipients just as this one's plan counts them."""
+
+        def count_new_subscribers(self, issue_key: str, segment: Segment | None = None) -> int:
+            with Store.open(self.database) as other:
+                other.snapshot_recipients(issue_key)
+            return super().count_new_subscribers(issue_key, segment)
+
+    with Racing.open(store.database) as racing:
+        plan = prepare_send(cfg, rendered, racing, outbound=Outbound(MemoryTransport)).plan()
+    assert (plan.recipients, plan.snapshot_fixed, plan.new_subscribers) == (len(active), True, 0)
 
 
 def test_a_stopped_rate_limiter_says_so() -> None:

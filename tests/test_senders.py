@@ -124,8 +124,10 @@ class Run:
         try:
             with Store.open(self.database) as store:
                 while len(store.senders(EXAMPLE_SLUG)) < SENDERS:
-                    exited = [p.args for p in self.procs if p.poll() is not None]
-                    assert not exited, f"a sender exited before the others registered: {exited}"
+                    for proc in self.procs:
+                        if proc.poll() is not None:
+                            _, err = proc.communicate()
+                            raise AssertionError(f"a sender exited before the others: {err}")
                     threading.Event().wait(0.02)  # look again at the senders table
             self.gate.set()
             outputs = [proc.communicate(timeout=240) for proc in self.procs]
