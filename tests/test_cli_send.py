@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from newsletter import cli, config
 from newsletter.cli import main
-from newsletter.models import DeliveryState
+from newsletter.models import DeliveryResult, DeliveryState
 from newsletter.store import Store
 from tests.support import EXAMPLE_SLUG, REPO, TEST_SECRET_KEY, copy_example
 from tests.support.deliverability import write_key
@@ -250,6 +252,36 @@ def test_a_failed_recipient_exits_1_and_status_lists_each_problem_with_the_reply
         "uncertain": 1,
         "cancelled": 0,
     }
+
+
+def test_status_shows_the_processes_sending_with_their_heartbeat_and_rate(site: Site) -> None:
+    with site.store() as store:
+        store.snapshot_recipients(EXAMPLE_SLUG)
+        assert "Sending now" not in site.run("status", "1").stdout
+        with store.acquire_send_lock(EXAMPLE_SLUG) as lock:
+            claimed = store.claim_batch(EXAMPLE_SLUG, lock.run_id, 3)
+            store.record_results(
+                [DeliveryResult(EXAMPLE_SLUG, c.subscriber.id, S.SENT) for c in claimed],
+                run_id=lock.run_id,
+            )
+            status = site.run("status", "1")
+            data = json.loads(site.run("status", "1", "--json").stdout)
+        after = json.loads(site.run("status", "1", "--json").stdout)
+    assert status.exit_code == 0, status.output
+    lines = status.stdout.splitlines()
+    at = lines.index("Sending now: 1 process")
+    line = lines[at + 1]
+    assert line.startswith(f"  {socket.gethostname()} pid {os.getpid()} (run {lock.run_id}), since")
+    assert re.search(r", heartbeat \d+ s ago: sent 3, [\d.]+ msgs/s over the last minute$", line)
+    [sender] = data["senders"]
+    assert (sender["run"], sender["pid"], sender["sent"], sender["claimed"]) == (
+        lock.run_id,
+        os.getpid(),
+        3,
+        3,
+    )
+    assert sender["responding"] is True and sender["rate"] > 0
+    assert after["senders"] == []  # the run ended
 
 
 def test_recipients_left_deferred_exit_75(site: Site) -> None:

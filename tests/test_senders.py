@@ -81,8 +81,7 @@ class Run:
             tmp_path / "ws",
             smtp={"port": server.port, "timeout": 30.0},
             extra=(
-                f"[delivery]\nconnections = {CONNECTIONS}\nretries = 0\n"
-                f"lease_seconds = {LEASE}\n"
+                f"[delivery]\nconnections = {CONNECTIONS}\nretries = 0\nlease_seconds = {LEASE}\n"
             ),
         )
         self.env = {
