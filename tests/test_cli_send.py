@@ -272,7 +272,7 @@ def test_status_shows_the_processes_sending_with_their_heartbeat_and_rate(site: 
     at = lines.index("Sending now: 1 process")
     line = lines[at + 1]
     assert line.startswith(f"  {socket.gethostname()} pid {os.getpid()} (run {lock.run_id}), since")
-    assert re.search(r", heartbeat \d+ s ago: sent 3, [\d.]+ msgs/s over the last minute$", line)
+    assert re.search(r", heartbeat \d+ s ago: sent 3, [\d,.]+ msgs/s over the last minute$", line)
     [sender] = data["senders"]
     assert (sender["run"], sender["pid"], sender["sent"], sender["claimed"]) == (
         lock.run_id,
