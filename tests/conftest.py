@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from newsletter import config
 from newsletter.config import Config
 from newsletter.db import Database
+from newsletter.store import Store
 from tests.support import CHROMIUM, TEST_SECRET_KEY, copy_example, load_config
 from tests.support import postgres as pg
 from tests.support.smtp_server import smtp_server, tls_files
@@ -119,3 +120,27 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         yield database
     finally:
         server.drop_database(database)
+
+
+@pytest.fixture
+def other_database(
+    database: Database, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Database]:
+    """A second new, migrated database on the engine of ``database``."""
+    if not database.is_postgres:
+        yield Database.parse(tmp_path / "other.db")
+        return
+    server: pg.PostgresServer = request.getfixturevalue("postgres_server")
+    other = server.new_database()
+    try:
+        yield other
+    finally:
+        server.drop_database(other)
+
+
+@pytest.fixture
+def store(database: Database) -> Iterator[Store]:
+    """The store on each engine in turn (see ``database``): a test that takes it is part
+    of the store's contract, which SQLite and PostgreSQL must both keep."""
+    with Store.open(database) as db:
+        yield db

@@ -1,4 +1,15 @@
-"""The store against real SQLite files: subscribers, CSV import, and the delivery ledger."""
+"""The store's contract: what every database engine must do, tested on each of them.
+
+Like Django's shared backend tests, one suite runs unchanged against every engine the
+store supports: a test that takes the ``store`` fixture (or ``database``, see
+tests/conftest.py) runs once on a SQLite file and once on a PostgreSQL database of the
+test's own, and both must pass. An engine is supported when this suite, and the other
+modules whose tests take those fixtures, are green on it; a difference between engines
+is a bug in the store, not in the test. Tests that take ``db_path`` check what only
+SQLite has (its file, WAL, the send lock beside the file, migrating old files).
+
+Topics: subscribers, CSV import and export, and the delivery ledger.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +20,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from newsletter.db import Database
 from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
@@ -26,13 +35,6 @@ from newsletter.store import subscribers as store_subscribers
 from tests.support import REPO
 
 ISSUE = "2024-05"
-
-
-@pytest.fixture
-def store(database: Database) -> Iterator[Store]:
-    """The store on each engine in turn: these tests are its contract."""
-    with Store.open(database) as db:
-        yield db
 
 
 @pytest.fixture
