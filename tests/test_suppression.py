@@ -14,7 +14,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
@@ -25,6 +24,7 @@ from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
 from newsletter.store import Store
 from tests.support import SQLITE_ONLY
+from tests.support.database import dump
 from tests.support.delivery import record_bounce
 
 ISSUE = "2024-05"
@@ -47,27 +47,6 @@ def send(store: Store, issue: str = ISSUE) -> None:
             DeliveryResult(issue, c.subscriber.id, DeliveryState.SENT, "250 ok", f"<{i}@x>")
             for i, c in enumerate(claimed)
         )
-
-
-def dump(store: Store) -> str:
-    """Everything the database holds, as text: SQLite's SQL dump, or every row of every
-    PostgreSQL table."""
-    if store.is_postgres:
-        with psycopg.connect(store.database.url) as conn:
-            tables = conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-            ).fetchall()
-            return "\n".join(
-                str(row[0])
-                for (table,) in tables
-                for row in conn.execute(f'SELECT CAST(t AS TEXT) FROM "{table}" t')
-            )
-    assert store.path is not None
-    conn = sqlite3.connect(store.path)
-    try:
-        return "\n".join(conn.iterdump())
-    finally:
-        conn.close()
 
 
 # --- every way of leaving ------------------------------------------------------------------
