@@ -19,8 +19,8 @@ from click.testing import CliRunner, Result
 from newsletter.cli import main
 from newsletter.dates import parse_signup_date
 from newsletter.migrations import MIGRATIONS, migrate
-from newsletter.privacy import describe_erasure
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
+from newsletter.privacy import describe_erasure
 from newsletter.store import Store
 from tests.support import SQLITE_ONLY
 from tests.support.database import dump
