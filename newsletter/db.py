@@ -160,6 +160,13 @@ class Dialect:
             return f"jsonb_object_keys(({column})::jsonb) AS {alias}(key)"
         return f"json_each({column}) AS {alias}"
 
+    def json_object_items(self, column: str, alias: str) -> str:
+        """A FROM item: one row per key (column ``key``) of a JSON object whose values are
+        strings, with the value as text (column ``value``)."""
+        if self.engine == "postgresql":
+            return f"jsonb_each_text(({column})::jsonb) AS {alias}(key, value)"
+        return f"json_each({column}) AS {alias}"
+
     def json_array_agg(self, expr: str) -> str:
         """An aggregate: the values of ``expr`` as a JSON array (text)."""
         if self.engine == "postgresql":

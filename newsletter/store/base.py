@@ -22,6 +22,7 @@ from ..db import (
     Connection,
     Database,
     DatabaseError,
+    Dialect,
     OperationalError,
     SqliteConnection,
     connect,
@@ -227,12 +228,12 @@ def _setup_lock(db: Path | None) -> Iterator[None]:
 _NOT_PAUSED = "s.id NOT IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)"
 
 
-def _recipient_filter(segment: Segment | None) -> tuple[str, list[Any]]:
+def _recipient_filter(segment: Segment | None, dialect: Dialect) -> tuple[str, list[Any]]:
     """The condition on ``s`` for whom a send goes to: active, not paused, in ``segment``."""
     where = f"s.status = 'active' AND {_NOT_PAUSED}"
     params: list[Any] = [PAUSED]
     if segment is not None:
-        sql, values = segment.sql()
+        sql, values = segment.sql(dialect)
         where += f" AND ({sql})"
         params.extend(values)
     return where, params

@@ -1,12 +1,35 @@
-"""Reading a store's database as text, on either engine, for tests that look for traces."""
+"""Test databases on either engine: making new ones, and reading one as text."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
+import pytest
 
+from newsletter.db import Database
 from newsletter.store import Store
+
+ENGINES = ("sqlite", "postgresql")
+
+
+@contextlib.contextmanager
+def new_database(engine: str, file: Path, request: pytest.FixtureRequest) -> Iterator[Database]:
+    """A new, migrated database: the SQLite ``file`` (migrated when the store opens it),
+    or one on the session's PostgreSQL server (the ``postgres_server`` fixture), dropped
+    afterwards."""
+    if engine == "sqlite":
+        yield Database.parse(file)
+        return
+    server = request.getfixturevalue("postgres_server")
+    database = server.new_database()
+    try:
+        yield database
+    finally:
+        server.drop_database(database)
 
 
 def dump(store: Store) -> str:
