@@ -29,10 +29,18 @@ from hypothesis import strategies as st
 
 from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
-from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
+from newsletter.models import (
+    BounceKind,
+    DeliveryResult,
+    DeliveryState,
+    RowError,
+    ScheduleState,
+    Status,
+)
 from newsletter.store import Store
 from newsletter.store import subscribers as store_subscribers
 from tests.support import REPO
+from tests.support.delivery import record_bounce
 
 ISSUE = "2024-05"
 
@@ -186,6 +194,150 @@ def test_remove_refuses_with_ledger_rows_unless_forced(store: Store) -> None:
     store.remove_subscriber("FRESH@example.com")
     assert store.get_subscriber("fresh@example.com") is None
     assert store.count() == 1
+
+
+def test_field_names_and_tag_counts(store: Store) -> None:
+    store.add_subscriber("a@example.com", "A", {"City": "Oslo", "plan": "pro"})
+    store.add_subscriber("b@example.com", "B", {"city": "Lyon"})
+    store.add_subscriber("c@example.com")
+    assert store.field_names() == {"city", "plan"}
+    store.change_tags("a@example.com", add=["europe", "harbours"])
+    store.change_tags("b@example.com", add=["europe"])
+    assert store.tag_counts() == {"europe": 2, "harbours": 1}
+
+
+# --- the subscription service ---------------------------------------------------------------
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def test_a_confirmation_is_reserved_once_and_released_when_it_cannot_go(store: Store) -> None:
+    every = timedelta(minutes=10)
+    first = store.request_confirmation("new@example.com", "New", resend_after=every, now=NOW)
+    assert (first.send, first.created, first.previous_sent_at) == (True, True, None)
+    assert first.subscriber.status == Status.PENDING
+    soon = store.request_confirmation("new@example.com", resend_after=every, now=NOW)
+    assert (soon.send, soon.created) == (False, False)
+    store.release_confirmation(first)  # its email could not be sent
+    assert store.confirmation_sent_at("new@example.com") is None
+    again = store.request_confirmation(
+        "new@example.com", resend_after=every, now=NOW + timedelta(minutes=1)
+    )
+    assert again.send and again.previous_sent_at is None
+    later = store.request_confirmation(
+        "new@example.com", resend_after=every, now=NOW + timedelta(minutes=20)
+    )
+    assert later.send and later.previous_sent_at == NOW + timedelta(minutes=1)
+    record = store.person("new@example.com")
+    assert record is not None and record.confirmation is not None
+    assert record.confirmation.sends == 2
+    store.release_confirmation(later)
+    assert store.confirmation_sent_at("new@example.com") == NOW + timedelta(minutes=1)
+    record = store.person("new@example.com")
+    assert record is not None and record.confirmation is not None
+    assert record.confirmation.sends == 1
+    store.add_subscriber("active@example.com")
+    assert not store.request_confirmation("active@example.com", resend_after=every).send
+
+
+def test_prune_pending_deletes_only_form_sign_ups_nobody_confirmed_in_time(store: Store) -> None:
+    old = NOW - timedelta(days=3)
+    store.request_confirmation("old@example.com", resend_after=timedelta(0), now=old)
+    store.request_confirmation("asked-again@example.com", resend_after=timedelta(0), now=old)
+    store.request_confirmation(
+        "asked-again@example.com", resend_after=timedelta(0), now=NOW - timedelta(hours=1)
+    )
+    confirmed = store.request_confirmation(
+        "confirmed@example.com", resend_after=timedelta(0), now=old
+    )
+    store.confirm_subscription(confirmed.subscriber.id, issued_at=old)
+    store.request_confirmation("fresh@example.com", resend_after=timedelta(0), now=NOW)
+    store.add_subscriber("editor@example.com", status=Status.PENDING)  # the editor's data
+    assert store.prune_pending(timedelta(hours=48), now=NOW) == 1
+    assert store.get_subscriber("old@example.com") is None
+    assert {s.email for s in store.list_subscribers()} == {
+        "asked-again@example.com",
+        "confirmed@example.com",
+        "fresh@example.com",
+        "editor@example.com",
+    }
+    assert store.prune_pending(timedelta(hours=48), now=NOW) == 0
+
+
+# --- schedules and the counts the worker and /metrics read -----------------------------------
+
+
+def test_a_schedule_moves_through_its_states(store: Store) -> None:
+    late, early = NOW + timedelta(hours=2), NOW - timedelta(minutes=5)
+    assert store.next_schedule_at() is None
+    store.set_schedule("2024-06", late, zone="Europe/Oslo")
+    entry = store.set_schedule("2024-05", early, source="issue.md")
+    assert (entry.state, entry.send_at, entry.source, entry.zone) == (
+        ScheduleState.SCHEDULED, early, "issue.md", ""
+    )  # fmt: skip
+    assert [e.issue_key for e in store.list_schedules()] == ["2024-05", "2024-06"]
+    assert [e.issue_key for e in store.due_schedules(NOW)] == ["2024-05"]
+    assert store.next_schedule_at() == early
+    assert store.update_schedule("2024-05", ScheduleState.SENDING)
+    with pytest.raises(DeliveryError, match="being sent by the worker"):
+        store.set_schedule("2024-05", late)
+    assert [e.issue_key for e in store.due_schedules(NOW)] == ["2024-05"]  # resumed
+    assert not store.update_schedule(
+        "2024-05", ScheduleState.CANCELLED, only_from=[ScheduleState.SCHEDULED]
+    )
+    assert not store.update_schedule("nope", ScheduleState.SENT)
+    # Put off until not_before: not due before then, and the next time is then.
+    wait = NOW + timedelta(hours=1)
+    assert store.update_schedule("2024-05", ScheduleState.SCHEDULED, error="4xx", not_before=wait)
+    put_off = store.get_schedule("2024-05")
+    assert put_off is not None and (put_off.last_error, put_off.not_before) == ("4xx", wait)
+    assert store.due_schedules(NOW) == []
+    assert [e.issue_key for e in store.due_schedules(wait)] == ["2024-05"]
+    assert store.next_schedule_at() == wait
+    assert store.update_schedule("2024-05", ScheduleState.SENT)
+    assert store.next_schedule_at() == late
+    moved = store.set_schedule("2024-05", late)  # a finished one can be scheduled again
+    assert (moved.state, moved.not_before, moved.last_error) == (ScheduleState.SCHEDULED, None, "")
+    assert store.get_schedule("nope") is None
+
+
+def test_deferred_rows_due_to_the_worker_and_the_days_sent_count(store: Store) -> None:
+    a, b, c = add_many(store, 3)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 3)
+    retry = datetime.now(UTC) + timedelta(hours=1)
+    store.record_results(
+        [
+            result(a, DeliveryState.DEFERRED, "451", retry_at=retry),
+            result(b, DeliveryState.DEFERRED, "452"),  # parked for the next run
+            result(c, DeliveryState.SENT),
+        ]
+    )
+    now = datetime.now(UTC)
+    assert store.deferred_due(now, parked_before=now - timedelta(hours=1)) == []
+    assert store.deferred_due(now, parked_before=now + timedelta(minutes=1)) == [ISSUE]
+    after = retry + timedelta(seconds=1)
+    assert store.deferred_due(after, parked_before=now - timedelta(hours=1)) == [ISSUE]
+    assert store.deferred_due(after, now - timedelta(hours=1), max_attempts=1) == []
+    assert store.sent_since(now - timedelta(hours=1)) == 1
+    assert store.sent_since(now + timedelta(hours=1)) == 0
+
+
+def test_metric_counts_are_labels_and_numbers(store: Store) -> None:
+    ids = add_many(store, 3)
+    store.unsubscribe(ids[2], "link")
+    store.snapshot_recipients(ISSUE)
+    record_bounce(store, "reader1@example.com", BounceKind.SOFT, "4.2.2", "full", key="<b@mx>")
+    store.set_schedule("2024-06", NOW)
+    counts = {name: sorted(rows) for name, rows in store.metric_counts().items()}
+    assert counts == {
+        "subscribers": [("active", "2"), ("unsubscribed", "1")],
+        "ledger": [(ISSUE, "queued", "2")],
+        "events": [("active", "", "3"), ("unsubscribed", "active", "1")],
+        "inbound": [("test", "applied", "1")],
+        "bounces": [("soft", "1")],
+        "schedules": [("scheduled", "1")],
+    }
 
 
 # --- import ---------------------------------------------------------------------------------

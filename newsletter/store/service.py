@@ -123,7 +123,8 @@ class ServiceMixin(StoreBase):
                 )
             else:
                 conn.execute(
-                    "UPDATE confirmations SET sent_at = ?, sends = max(sends - 1, 0)"
+                    "UPDATE confirmations SET sent_at = ?,"
+                    " sends = CASE WHEN sends > 0 THEN sends - 1 ELSE 0 END"
                     " WHERE subscriber_id = ?",
                     (_iso(request.previous_sent_at), request.subscriber.id),
                 )
