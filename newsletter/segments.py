@@ -344,8 +344,8 @@ def to_sql(node: Node, dialect: Dialect) -> tuple[str, list[Any]]:
         match += " WHERE lower(f.key) = ?"
         if node.op == "has":
             return f"EXISTS ({match} AND trim(f.value) <> '')", [node.key]
-        # Case-insensitive as SQLite's lower() is: ASCII letters only (PostgreSQL's lower()
-        # follows the database's locale, ASCII too with the C locale).
+        # Case-insensitive in ASCII letters, as SQLite's lower() is (PostgreSQL's follows
+        # the database's locale: ASCII alone under the C locale, more under others).
         condition = f"EXISTS ({match} AND lower(f.value) = lower(CAST(? AS TEXT)))"
         if node.op == "!=":
             condition = f"NOT {condition}"
