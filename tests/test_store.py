@@ -152,6 +152,24 @@ def test_invalid_address_is_refused(store: Store) -> None:
         store.add_subscriber("not-an-address")
 
 
+@pytest.mark.parametrize(
+    ("name", "fields", "what"),
+    [
+        ("Ann\x00Lee", {}, "the name"),
+        ("Ann", {"city": "Os\x00lo"}, "the field 'city'"),
+        ("Ann", {"ci\x00ty": "Oslo"}, "the field name"),
+    ],
+)
+def test_a_nul_character_is_refused_on_every_engine(
+    store: Store, name: str, fields: dict[str, str], what: str
+) -> None:
+    """PostgreSQL cannot store NUL in text (nor \\u0000 in JSON): both engines refuse it."""
+    with pytest.raises(StoreError, match="holds a NUL character") as info:
+        store.add_subscriber("ann@example.com", name, fields)
+    assert str(info.value).startswith(f"{store.database}: {what}")
+    assert store.count() == 0 and store.field_names() == set()
+
+
 def test_status_changes_are_recorded_as_events(store: Store) -> None:
     sub = store.add_subscriber("a@example.com")
     store.set_status("A@example.com", Status.UNSUBSCRIBED, "link", "clicked in issue 3")

@@ -74,6 +74,19 @@ def _fields_json(fields: Mapping[str, str]) -> str:
     return _to_json(dict(fields))
 
 
+def _refuse_nul(texts: Mapping[str, str], where: str) -> None:
+    """Refuse text holding a NUL character, on both engines alike: PostgreSQL cannot store
+    one in text (nor ``\\u0000`` in JSON), and no name or field needs one.
+    ``texts`` maps what each value is (``name``, ``field 'city'``) to the value."""
+    for what, text in texts.items():
+        if "\x00" in text:
+            raise StoreError(
+                f"the {what} holds a NUL character (0x00)",
+                where=where,
+                hint="remove it: it is not text a subscriber's data can hold",
+            )
+
+
 _SUBSCRIBER_COLUMNS = (
     "s.id, s.email, s.name, s.fields, s.status, s.created_at, s.updated_at, "
     "s.status_changed_at, s.soft_bounces"

@@ -24,6 +24,7 @@ from .base import (
     _recipient_filter,
     _record_consent,
     _record_event,
+    _refuse_nul,
     _subscriber,
     _suppress,
     _suppression,
@@ -78,6 +79,14 @@ class SubscribersMixin(StoreBase):
         """Add a new subscriber; an address already in the list (any status) or suppressed
         (see :meth:`suppression`) is refused."""
         normalized = normalize_email(email)
+        _refuse_nul(
+            {
+                "name": name,
+                **{f"field name {key!r}": key for key in fields or {}},
+                **{f"field {key!r}": value for key, value in (fields or {}).items()},
+            },
+            self._where,
+        )
         now = _now()
         with self._transaction() as conn:
             existing = conn.execute(
