@@ -340,13 +340,12 @@ def to_sql(node: Node, dialect: Dialect) -> tuple[str, list[Any]]:
     if isinstance(node, HasStatus):
         return "s.status = ?", [node.status.value]
     if isinstance(node, FieldTest):
+        # Names and values match ignoring the case of ASCII letters, on both engines.
         match = f"SELECT 1 FROM {dialect.json_object_items('s.fields', 'f')}"
-        match += " WHERE lower(f.key) = ?"
+        match += f" WHERE {dialect.ascii_lower('f.key')} = ?"
         if node.op == "has":
             return f"EXISTS ({match} AND trim(f.value) <> '')", [node.key]
-        # Case-insensitive in ASCII letters, as SQLite's lower() is (PostgreSQL's follows
-        # the database's locale: ASCII alone under the C locale, more under others).
-        condition = f"EXISTS ({match} AND lower(f.value) = lower(CAST(? AS TEXT)))"
+        condition = f"EXISTS ({match} AND {dialect.nocase_equals_param('f.value')})"
         if node.op == "!=":
             condition = f"NOT {condition}"
         return condition, [node.key, node.value]
