@@ -340,7 +340,7 @@ def test_unreadable_sign_up_dates_say_why(text: str, why: str) -> None:
         parse_signup_date(text, now=datetime(2026, 1, 1, tzinfo=UTC))
 
 
-@SQLITE_ONLY
+@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_consent_file_line_and_date_column(store: Store, tmp_path: Path) -> None:
     csv_file = tmp_path / "mailchimp.csv"
     csv_file.write_text(

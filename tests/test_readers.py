@@ -417,7 +417,7 @@ def test_a_dry_run_says_what_it_would_do_and_changes_nothing(store: Store) -> No
     assert not store.is_processed(result.key)
 
 
-@SQLITE_ONLY
+@SQLITE_ONLY  # SQLite's file lock and busy timeout (see below)
 def test_a_database_that_refuses_the_write_is_one_error_and_commits_nothing_of_the_mail(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
