@@ -166,6 +166,27 @@ class Dialect:
             return f"jsonb_object_keys(({column})::jsonb) AS {alias}(key)"
         return f"json_each({column}) AS {alias}"
 
+    def json_object_items(self, column: str, alias: str) -> str:
+        """A FROM item: one row per key (column ``key``) of a JSON object whose values are
+        strings, with the value as text (column ``value``)."""
+        if self.engine == "postgresql":
+            return f"jsonb_each_text(({column})::jsonb) AS {alias}(key, value)"
+        return f"json_each({column}) AS {alias}"
+
+    def ascii_lower(self, expr: str) -> str:
+        """``expr`` with its ASCII letters lower-cased and every other character kept, as
+        SQLite's lower() does; PostgreSQL's follows the locale, unless told the C one."""
+        if self.engine == "postgresql":
+            return f'lower(({expr}) COLLATE "C")'
+        return f"lower({expr})"
+
+    def nocase_equals_param(self, expr: str) -> str:
+        """``expr`` equals the next ``?`` parameter (text) ignoring the case of ASCII
+        letters, as SQLite's NOCASE compares."""
+        if self.engine == "postgresql":
+            return f"{self.ascii_lower(expr)} = {self.ascii_lower('CAST(? AS TEXT)')}"
+        return f"{expr} = ? COLLATE NOCASE"
+
     def json_array_agg(self, expr: str) -> str:
         """An aggregate: the values of ``expr`` as a JSON array (text)."""
         if self.engine == "postgresql":

@@ -4,6 +4,8 @@ The bounces here are the corpus's (tests/inbound/, where test_inbox.py checks ev
 classification): Postfix, Exim, Gmail, Outlook/Office 365, old Exchange and qmail shapes.
 Each quotes the Message-ID of the message that bounced, which the ledger here knows, so
 each refers to a message we sent and is acted on; test_readers.py has the forgeries.
+The tests that take ``store`` run on both engines (the store's contract, see
+tests/test_store.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from newsletter.mailboxes import fetch_imap, import_path
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
 from newsletter.readers import Outcome
 from newsletter.store import Store
-from tests.support import TEST_SECRET_KEY
+from tests.support import SQLITE_ONLY, TEST_SECRET_KEY
 from tests.support.inbound import dsn, write_mbox
 
 CORPUS = Path(__file__).parent / "inbound"
@@ -100,11 +102,11 @@ def sent_issue(store: Store, issue_key: str, message_ids: dict[str, str]) -> Non
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "db" / "newsletter.db") as db:
-        for address in MESSAGE_IDS:
-            db.add_subscriber(address, address.split("@")[0].title())
-        yield db
+def store(store: Store) -> Store:
+    """The store on each engine (tests/conftest.py) with the corpus's recipients."""
+    for address in MESSAGE_IDS:
+        store.add_subscriber(address, address.split("@")[0].title())
+    return store
 
 
 def corpus_mbox(path: Path, names: list[str] | None = None) -> Path:
@@ -213,6 +215,7 @@ def test_a_subscriber_who_left_stays_as_they_are_and_a_stranger_changes_nobody(
     assert json.loads(lines[1])["reports"][0]["why_not"].startswith("refers to no message")
 
 
+@SQLITE_ONLY  # through the CLI, whose --db takes a SQLite file for now
 def test_one_broken_mail_never_stops_the_run(store: Store, cfg: Config, tmp_path: Path) -> None:
     """Mail without a From, empty, garbage and binary between two real bounces: every one
     is read, the broken ones are recorded as unreadable with the reason, and the run goes on.

@@ -22,6 +22,7 @@ from ..db import (
     Connection,
     Database,
     DatabaseError,
+    Dialect,
     OperationalError,
     SqliteConnection,
     connect,
@@ -71,6 +72,19 @@ _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def _fields_json(fields: Mapping[str, str]) -> str:
     return _to_json(dict(fields))
+
+
+def _refuse_nul(texts: Mapping[str, str], where: str) -> None:
+    """Refuse text holding a NUL character, on both engines alike: PostgreSQL cannot store
+    one in text (nor ``\\u0000`` in JSON), and no name or field needs one.
+    ``texts`` maps what each value is (``name``, ``field 'city'``) to the value."""
+    for what, text in texts.items():
+        if "\x00" in text:
+            raise StoreError(
+                f"the {what} holds a NUL character (0x00)",
+                where=where,
+                hint="remove it: it is not text a subscriber's data can hold",
+            )
 
 
 _SUBSCRIBER_COLUMNS = (
@@ -175,7 +189,8 @@ def _forget(conn: Connection, subscriber_id: int) -> None:
         "INSERT INTO erased_deliveries (issue_key, state, count)"
         " SELECT issue_key, state, count(*) FROM deliveries WHERE subscriber_id = ?"
         " GROUP BY issue_key, state"
-        " ON CONFLICT (issue_key, state) DO UPDATE SET count = count + excluded.count",
+        " ON CONFLICT (issue_key, state)"
+        " DO UPDATE SET count = erased_deliveries.count + excluded.count",
         (subscriber_id,),
     )
     conn.execute(
@@ -226,12 +241,12 @@ def _setup_lock(db: Path | None) -> Iterator[None]:
 _NOT_PAUSED = "s.id NOT IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)"
 
 
-def _recipient_filter(segment: Segment | None) -> tuple[str, list[Any]]:
+def _recipient_filter(segment: Segment | None, dialect: Dialect) -> tuple[str, list[Any]]:
     """The condition on ``s`` for whom a send goes to: active, not paused, in ``segment``."""
     where = f"s.status = 'active' AND {_NOT_PAUSED}"
     params: list[Any] = [PAUSED]
     if segment is not None:
-        sql, values = segment.sql()
+        sql, values = segment.sql(dialect)
         where += f" AND ({sql})"
         params.extend(values)
     return where, params
