@@ -96,7 +96,7 @@ def reset_ledger(database: Database) -> None:
 def _has_table(conn: object, name: str) -> bool:
     try:
         conn.execute(f"SELECT 1 FROM {name} LIMIT 1")  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 (absent on this version)
+    except Exception:
         return False
     return True
 

@@ -37,6 +37,7 @@ MEMORY = ":memory:"
 ENV_PASSWORD = "NEWSLETTER_DB_PASSWORD"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10
+LOCK_TIMEOUT_MS = 30_000
 
 Engine = Literal["sqlite", "postgresql"]
 
@@ -407,7 +408,13 @@ def connect_sqlite(database: Database, *, busy_timeout_ms: int) -> SqliteConnect
 def postgres_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What psycopg gets besides the URL: the password from the environment, if set."""
     env = os.environ if env is None else env
-    options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True}
+    options: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "autocommit": True,
+        # A writer waits for another at most this long, as SQLite's busy timeout does,
+        # then fails with one error line instead of hanging.
+        "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+    }
     password = env.get(ENV_PASSWORD)
     if password:
         options["password"] = password

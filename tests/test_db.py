@@ -186,3 +186,24 @@ def test_postgres_json_patch_writes_what_sqlite_writes(
     got = pg_connection.execute("SELECT nl_json_patch(?, ?)", (encode(target), encode(patch)))
     assert got.fetchone()[0] == wanted
     assert json.loads(wanted) == {**target, **patch}
+
+
+def test_a_postgres_writer_waits_for_another_as_long_as_sqlite_would(
+    postgres_server: PostgresServer,
+) -> None:
+    """SQLite gives up after its busy timeout; PostgreSQL's lock_timeout matches it, so a
+    stuck writer elsewhere gives an error line instead of a command that hangs forever."""
+    conn = connect(postgres_server.new_database())
+    assert conn.execute("SHOW lock_timeout").fetchone()[0] == "30s"
+    conn.close()
+
+
+def test_postgres_text_sorts_as_sqlite_does(database: Database) -> None:
+    """Byte order on both engines whatever the server's locale (tags, exports, times)."""
+    conn = connect(database)
+    migrate_database(conn)
+    for tag in ("b", "B", "a", "_x", "Z"):
+        conn.execute("INSERT INTO imports (file, imported_at) VALUES (?, ?)", (tag, "2026-12-01"))
+    rows = conn.execute("SELECT file FROM imports ORDER BY file").fetchall()
+    assert [r[0] for r in rows] == ["B", "Z", "_x", "a", "b"]
+    conn.close()
