@@ -8,6 +8,7 @@ the old tool would not mail is never imported as active.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from newsletter.cli import main
+from newsletter.db import Database
 from newsletter.errors import StoreError
 from newsletter.models import Consent, ImportReport, Status
 from newsletter.presets import parse_map, parse_moment, preset
@@ -24,8 +26,10 @@ SAMPLES = Path(__file__).parent / "presets"
 
 
 @pytest.fixture
-def store() -> Store:
-    return Store.open(":memory:")
+def store(database: Database) -> Iterator[Store]:
+    """The store on each engine in turn: an import does the same on both."""
+    with Store.open(database) as db:
+        yield db
 
 
 def statuses(store: Store) -> dict[str, Status]:

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from newsletter.cli import main
+from newsletter.db import Database
 from newsletter.errors import StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
@@ -29,7 +30,16 @@ KEY = "ann.lee@example.com"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
+def store(database: Database) -> Iterator[Store]:
+    """The store on each engine in turn."""
+    with Store.open(database) as db:
+        yield db
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+    """SQLite only, for tests that still need a topic not yet running on PostgreSQL
+    (confirmations: the service topic); they join the contract as it does."""
     with Store.open(tmp_path / "newsletter.db") as db:
         yield db
 
@@ -225,7 +235,8 @@ def test_adding_a_suppressed_address_is_refused(store: Store) -> None:
     assert store.get_subscriber(KEY) is None
 
 
-def test_only_the_persons_own_confirmation_lifts_it(store: Store, tmp_path: Path) -> None:
+def test_only_the_persons_own_confirmation_lifts_it(sqlite_store: Store, tmp_path: Path) -> None:
+    store = sqlite_store
     store.add_subscriber(ADDRESS, "Ann")
     store.unsubscribe(ADDRESS, "link")
     # The editor cannot make them active again.

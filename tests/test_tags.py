@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from newsletter.cli import main
+from newsletter.db import Database
 from newsletter.errors import StoreError
 from newsletter.models import Status
 from newsletter.segments import TagError, make_segment, normalize_tag, split_tags
@@ -17,8 +19,10 @@ from newsletter.store import Store
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store.open(tmp_path / "db" / "newsletter.db")
+def store(database: Database) -> Iterator[Store]:
+    """The store on each engine in turn."""
+    with Store.open(database) as db:
+        yield db
 
 
 def write(path: Path, text: str) -> Path:

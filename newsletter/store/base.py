@@ -175,7 +175,8 @@ def _forget(conn: Connection, subscriber_id: int) -> None:
         "INSERT INTO erased_deliveries (issue_key, state, count)"
         " SELECT issue_key, state, count(*) FROM deliveries WHERE subscriber_id = ?"
         " GROUP BY issue_key, state"
-        " ON CONFLICT (issue_key, state) DO UPDATE SET count = count + excluded.count",
+        " ON CONFLICT (issue_key, state)"
+        " DO UPDATE SET count = erased_deliveries.count + excluded.count",
         (subscriber_id,),
     )
     conn.execute(

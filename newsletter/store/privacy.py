@@ -69,7 +69,7 @@ class PrivacyMixin(StoreBase):
                     "   m.imported_at, coalesce(s.signed_up, ''), s.import_confirmed_at, 0"
                     "   FROM subscribers s JOIN imports m ON m.id = s.import_id WHERE s.id = ?1"
                     " UNION ALL SELECT source, origin, recorded_at, signed_up, confirmed_at, id"
-                    "   FROM consents WHERE subscriber_id = ?1)"
+                    "   FROM consents WHERE subscriber_id = ?1) AS c"
                     " ORDER BY 3, 6",
                     (sid,),
                 )

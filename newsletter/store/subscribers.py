@@ -178,7 +178,7 @@ class SubscribersMixin(StoreBase):
     ) -> int:
         """How many subscribers (with ``status``, ``tag`` and in ``segment``, or all)."""
         where, params = _audience_filter(status, tag, segment)
-        return int(self._one(f"SELECT count(*) FROM subscribers s WHERE 1{where}", params)[0])
+        return int(self._one(f"SELECT count(*) FROM subscribers s WHERE TRUE{where}", params)[0])
 
     def count_recipients(self, segment: Segment | None = None) -> int:
         """Who a send would go to now: active, not paused, in ``segment`` (when given)."""
