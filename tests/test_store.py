@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import signal
@@ -24,6 +25,7 @@ from newsletter.models import DeliveryResult, DeliveryState, RowError, Status
 from newsletter.store import Store
 from newsletter.store import subscribers as store_subscribers
 from tests.support import REPO
+from tests.support.postgres import PostgresServer
 
 ISSUE = "2024-05"
 
@@ -305,6 +307,180 @@ def test_duplicates_merge_within_the_file_and_with_the_database(
     assert dict(old.fields) == {"city": "Rome", "plan": "paid"}
     again = store.import_csv(csv_file)
     assert (again.added, again.updated, again.unchanged) == (0, 0, 3)
+
+
+def test_an_address_repeated_many_times_folds_in_line_order(store: Store, tmp_path: Path) -> None:
+    """Later non-empty cells win, fields keep the order they first came in, the first
+    status that stops mail stays, tags add up, the first dates stay."""
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,b,a,tags,status,signup_date,consent_at\n"
+        "rep@example.com,One,1,,x,,,\n"  # line 2
+        "solo@example.com,Solo,,,,,,\n"
+        "REP@example.com,,,2,y,active,2020-01-02,\n"
+        "rep@example.com,Three,3,,,bounced,2019-05-05,2021-01-01\n"
+        "Rep@Example.com,,,,z;x,unsubscribed,,2022-02-02\n"
+        "rep@example.com,Five,,,,active,,\n",
+    )
+    report = store.import_csv(csv_file)
+    assert (report.rows, report.added, report.duplicates, report.error_count) == (6, 2, 4, 0)
+    assert dict(report.new_by_status) == {"active": 1, "bounced": 1}
+    rep = store.get_subscriber("rep@example.com")
+    assert rep is not None
+    assert (rep.email, rep.name, rep.status) == ("rep@example.com", "Five", Status.BOUNCED)
+    assert list(rep.fields.items()) == [("b", "3"), ("a", "2")]
+    assert store.tags_of("rep@example.com") == ["x", "y", "z"]
+    record = store.person("rep@example.com")
+    assert record is not None and record.suppression is not None
+    assert record.suppression.reason == "bounced"
+    (consent,) = record.consents
+    assert (consent.origin, consent.signed_up) == ("list.csv:2", "2020-01-02")
+    assert consent.confirmed_at == datetime(2021, 1, 1, tzinfo=UTC)
+    assert [s.email for s in store.list_subscribers()] == ["rep@example.com", "solo@example.com"]
+
+
+def test_the_history_lists_the_tags_an_import_adds_in_byte_order(
+    store: Store, tmp_path: Path
+) -> None:
+    for name in ("ann", "bob"):
+        store.add_subscriber(f"{name}@example.com")
+    store.change_tags("bob@example.com", add=["kept"])
+    csv_file = write(
+        tmp_path / "tags.csv",
+        "email,tags\nbob@example.com,zeta;Kept;Émile;b-side\nann@example.com,mid;alpha\n"
+        "bob@example.com,alpha\n",
+    )
+    assert store.import_csv(csv_file).updated == 2
+    details = {
+        name: store.subscriber_events(f"{name}@example.com")[-1].detail for name in ("ann", "bob")
+    }
+    assert details == {
+        "ann": "file tags.csv: +alpha +mid",
+        "bob": "file tags.csv: +alpha +b-side +zeta +émile",
+    }
+
+
+def test_a_nul_character_is_a_bad_row_at_its_line_and_column(store: Store, tmp_path: Path) -> None:
+    """No text column of PostgreSQL can hold a NUL: a row with one is a bad row (on both
+    engines alike), the rest of the file goes in."""
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,city\nann@example.com,Ann,Oslo\nbob@example.com,B\x00b,Rome\n"
+        "carl@example.com,Carl,Li\x00ma,\x00\n\x00\ndana@example.com,Dana,\n",
+    )
+    report = store.import_csv(csv_file)
+    assert [(e.line, e.message) for e in report.errors] == [
+        (3, "column 'name' holds a NUL character: remove it"),
+        (4, "column 'city' holds a NUL character: remove it"),
+        (5, "column 'email' holds a NUL character: remove it"),
+    ]
+    assert (report.rows, report.added) == (5, 2)
+    assert [s.email for s in store.list_subscribers()] == ["ann@example.com", "dana@example.com"]
+
+
+def test_a_nul_character_in_a_column_name_refuses_the_file(store: Store, tmp_path: Path) -> None:
+    csv_file = write(tmp_path / "list.csv", "email,ci\x00ty\nann@example.com,Oslo\n")
+    with pytest.raises(StoreError, match="a column name holds a NUL character") as caught:
+        store.import_csv(csv_file)
+    assert caught.value.where == f"{csv_file}:1"
+    assert store.count() == 0
+
+
+def test_an_address_suppressed_while_the_file_is_read_is_still_left_out(
+    store: Store, database: Database, tmp_path: Path
+) -> None:
+    """Nothing was suppressed when the import began (so no row was hashed); by the merge
+    an address of the file was: it is hashed then and left out."""
+    csv_file = write(
+        tmp_path / "list.csv", "email,name\nbroken,X\nleft@example.com,L\nnew@example.com,N\n"
+    )
+
+    def meanwhile(error: RowError) -> None:
+        with Store.open(database) as other:  # another process, during the read
+            other.add_subscriber("left@example.com")
+            other.remove_subscriber("left@example.com")
+
+    report = store.import_csv(csv_file, on_error=meanwhile)
+    assert (report.added, report.suppressed, report.error_count) == (1, 1, 1)
+    assert [s.email for s in store.list_subscribers()] == ["new@example.com"]
+
+
+# Every path of the merge: new rows of each status, duplicates, fields merged into an
+# existing subscriber, tags new and known, dates, a suppressed address, bad rows.
+SAME_ON_BOTH = (
+    "email,name,city,plan,tags,status,signup_date,consent_at\n"
+    "ann@example.com,Ann,Oslo,,europe;harbours,,2024-03-01,\n"
+    "ANN@example.com,,Bergen,pro,ferries,,2023-01-01,2024-03-02 10:00:00\n"
+    "bob@example.com,Bob,,,,unsubscribed,,\n"
+    "carl@example.com,Carl,Rome,free,b-tag;A-tag,,,\n"
+    "old@example.com,,Lyon,,zeta;alpha;kept,,,\n"
+    "gone@example.com,Gone,,,,,,\n"
+    "dana@example.com,Dana,,,,cleaned,,\n"
+    "bad-address,X,,,,,,\n"
+    "eve@example.com,E\x00ve,,,,,,\n"
+    "ann@example.com,Ann Again,,,europe,complained,,\n"
+    "quit@example.com,Q,,,news,,,\n"
+    'fay@example.com,Fay,"Sète, ""port""",,,pending,2022-12-31T23:59:59Z,\n'
+)
+
+
+def _before_the_import(store: Store) -> None:
+    store.add_subscriber("old@example.com", "Old", {"city": "Paris", "plan": "free"})
+    store.change_tags("old@example.com", add=["kept"])
+    store.add_subscriber("gone@example.com")
+    store.remove_subscriber("gone@example.com")
+    store.add_subscriber("quit@example.com", "Quit")
+    store.unsubscribe("quit@example.com", "link")
+
+
+def _list_of(store: Store) -> list[tuple[object, ...]]:
+    """What the list holds, without the times of this run."""
+    held: list[tuple[object, ...]] = []
+    for sub in sorted(store.list_subscribers(), key=lambda s: s.email):
+        record = store.person(sub.email)
+        assert record is not None
+        held.append(
+            (
+                sub.email,
+                sub.name,
+                list(sub.fields.items()),
+                sub.status,
+                store.tags_of(sub.email),
+                [(c.source, c.origin, c.signed_up, c.confirmed_at) for c in record.consents],
+                [(e.old_status, e.new_status, e.reason, e.detail) for e in record.events],
+            )
+        )
+    for address in ("ann", "bob", "dana", "gone", "quit", "eve", "nobody"):
+        entry = store.suppression(f"{address}@example.com")
+        held.append((address, None if entry is None else entry.reason))
+    return held
+
+
+def test_one_file_gives_the_same_list_on_both_engines(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    csv_file = write(tmp_path / "list.csv", SAME_ON_BOTH)
+    lists, reports = [], []
+    for database in (Database.parse(tmp_path / "n.db"), postgres_server.new_database()):
+        with Store.open(database) as store:
+            _before_the_import(store)
+            dry = store.import_csv(csv_file, dry_run=True)
+            report = store.import_csv(csv_file)
+            assert dataclasses.replace(dry, dry_run=False) == report
+            lists.append(_list_of(store))
+            reports.append(report)
+    assert lists[0] == lists[1]
+    assert reports[0] == reports[1]
+    report = reports[0]
+    assert (report.added, report.updated, report.unchanged, report.suppressed) == (5, 1, 0, 1)
+    assert (report.skipped_inactive, report.duplicates, report.error_count) == (1, 2, 2)
+    assert dict(report.new_by_status) == {
+        "active": 1,
+        "bounced": 1,
+        "complained": 1,
+        "pending": 1,
+        "unsubscribed": 1,
+    }
 
 
 def test_import_never_reactivates(store: Store, tmp_path: Path) -> None:
