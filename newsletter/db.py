@@ -302,7 +302,7 @@ class PostgresConnection:
         text, order = _postgres_sql(sql)
         args = [params[i] for i in order] if order is not None else params
         try:
-            return self.raw.execute(text, args if args else None)  # type: ignore[arg-type]
+            return self.raw.execute(text, args)  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise _postgres_error(exc) from exc
 

@@ -230,3 +230,12 @@ def test_a_sorted_concatenation_is_the_same_text_on_both_engines(database: Datab
     ).fetchone()
     assert row[0] == " ".join(sorted(words))
     conn.close()
+
+
+def test_a_percent_sign_means_modulo_with_and_without_parameters(database: Database) -> None:
+    """The PostgreSQL rewrite doubles every % for psycopg's placeholders: psycopg must then
+    read the SQL as a template even when no parameter is passed."""
+    conn = connect(database)
+    assert conn.execute("SELECT 7 % 3, '100%'").fetchone() == (1, "100%")
+    assert conn.execute("SELECT ? % 3, '100%'", (8,)).fetchone() == (2, "100%")
+    conn.close()

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -337,6 +338,59 @@ def test_an_address_repeated_many_times_folds_in_line_order(store: Store, tmp_pa
     assert (consent.origin, consent.signed_up) == ("list.csv:2", "2020-01-02")
     assert consent.confirmed_at == datetime(2021, 1, 1, tzinfo=UTC)
     assert [s.email for s in store.list_subscribers()] == ["rep@example.com", "solo@example.com"]
+
+
+def test_folding_many_repeats_matches_the_rules_row_by_row(store: Store, tmp_path: Path) -> None:
+    """Repeats are merged in pairs, round after round; the result must be what applying
+    the rules one row after another gives (uneven counts, up to 77 repeats)."""
+    rng = random.Random(16)
+    keys = [f"r{i}@example.com" for i in range(6)]
+    order = [k for k, n in zip(keys, (1, 2, 3, 13, 33, 77), strict=True) for _ in range(n)]
+    rng.shuffle(order)
+    lines = ["email,name,b,a,c,tags,status,signup_date"]
+    expected: dict[str, dict[str, object]] = {}
+    for key in order:
+        pick = rng.choice
+        row = {
+            "name": pick(["", "", "Ann", "Bo", f"N{rng.randrange(99)}"]),
+            "b": pick(["", "", "1", "2"]),
+            "a": pick(["", "x", "y"]),
+            "c": pick(["", "", "", "z"]),
+            "tags": pick(["", "", "t1", "t2;t3", "t3"]),
+            "status": pick(["", "", "active", "pending", "bounced", "unsubscribed"]),
+            "signup_date": pick(["", "", "2020-01-0" + str(rng.randrange(1, 9))]),
+        }
+        email = key.upper() if rng.random() < 0.3 else key
+        lines.append(",".join([email, *row.values()]))
+        now = expected.setdefault(
+            key, {"name": "", "fields": {}, "status": "active", "tags": set(), "since": ""}
+        )
+        now["name"] = row["name"] or now["name"]
+        fields = now["fields"]
+        assert isinstance(fields, dict)
+        fields.update({k: row[k] for k in ("b", "a", "c") if row[k]})
+        if now["status"] == "active":
+            now["status"] = row["status"] or "active"
+        tags = now["tags"]
+        assert isinstance(tags, set)
+        tags.update(t for t in row["tags"].split(";") if t)
+        now["since"] = now["since"] or row["signup_date"]
+    report = store.import_csv(write(tmp_path / "many.csv", "\n".join(lines) + "\n"))
+    assert (report.rows, report.duplicates, report.error_count) == (129, 123, 0)
+    for key, want in expected.items():
+        got = store.get_subscriber(key)
+        assert got is not None
+        record = store.person(key)
+        assert record is not None
+        held = {
+            "name": got.name,
+            "fields": dict(got.fields),
+            "status": got.status.value,
+            "tags": set(store.tags_of(key)),
+            "since": record.consents[0].signed_up,
+        }
+        assert held == want, key
+        assert list(got.fields) == list(want["fields"])  # type: ignore[call-overload]
 
 
 def test_the_history_lists_the_tags_an_import_adds_in_byte_order(

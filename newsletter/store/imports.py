@@ -23,7 +23,7 @@ from email_validator import EmailNotValidError
 
 from ..addresses import fast_normalize, full_normalize, suppression_hasher
 from ..dates import SignupDates
-from ..db import Connection, DatabaseError, OperationalError
+from ..db import Connection, DatabaseError, IntegrityError, OperationalError
 from ..errors import StoreError
 from ..models import INACTIVE, ImportReport, RowError, Status
 from ..presets import EXTRA_FIELDS, ColumnMapping, RowProblem, parse_moment, recognise
@@ -155,18 +155,43 @@ def _unsuppressed(conn: Connection, hashed: bool) -> str:
     return " AND NOT EXISTS (SELECT 1 FROM suppressions p WHERE p.address_hash = i.address_hash)"
 
 
+def _analyze(conn: Connection, table: str) -> None:
+    """PostgreSQL: statistics for a temporary table (autovacuum never sees one; without
+    them the planner guesses at a table of a million rows). SQLite plans well without."""
+    if conn.dialect.engine == "postgresql":
+        conn.execute(f"ANALYZE {table}")
+
+
+def _index_staged(conn: Connection) -> None:
+    """Index the loaded staging table, one row per address. Outside a transaction: each
+    statement commits on its own (a temporary table needs no atomicity), so PostgreSQL
+    can prune the row versions a deep fold leaves behind (else every UPDATE of a row
+    changed a thousand times in one transaction walks a thousand versions of it).
+
+    The unique index is tried first: nearly every file has no duplicate, and then that
+    is all; where it fails, duplicates are folded first."""
+    if conn.dialect.engine == "postgresql":  # SQLite's line is its rowid
+        conn.execute("CREATE UNIQUE INDEX import_rows_line ON import_rows (line)")
+    _analyze(conn, "import_rows")
+    try:
+        conn.execute("CREATE UNIQUE INDEX import_rows_key ON import_rows (email_key)")
+    except IntegrityError:
+        conn.execute("CREATE INDEX import_rows_dups ON import_rows (email_key)")
+        _fold_duplicates(conn)
+        conn.execute("DROP INDEX import_rows_dups")
+        conn.execute("CREATE UNIQUE INDEX import_rows_key ON import_rows (email_key)")
+
+
 def _fold_duplicates(conn: Connection) -> None:
-    """Fold the later rows of an address into its first (the rules of the import: later
-    non-empty cells win, the first status that stops mail stays, tags add up, the first
-    dates stay), then delete them. One UPDATE per rank: a file repeating an address k
-    times takes k statements, each for every address repeated that often."""
-    if (
-        conn.execute(
-            "SELECT 1 FROM import_rows GROUP BY email_key HAVING count(*) > 1 LIMIT 1"
-        ).fetchone()
-        is None
-    ):
-        return
+    """Fold the later rows of an address into its first, by the rules of the import:
+    later non-empty cells win (fields key by key, in the order they first came), the
+    first status that stops mail stays, tags add up, the first dates stay.
+
+    Each rule is associative (fields are flat objects of strings), so the rows of an
+    address are merged in pairs of neighbours, round after round (1+2, 3+4...; then
+    1+3, 5+7...): an address repeated k times takes log2(k) statements, and no row is
+    changed twice in one (a row changed thousands of times in one transaction would drag
+    its old versions along on PostgreSQL)."""
     conn.execute(
         "CREATE TEMP TABLE import_dups AS SELECT r.line AS line,"
         " min(r.line) OVER (PARTITION BY r.email_key) AS first,"
@@ -174,10 +199,12 @@ def _fold_duplicates(conn: Connection) -> None:
         " FROM import_rows r WHERE r.email_key IN"
         " (SELECT email_key FROM import_rows GROUP BY email_key HAVING count(*) > 1)"
     )
-    conn.execute("CREATE INDEX import_dups_rank ON import_dups (rank)")
-    deepest = int(conn.execute("SELECT max(rank) FROM import_dups").fetchone()[0])
+    conn.execute("CREATE INDEX import_dups_pair ON import_dups (first, rank)")
+    _analyze(conn, "import_dups")
     d = conn.dialect
-    fold = (
+    # With a step s, the row ranked r (r - 1 = s modulo 2s) holds the rows r .. r+s-1 and
+    # goes into the row ranked r - s, which holds the s rows before and keeps its line.
+    merge_pairs = (
         "UPDATE import_rows SET"
         " name = CASE WHEN d.name <> '' THEN d.name ELSE import_rows.name END,"
         " fields = CASE WHEN d.fields = '{}' THEN import_rows.fields"
@@ -192,14 +219,19 @@ def _fold_duplicates(conn: Connection) -> None:
         " signed_up = coalesce(import_rows.signed_up, d.signed_up),"
         " consent_at = coalesce(import_rows.consent_at, d.consent_at),"
         " address_hash = coalesce(import_rows.address_hash, d.address_hash)"
-        " FROM (SELECT x.first AS first, r.name AS name, r.fields AS fields,"
+        " FROM (SELECT left_row.line AS target, r.name AS name, r.fields AS fields,"
         " r.status AS status, r.tags AS tags, r.signed_up AS signed_up,"
         " r.consent_at AS consent_at, r.address_hash AS address_hash"
-        " FROM import_dups x JOIN import_rows r ON r.line = x.line WHERE x.rank = ?) AS d"
-        " WHERE import_rows.line = d.first"
+        " FROM import_dups x JOIN import_rows r ON r.line = x.line"
+        " JOIN import_dups left_row ON left_row.first = x.first AND left_row.rank = x.rank - ?2"
+        " WHERE (x.rank - 1) % ?1 = ?2) AS d"
+        " WHERE import_rows.line = d.target"
     )
-    for rank in range(2, deepest + 1):
-        conn.execute(fold, (rank,))
+    deepest = int(conn.execute("SELECT max(rank) FROM import_dups").fetchone()[0])
+    step = 1
+    while step < deepest:
+        conn.execute(merge_pairs, (2 * step, step))
+        step *= 2
     conn.execute(
         "DELETE FROM import_rows WHERE line IN (SELECT line FROM import_dups WHERE rank > 1)"
     )
@@ -208,17 +240,14 @@ def _fold_duplicates(conn: Connection) -> None:
 
 def _staged_matches(conn: Connection, inactive: str) -> tuple[int, int, int]:
     """(distinct rows, rows of inactive subscribers, rows of other known subscribers) in
-    temp.import_rows: what both an import and its dry run count first."""
+    the staging table: what both an import and its dry run count first (one join)."""
     distinct = conn.execute("SELECT count(*) FROM import_rows").fetchone()[0]
-    skipped = conn.execute(
-        "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-        f" WHERE s.status IN ({inactive})"
-    ).fetchone()[0]
-    matched = conn.execute(
-        "SELECT count(*) FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
-        f" WHERE s.status NOT IN ({inactive})"
-    ).fetchone()[0]
-    return int(distinct), int(skipped), int(matched)
+    known, skipped = conn.execute(
+        "SELECT count(*), coalesce(sum(CASE WHEN s.status IN"
+        f" ({inactive}) THEN 1 ELSE 0 END), 0)"
+        " FROM import_rows i JOIN subscribers s ON s.email_key = i.email_key"
+    ).fetchone()
+    return int(distinct), int(skipped), int(known) - int(skipped)
 
 
 class ImportsMixin(StoreBase):
@@ -274,17 +303,11 @@ class ImportsMixin(StoreBase):
                 conn.begin(exclusive=False)
                 try:
                     staged = self._stage(conn, handle, path, on_error, mapping, has_nul)
-                    conn.execute("CREATE INDEX import_rows_key ON import_rows (email_key)")
-                    if postgres:
-                        conn.execute("CREATE UNIQUE INDEX import_rows_line ON import_rows (line)")
-                        # Autovacuum never sees a temporary table: without statistics the
-                        # planner would guess at a million rows.
-                        conn.execute("ANALYZE import_rows")
-                    _fold_duplicates(conn)
                     conn.commit()
                 except BaseException:
                     conn.rollback()
                     raise
+                _index_staged(conn)
                 hashed = staged[5]
                 if dry_run:
                     counts = self._count_staged(conn, hashed)
