@@ -273,7 +273,8 @@ class ImportsMixin(StoreBase):
         UTF-8 (with or without Excel's BOM), separated by ``,`` ``;`` or tabs. Duplicates
         merge (later non-empty cells win); existing subscribers get new names/fields/tags but
         never a new status, so an import never reactivates anyone, and a suppressed address
-        is never added back (``ImportReport.suppressed``). Each bad row goes to ``on_error``.
+        is never added back (``ImportReport.suppressed``). Each bad row goes to ``on_error``;
+        a row holding a NUL character is one (no PostgreSQL text can hold it).
 
         ``mapping`` (:mod:`.presets`) first turns another tool's columns into these.
         ``dry_run`` reads and checks everything, counts what would happen, writes nothing.
