@@ -22,7 +22,6 @@ from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
 from newsletter.privacy import describe_erasure
 from newsletter.store import Store
-from tests.support import SQLITE_ONLY
 from tests.support.database import dump
 from tests.support.delivery import record_bounce
 
@@ -340,7 +339,6 @@ def test_unreadable_sign_up_dates_say_why(text: str, why: str) -> None:
         parse_signup_date(text, now=datetime(2026, 1, 1, tzinfo=UTC))
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_consent_file_line_and_date_column(store: Store, tmp_path: Path) -> None:
     csv_file = tmp_path / "mailchimp.csv"
     csv_file.write_text(

@@ -272,7 +272,6 @@ def test_a_delay_warning_is_never_counted(store: Store) -> None:
 # --- complaints ----------------------------------------------------------------------------
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_a_complaint_about_a_message_we_sent_marks_the_subscriber_complained(
     store: Store, tmp_path: Path
 ) -> None:

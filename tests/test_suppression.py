@@ -23,7 +23,6 @@ from newsletter.errors import StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
 from newsletter.store import Store
-from tests.support import SQLITE_ONLY
 from tests.support.database import dump
 from tests.support.delivery import record_bounce
 
@@ -112,7 +111,6 @@ LEAVING: dict[str, tuple[Callable[[Store], None], str]] = {
 
 
 @pytest.mark.parametrize("way", list(LEAVING))
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_every_way_of_leaving_survives_deletion_and_an_old_import(
     store: Store, tmp_path: Path, way: str
 ) -> None:
@@ -133,7 +131,6 @@ def test_every_way_of_leaving_survives_deletion_and_an_old_import(
     assert bob is not None and bob.status == Status.ACTIVE
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_an_import_of_inactive_new_rows_suppresses_them(store: Store, tmp_path: Path) -> None:
     csv_file = tmp_path / "export.csv"
     csv_file.write_text(
@@ -150,7 +147,6 @@ def test_an_import_of_inactive_new_rows_suppresses_them(store: Store, tmp_path: 
     assert reasons == {"gone": "unsubscribed", "spam": "complained", "dead": "bounced"}
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_counts_add_up_with_suppressed_rows(store: Store, tmp_path: Path) -> None:
     for address in ("gone@example.com", "left@example.com"):
         store.add_subscriber(address)
@@ -214,7 +210,6 @@ def test_adding_a_suppressed_address_is_refused(store: Store) -> None:
     assert store.get_subscriber(KEY) is None
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_only_the_persons_own_confirmation_lifts_it(store: Store, tmp_path: Path) -> None:
     store.add_subscriber(ADDRESS, "Ann")
     store.unsubscribe(ADDRESS, "link")

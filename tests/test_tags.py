@@ -17,7 +17,6 @@ from newsletter.errors import StoreError
 from newsletter.models import Status
 from newsletter.segments import TagError, make_segment, normalize_tag, split_tags
 from newsletter.store import Store
-from tests.support import SQLITE_ONLY
 
 
 def write(path: Path, text: str) -> Path:
@@ -74,7 +73,6 @@ def test_list_and_count_by_tag(store: Store) -> None:
     assert store.tag_counts() == {"europe": 2}
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_reads_tags_merges_duplicates_and_never_removes(
     store: Store, tmp_path: Path
 ) -> None:
@@ -128,7 +126,6 @@ def test_export_writes_tags_and_import_reads_them_back(store: Store, tmp_path: P
         ]
 
 
-@SQLITE_ONLY  # the import, until it runs on PostgreSQL
 def test_import_honours_sign_up_and_consent_dates(store: Store, tmp_path: Path) -> None:
     csv_file = write(
         tmp_path / "list.csv",
