@@ -34,7 +34,7 @@ from newsletter.mailboxes import fetch_imap, import_path
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
 from newsletter.readers import Outcome
 from newsletter.store import Store
-from tests.support import SQLITE_ONLY, TEST_SECRET_KEY
+from tests.support import TEST_SECRET_KEY
 from tests.support.inbound import dsn, write_mbox
 
 CORPUS = Path(__file__).parent / "inbound"
@@ -215,7 +215,6 @@ def test_a_subscriber_who_left_stays_as_they_are_and_a_stranger_changes_nobody(
     assert json.loads(lines[1])["reports"][0]["why_not"].startswith("refers to no message")
 
 
-@SQLITE_ONLY  # through the CLI, whose --db takes a SQLite file for now
 def test_one_broken_mail_never_stops_the_run(store: Store, cfg: Config, tmp_path: Path) -> None:
     """Mail without a From, empty, garbage and binary between two real bounces: every one
     is read, the broken ones are recorded as unreadable with the reason, and the run goes on.
@@ -232,7 +231,7 @@ def test_one_broken_mail_never_stops_the_run(store: Store, cfg: Config, tmp_path
     last = (CORPUS / "gmail-hard-no-such-account.eml").read_bytes()
     mbox = write_mbox(tmp_path / "broken.mbox", [first, *broken, last])
     result = CliRunner().invoke(
-        main, ["-C", str(cfg.root), "--db", str(store.path), "bounces", "import", str(mbox)]
+        main, ["-C", str(cfg.root), "--db", str(store.database), "bounces", "import", str(mbox)]
     )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
