@@ -10,7 +10,7 @@ source is read in one snapshot (SQLite: one read transaction; PostgreSQL: REPEAT
 READ), so writers may go on meanwhile; what they write after it is not copied.
 
 Each table is verified before the commit: its row count and a SHA-256 over its rows in
-primary-key order, each row as one line of JSON (bytes as ``{"hex": ...}``), computed on
+primary-key order, as one JSON array of rows (bytes as ``{"hex": ...}``), computed on
 the rows read from the source and again on the rows the target holds. Text keys sort
 by their bytes on both engines (PostgreSQL: ``COLLATE "C"``), so the orders agree. A
 difference rolls the copy back. PostgreSQL's identity sequences are moved past the
@@ -23,6 +23,7 @@ against the new database.
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import hashlib
 import json
@@ -31,6 +32,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -213,24 +215,28 @@ def _plain(value: Any) -> Any:
 
 
 class Checksum:
-    """SHA-256 over rows, each one line of JSON; and how many there were."""
+    """SHA-256 over rows, as the JSON array of them all (each row an array of its
+    values) without its outer brackets, fed a batch at a time; and how many rows.
+
+    Each batch is encoded in one call and its brackets dropped, so the text hashed is
+    the same however the rows are batched: ``[a,b],[c,d]`` then ``,[e,f]``.
+    """
 
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self.rows = 0
 
-    def add(self, rows: Sequence[Sequence[Any]]) -> list[str]:
-        """Count and hash ``rows``; each one's JSON line, for checks on the text."""
-        lines = []
-        for row in rows:
-            try:
-                line = _encode(row)
-            except TypeError:  # bytes (a hash, a key): as hex
-                line = _encode([_plain(value) for value in row])
-            lines.append(line)
-        self._sha.update(("\n".join(lines) + "\n").encode() if lines else b"")
+    def add(self, rows: Sequence[Sequence[Any]]) -> str:
+        """Count and hash ``rows``; their JSON text, for checks on it."""
+        if not rows:
+            return ""
+        try:
+            text = _encode(rows)[1:-1]
+        except TypeError:  # bytes (a hash, a key): as hex
+            text = _encode([[_plain(value) for value in row] for row in rows])[1:-1]
+        self._sha.update(("," + text if self.rows else text).encode())
         self.rows += len(rows)
-        return lines
+        return text
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
@@ -394,12 +400,13 @@ def _write(conn: Connection, table: Table, columns: Sequence[str], rows: list[An
 
 
 def _check_text(
-    table: Table, columns: Sequence[str], rows: Sequence[Any], lines: list[str], where: str
+    table: Table, columns: Sequence[str], rows: Sequence[Any], text: str, where: str
 ) -> None:
-    """PostgreSQL's text cannot hold NUL (SQLite's can): name the first row that has one."""
-    for row, line in zip(rows, lines, strict=True):
-        if "\\u0000" not in line:  # the JSON of a row with a NUL has this (rarely others)
-            continue
+    """PostgreSQL's text cannot hold NUL (SQLite's can): name the first row that has one.
+    ``text``, the rows' JSON, has ``\\u0000`` for a NUL (and, rarely, for other text)."""
+    if "\\u0000" not in text:
+        return
+    for row in rows:
         for column, value in zip(columns, row, strict=True):
             if isinstance(value, str) and "\x00" in value:
                 key = ", ".join(f"{k} {row[columns.index(k)]!r}" for k in table.key)
@@ -417,9 +424,9 @@ def _copy_table(
     read = Checksum()
     to_postgres = isinstance(target, PostgresConnection)
     for rows in _batches(source, _ordered_select(source, table, columns), batch):
-        lines = read.add(rows)
+        text = read.add(rows)
         if to_postgres:
-            _check_text(table, columns, rows, lines, str(source.database))
+            _check_text(table, columns, rows, text, str(source.database))
         _write(target, table, columns, rows)
     written = table_checksum(target, table, columns)
     return TableCopy(table.name, read.rows, read.hexdigest(), written.rows, written.hexdigest())
@@ -465,17 +472,30 @@ def copy_database(
             hint="give DST another database (a new file, or an empty PostgreSQL database)",
         )
     started = time.perf_counter()
+    # A SQLite file made for the copy goes again if the copy does not happen.
+    new_file = target.path if not target.exists and target.path is not None else None
     src = _open(source, "SRC")
+    report = None
     try:
         dst = _open(target, "DST")
         try:
             copied = _copy(src, dst, replace, batch, on_table)
-            version = schema_version(dst)
+            report = CopyReport(
+                source, target, schema_version(dst), copied, time.perf_counter() - started
+            )
         finally:
             dst.close()
     finally:
         src.close()
-    return CopyReport(source, target, version, copied, time.perf_counter() - started)
+        if new_file is not None and (report is None or not report.ok):
+            _remove_sqlite(new_file)
+    return report
+
+
+def _remove_sqlite(path: Path) -> None:
+    """Delete a SQLite database and the files SQLite and the store keep beside it."""
+    for suffix in ("", "-wal", "-shm", "-journal", ".setup.lock"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
 def _copy(
@@ -519,7 +539,8 @@ def _copy(
             else:
                 dst.rollback()
         except BaseException:
-            dst.rollback()
+            with contextlib.suppress(DatabaseError):  # a lost connection rolled it back
+                dst.rollback()
             raise
     except (DatabaseError, sqlite3.Error, psycopg.Error) as exc:
         raise CopyError(
@@ -528,7 +549,8 @@ def _copy(
             hint="nothing was written to DST",
         ) from None
     finally:
-        src.rollback()
+        with contextlib.suppress(DatabaseError):  # read only; a lost connection ended it
+            src.rollback()
     return tuple(copied)
 
 

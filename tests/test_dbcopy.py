@@ -7,7 +7,11 @@ gives the same checksums on all three, and the copies behave as the original doe
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -281,6 +285,75 @@ def test_a_nul_that_postgresql_cannot_store_is_named_and_nothing_is_written(
         " PostgreSQL cannot store; remove it there and copy again; nothing was written to DST"
     )
     assert counts(target)["subscribers"] == 0
+
+
+@pytest.fixture
+def source(original: Database, postgres_server: PostgresServer) -> Database:
+    """The original's copy on PostgreSQL."""
+    database = postgres_server.new_database()
+    assert dbcopy.copy_database(original, database).ok
+    return database
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_copy_killed_midway_leaves_the_target_as_it_was(
+    source: Database, postgres_server: PostgresServer, tmp_path: Path, engine: str
+) -> None:
+    if engine == "sqlite":
+        target = Database.parse(tmp_path / "target.db")
+        Store.open(target).close()
+    else:
+        target = postgres_server.new_database()
+    before = counts(target)
+    # The copy cannot get past the ledger (the last table) while this transaction lives.
+    with psycopg.connect(source.url) as lock:
+        lock.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+        copy = subprocess.Popen(
+            [sys.executable, "-m", "newsletter", "db", "copy", source.url, str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert copy.stdout is not None
+        assert copy.stdout.readline().startswith("Copying ")
+        assert copy.stdout.readline().split()[0] == "subscribers"  # written, not committed
+        copy.kill()
+        copy.wait()
+        copy.stdout.close()
+        assert copy.stderr is not None
+        copy.stderr.close()
+    assert counts(target) == before
+
+
+def test_a_new_sqlite_target_goes_again_when_the_copy_fails(
+    source: Database, tmp_path: Path
+) -> None:
+    target = Database.parse(tmp_path / "new.db")
+    started = threading.Event()
+    failed: list[BaseException] = []
+
+    def run_copy() -> None:
+        try:
+            dbcopy.copy_database(source, target, on_table=lambda _: started.set())
+        except BaseException as exc:  # handed to the test
+            failed.append(exc)
+
+    with psycopg.connect(source.url) as lock:
+        lock.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+        thread = threading.Thread(target=run_copy)
+        thread.start()
+        assert started.wait(30)
+        # The server drops the copy's connection to the source (a restart, a failover).
+        lock.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        thread.join(30)
+    (error,) = failed
+    assert isinstance(error, dbcopy.CopyError)
+    assert re.search(r": cannot copy table \w+: .*; nothing was written to DST$", str(error))
+    assert not any(tmp_path.glob("new.db*"))
 
 
 # --- the command ----------------------------------------------------------------------------
