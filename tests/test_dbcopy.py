@@ -418,6 +418,11 @@ def test_a_difference_after_the_copy_is_exit_1_and_the_target_stays_empty(
         ("missing.db", "new.db", "missing.db: no database here; check the path of SRC"),
         ("same.db", "./same.db", "same.db: SRC and DST are the same database"),
         ("same.db", "mysql://db.example.org/x", "DST: unknown database scheme 'mysql'"),
+        (
+            "postgresql://a@DB.example.org/news",
+            "postgres://b@db.example.org:5432/news",
+            "postgres://b@db.example.org:5432/news: SRC and DST are the same database",
+        ),
     ],
 )
 def test_bad_arguments_are_one_error_line(
