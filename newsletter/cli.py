@@ -1725,8 +1725,10 @@ def db_group() -> None:
 @db_group.command("migrate")
 @pass_ctx
 def db_migrate(ctx: Context) -> None:
-    """Apply the schema migrations the database lacks (every command applies them when it
-    opens the database; this does it now, e.g. before starting several services)."""
+    """Apply the schema migrations the database lacks.
+
+    Every command applies them when it opens the database; this does it now, and says
+    from which version to which (e.g. before starting several services)."""
     from . import dbcopy
 
     change = dbcopy.migrate(ctx.config().database)
@@ -1739,7 +1741,7 @@ def db_migrate(ctx: Context) -> None:
 @db_group.command("status")
 @pass_ctx
 def db_status(ctx: Context) -> None:
-    """Show the database's schema version and its rows per table (changes nothing)."""
+    """Show the schema version and the rows per table (changes nothing)."""
     from . import dbcopy
 
     found = dbcopy.status(ctx.config().database)
@@ -1762,13 +1764,14 @@ def db_status(ctx: Context) -> None:
     "--replace", is_flag=True, help="Delete what DST holds first (in the copy's transaction)."
 )
 def db_copy(source: str, target: str, replace: bool) -> None:
-    """Copy a list and its whole history from SRC to DST, each a SQLite file or a
-    postgresql:// URL (password from NEWSLETTER_DB_PASSWORD, PGPASSWORD or ~/.pgpass).
+    """Copy a list and its whole history from SRC to DST, verified.
 
-    Both are migrated first; every table is copied in one transaction on DST and verified
-    (rows and a SHA-256 per table, read back from DST) before it commits: a failure or a
-    difference leaves DST as it was. DST must hold no data, unless --replace. Stop the
-    services and senders on SRC first: what they write during the copy is not copied."""
+    SRC and DST are each a SQLite file or a postgresql:// URL (password from
+    NEWSLETTER_DB_PASSWORD, PGPASSWORD or ~/.pgpass). Both are migrated first; every
+    table is copied in one transaction on DST and verified (rows and a SHA-256 per table,
+    read back from DST) before it commits: a failure or a difference leaves DST as it
+    was. DST must hold no data, unless --replace. Stop the services and senders on SRC
+    first: what they write during the copy is not copied."""
     from . import dbcopy
     from .db import Database
 
