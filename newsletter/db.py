@@ -18,10 +18,12 @@ would show in argv, the environment of every process and the logs): libpq reads
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -503,3 +505,144 @@ def _server_of(database: Database) -> str:
     if host.startswith("/") or "%2f" in (parts.netloc or "").lower():
         return unquote(host)
     return f"{host}:{parts.port or 5432}"
+
+
+# --- a pool, for a multi-threaded server ---------------------------------------------------
+
+
+class _Rows:
+    """A statement's result read in full, so that its connection can go back to the pool."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.rowcount: int = cursor.rowcount
+        rows: list[Any] = cursor.fetchall() if cursor.description is not None else []
+        self._rows = iter(rows)
+
+    def fetchone(self) -> Any:
+        return next(self._rows, None)
+
+    def fetchall(self) -> list[Any]:
+        return list(self._rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._rows
+
+
+class PooledConnection:
+    """PostgreSQL connections lent by a pool (psycopg_pool), for the threads of a server.
+
+    A :class:`Connection` that many threads use at once, each on a connection of its own:
+    a transaction keeps one from :meth:`begin` to :meth:`commit` or :meth:`rollback`
+    (a statement the same thread runs meanwhile goes there too, and sees its writes); a
+    statement outside a transaction borrows one for itself and reads its rows in full.
+    At most ``size`` connections are open; a thread waits ``timeout`` seconds for one.
+    """
+
+    dialect = POSTGRES
+
+    def __init__(self, database: Database, *, size: int, timeout: float = 30.0) -> None:
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self.database = database
+        self._held = threading.local()
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            database.url,
+            kwargs=postgres_options(),
+            min_size=1,
+            max_size=max(1, size),
+            timeout=timeout,
+            name="newsletter",
+            open=False,
+        )
+        try:
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        except PoolTimeout:
+            self.pool.close()
+            raise StoreError(
+                "cannot connect to PostgreSQL",
+                where=_server_of(database),
+                hint=f"check that the server runs and the URL (--db); the password comes from "
+                f"{ENV_PASSWORD}, PGPASSWORD or ~/.pgpass",
+            ) from None
+
+    def _current(self) -> PostgresConnection | None:
+        conn: PostgresConnection | None = getattr(self._held, "conn", None)
+        return conn
+
+    def _getconn(self) -> PostgresConnection:
+        import psycopg
+
+        try:
+            raw = self.pool.getconn()
+        except psycopg.Error as exc:  # PoolTimeout too: every connection is busy
+            raise _postgres_error(exc) from exc
+        return PostgresConnection(raw, self.database)
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[PostgresConnection]:
+        """This thread's connection in a transaction, else one from the pool for now."""
+        held = self._current()
+        if held is not None:
+            yield held
+            return
+        conn = self._getconn()
+        try:
+            yield conn
+        finally:
+            self.pool.putconn(conn.raw)  # rolls back what is left open, drops a broken one
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        held = self._current()
+        if held is not None:
+            return held.execute(sql, params)
+        with self._borrowed() as conn:
+            return _Rows(conn.execute(sql, params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        with self._borrowed() as conn:
+            return conn.executemany(sql, rows)
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        with self._borrowed() as conn:
+            return conn.load_rows(table, columns, rows)
+
+    def begin(self, *, exclusive: bool = True) -> None:
+        if self._current() is not None:
+            raise DatabaseError("this thread is in a transaction already")
+        conn = self._held.conn = self._getconn()
+        try:
+            conn.begin(exclusive=exclusive)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        conn = self._current()
+        self._held.conn = None
+        if conn is not None:
+            self.pool.putconn(conn.raw)
+
+    def commit(self) -> None:
+        conn = self._current()
+        if conn is None:
+            raise DatabaseError("no transaction to commit")
+        try:
+            conn.commit()
+        finally:
+            self._release()
+
+    def rollback(self) -> None:
+        conn = self._current()
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        finally:
+            self._release()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._current() is not None
+
+    def close(self) -> None:
+        self.pool.close()

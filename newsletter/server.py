@@ -2,9 +2,13 @@
 
 A Flask app (:func:`create_app`) served by waitress, a production WSGI server in
 pure Python (:func:`start_server`, ``newsletter serve``). It shares the CLI's
-SQLite database: every request opens its own connection, with the store's busy
-timeout, so a send running at the same time never makes a request fail with
-"database is locked".
+database. On SQLite every server thread keeps its own connection, with the store's
+busy timeout, so a send running at the same time never makes a request fail with
+"database is locked". On PostgreSQL a pool lends connections per operation, and any
+number of ``serve`` processes, on any machines, can answer for one list: everything one
+of them must know lives in the database (subscribers, confirmations, rate limits,
+publications) or is stateless (signed tokens), and archive pages are rendered from
+the workspace's files.
 
 What a page shows never depends on who a token or an address belongs to beyond
 what its holder already knows: a forged token gets a neutral 400 page, and a
@@ -41,7 +45,7 @@ from werkzeug.exceptions import HTTPException
 from . import publish, render
 from .addresses import normalize_email
 from .config import Config
-from .db import Database
+from .db import Database, PooledConnection
 from .delivery import outbound_from_config
 from .errors import (
     NewsletterError,
@@ -340,23 +344,35 @@ def create_app(
     # Werkzeug answers "//x" with a redirect to an absolute URL built from the Host header.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
-    storage = DatabaseStorage(database)
+    # PostgreSQL: one pool of connections for every thread (the server's and the mail
+    # queue's), lent per operation, so that a request holds a connection only while it
+    # uses one; a broken connection is replaced by the pool.
+    pool = (
+        PooledConnection(database, size=config.server.threads + mail_threads)
+        if database.is_postgres
+        else None
+    )
+    shared = None if pool is None else Store(pool)
+    storage = DatabaseStorage(database, connection=pool)
     limiter = SubscribeLimiter(storage, config.server, config.secrets.secret_key or "")
     proxies = trusted_networks(config.server.trusted_proxies)
     mail = MailQueue(threads=mail_threads, size=mail_queue_size)
-    app.extensions[_EXTENSION] = _Background(mail, storage)
+    app.extensions[_EXTENSION] = _Background(mail, storage, pool)
     app.extensions[_ERROR_PAGE] = lambda code: error_html(config, code)
     app.wsgi_app = PublicPrefix(app.wsgi_app, config.public_urls.path_prefix)  # type: ignore[method-assign]
 
-    # One connection per server thread, kept open: closing the last connection to a
-    # WAL database checkpoints it, which costs more than the request itself.
+    # SQLite: one connection per server thread, kept open: closing the last connection
+    # to a WAL database checkpoints it, which costs more than the request itself.
     connections = threading.local()
     # Our own threads take turns to write here, in order, rather than in SQLite's busy
     # handler, which sleeps and retries (unfair, and slow under load). Other processes
-    # (a send) are still waited for by the busy timeout.
+    # (a send) are still waited for by the busy timeout. (On PostgreSQL the store's
+    # exclusive transactions wait for each other anyway; reads do not take this lock.)
     writing = threading.Lock()
 
     def db() -> Store:
+        if shared is not None:
+            return shared
         store: Store | None = getattr(connections, "store", None)
         if store is None:
             store = connections.store = Store.open(database)
@@ -921,6 +937,7 @@ class _Background:
 
     mail: MailQueue
     storage: DatabaseStorage
+    pool: PooledConnection | None  # PostgreSQL's connections
 
 
 class _Housekeeping:
@@ -954,6 +971,8 @@ def close_app(app: Flask, timeout: float = 5.0) -> int:
     dropped = background.mail.close(timeout)
     if background.mail.pending == 0:  # else a job left running may still count
         background.storage.close()
+        if background.pool is not None:
+            background.pool.close()
     return dropped
 
 

@@ -24,6 +24,7 @@ from ..db import (
     DatabaseError,
     Dialect,
     OperationalError,
+    PooledConnection,
     SqliteConnection,
     connect,
     connect_sqlite,
@@ -336,7 +337,7 @@ class StoreBase:
         """A write transaction. ``exclusive`` (the default) waits for every other writer
         (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so read-then-write logic
         never interleaves; the send's hot path passes False and relies on row locks."""
-        with self._lock:
+        with self._turn():
             conn = self._conn
             sqlite_durable = durable and isinstance(conn, SqliteConnection)
             try:
@@ -358,11 +359,18 @@ class StoreBase:
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Connection]:
         """The connection for reads outside a transaction (each statement on its own)."""
-        with self._lock:
+        with self._turn():
             try:
                 yield self._conn
             except OperationalError as exc:
                 raise self._db_error(exc) from None
+
+    def _turn(self) -> contextlib.AbstractContextManager[object]:
+        """Threads take turns on the store's one connection; a pool (``serve`` on
+        PostgreSQL) lends each thread a connection of its own, so they need not."""
+        if isinstance(self._conn, PooledConnection):
+            return contextlib.nullcontext()
+        return self._lock
 
     def _clear_old_copies(self) -> bool:
         """Try to remove old copies of changed rows from the engine's files; True if some
