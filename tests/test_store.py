@@ -27,6 +27,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -1189,3 +1190,27 @@ def test_processes_creating_one_database_at_once(db_path: Path) -> None:
     with Store.open(db_path) as db:
         assert db.schema_version == len(MIGRATIONS)
         assert db.count() == 4
+
+
+def test_an_import_from_a_pipe_reads_it_once_and_still_checks_every_row(
+    store: Store, tmp_path: Path
+) -> None:
+    """A pipe cannot be scanned for NUL characters first and read again: its rows are
+    checked one by one (a regression: the scan used to consume the pipe)."""
+    fifo = tmp_path / "list.csv"
+    os.mkfifo(fifo)
+    text = "email,name\nann@example.com,Ann\nnul@example.com,Bad\x00Name\nbob@example.com,Bob\n"
+
+    def feed() -> None:
+        with fifo.open("w", encoding="utf-8") as writer:
+            writer.write(text)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        report = store.import_csv(fifo)
+    finally:
+        writer.join()
+    assert (report.added, report.error_count) == (2, 1)
+    assert report.errors[0].line == 3
+    assert [s.email for s in store.list_subscribers()] == ["ann@example.com", "bob@example.com"]

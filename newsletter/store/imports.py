@@ -80,10 +80,13 @@ _PLUS = "' +'"  # between the tags of a history line, as an SQL literal
 
 
 def _holds_nul(raw: io.BufferedReader) -> bool:
-    """Whether the file holds a NUL byte anywhere (read from the start; left at the start).
+    """Whether the file may hold a NUL byte (read from the start; left at the start).
 
     No text column of PostgreSQL can hold one, so a row with one is a bad row on both
-    engines; a file without any (nearly all) then costs no check per row."""
+    engines; a file without any (nearly all) then costs no check per row. A pipe cannot
+    be read twice: its rows are all checked."""
+    if not raw.seekable():
+        return True
     try:
         while chunk := raw.read(SCAN_CHUNK):
             if b"\x00" in chunk:
