@@ -1,24 +1,30 @@
 """Import speed and memory: N generated subscribers from a CSV into a fresh database.
 
     PYTHONPATH=. python bench/import.py [N] [--fields] [--reimport] [--suppressed M]
-        [--dates]
+        [--dates] [--postgres | --db URL]
 
 Prints rows/s for the import (and optionally a second import of the same file, which
 updates nothing), and the process's peak RSS, which must not grow with N. With
 --suppressed, M other addresses left before the import (so every new row of the file
 is checked against the suppression list: the worst case); with --dates, every row
-carries a sign-up date (kept with the consent).
+carries a sign-up date (kept with the consent). SQLite by default (a file in a temporary
+folder); --postgres starts a temporary PostgreSQL cluster (Debian's package, fsync on, as
+a server runs) and imports into a new database there; --db imports into an empty
+database of yours (a postgresql:// URL or a path).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from newsletter.db import Database
 from newsletter.store import Store
 
 
@@ -44,6 +50,20 @@ def suppress(store: Store, folder: Path, count: int) -> None:
     assert store.count_suppressions() == count
 
 
+@contextlib.contextmanager
+def database(args: argparse.Namespace, folder: Path) -> Iterator[Database]:
+    """The database the benchmark imports into (see the options)."""
+    if args.db:
+        yield Database.parse(args.db)
+    elif args.postgres:
+        from tests.support.postgres import postgres_server
+
+        with postgres_server(fsync=True) as server:
+            yield server.new_database()
+    else:
+        yield Database.parse(folder / "bench.db")
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -55,6 +75,9 @@ def main() -> None:
     parser.add_argument("--reimport", action="store_true", help="import the same file twice")
     parser.add_argument("--suppressed", type=int, default=0, help="addresses that left before")
     parser.add_argument("--dates", action="store_true", help="add a sign-up date column")
+    engine = parser.add_mutually_exclusive_group()
+    engine.add_argument("--postgres", action="store_true", help="a temporary PostgreSQL cluster")
+    engine.add_argument("--db", help="an empty database: a path or a postgresql:// URL")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +88,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         print(f"generated {args.rows:,} rows ({size:.1f} MiB) in {elapsed:.1f} s")
         print(f"peak RSS before import: {peak_rss_mib():.1f} MiB")
-        with Store.open(Path(tmp) / "bench.db") as store:
+        with database(args, Path(tmp)) as where, Store.open(where) as store:
+            print(f"engine: {where.engine}")
             if args.suppressed:
                 suppress(store, Path(tmp), args.suppressed)
                 print(f"{args.suppressed:,} addresses suppressed before the import")

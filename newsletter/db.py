@@ -18,10 +18,12 @@ would show in argv, the environment of every process and the logs): libpq reads
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ MEMORY = ":memory:"
 ENV_PASSWORD = "NEWSLETTER_DB_PASSWORD"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10
+LOCK_TIMEOUT_MS = 30_000
 
 Engine = Literal["sqlite", "postgresql"]
 
@@ -142,6 +145,14 @@ class Dialect:
             return f"string_agg({expr}, {sep})"
         return f"group_concat({expr}, {sep})"
 
+    def group_concat_sorted(self, expr: str, sep: str) -> str:
+        """:meth:`group_concat` in the byte order of ``expr`` (the same text on both
+        engines). SQLite before 3.44 cannot order inside an aggregate: it joins rows in the
+        order they arrive, so the caller feeds it a subquery ordered by ``expr``."""
+        if self.engine == "postgresql":
+            return f'string_agg({expr}, {sep} ORDER BY {expr} COLLATE "C")'
+        return f"group_concat({expr}, {sep})"
+
     def position(self, needle: str, haystack: str) -> str:
         """1-based position of ``needle`` in ``haystack`` (0: absent)."""
         if self.engine == "postgresql":
@@ -165,6 +176,27 @@ class Dialect:
         if self.engine == "postgresql":
             return f"jsonb_object_keys(({column})::jsonb) AS {alias}(key)"
         return f"json_each({column}) AS {alias}"
+
+    def json_object_items(self, column: str, alias: str) -> str:
+        """A FROM item: one row per key (column ``key``) of a JSON object whose values are
+        strings, with the value as text (column ``value``)."""
+        if self.engine == "postgresql":
+            return f"jsonb_each_text(({column})::jsonb) AS {alias}(key, value)"
+        return f"json_each({column}) AS {alias}"
+
+    def ascii_lower(self, expr: str) -> str:
+        """``expr`` with its ASCII letters lower-cased and every other character kept, as
+        SQLite's lower() does; PostgreSQL's follows the locale, unless told the C one."""
+        if self.engine == "postgresql":
+            return f'lower(({expr}) COLLATE "C")'
+        return f"lower({expr})"
+
+    def nocase_equals_param(self, expr: str) -> str:
+        """``expr`` equals the next ``?`` parameter (text) ignoring the case of ASCII
+        letters, as SQLite's NOCASE compares."""
+        if self.engine == "postgresql":
+            return f"{self.ascii_lower(expr)} = {self.ascii_lower('CAST(? AS TEXT)')}"
+        return f"{expr} = ? COLLATE NOCASE"
 
     def json_array_agg(self, expr: str) -> str:
         """An aggregate: the values of ``expr`` as a JSON array (text)."""
@@ -203,6 +235,12 @@ class Connection(Protocol):
         """Run ``sql`` once per row; how many rows changed in all."""
         ...
 
+    def load_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """Append ``rows`` (values in the order of ``columns``) to ``table`` the fastest way
+        the engine has: SQLite inserts them one by one in C, PostgreSQL streams them in one
+        COPY (an INSERT per row costs a round trip each). How many rows went in."""
+        ...
+
     def begin(self, *, exclusive: bool = True) -> None:
         """Start a transaction; ``exclusive`` waits for every other writer (SQLite's
         BEGIN IMMEDIATE; on PostgreSQL a transaction-scoped advisory lock), so that a
@@ -239,6 +277,13 @@ class SqliteConnection:
             return self.raw.executemany(sql, rows).rowcount
         except sqlite3.Error as exc:
             raise _sqlite_error(exc) from exc
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        names = ", ".join(_identifier(name) for name in columns)
+        marks = ", ".join("?" * len(columns))
+        return self.executemany(
+            f"INSERT INTO {_identifier(table)} ({names}) VALUES ({marks})", rows
+        )
 
     def begin(self, *, exclusive: bool = True) -> None:
         self.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
@@ -287,7 +332,7 @@ class PostgresConnection:
         text, order = _postgres_sql(sql)
         args = [params[i] for i in order] if order is not None else params
         try:
-            return self.raw.execute(text, args if args else None)  # type: ignore[arg-type]
+            return self.raw.execute(text, args)  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise _postgres_error(exc) from exc
 
@@ -303,6 +348,23 @@ class PostgresConnection:
                 return cursor.rowcount
         except psycopg.Error as exc:
             raise _postgres_error(exc) from exc
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        import psycopg
+
+        names = ", ".join(_identifier(name) for name in columns)
+        count = 0
+        try:
+            with (
+                self.raw.cursor() as cursor,
+                cursor.copy(f"COPY {_identifier(table)} ({names}) FROM STDIN") as copy,  # type: ignore[arg-type]
+            ):
+                for row in rows:
+                    copy.write_row(row)
+                    count += 1
+        except psycopg.Error as exc:
+            raise _postgres_error(exc) from exc
+        return count
 
     def begin(self, *, exclusive: bool = True) -> None:
         self.execute("BEGIN")
@@ -334,6 +396,16 @@ def _postgres_error(exc: Exception) -> DatabaseError:
     if isinstance(exc, psycopg.OperationalError):
         return OperationalError(str(exc).strip())
     return DatabaseError(str(exc).strip())
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _identifier(name: str) -> str:
+    """``name`` as a quoted SQL identifier; only plain names (the store's own) are taken."""
+    if not _IDENTIFIER.fullmatch(name):
+        raise ValueError(f"not a plain SQL name: {name!r}")
+    return f'"{name}"'
 
 
 _INDEX_HINT = re.compile(r"\s+INDEXED\s+BY\s+\w+", re.IGNORECASE)
@@ -386,7 +458,13 @@ def connect_sqlite(database: Database, *, busy_timeout_ms: int) -> SqliteConnect
 def postgres_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What psycopg gets besides the URL: the password from the environment, if set."""
     env = os.environ if env is None else env
-    options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True}
+    options: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "autocommit": True,
+        # A writer waits for another at most this long, as SQLite's busy timeout does,
+        # then fails with one error line instead of hanging.
+        "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+    }
     password = env.get(ENV_PASSWORD)
     if password:
         options["password"] = password
@@ -427,3 +505,144 @@ def _server_of(database: Database) -> str:
     if host.startswith("/") or "%2f" in (parts.netloc or "").lower():
         return unquote(host)
     return f"{host}:{parts.port or 5432}"
+
+
+# --- a pool, for a multi-threaded server ---------------------------------------------------
+
+
+class _Rows:
+    """A statement's result read in full, so that its connection can go back to the pool."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.rowcount: int = cursor.rowcount
+        rows: list[Any] = cursor.fetchall() if cursor.description is not None else []
+        self._rows = iter(rows)
+
+    def fetchone(self) -> Any:
+        return next(self._rows, None)
+
+    def fetchall(self) -> list[Any]:
+        return list(self._rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._rows
+
+
+class PooledConnection:
+    """PostgreSQL connections lent by a pool (psycopg_pool), for the threads of a server.
+
+    A :class:`Connection` that many threads use at once, each on a connection of its own:
+    a transaction keeps one from :meth:`begin` to :meth:`commit` or :meth:`rollback`
+    (a statement the same thread runs meanwhile goes there too, and sees its writes); a
+    statement outside a transaction borrows one for itself and reads its rows in full.
+    At most ``size`` connections are open; a thread waits ``timeout`` seconds for one.
+    """
+
+    dialect = POSTGRES
+
+    def __init__(self, database: Database, *, size: int, timeout: float = 30.0) -> None:
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self.database = database
+        self._held = threading.local()
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            database.url,
+            kwargs=postgres_options(),
+            min_size=1,
+            max_size=max(1, size),
+            timeout=timeout,
+            name="newsletter",
+            open=False,
+        )
+        try:
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        except PoolTimeout:
+            self.pool.close()
+            raise StoreError(
+                "cannot connect to PostgreSQL",
+                where=_server_of(database),
+                hint=f"check that the server runs and the URL (--db); the password comes from "
+                f"{ENV_PASSWORD}, PGPASSWORD or ~/.pgpass",
+            ) from None
+
+    def _current(self) -> PostgresConnection | None:
+        conn: PostgresConnection | None = getattr(self._held, "conn", None)
+        return conn
+
+    def _getconn(self) -> PostgresConnection:
+        import psycopg
+
+        try:
+            raw = self.pool.getconn()
+        except psycopg.Error as exc:  # PoolTimeout too: every connection is busy
+            raise _postgres_error(exc) from exc
+        return PostgresConnection(raw, self.database)
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[PostgresConnection]:
+        """This thread's connection in a transaction, else one from the pool for now."""
+        held = self._current()
+        if held is not None:
+            yield held
+            return
+        conn = self._getconn()
+        try:
+            yield conn
+        finally:
+            self.pool.putconn(conn.raw)  # rolls back what is left open, drops a broken one
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        held = self._current()
+        if held is not None:
+            return held.execute(sql, params)
+        with self._borrowed() as conn:
+            return _Rows(conn.execute(sql, params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        with self._borrowed() as conn:
+            return conn.executemany(sql, rows)
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        with self._borrowed() as conn:
+            return conn.load_rows(table, columns, rows)
+
+    def begin(self, *, exclusive: bool = True) -> None:
+        if self._current() is not None:
+            raise DatabaseError("this thread is in a transaction already")
+        conn = self._held.conn = self._getconn()
+        try:
+            conn.begin(exclusive=exclusive)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        conn = self._current()
+        self._held.conn = None
+        if conn is not None:
+            self.pool.putconn(conn.raw)
+
+    def commit(self) -> None:
+        conn = self._current()
+        if conn is None:
+            raise DatabaseError("no transaction to commit")
+        try:
+            conn.commit()
+        finally:
+            self._release()
+
+    def rollback(self) -> None:
+        conn = self._current()
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        finally:
+            self._release()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._current() is not None
+
+    def close(self) -> None:
+        self.pool.close()

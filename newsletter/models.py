@@ -363,3 +363,6 @@ class Erasure:
     consents: int
     suppression: Suppression
     copies_cleared: bool  # the write-ahead log was emptied (False: another process reads)
+    # PostgreSQL: old row versions stay until VACUUM reuses their space, and the server's
+    # write-ahead log (and any archive) until it is recycled; copies_cleared is False.
+    server_keeps_copies: bool = False

@@ -190,7 +190,13 @@ def describe_erasure(erased: Erasure) -> str:
         f" address. Kept: a suppression entry (a keyed hash, {erased.suppression.reason}"
         f" since {_short(erased.suppression.at)}), so no import adds them back."
     )
-    if not erased.copies_cleared:
+    if erased.server_keeps_copies:
+        text += (
+            " Note: PostgreSQL keeps older versions of the deleted rows in its files until"
+            " VACUUM reuses their space, and in its write-ahead log and any archive or backup"
+            " until those are recycled; the server's retention decides when they are gone."
+        )
+    elif not erased.copies_cleared:
         text += (
             " Note: another process (`serve`?) is reading the database, so older copies"
             " stay in its write-ahead log until the next checkpoint; run erase again when"

@@ -42,7 +42,8 @@ class DatabaseStorage(Storage):
 
     ``DatabaseStorage(database)`` (a :class:`Database`, a path or a URL), or
     ``limits.storage.storage_from_string("newsletter-db:" + url_or_path)``. Each thread
-    uses its own connection; a hit is one ``INSERT ... ON CONFLICT DO UPDATE ...
+    uses its own connection, or ``connection`` when given (a pool's, which lends each
+    thread one; its owner closes it); a hit is one ``INSERT ... ON CONFLICT DO UPDATE ...
     RETURNING``, atomic between threads, processes and (on PostgreSQL) machines.
     """
 
@@ -52,6 +53,7 @@ class DatabaseStorage(Storage):
         self,
         uri: Database | str | Path | None = None,
         wrap_exceptions: bool = False,
+        connection: Connection | None = None,
         **options: float | str | bool,
     ) -> None:
         if uri is None:
@@ -63,6 +65,7 @@ class DatabaseStorage(Storage):
             database = Database.parse(text.removeprefix(f"{SCHEME}:"))
         Store.open(database).close()  # create or migrate the table now
         self.database = database
+        self._shared = connection
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[Connection] = []
@@ -73,6 +76,8 @@ class DatabaseStorage(Storage):
         return DatabaseError
 
     def _conn(self) -> Connection:
+        if self._shared is not None:
+            return self._shared
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect(self.database, busy_timeout_ms=BUSY_TIMEOUT_MS)
@@ -91,9 +96,11 @@ class DatabaseStorage(Storage):
             self._conn()
             .execute(
                 "INSERT INTO rate_limits (key, hits, expires_at) VALUES (?1, ?2, ?3)"
-                " ON CONFLICT (key) DO UPDATE SET"
-                " hits = CASE WHEN expires_at <= ?4 THEN ?2 ELSE hits + ?2 END,"
-                " expires_at = CASE WHEN expires_at <= ?4 THEN ?3 ELSE expires_at END"
+                " ON CONFLICT (key) DO UPDATE SET"  # the row's columns, named (PostgreSQL)
+                " hits = CASE WHEN rate_limits.expires_at <= ?4 THEN ?2"
+                " ELSE rate_limits.hits + ?2 END,"
+                " expires_at = CASE WHEN rate_limits.expires_at <= ?4 THEN ?3"
+                " ELSE rate_limits.expires_at END"
                 " RETURNING hits",
                 (key, amount, now + expiry, now),
             )

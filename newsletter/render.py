@@ -32,6 +32,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from . import i18n, images
+from .compact import compact_html
 from .config import Config
 from .content import _MD_IMAGE, ISSUE_FILE, Article, Issue, require_buildable
 from .errors import ContentError, RenderError
@@ -1068,7 +1069,8 @@ def mjml_to_html(
     As in MJML itself, an ``<mj-style inline="inline">`` is inlined and not kept in
     ``<head>`` (only what cannot be inlined, such as a media query, stays there). The
     rest is made smaller without changing what a client shows (:func:`merge_sections`,
-    :func:`compact_html`); ``compact=False`` skips all three, for comparing. With
+    premailer without ``align`` copies, :func:`compact.compact_html`); ``compact=False``
+    skips these steps, for comparing. With
     ``inline=False`` (the web page, for browsers) every style stays in ``<head>``.
     """
     css: list[str] = []
@@ -1094,7 +1096,9 @@ def mjml_to_html(
         # Keep the pixel width="..." that MJML and the theme put on images: premailer would
         # overwrite it with CSS's "100%" (and add height="auto"), and Outlook for Windows
         # then shows each image at its natural size.
-        disable_basic_attributes=["width", "height"],
+        # Nor its align="..." copy of every text-align: every client reads text-align
+        # (caniemail, "text-align"), and on a table align means the table's own place.
+        disable_basic_attributes=["width", "height", *(["align"] if compact else [])],
         # This step parses every <img> style with cssutils (slow) to look for a float;
         # without "float" in any CSS or <img> tag it cannot find one.
         align_floating_images=_may_float(raw) or any("float" in c.lower() for c in css),
@@ -1154,42 +1158,6 @@ def _one_section(contents: list[str]) -> str:
 
 
 _INLINE_STYLE = re.compile(r"<mj-style\s+inline=[\"']inline[\"']\s*>(.*?)</mj-style>", re.I | re.S)
-# Two Outlook-only comments in a row are one: "<![endif]--><!--[if mso | IE]>" says nothing.
-_OUTLOOK_SEAM = "<![endif]--><!--[if mso | IE]>"
-_STYLE_ATTRIBUTE = re.compile(r"""(\sstyle=)("[^"]*"|'[^']*')""")
-_CSS_COMMENT = re.compile(r"/\*.*?\*/", re.S)
-
-
-def compact_html(markup: str) -> str:
-    """Email HTML with less markup and the same rendering, for more room before Gmail clips.
-
-    Adjacent Outlook conditional comments become one (as MJML's minifier does), ``<style>``
-    blocks lose their comments and runs of white space, and inline styles the spaces
-    after ``;`` and ``,`` (outside quoted strings).
-    """
-    markup = markup.replace(_OUTLOOK_SEAM, "")
-    markup = _STYLE_OPEN.sub(
-        lambda m: f"<style{m.group(1)}>{_compact_css(m.group(2))}</style>", markup
-    )
-    return _STYLE_ATTRIBUTE.sub(lambda m: m.group(1) + _compact_declarations(m.group(2)), markup)
-
-
-def _compact_css(css: str) -> str:
-    css = " ".join(_CSS_COMMENT.sub(" ", css).split())
-    # A space before ":" can matter in a selector ("a :hover"); one after ":" or "," never.
-    css = re.sub(r"([:,])\s+", r"\1", css)
-    return re.sub(r"\s*([{};])\s*", r"\1", css).replace(";}", "}")
-
-
-def _compact_declarations(quoted: str) -> str:
-    """``"a:1; b:x, y"`` as ``"a:1;b:x,y"``: spaces inside quotes (font names) stay."""
-    quote, body = quoted[0], quoted[1:-1]
-    pieces = re.split(r"(\"[^\"]*\"|'[^']*')", body)
-    for index in range(0, len(pieces), 2):
-        pieces[index] = re.sub(r"([;,])\s+", r"\1", pieces[index])
-    return quote + "".join(pieces) + quote
-
-
 _STYLE_BLOCK = re.compile(r"<style\b[^>]*>(.*?)</style>", re.I | re.S)
 _STYLE_OPEN = re.compile(r"<style\b([^>]*)>(.*?)</style>", re.I | re.S)
 _MJML_OWN_CSS = ("#outlook a", ".mj-", ".moz-text-html")

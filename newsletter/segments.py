@@ -33,10 +33,13 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import NewsletterError
 from .models import Status
+
+if TYPE_CHECKING:
+    from .db import Dialect
 
 PAUSED = "paused"  # the tag a reader's "pause" sets: no send goes to them while it is there
 MAX_TAG = 64  # characters
@@ -326,8 +329,9 @@ def _day_start(day: dt.date) -> str:
     return day.isoformat()
 
 
-def to_sql(node: Node) -> tuple[str, list[Any]]:
-    """One SQL condition on ``s`` (subscribers) and its parameters, in order."""
+def to_sql(node: Node, dialect: Dialect) -> tuple[str, list[Any]]:
+    """One SQL condition on ``s`` (subscribers) and its parameters, in order, for the
+    engine of ``dialect`` (only the walk over a subscriber's fields differs)."""
     if isinstance(node, HasTag):
         return (
             "s.id IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)",
@@ -336,10 +340,12 @@ def to_sql(node: Node) -> tuple[str, list[Any]]:
     if isinstance(node, HasStatus):
         return "s.status = ?", [node.status.value]
     if isinstance(node, FieldTest):
-        match = "SELECT 1 FROM json_each(s.fields) f WHERE lower(f.key) = ?"
+        # Names and values match ignoring the case of ASCII letters, on both engines.
+        match = f"SELECT 1 FROM {dialect.json_object_items('s.fields', 'f')}"
+        match += f" WHERE {dialect.ascii_lower('f.key')} = ?"
         if node.op == "has":
             return f"EXISTS ({match} AND trim(f.value) <> '')", [node.key]
-        condition = f"EXISTS ({match} AND f.value = ? COLLATE NOCASE)"
+        condition = f"EXISTS ({match} AND {dialect.nocase_equals_param('f.value')})"
         if node.op == "!=":
             condition = f"NOT {condition}"
         return condition, [node.key, node.value]
@@ -356,9 +362,9 @@ def to_sql(node: Node) -> tuple[str, list[Any]]:
             return f"{_SIGNED_UP} >= ?", [start]
         return f"({_SIGNED_UP} >= ? AND {_SIGNED_UP} < ?)", [start, after]
     if isinstance(node, Not):
-        sql, params = to_sql(node.operand)
+        sql, params = to_sql(node.operand, dialect)
         return f"NOT ({sql})", params
-    parts = [to_sql(operand) for operand in node.operands]
+    parts = [to_sql(operand, dialect) for operand in node.operands]
     joined = f" {node.op.upper()} ".join(f"({sql})" for sql, _ in parts)
     return joined, [param for _, params in parts for param in params]
 
@@ -383,8 +389,8 @@ class Segment:
     node: Node
     where: str = ""  # "newsletter.toml:12", for messages
 
-    def sql(self) -> tuple[str, list[Any]]:
-        return to_sql(self.node)
+    def sql(self, dialect: Dialect) -> tuple[str, list[Any]]:
+        return to_sql(self.node, dialect)
 
 
 class SegmentError(NewsletterError):

@@ -2,9 +2,13 @@
 
 A Flask app (:func:`create_app`) served by waitress, a production WSGI server in
 pure Python (:func:`start_server`, ``newsletter serve``). It shares the CLI's
-SQLite database: every request opens its own connection, with the store's busy
-timeout, so a send running at the same time never makes a request fail with
-"database is locked".
+database. On SQLite every server thread keeps its own connection, with the store's
+busy timeout, so a send running at the same time never makes a request fail with
+"database is locked". On PostgreSQL a pool lends connections per operation, and any
+number of ``serve`` processes, on any machines, can answer for one list: everything one
+of them must know lives in the database (subscribers, confirmations, rate limits,
+publications) or is stateless (signed tokens), and archive pages are rendered from
+the workspace's files.
 
 What a page shows never depends on who a token or an address belongs to beyond
 what its holder already knows: a forged token gets a neutral 400 page, and a
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
+import functools
 import logging
 import re
 import threading
@@ -40,7 +45,7 @@ from werkzeug.exceptions import HTTPException
 from . import publish, render
 from .addresses import normalize_email
 from .config import Config
-from .db import Database
+from .db import Database, PooledConnection
 from .delivery import outbound_from_config
 from .errors import (
     NewsletterError,
@@ -76,6 +81,7 @@ MAIL_THREADS = 4
 MAIL_QUEUE_SIZE = 1000
 HOUSEKEEPING_SECONDS = 300  # pruning of stale pending rows and expired counters
 _EXTENSION = "newsletter"
+_ERROR_PAGE = "newsletter.error_page"  # app.extensions: status code -> the page's HTML
 WEBHOOKS_CONFIG = "NEWSLETTER_WEBHOOKS"  # app.config: the providers whose route answers
 LOG = logging.getLogger("newsletter.server")
 ACCESS = logging.getLogger("newsletter.access")
@@ -123,6 +129,58 @@ def _origin(url: str) -> str:
 def public_base(config: Config) -> str:
     """Where readers reach the service (no trailing slash): the one public address."""
     return config.public_urls.base
+
+
+ERROR_TEMPLATE = "error.html"  # in the theme's service/ folder
+
+
+def error_words(config: Config, code: int) -> tuple[str, str]:
+    """The title and sentence of the error page for HTTP status ``code``, in the
+    newsletter's language: what went wrong as a reader can act on it, never how (no
+    exception, limit, path or server name)."""
+    _ = render.theme_gettext(config)
+    if code == 400:
+        return _("Bad request"), _("The request could not be read. Please go back and try again.")
+    if code == 403:
+        return _("Not allowed"), _("This page cannot be used from here.")
+    if code == 404:
+        return _("Not found"), _("There is no such page.")
+    if code == 405:
+        return _("Not allowed"), _("This page cannot be used this way.")
+    if code in (413, 431):
+        return _("Too large"), _("What was sent is too large for this page.")
+    if code == 414:
+        return _("Address too long"), _("The address of this page is too long.")
+    if code == 429:
+        return _("Too many requests"), _(
+            "Too many requests came from your network. Please try again later."
+        )
+    if code == 501:
+        return _("Not supported"), _("This page cannot answer this kind of request.")
+    if code == 503:
+        return _("Please try again later"), _("Please try again in a few minutes.")
+    if code >= 500:
+        return _("Something went wrong"), _(
+            "Something went wrong on our side. Please try again later."
+        )
+    return _("That did not work"), _("That did not work.")
+
+
+def error_html(config: Config, code: int, message: str | None = None, **values: Any) -> str:
+    """The theme's ``service/error.html`` for ``code`` (a workspace may override it)."""
+    title, words = error_words(config, code)
+    values.setdefault("subscribe_url", f"{public_base(config)}/subscribe")
+    return render.render_theme_template(
+        config,
+        f"service/{ERROR_TEMPLATE}",
+        {
+            "newsletter": config.newsletter.name,
+            "title": title,
+            "message": message or words,
+            "code": code,
+            **values,
+        },
+    )
 
 
 class PublicPrefix:
@@ -286,22 +344,35 @@ def create_app(
     # Werkzeug answers "//x" with a redirect to an absolute URL built from the Host header.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
-    storage = DatabaseStorage(database)
+    # PostgreSQL: one pool of connections for every thread (the server's and the mail
+    # queue's), lent per operation, so that a request holds a connection only while it
+    # uses one; a broken connection is replaced by the pool.
+    pool = (
+        PooledConnection(database, size=config.server.threads + mail_threads)
+        if database.is_postgres
+        else None
+    )
+    shared = None if pool is None else Store(pool)
+    storage = DatabaseStorage(database, connection=pool)
     limiter = SubscribeLimiter(storage, config.server, config.secrets.secret_key or "")
     proxies = trusted_networks(config.server.trusted_proxies)
     mail = MailQueue(threads=mail_threads, size=mail_queue_size)
-    app.extensions[_EXTENSION] = _Background(mail, storage)
+    app.extensions[_EXTENSION] = _Background(mail, storage, pool)
+    app.extensions[_ERROR_PAGE] = lambda code: error_html(config, code)
     app.wsgi_app = PublicPrefix(app.wsgi_app, config.public_urls.path_prefix)  # type: ignore[method-assign]
 
-    # One connection per server thread, kept open: closing the last connection to a
-    # WAL database checkpoints it, which costs more than the request itself.
+    # SQLite: one connection per server thread, kept open: closing the last connection
+    # to a WAL database checkpoints it, which costs more than the request itself.
     connections = threading.local()
     # Our own threads take turns to write here, in order, rather than in SQLite's busy
     # handler, which sleeps and retries (unfair, and slow under load). Other processes
-    # (a send) are still waited for by the busy timeout.
+    # (a send) are still waited for by the busy timeout. (On PostgreSQL the store's
+    # exclusive transactions wait for each other anyway; reads do not take this lock.)
     writing = threading.Lock()
 
     def db() -> Store:
+        if shared is not None:
+            return shared
         store: Store | None = getattr(connections, "store", None)
         if store is None:
             store = connections.store = Store.open(database)
@@ -336,6 +407,10 @@ def create_app(
     def external_base() -> str:
         """Where links start: the configured public address, never a request header."""
         return public_base(config)
+
+    def error_page(code: int, message: str | None = None) -> Response:
+        html = error_html(config, code, message, subscribe_url=_url("subscribe"))
+        return Response(html, status=code, mimetype="text/html")
 
     def bad_link(message: str, status: int = 400) -> Response:
         return page("bad_link.html", status, title=_("This link does not work"), message=message)
@@ -600,13 +675,9 @@ def create_app(
         LOG.info("welcome email sent to subscriber %s", subscriber.id)
 
     def too_many(retry_after: int) -> Response:
-        response = page(
-            "message.html",
+        response = error_page(
             429,
-            title=_("Too many requests"),
-            message=_(
-                "Too many subscription requests came from your network. Please try again later."
-            ),
+            _("Too many subscription requests came from your network. Please try again later."),
         )
         response.headers["Retry-After"] = str(retry_after)
         return response
@@ -705,7 +776,7 @@ def create_app(
         return publish.issue_folder(config, slug)
 
     def not_found() -> Response:
-        return page("message.html", 404, title=_("Not found"), message=_("There is no such page."))
+        return error_page(404)
 
     def entries() -> list[publish.ArchiveEntry]:
         return publish.archive_entries(config, publish.visibility(db()).listed)
@@ -795,22 +866,19 @@ def create_app(
         return Response("ok\n", mimetype="text/plain")
 
     def unavailable(message: str) -> Response:
-        response = page(
-            "message.html",
-            503,
-            title=_("Please try again later"),
-            message=message + " " + _("Please try again in a few minutes."),
-        )
+        response = error_page(503, message + " " + _("Please try again in a few minutes."))
         response.headers["Retry-After"] = "120"
         return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        if exc.code == 404:
-            return not_found()
-        return page(
-            "message.html", exc.code or 500, title=exc.name, message=_("That did not work.")
-        )
+        """Werkzeug's errors (404, 405, 413, ...) as the theme's page in the newsletter's
+        language, not Werkzeug's English one; its headers (405's Allow) stay."""
+        response = error_page(exc.code or 500)
+        for name, value in exc.get_headers(request.environ):
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(NewsletterError)
     def newsletter_error(exc: NewsletterError) -> Response:
@@ -822,12 +890,7 @@ def create_app(
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
         LOG.exception("unexpected error")
-        return page(
-            "message.html",
-            500,
-            title=_("Something went wrong"),
-            message=_("Something went wrong on our side. Please try again later."),
-        )
+        return error_page(500)
 
     @app.after_request
     def headers(response: Response) -> Response:
@@ -874,6 +937,7 @@ class _Background:
 
     mail: MailQueue
     storage: DatabaseStorage
+    pool: PooledConnection | None  # PostgreSQL's connections
 
 
 class _Housekeeping:
@@ -907,6 +971,8 @@ def close_app(app: Flask, timeout: float = 5.0) -> int:
     dropped = background.mail.close(timeout)
     if background.mail.pending == 0:  # else a job left running may still count
         background.storage.close()
+        if background.pool is not None:
+            background.pool.close()
     return dropped
 
 
@@ -999,7 +1065,54 @@ def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
             hint="is something else running there? choose another --port",
         ) from None
     server.newsletter_app = app  # waitress keeps only a wrapper of it
+    if hasattr(server, "channel_class"):
+        server.channel_class = _themed_channel_class()
     return server
+
+
+# What every page of ours says about itself (the app's after_request adds the same).
+_PAGE_HEADERS = (
+    ("Content-Security-Policy", PAGE_CSP),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+
+
+@functools.cache
+def _themed_channel_class() -> Any:
+    """waitress's connection class, answering what it refuses itself (a body or headers
+    over the limits, a request it cannot read, a transfer coding it does not know: 413,
+    431, 400, 501) with the theme's error page in the newsletter's language. waitress's
+    own page is English text naming its limits ("exceeds max_body of 65536") and itself."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class ThemedErrorTask(ErrorTask):  # type: ignore[misc]
+        def execute(self) -> None:
+            error = self.request.error
+            app = getattr(self.channel.server, "newsletter_app", None)
+            make_page = app.extensions.get(_ERROR_PAGE) if app is not None else None
+            try:
+                body = make_page(error.code).encode("utf-8") if make_page else None
+                content_type = "text/html; charset=utf-8"
+            except Exception:  # a broken workspace template: still no detail
+                LOG.exception("the error page could not be rendered")
+                body = None
+            if body is None:
+                body = f"{error.code} {error.reason}\r\n".encode("latin-1")
+                content_type = "text/plain; charset=utf-8"
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.extend([("Content-Type", content_type), *_PAGE_HEADERS])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class ThemedChannel(HTTPChannel):  # type: ignore[misc]
+        error_task_class = ThemedErrorTask
+
+    return ThemedChannel
 
 
 def _raise_file_limit(wanted: int) -> None:

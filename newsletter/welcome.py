@@ -1,7 +1,9 @@
 """The welcome mail a subscriber gets once they confirm (``[server] welcome_email``, off by
 default): a short note from the theme's ``welcome_email.txt`` and ``.html`` (a workspace
 may override them), with a link to the latest issue (``welcome_latest_issue``) and an
-unsubscribe link and List-Unsubscribe header of its own, as every mail to a reader has."""
+unsubscribe link and List-Unsubscribe header of its own, as every mail to a reader has.
+Its words, subject and dates are in the newsletter's language, through the theme's
+message catalogs and Babel, as the confirmation's and the issues' are."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from urllib.parse import quote
 
 from . import render
 from .config import Config
-from .message import rfc5322_date, to_field
+from .message import first_name_of, rfc5322_date, to_field
 from .models import Subscriber
 from .publish import ArchiveEntry
 from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
@@ -42,9 +44,10 @@ def welcome_message(
         links.append(f"{config.unsubscribe.url.rstrip('/')}/{token}")
     if config.unsubscribe.mailto:
         links.append(f"mailto:{config.unsubscribe.mailto}?subject={quote('unsubscribe ' + token)}")
-    subject = f"Welcome to {news.name}"
+    _ = render.theme_gettext(config)
+    subject = _("Welcome to %(newsletter)s", newsletter=news.name)
     values = {
-        "greeting": f" {subscriber.name.split()[0]}" if subscriber.name.split() else "",
+        "greeting": first_name_of(subscriber.name, subscriber.fields),
         "email": subscriber.email,
         "newsletter": news.name,
         "tagline": news.tagline,
@@ -56,11 +59,10 @@ def welcome_message(
         if latest is None
         else {
             "title": latest.title,
-            "date": latest.date.isoformat(),
+            "date": render.format_date(latest.date, news.issue_date_format, news.locale),
             "url": urls.issue(latest.slug),
         },
     }
-    env = render.workspace_environment(config)
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = news.sender
     msg["Subject"] = subject
@@ -74,9 +76,13 @@ def welcome_message(
     if config.unsubscribe.url:
         msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(env.get_template(TEXT_TEMPLATE).render(values), cte="quoted-printable")
+    msg.set_content(
+        render.render_theme_template(config, TEXT_TEMPLATE, values), cte="quoted-printable"
+    )
     msg.add_alternative(
-        env.get_template(HTML_TEMPLATE).render(values), subtype="html", cte="quoted-printable"
+        render.render_theme_template(config, HTML_TEMPLATE, values),
+        subtype="html",
+        cte="quoted-printable",
     )
     data = msg.as_bytes()
     after_from = _HEADER_END.search(data)

@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from newsletter import config
 from newsletter.config import Config
 from newsletter.db import Database
+from newsletter.store import Store
 from tests.support import CHROMIUM, TEST_SECRET_KEY, copy_example, load_config
 from tests.support import postgres as pg
+from tests.support.database import ENGINES, new_database
 from tests.support.smtp_server import smtp_server, tls_files
 
 __all__ = ["smtp_server", "tls_files"]
@@ -103,19 +105,26 @@ def postgres_server() -> Iterator[pg.PostgresServer]:
         yield server
 
 
-ENGINES = ("sqlite", "postgresql")
-
-
 @pytest.fixture(params=ENGINES)
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """A new, migrated database on each engine in turn: the store's contract tests take
     this fixture, so every one of them runs on SQLite and on PostgreSQL."""
-    if request.param == "sqlite":
-        yield Database.parse(tmp_path / "newsletter.db")
-        return
-    server: pg.PostgresServer = request.getfixturevalue("postgres_server")
-    database = server.new_database()
-    try:
+    with new_database(request.param, tmp_path / "newsletter.db", request) as database:
         yield database
-    finally:
-        server.drop_database(database)
+
+
+@pytest.fixture
+def other_database(
+    database: Database, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Database]:
+    """A second new, migrated database on the engine of ``database``."""
+    with new_database(database.engine, tmp_path / "other.db", request) as other:
+        yield other
+
+
+@pytest.fixture
+def store(database: Database) -> Iterator[Store]:
+    """The store on each engine in turn (see ``database``): a test that takes it is part
+    of the store's contract, which SQLite and PostgreSQL must both keep."""
+    with Store.open(database) as db:
+        yield db

@@ -192,3 +192,77 @@ def test_postgres_json_patch_writes_what_sqlite_writes(
     got = pg_connection.execute("SELECT nl_json_patch(?, ?)", (encode(target), encode(patch)))
     assert got.fetchone()[0] == wanted
     assert json.loads(wanted) == {**target, **patch}
+
+
+def test_a_postgres_writer_waits_for_another_as_long_as_sqlite_would(
+    postgres_server: PostgresServer,
+) -> None:
+    """SQLite gives up after its busy timeout; PostgreSQL's lock_timeout matches it, so a
+    stuck writer elsewhere gives an error line instead of a command that hangs forever."""
+    conn = connect(postgres_server.new_database())
+    assert conn.execute("SHOW lock_timeout").fetchone()[0] == "30s"
+    conn.close()
+
+
+def test_postgres_text_sorts_as_sqlite_does(database: Database) -> None:
+    """Byte order on both engines whatever the server's locale (tags, exports, times)."""
+    conn = connect(database)
+    migrate_database(conn)
+    for tag in ("b", "B", "a", "_x", "Z"):
+        conn.execute("INSERT INTO imports (file, imported_at) VALUES (?, ?)", (tag, "2026-12-01"))
+    rows = conn.execute("SELECT file FROM imports ORDER BY file").fetchall()
+    assert [r[0] for r in rows] == ["B", "Z", "_x", "a", "b"]
+    conn.close()
+
+
+def test_load_rows_appends_every_value_as_given(database: Database) -> None:
+    """SQLite inserts, PostgreSQL streams a COPY: what COPY's text format escapes (tabs,
+    newlines, backslashes, a literal \\N) and NULL and bytes come back unchanged."""
+    conn = connect(database)
+    blob = "BYTEA" if database.is_postgres else "BLOB"
+    conn.execute(f"CREATE TEMP TABLE loaded (n BIGINT, t TEXT, b {blob}, d TEXT DEFAULT 'x')")
+    rows = [
+        (1, "plain", b"\x00\x01\xff"),
+        (2, "tab\there\nnew line\r\\back\\slash", None),
+        (3, "\\N", b""),
+        (4, None, b"\\x00"),
+        (5, "Chloé 🎉 ''quoted'' \"double\", comma", bytes(range(256))),
+    ]
+    conn.begin(exclusive=False)
+    assert conn.load_rows("loaded", ["n", "t", "b"], iter(rows)) == len(rows)
+    conn.commit()
+    got = [
+        (n, t, None if b is None else bytes(b), d)
+        for n, t, b, d in conn.execute("SELECT n, t, b, d FROM loaded ORDER BY n").fetchall()
+    ]
+    assert got == [(*row, "x") for row in rows]
+    assert conn.load_rows("loaded", ["n"], []) == 0
+    with pytest.raises(ValueError, match="not a plain SQL name"):
+        conn.load_rows("loaded; DROP TABLE loaded", ["n"], [(1,)])
+    conn.close()
+
+
+def test_a_sorted_concatenation_is_the_same_text_on_both_engines(database: Database) -> None:
+    """Byte order on both, whatever the column's collation (a language's collation, as a
+    production server's default may be, puts 'B' after 'a')."""
+    conn = connect(database)
+    # Debian's PostgreSQL is built with ICU: "und-x-icu" is its root collation.
+    collation = ' COLLATE "und-x-icu"' if database.is_postgres else ""
+    conn.execute(f"CREATE TEMP TABLE words (g INTEGER, w TEXT{collation})")
+    words = ["zeta", "B", "a", "émile", "a-b", "ab", "Z"]
+    conn.executemany("INSERT INTO words VALUES (?, ?)", [(1, w) for w in words])
+    concat = conn.dialect.group_concat_sorted("x.w", "' '")
+    row = conn.execute(
+        f"SELECT {concat} FROM (SELECT g, w FROM words ORDER BY w) AS x GROUP BY x.g"
+    ).fetchone()
+    assert row[0] == " ".join(sorted(words))
+    conn.close()
+
+
+def test_a_percent_sign_means_modulo_with_and_without_parameters(database: Database) -> None:
+    """The PostgreSQL rewrite doubles every % for psycopg's placeholders: psycopg must then
+    read the SQL as a template even when no parameter is passed."""
+    conn = connect(database)
+    assert conn.execute("SELECT 7 % 3, '100%'").fetchone() == (1, "100%")
+    assert conn.execute("SELECT ? % 3, '100%'", (8,)).fetchone() == (2, "100%")
+    conn.close()

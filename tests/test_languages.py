@@ -209,6 +209,40 @@ def test_the_service_pages_the_archive_and_the_confirmation_speak_french(
     assert "Hello" not in text and "confirm" not in text.replace("confirmer", "")
 
 
+def test_the_welcome_email_speaks_french(workspace: Path) -> None:
+    import datetime as dt
+
+    from newsletter.models import Status, Subscriber
+    from newsletter.publish import ArchiveEntry
+    from newsletter.welcome import welcome_message
+
+    cfg = set_locale(workspace, "fr")
+    now = dt.datetime(2026, 11, 21, tzinfo=dt.UTC)
+    reader = Subscriber(7, "ann@example.org", "Lee, Ann", {}, Status.ACTIVE, now, now, now, 0)
+    latest = ArchiveEntry(EXAMPLE_SLUG, 1, dt.date(2026, 11, 20), "Trams", "", ())
+    data = welcome_message(cfg, reader, latest=latest)
+    mail = email.message_from_bytes(data, policy=email.policy.default)
+    text_part, html_part = mail.get_body(("plain",)), mail.get_body(("html",))
+    assert text_part is not None and html_part is not None
+    text = str(text_part.get_content()).replace("\r\n", "\n")
+    markup = str(html_part.get_content())
+    shown = {"subject": str(mail["Subject"]), "text": text, "html": render.visible_text(markup)}
+    assert shown["subject"] == "Bienvenue dans The Harbour Ledger"
+    assert text.startswith("Bonjour Ann,\n\nbienvenue dans The Harbour Ledger")
+    assert "Trams (20 novembre 2026)" in text and "Trams (20 novembre 2026)" in shown["html"]
+    assert "Se désabonner" in shown["html"] and 'lang="fr"' in markup
+    # No English word of the welcome's templates or of its subject is left.
+    tagline = cfg.newsletter.tagline  # the workspace's own words, in English here
+    english = set()
+    for msgid, places in theme_catalogs.extract().items():
+        if any(place.startswith(("welcome_email.", "welcome.py")) for place in places):
+            english |= {p.strip(" ,.:;") for p in re.split(r"%\(\w+\)[sd]", msgid)}
+    for word in {w for w in english if len(w) >= 4 and w not in tagline}:
+        for name, seen in shown.items():
+            assert word not in seen, (name, word)
+    assert len(english) > 8
+
+
 def test_a_workspace_overrides_a_service_page(workspace: Path, cfg: Config) -> None:
     page = workspace / "templates" / "service" / "message.html"
     page.parent.mkdir(parents=True)

@@ -4,6 +4,8 @@ The bounces here are the corpus's (tests/inbound/, where test_inbox.py checks ev
 classification): Postfix, Exim, Gmail, Outlook/Office 365, old Exchange and qmail shapes.
 Each quotes the Message-ID of the message that bounced, which the ledger here knows, so
 each refers to a message we sent and is acted on; test_readers.py has the forgeries.
+The tests that take ``store`` run on both engines (the store's contract, see
+tests/test_store.py).
 """
 
 from __future__ import annotations
@@ -100,11 +102,11 @@ def sent_issue(store: Store, issue_key: str, message_ids: dict[str, str]) -> Non
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "db" / "newsletter.db") as db:
-        for address in MESSAGE_IDS:
-            db.add_subscriber(address, address.split("@")[0].title())
-        yield db
+def store(store: Store) -> Store:
+    """The store on each engine (tests/conftest.py) with the corpus's recipients."""
+    for address in MESSAGE_IDS:
+        store.add_subscriber(address, address.split("@")[0].title())
+    return store
 
 
 def corpus_mbox(path: Path, names: list[str] | None = None) -> Path:
@@ -229,7 +231,7 @@ def test_one_broken_mail_never_stops_the_run(store: Store, cfg: Config, tmp_path
     last = (CORPUS / "gmail-hard-no-such-account.eml").read_bytes()
     mbox = write_mbox(tmp_path / "broken.mbox", [first, *broken, last])
     result = CliRunner().invoke(
-        main, ["-C", str(cfg.root), "--db", str(store.path), "bounces", "import", str(mbox)]
+        main, ["-C", str(cfg.root), "--db", str(store.database), "bounces", "import", str(mbox)]
     )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output

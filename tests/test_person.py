@@ -1,14 +1,15 @@
 """One person's data: `subscribers show`, `export-person`, `erase`, and the consent record.
 
-Real SQLite files and the real CLI (click's runner). The erase test reads the database
-files byte by byte: nothing of the person may be left in them.
+The CLI's tests (click's runner) use SQLite files, which the CLI opens; one of them
+reads the files byte by byte: nothing of the person may be left in them. The store's
+tests at the end take the ``store`` fixture and so run on both engines (the store's
+contract, see tests/test_store.py).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from newsletter.cli import main
 from newsletter.dates import parse_signup_date
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
+from newsletter.privacy import describe_erasure
 from newsletter.store import Store
+from tests.support.database import dump
 from tests.support.delivery import record_bounce
 
 ISSUE = "001-first"
@@ -336,7 +339,7 @@ def test_unreadable_sign_up_dates_say_why(text: str, why: str) -> None:
         parse_signup_date(text, now=datetime(2026, 1, 1, tzinfo=UTC))
 
 
-def test_import_consent_file_line_and_date_column(tmp_path: Path) -> None:
+def test_import_consent_file_line_and_date_column(store: Store, tmp_path: Path) -> None:
     csv_file = tmp_path / "mailchimp.csv"
     csv_file.write_text(
         "Email Address,First Name,OPTIN_TIME,CONFIRM_TIME\n".replace("Email Address", "email")
@@ -346,23 +349,22 @@ def test_import_consent_file_line_and_date_column(tmp_path: Path) -> None:
         + "d@example.com,D,,\n",
         encoding="utf-8",
     )
-    with Store.open(tmp_path / "n.db") as store:
-        report = store.import_csv(csv_file)
-        assert report.added == 3 and report.error_count == 1
-        (error,) = report.errors
-        assert error.line == 4
-        assert error.message == (
-            "unreadable date '03/04/2019' in column 'OPTIN_TIME': it could be day/month or"
-            " month/day; write it as YYYY-MM-DD (ISO 8601)"
-        )
-        signed = {}
-        for address in ("a", "b", "d"):
-            record = store.person(f"{address}@example.com")
-            assert record is not None and record.subscriber is not None
-            assert dict(record.subscriber.fields) == {"First Name": address.upper()}
-            (consent,) = record.consents
-            assert consent.source == "import" and consent.confirmed_at is None
-            signed[address] = (consent.origin, consent.signed_up)
+    report = store.import_csv(csv_file)
+    assert report.added == 3 and report.error_count == 1
+    (error,) = report.errors
+    assert error.line == 4
+    assert error.message == (
+        "unreadable date '03/04/2019' in column 'OPTIN_TIME': it could be day/month or"
+        " month/day; write it as YYYY-MM-DD (ISO 8601)"
+    )
+    signed = {}
+    for address in ("a", "b", "d"):
+        record = store.person(f"{address}@example.com")
+        assert record is not None and record.subscriber is not None
+        assert dict(record.subscriber.fields) == {"First Name": address.upper()}
+        (consent,) = record.consents
+        assert consent.source == "import" and consent.confirmed_at is None
+        signed[address] = (consent.origin, consent.signed_up)
     assert signed == {
         "a": ("mailchimp.csv:2", "2019-03-04T12:34:56"),  # OPTIN_TIME before CONFIRM_TIME
         "b": ("mailchimp.csv:3", "2019-05-06T07:08:09"),  # the next column when it is empty
@@ -370,35 +372,35 @@ def test_import_consent_file_line_and_date_column(tmp_path: Path) -> None:
     }
 
 
-def test_the_editors_add_is_recorded_as_such(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "n.db") as store:
-        store.add_subscriber("e@example.com")
-        record = store.person("e@example.com")
-        assert record is not None
-        (consent,) = record.consents
-        assert (consent.source, consent.origin, consent.signed_up) == ("added", "", "")
+def test_the_editors_add_is_recorded_as_such(store: Store) -> None:
+    store.add_subscriber("e@example.com")
+    record = store.person("e@example.com")
+    assert record is not None
+    (consent,) = record.consents
+    assert (consent.source, consent.origin, consent.signed_up) == ("added", "", "")
 
 
-def test_form_consent_is_completed_by_the_click(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "n.db") as store:
-        asked = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-        first = store.request_confirmation(
-            "f@example.com", resend_after=timedelta(0), now=asked, page="/about"
-        )
-        # A second request while the first is open adds nothing.
-        store.request_confirmation(
-            "f@example.com", resend_after=timedelta(0), now=asked + timedelta(hours=1), page="/x"
-        )
-        store.confirm_subscription(first.subscriber.id, issued_at=asked)
-        record = store.person("f@example.com")
-        assert record is not None
-        (consent,) = record.consents
-        assert (consent.source, consent.origin, consent.recorded_at) == ("form", "/about", asked)
-        assert consent.confirmed_at is not None and consent.confirmed_at > asked
-        assert record.confirmation is None
+def test_form_consent_is_completed_by_the_click(store: Store) -> None:
+    asked = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    first = store.request_confirmation(
+        "f@example.com", resend_after=timedelta(0), now=asked, page="/about"
+    )
+    # A second request while the first is open adds nothing.
+    store.request_confirmation(
+        "f@example.com", resend_after=timedelta(0), now=asked + timedelta(hours=1), page="/x"
+    )
+    store.confirm_subscription(first.subscriber.id, issued_at=asked)
+    record = store.person("f@example.com")
+    assert record is not None
+    (consent,) = record.consents
+    assert (consent.source, consent.origin, consent.recorded_at) == ("form", "/about", asked)
+    assert consent.confirmed_at is not None and consent.confirmed_at > asked
+    assert record.confirmation is None
 
 
 def test_consent_of_subscribers_from_before_is_taken_from_their_history(tmp_path: Path) -> None:
+    """SQLite only: a SQLite file from before consent was recorded (PostgreSQL databases
+    start at the schema that has it)."""
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
     migrate(conn, MIGRATIONS[:5], where="old")
@@ -436,12 +438,6 @@ def test_consent_of_subscribers_from_before_is_taken_from_their_history(tmp_path
     ]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "s.db") as db_:
-        yield db_
-
-
 def test_person_is_none_when_nothing_is_held(store: Store) -> None:
     assert store.person("ghost@example.com") is None
     store.add_subscriber("g@example.com")
@@ -450,9 +446,70 @@ def test_person_is_none_when_nothing_is_held(store: Store) -> None:
     assert record is not None and record.suppression is not None
 
 
+def populate_store(store: Store) -> None:
+    """populate() through the store alone: Ann added with a field, sent two issues,
+    bounced softly once, unsubscribed, then asked again through the form; Bob alongside;
+    a hard bounce that names her address in other letters."""
+    store.add_subscriber("bob@example.com", "Bob", {"city": "Oslo"})
+    store.add_subscriber(ADDRESS, NAME, {"city": CITY})
+    send(store, ISSUE)
+    record_bounce(
+        store,
+        ADDRESS,
+        BounceKind.SOFT,
+        "4.2.2",
+        f"smtp; 452 4.2.2 <{ADDRESS}>: mailbox full",
+        key="<dsn-1@mx.example.net>",
+        issue_key=ISSUE,
+    )
+    send(store, LATER)
+    store.unsubscribe(ADDRESS, "one-click", f"issue {LATER}")
+    store.request_confirmation(ADDRESS, resend_after=timedelta(0), page="/join")  # open
+    record_bounce(
+        store, ADDRESS.upper(), BounceKind.HARD, "5.1.1", f"550 <{ADDRESS}> unknown",
+        key="<dsn-2@mx.example.net>",
+    )  # fmt: skip
+
+
+def test_erase_leaves_only_the_hash_and_counts_in_the_rows(store: Store) -> None:
+    """Every row of every table, on both engines: what a query can still find. What the
+    engine's files may still hold is the next test's (SQLite only)."""
+    populate_store(store)
+    before = dump(store).lower()
+    for trace in ("ann.lee", NAME, CITY, f"{ISSUE}.2@x", "mailbox full", "/join"):
+        assert trace.lower() in before, trace  # the dump would show each
+    erased = store.erase_person(ADDRESS)
+    assert (erased.subscriber, erased.events, erased.deliveries) == (True, 2, 2)
+    assert (erased.bounces, erased.consents) == (2, 2)
+    assert erased.suppression.reason == "unsubscribed"
+    # SQLite overwrites deleted content and empties its log; a PostgreSQL server keeps
+    # old row versions until VACUUM and its log until recycled, and the erasure says so.
+    assert erased.copies_cleared is not store.is_postgres
+    assert erased.server_keeps_copies is store.is_postgres
+    assert ("until VACUUM" in describe_erasure(erased)) is store.is_postgres
+    after = dump(store).lower()
+    for trace in ("ann.lee", NAME, CITY, f"{ISSUE}.2@x", "mailbox full", "/join"):
+        assert trace.lower() not in after, trace
+    assert "bob@example.com" in after
+    assert store.get_subscriber(ADDRESS) is None and store.person(ADDRESS) is not None
+    assert store.erased_counts(ISSUE) == store.erased_counts(LATER) == {DeliveryState.SENT: 1}
+    assert store.ledger_counts(ISSUE)[DeliveryState.SENT] == 1  # Bob's
+    assert [(b.kind, b.email, b.diagnostic) for b in store.bounces_for_issue(ISSUE)] == [
+        (BounceKind.SOFT, "", "")
+    ]
+    again = store.erase_person(ADDRESS)  # nothing more to find: only the entry stays
+    assert (again.subscriber, again.bounces) == (False, 0)
+    assert again.suppression == erased.suppression
+
+
 def test_erase_leaves_no_earlier_version_of_the_row_either(tmp_path: Path) -> None:
     """A row rewritten by updates leaves its old versions in free space and in the
-    write-ahead log; erasing must not leave those behind."""
+    write-ahead log; erasing must not leave those behind.
+
+    SQLite only: its files are the whole database and the store can clear them
+    (secure_delete, a checkpoint). A PostgreSQL server keeps old row versions until
+    VACUUM and its write-ahead log until recycled, outside the store's reach; there
+    ``Erasure.server_keeps_copies`` says so (see the test above)."""
     path = tmp_path / "n.db"
     names = [f"Version{i} " + "Q" * (i * 7) for i in range(6)]
     with Store.open(path) as store:

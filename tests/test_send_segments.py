@@ -1,4 +1,8 @@
-"""`send --segment`: the ledger fixes the segment with the recipients; paused readers are out."""
+"""`send --segment`: the ledger fixes the segment with the recipients; paused readers are out.
+
+The store's tests take ``store`` and run on both engines (tests/test_store.py); the
+command line's use a SQLite file, which is what its --db takes for now.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,6 @@ from tests.support.smtp_server import ServerFactory, SmtpTestServer
 
 EUROPE = make_segment("europe", "tag:europe")
 HARBOURS = make_segment("harbours", "tag:harbours")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store.open(tmp_path / "ledger.db")
 
 
 def fill(store: Store) -> None:

@@ -1,10 +1,28 @@
-"""The store against real SQLite files: subscribers, CSV import, and the delivery ledger."""
+"""The store's contract: what every database engine must do, tested on each of them.
+
+Like Django's shared backend tests, one suite runs unchanged against every engine the
+store supports: a test that takes the ``store`` fixture (or ``database``, see
+tests/conftest.py) runs once on a SQLite file and once on a PostgreSQL database of the
+test's own, and both must pass. An engine is supported when this suite, and the other
+modules whose tests take those fixtures, are green on it; a difference between engines
+is a bug in the store, not in the test. Tests that take ``db_path`` check what only
+SQLite has (its file, WAL, the send lock beside the file, migrating old files); those
+marked ``SQLITE_ONLY`` (tests/support) say why they run on SQLite alone.
+
+The other modules in the contract: test_person, test_readers, test_mailboxes,
+test_segments, test_send_segments, test_suppression and test_tags (their store tests).
+
+Topics: subscribers, the subscription service, schedules and counts, CSV import and
+export, and the delivery ledger.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -23,20 +41,22 @@ from hypothesis import strategies as st
 from newsletter.db import Database, connect
 from newsletter.errors import DeliveryError, StoreError
 from newsletter.migrations import MIGRATIONS, migrate
-from newsletter.models import DeliveryResult, DeliveryState, RowError, SenderRun, Status
+from newsletter.models import (
+    BounceKind,
+    DeliveryResult,
+    DeliveryState,
+    RowError,
+    ScheduleState,
+    SenderRun,
+    Status,
+)
 from newsletter.store import Store
 from newsletter.store import subscribers as store_subscribers
 from tests.support import REPO
+from tests.support.delivery import record_bounce
 from tests.support.postgres import PostgresServer
 
 ISSUE = "2024-05"
-
-
-@pytest.fixture
-def store(database: Database) -> Iterator[Store]:
-    """The store on each engine in turn: these tests are its contract."""
-    with Store.open(database) as db:
-        yield db
 
 
 @pytest.fixture
@@ -160,6 +180,24 @@ def test_invalid_address_is_refused(store: Store) -> None:
         store.add_subscriber("not-an-address")
 
 
+@pytest.mark.parametrize(
+    ("name", "fields", "what"),
+    [
+        ("Ann\x00Lee", {}, "the name"),
+        ("Ann", {"city": "Os\x00lo"}, "the field 'city'"),
+        ("Ann", {"ci\x00ty": "Oslo"}, "the field name"),
+    ],
+)
+def test_a_nul_character_is_refused_on_every_engine(
+    store: Store, name: str, fields: dict[str, str], what: str
+) -> None:
+    """PostgreSQL cannot store NUL in text (nor \\u0000 in JSON): both engines refuse it."""
+    with pytest.raises(StoreError, match="holds a NUL character") as info:
+        store.add_subscriber("ann@example.com", name, fields)
+    assert str(info.value).startswith(f"{store.database}: {what}")
+    assert store.count() == 0 and store.field_names() == set()
+
+
 def test_status_changes_are_recorded_as_events(store: Store) -> None:
     sub = store.add_subscriber("a@example.com")
     store.set_status("A@example.com", Status.UNSUBSCRIBED, "link", "clicked in issue 3")
@@ -207,6 +245,150 @@ def test_remove_refuses_with_ledger_rows_unless_forced(store: Store) -> None:
     store.remove_subscriber("FRESH@example.com")
     assert store.get_subscriber("fresh@example.com") is None
     assert store.count() == 1
+
+
+def test_field_names_and_tag_counts(store: Store) -> None:
+    store.add_subscriber("a@example.com", "A", {"City": "Oslo", "plan": "pro"})
+    store.add_subscriber("b@example.com", "B", {"city": "Lyon"})
+    store.add_subscriber("c@example.com")
+    assert store.field_names() == {"city", "plan"}
+    store.change_tags("a@example.com", add=["europe", "harbours"])
+    store.change_tags("b@example.com", add=["europe"])
+    assert store.tag_counts() == {"europe": 2, "harbours": 1}
+
+
+# --- the subscription service ---------------------------------------------------------------
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def test_a_confirmation_is_reserved_once_and_released_when_it_cannot_go(store: Store) -> None:
+    every = timedelta(minutes=10)
+    first = store.request_confirmation("new@example.com", "New", resend_after=every, now=NOW)
+    assert (first.send, first.created, first.previous_sent_at) == (True, True, None)
+    assert first.subscriber.status == Status.PENDING
+    soon = store.request_confirmation("new@example.com", resend_after=every, now=NOW)
+    assert (soon.send, soon.created) == (False, False)
+    store.release_confirmation(first)  # its email could not be sent
+    assert store.confirmation_sent_at("new@example.com") is None
+    again = store.request_confirmation(
+        "new@example.com", resend_after=every, now=NOW + timedelta(minutes=1)
+    )
+    assert again.send and again.previous_sent_at is None
+    later = store.request_confirmation(
+        "new@example.com", resend_after=every, now=NOW + timedelta(minutes=20)
+    )
+    assert later.send and later.previous_sent_at == NOW + timedelta(minutes=1)
+    record = store.person("new@example.com")
+    assert record is not None and record.confirmation is not None
+    assert record.confirmation.sends == 2
+    store.release_confirmation(later)
+    assert store.confirmation_sent_at("new@example.com") == NOW + timedelta(minutes=1)
+    record = store.person("new@example.com")
+    assert record is not None and record.confirmation is not None
+    assert record.confirmation.sends == 1
+    store.add_subscriber("active@example.com")
+    assert not store.request_confirmation("active@example.com", resend_after=every).send
+
+
+def test_prune_pending_deletes_only_form_sign_ups_nobody_confirmed_in_time(store: Store) -> None:
+    old = NOW - timedelta(days=3)
+    store.request_confirmation("old@example.com", resend_after=timedelta(0), now=old)
+    store.request_confirmation("asked-again@example.com", resend_after=timedelta(0), now=old)
+    store.request_confirmation(
+        "asked-again@example.com", resend_after=timedelta(0), now=NOW - timedelta(hours=1)
+    )
+    confirmed = store.request_confirmation(
+        "confirmed@example.com", resend_after=timedelta(0), now=old
+    )
+    store.confirm_subscription(confirmed.subscriber.id, issued_at=old)
+    store.request_confirmation("fresh@example.com", resend_after=timedelta(0), now=NOW)
+    store.add_subscriber("editor@example.com", status=Status.PENDING)  # the editor's data
+    assert store.prune_pending(timedelta(hours=48), now=NOW) == 1
+    assert store.get_subscriber("old@example.com") is None
+    assert {s.email for s in store.list_subscribers()} == {
+        "asked-again@example.com",
+        "confirmed@example.com",
+        "fresh@example.com",
+        "editor@example.com",
+    }
+    assert store.prune_pending(timedelta(hours=48), now=NOW) == 0
+
+
+# --- schedules and the counts the worker and /metrics read -----------------------------------
+
+
+def test_a_schedule_moves_through_its_states(store: Store) -> None:
+    late, early = NOW + timedelta(hours=2), NOW - timedelta(minutes=5)
+    assert store.next_schedule_at() is None
+    store.set_schedule("2024-06", late, zone="Europe/Oslo")
+    entry = store.set_schedule("2024-05", early, source="issue.md")
+    assert (entry.state, entry.send_at, entry.source, entry.zone) == (
+        ScheduleState.SCHEDULED, early, "issue.md", ""
+    )  # fmt: skip
+    assert [e.issue_key for e in store.list_schedules()] == ["2024-05", "2024-06"]
+    assert [e.issue_key for e in store.due_schedules(NOW)] == ["2024-05"]
+    assert store.next_schedule_at() == early
+    assert store.update_schedule("2024-05", ScheduleState.SENDING)
+    with pytest.raises(DeliveryError, match="being sent by the worker"):
+        store.set_schedule("2024-05", late)
+    assert [e.issue_key for e in store.due_schedules(NOW)] == ["2024-05"]  # resumed
+    assert not store.update_schedule(
+        "2024-05", ScheduleState.CANCELLED, only_from=[ScheduleState.SCHEDULED]
+    )
+    assert not store.update_schedule("nope", ScheduleState.SENT)
+    # Put off until not_before: not due before then, and the next time is then.
+    wait = NOW + timedelta(hours=1)
+    assert store.update_schedule("2024-05", ScheduleState.SCHEDULED, error="4xx", not_before=wait)
+    put_off = store.get_schedule("2024-05")
+    assert put_off is not None and (put_off.last_error, put_off.not_before) == ("4xx", wait)
+    assert store.due_schedules(NOW) == []
+    assert [e.issue_key for e in store.due_schedules(wait)] == ["2024-05"]
+    assert store.next_schedule_at() == wait
+    assert store.update_schedule("2024-05", ScheduleState.SENT)
+    assert store.next_schedule_at() == late
+    moved = store.set_schedule("2024-05", late)  # a finished one can be scheduled again
+    assert (moved.state, moved.not_before, moved.last_error) == (ScheduleState.SCHEDULED, None, "")
+    assert store.get_schedule("nope") is None
+
+
+def test_deferred_rows_due_to_the_worker_and_the_days_sent_count(store: Store) -> None:
+    a, b, c = add_many(store, 3)
+    store.snapshot_recipients(ISSUE)
+    store.claim_batch(ISSUE, "w", 3)
+    retry = datetime.now(UTC) + timedelta(hours=1)
+    store.record_results(
+        [
+            result(a, DeliveryState.DEFERRED, "451", retry_at=retry),
+            result(b, DeliveryState.DEFERRED, "452"),  # parked for the next run
+            result(c, DeliveryState.SENT),
+        ]
+    )
+    now = datetime.now(UTC)
+    assert store.deferred_due(now, parked_before=now - timedelta(hours=1)) == []
+    assert store.deferred_due(now, parked_before=now + timedelta(minutes=1)) == [ISSUE]
+    after = retry + timedelta(seconds=1)
+    assert store.deferred_due(after, parked_before=now - timedelta(hours=1)) == [ISSUE]
+    assert store.deferred_due(after, now - timedelta(hours=1), max_attempts=1) == []
+    assert store.sent_since(now - timedelta(hours=1)) == 1
+    assert store.sent_since(now + timedelta(hours=1)) == 0
+
+
+def test_metric_counts_are_labels_and_numbers(store: Store) -> None:
+    ids = add_many(store, 3)
+    store.unsubscribe(ids[2], "link")
+    store.snapshot_recipients(ISSUE)
+    record_bounce(store, "reader1@example.com", BounceKind.SOFT, "4.2.2", "full", key="<b@mx>")
+    store.set_schedule("2024-06", NOW)
+    counts = {name: sorted(rows) for name, rows in store.metric_counts().items()}
+    assert counts == {
+        "subscribers": [("active", "2"), ("unsubscribed", "1")],
+        "ledger": [(ISSUE, "queued", "2")],
+        "events": [("active", "", "3"), ("unsubscribed", "active", "1")],
+        "inbound": [("test", "applied", "1")],
+        "bounces": [("soft", "1")],
+        "schedules": [("scheduled", "1")],
+    }
 
 
 # --- import ---------------------------------------------------------------------------------
@@ -328,6 +510,233 @@ def test_duplicates_merge_within_the_file_and_with_the_database(
     assert dict(old.fields) == {"city": "Rome", "plan": "paid"}
     again = store.import_csv(csv_file)
     assert (again.added, again.updated, again.unchanged) == (0, 0, 3)
+
+
+def test_an_address_repeated_many_times_folds_in_line_order(store: Store, tmp_path: Path) -> None:
+    """Later non-empty cells win, fields keep the order they first came in, the first
+    status that stops mail stays, tags add up, the first dates stay."""
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,b,a,tags,status,signup_date,consent_at\n"
+        "rep@example.com,One,1,,x,,,\n"  # line 2
+        "solo@example.com,Solo,,,,,,\n"
+        "REP@example.com,,,2,y,active,2020-01-02,\n"
+        "rep@example.com,Three,3,,,bounced,2019-05-05,2021-01-01\n"
+        "Rep@Example.com,,,,z;x,unsubscribed,,2022-02-02\n"
+        "rep@example.com,Five,,,,active,,\n",
+    )
+    report = store.import_csv(csv_file)
+    assert (report.rows, report.added, report.duplicates, report.error_count) == (6, 2, 4, 0)
+    assert dict(report.new_by_status) == {"active": 1, "bounced": 1}
+    rep = store.get_subscriber("rep@example.com")
+    assert rep is not None
+    assert (rep.email, rep.name, rep.status) == ("rep@example.com", "Five", Status.BOUNCED)
+    assert list(rep.fields.items()) == [("b", "3"), ("a", "2")]
+    assert store.tags_of("rep@example.com") == ["x", "y", "z"]
+    record = store.person("rep@example.com")
+    assert record is not None and record.suppression is not None
+    assert record.suppression.reason == "bounced"
+    (consent,) = record.consents
+    assert (consent.origin, consent.signed_up) == ("list.csv:2", "2020-01-02")
+    assert consent.confirmed_at == datetime(2021, 1, 1, tzinfo=UTC)
+    assert [s.email for s in store.list_subscribers()] == ["rep@example.com", "solo@example.com"]
+
+
+def test_folding_many_repeats_matches_the_rules_row_by_row(store: Store, tmp_path: Path) -> None:
+    """Repeats are merged in pairs, round after round; the result must be what applying
+    the rules one row after another gives (uneven counts, up to 77 repeats)."""
+    rng = random.Random(16)
+    keys = [f"r{i}@example.com" for i in range(6)]
+    order = [k for k, n in zip(keys, (1, 2, 3, 13, 33, 77), strict=True) for _ in range(n)]
+    rng.shuffle(order)
+    lines = ["email,name,b,a,c,tags,status,signup_date"]
+    expected: dict[str, dict[str, object]] = {}
+    for key in order:
+        pick = rng.choice
+        row = {
+            "name": pick(["", "", "Ann", "Bo", f"N{rng.randrange(99)}"]),
+            "b": pick(["", "", "1", "2"]),
+            "a": pick(["", "x", "y"]),
+            "c": pick(["", "", "", "z"]),
+            "tags": pick(["", "", "t1", "t2;t3", "t3"]),
+            "status": pick(["", "", "active", "pending", "bounced", "unsubscribed"]),
+            "signup_date": pick(["", "", "2020-01-0" + str(rng.randrange(1, 9))]),
+        }
+        email = key.upper() if rng.random() < 0.3 else key
+        lines.append(",".join([email, *row.values()]))
+        now = expected.setdefault(
+            key, {"name": "", "fields": {}, "status": "active", "tags": set(), "since": ""}
+        )
+        now["name"] = row["name"] or now["name"]
+        fields = now["fields"]
+        assert isinstance(fields, dict)
+        fields.update({k: row[k] for k in ("b", "a", "c") if row[k]})
+        if now["status"] == "active":
+            now["status"] = row["status"] or "active"
+        tags = now["tags"]
+        assert isinstance(tags, set)
+        tags.update(t for t in row["tags"].split(";") if t)
+        now["since"] = now["since"] or row["signup_date"]
+    report = store.import_csv(write(tmp_path / "many.csv", "\n".join(lines) + "\n"))
+    assert (report.rows, report.duplicates, report.error_count) == (129, 123, 0)
+    for key, want in expected.items():
+        got = store.get_subscriber(key)
+        assert got is not None
+        record = store.person(key)
+        assert record is not None
+        held = {
+            "name": got.name,
+            "fields": dict(got.fields),
+            "status": got.status.value,
+            "tags": set(store.tags_of(key)),
+            "since": record.consents[0].signed_up,
+        }
+        assert held == want, key
+        assert list(got.fields) == list(want["fields"])  # type: ignore[call-overload]
+
+
+def test_the_history_lists_the_tags_an_import_adds_in_byte_order(
+    store: Store, tmp_path: Path
+) -> None:
+    for name in ("ann", "bob"):
+        store.add_subscriber(f"{name}@example.com")
+    store.change_tags("bob@example.com", add=["kept"])
+    csv_file = write(
+        tmp_path / "tags.csv",
+        "email,tags\nbob@example.com,zeta;Kept;Émile;b-side\nann@example.com,mid;alpha\n"
+        "bob@example.com,alpha\n",
+    )
+    assert store.import_csv(csv_file).updated == 2
+    details = {
+        name: store.subscriber_events(f"{name}@example.com")[-1].detail for name in ("ann", "bob")
+    }
+    assert details == {
+        "ann": "file tags.csv: +alpha +mid",
+        "bob": "file tags.csv: +alpha +b-side +zeta +émile",
+    }
+
+
+def test_a_nul_character_is_a_bad_row_at_its_line_and_column(store: Store, tmp_path: Path) -> None:
+    """No text column of PostgreSQL can hold a NUL: a row with one is a bad row (on both
+    engines alike), the rest of the file goes in."""
+    csv_file = write(
+        tmp_path / "list.csv",
+        "email,name,city\nann@example.com,Ann,Oslo\nbob@example.com,B\x00b,Rome\n"
+        "carl@example.com,Carl,Li\x00ma,\x00\n\x00\ndana@example.com,Dana,\n",
+    )
+    report = store.import_csv(csv_file)
+    assert [(e.line, e.message) for e in report.errors] == [
+        (3, "column 'name' holds a NUL character: remove it"),
+        (4, "column 'city' holds a NUL character: remove it"),
+        (5, "column 'email' holds a NUL character: remove it"),
+    ]
+    assert (report.rows, report.added) == (5, 2)
+    assert [s.email for s in store.list_subscribers()] == ["ann@example.com", "dana@example.com"]
+
+
+def test_a_nul_character_in_a_column_name_refuses_the_file(store: Store, tmp_path: Path) -> None:
+    csv_file = write(tmp_path / "list.csv", "email,ci\x00ty\nann@example.com,Oslo\n")
+    with pytest.raises(StoreError, match="a column name holds a NUL character") as caught:
+        store.import_csv(csv_file)
+    assert caught.value.where == f"{csv_file}:1"
+    assert store.count() == 0
+
+
+def test_an_address_suppressed_while_the_file_is_read_is_still_left_out(
+    store: Store, database: Database, tmp_path: Path
+) -> None:
+    """Nothing was suppressed when the import began (so no row was hashed); by the merge
+    an address of the file was: it is hashed then and left out."""
+    csv_file = write(
+        tmp_path / "list.csv", "email,name\nbroken,X\nleft@example.com,L\nnew@example.com,N\n"
+    )
+
+    def meanwhile(error: RowError) -> None:
+        with Store.open(database) as other:  # another process, during the read
+            other.add_subscriber("left@example.com")
+            other.remove_subscriber("left@example.com")
+
+    report = store.import_csv(csv_file, on_error=meanwhile)
+    assert (report.added, report.suppressed, report.error_count) == (1, 1, 1)
+    assert [s.email for s in store.list_subscribers()] == ["new@example.com"]
+
+
+# Every path of the merge: new rows of each status, duplicates, fields merged into an
+# existing subscriber, tags new and known, dates, a suppressed address, bad rows.
+SAME_ON_BOTH = (
+    "email,name,city,plan,tags,status,signup_date,consent_at\n"
+    "ann@example.com,Ann,Oslo,,europe;harbours,,2024-03-01,\n"
+    "ANN@example.com,,Bergen,pro,ferries,,2023-01-01,2024-03-02 10:00:00\n"
+    "bob@example.com,Bob,,,,unsubscribed,,\n"
+    "carl@example.com,Carl,Rome,free,b-tag;A-tag,,,\n"
+    "old@example.com,,Lyon,,zeta;alpha;kept,,,\n"
+    "gone@example.com,Gone,,,,,,\n"
+    "dana@example.com,Dana,,,,cleaned,,\n"
+    "bad-address,X,,,,,,\n"
+    "eve@example.com,E\x00ve,,,,,,\n"
+    "ann@example.com,Ann Again,,,europe,complained,,\n"
+    "quit@example.com,Q,,,news,,,\n"
+    'fay@example.com,Fay,"Sète, ""port""",,,pending,2022-12-31T23:59:59Z,\n'
+)
+
+
+def _before_the_import(store: Store) -> None:
+    store.add_subscriber("old@example.com", "Old", {"city": "Paris", "plan": "free"})
+    store.change_tags("old@example.com", add=["kept"])
+    store.add_subscriber("gone@example.com")
+    store.remove_subscriber("gone@example.com")
+    store.add_subscriber("quit@example.com", "Quit")
+    store.unsubscribe("quit@example.com", "link")
+
+
+def _list_of(store: Store) -> list[tuple[object, ...]]:
+    """What the list holds, without the times of this run."""
+    held: list[tuple[object, ...]] = []
+    for sub in sorted(store.list_subscribers(), key=lambda s: s.email):
+        record = store.person(sub.email)
+        assert record is not None
+        held.append(
+            (
+                sub.email,
+                sub.name,
+                list(sub.fields.items()),
+                sub.status,
+                store.tags_of(sub.email),
+                [(c.source, c.origin, c.signed_up, c.confirmed_at) for c in record.consents],
+                [(e.old_status, e.new_status, e.reason, e.detail) for e in record.events],
+            )
+        )
+    for address in ("ann", "bob", "dana", "gone", "quit", "eve", "nobody"):
+        entry = store.suppression(f"{address}@example.com")
+        held.append((address, None if entry is None else entry.reason))
+    return held
+
+
+def test_one_file_gives_the_same_list_on_both_engines(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    csv_file = write(tmp_path / "list.csv", SAME_ON_BOTH)
+    lists, reports = [], []
+    for database in (Database.parse(tmp_path / "n.db"), postgres_server.new_database()):
+        with Store.open(database) as store:
+            _before_the_import(store)
+            dry = store.import_csv(csv_file, dry_run=True)
+            report = store.import_csv(csv_file)
+            assert dataclasses.replace(dry, dry_run=False) == report
+            lists.append(_list_of(store))
+            reports.append(report)
+    assert lists[0] == lists[1]
+    assert reports[0] == reports[1]
+    report = reports[0]
+    assert (report.added, report.updated, report.unchanged, report.suppressed) == (5, 1, 0, 1)
+    assert (report.skipped_inactive, report.duplicates, report.error_count) == (1, 2, 2)
+    assert dict(report.new_by_status) == {
+        "active": 1,
+        "bounced": 1,
+        "complained": 1,
+        "pending": 1,
+        "unsubscribed": 1,
+    }
 
 
 def test_import_never_reactivates(store: Store, tmp_path: Path) -> None:
@@ -808,6 +1217,30 @@ def test_processes_creating_one_database_at_once(db_path: Path) -> None:
     with Store.open(db_path) as db:
         assert db.schema_version == len(MIGRATIONS)
         assert db.count() == 4
+
+
+def test_an_import_from_a_pipe_reads_it_once_and_still_checks_every_row(
+    store: Store, tmp_path: Path
+) -> None:
+    """A pipe cannot be scanned for NUL characters first and read again: its rows are
+    checked one by one (a regression: the scan used to consume the pipe)."""
+    fifo = tmp_path / "list.csv"
+    os.mkfifo(fifo)
+    text = "email,name\nann@example.com,Ann\nnul@example.com,Bad\x00Name\nbob@example.com,Bob\n"
+
+    def feed() -> None:
+        with fifo.open("w", encoding="utf-8") as writer:
+            writer.write(text)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        report = store.import_csv(fifo)
+    finally:
+        writer.join()
+    assert (report.added, report.error_count) == (2, 1)
+    assert report.errors[0].line == 3
+    assert [s.email for s in store.list_subscribers()] == ["ann@example.com", "bob@example.com"]
 
 
 # --- the runs that send: one at a time on SQLite, any number on PostgreSQL ----------------

@@ -1,6 +1,7 @@
 """Suppression: an address that left (unsubscribed, bounced, complained, removed) stays out.
 
-Real SQLite files and the real CLI. Every way a subscriber can leave is followed by a
+Real databases on both engines (the store's contract, see tests/test_store.py) and the
+real CLI. Every way a subscriber can leave is followed by a
 deletion and a re-import of an old CSV: nobody comes back but through their own
 double opt-in.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,21 +18,17 @@ import pytest
 from click.testing import CliRunner, Result
 
 from newsletter.cli import main
+from newsletter.db import Database
 from newsletter.errors import StoreError
 from newsletter.migrations import MIGRATIONS, migrate
 from newsletter.models import BounceKind, DeliveryResult, DeliveryState, Status
 from newsletter.store import Store
+from tests.support.database import dump
 from tests.support.delivery import record_bounce
 
 ISSUE = "2024-05"
 ADDRESS = "Ann.Lee@Example.COM"
 KEY = "ann.lee@example.com"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "newsletter.db") as db:
-        yield db
 
 
 def old_csv(tmp_path: Path) -> Path:
@@ -49,16 +46,6 @@ def send(store: Store, issue: str = ISSUE) -> None:
             DeliveryResult(issue, c.subscriber.id, DeliveryState.SENT, "250 ok", f"<{i}@x>")
             for i, c in enumerate(claimed)
         )
-
-
-def dump(store: Store) -> str:
-    """Everything the database holds, as SQL text."""
-    assert store.path is not None
-    conn = sqlite3.connect(store.path)
-    try:
-        return "\n".join(conn.iterdump())
-    finally:
-        conn.close()
 
 
 # --- every way of leaving ------------------------------------------------------------------
@@ -195,20 +182,18 @@ def test_import_counts_add_up_with_suppressed_rows(store: Store, tmp_path: Path)
 
 
 def test_the_entry_holds_no_plain_address_and_its_hash_is_keyed_per_database(
-    tmp_path: Path,
+    database: Database, other_database: Database
 ) -> None:
     hashes = []
-    for name in ("one.db", "two.db"):
-        with Store.open(tmp_path / name) as db:
+    for where in (database, other_database):
+        with Store.open(where) as db:
             db.add_subscriber(ADDRESS, "Ann Lee", {"city": "Oslo"})
+            assert "ann.lee" in dump(db).lower()  # the dump would show it
             db.remove_subscriber(ADDRESS)
-            assert db.suppression(ADDRESS) is not None
+            assert db.suppression(ADDRESS) is not None and db.count_suppressions() == 1
             text = dump(db)
             assert "ann.lee" not in text.lower() and "Oslo" not in text
-            conn = sqlite3.connect(tmp_path / name)
-            (digest,) = conn.execute("SELECT address_hash FROM suppressions").fetchone()
-            conn.close()
-            hashes.append(digest)
+            hashes.append(bytes(db._one("SELECT address_hash FROM suppressions")[0]))
     # Not a plain hash anyone can recompute, and not the same in two databases.
     assert hashes[0] != hashes[1]
     for plain in (hashlib.sha256(KEY.encode()).digest(), hashlib.md5(KEY.encode()).digest()):

@@ -1,4 +1,7 @@
-"""Tags: on subscribers, in the history, in the CSV import and export, on the command line."""
+"""Tags: on subscribers, in the history, in the CSV import and export, on the command line.
+
+The store's tests take ``store`` and run on both engines (tests/test_store.py).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,6 @@ from newsletter.errors import StoreError
 from newsletter.models import Status
 from newsletter.segments import TagError, make_segment, normalize_tag, split_tags
 from newsletter.store import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store.open(tmp_path / "db" / "newsletter.db")
 
 
 def write(path: Path, text: str) -> Path:

@@ -117,7 +117,7 @@ _COLOURS = """() => {
     body: getComputedStyle(document.body).backgroundColor,
     paper: style('.paper').backgroundColor,
     text: style('.paper p').color,
-    heading: style('h2[id^="article-"]').color,
+    heading: style('h2:not(.toc-title)').color,
   };
 }"""
 

@@ -22,7 +22,9 @@ from ..db import (
     Connection,
     Database,
     DatabaseError,
+    Dialect,
     OperationalError,
+    PooledConnection,
     SqliteConnection,
     connect,
     connect_sqlite,
@@ -71,6 +73,19 @@ _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def _fields_json(fields: Mapping[str, str]) -> str:
     return _to_json(dict(fields))
+
+
+def _refuse_nul(texts: Mapping[str, str], where: str) -> None:
+    """Refuse text holding a NUL character, on both engines alike: PostgreSQL cannot store
+    one in text (nor ``\\u0000`` in JSON), and no name or field needs one.
+    ``texts`` maps what each value is (``name``, ``field 'city'``) to the value."""
+    for what, text in texts.items():
+        if "\x00" in text:
+            raise StoreError(
+                f"the {what} holds a NUL character (0x00)",
+                where=where,
+                hint="remove it: it is not text a subscriber's data can hold",
+            )
 
 
 _SUBSCRIBER_COLUMNS = (
@@ -175,7 +190,8 @@ def _forget(conn: Connection, subscriber_id: int) -> None:
         "INSERT INTO erased_deliveries (issue_key, state, count)"
         " SELECT issue_key, state, count(*) FROM deliveries WHERE subscriber_id = ?"
         " GROUP BY issue_key, state"
-        " ON CONFLICT (issue_key, state) DO UPDATE SET count = count + excluded.count",
+        " ON CONFLICT (issue_key, state)"
+        " DO UPDATE SET count = erased_deliveries.count + excluded.count",
         (subscriber_id,),
     )
     conn.execute(
@@ -226,12 +242,12 @@ def _setup_lock(db: Path | None) -> Iterator[None]:
 _NOT_PAUSED = "s.id NOT IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)"
 
 
-def _recipient_filter(segment: Segment | None) -> tuple[str, list[Any]]:
+def _recipient_filter(segment: Segment | None, dialect: Dialect) -> tuple[str, list[Any]]:
     """The condition on ``s`` for whom a send goes to: active, not paused, in ``segment``."""
     where = f"s.status = 'active' AND {_NOT_PAUSED}"
     params: list[Any] = [PAUSED]
     if segment is not None:
-        sql, values = segment.sql()
+        sql, values = segment.sql(dialect)
         where += f" AND ({sql})"
         params.extend(values)
     return where, params
@@ -322,7 +338,7 @@ class StoreBase:
         """A write transaction. ``exclusive`` (the default) waits for every other writer
         (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so read-then-write logic
         never interleaves; the send's hot path passes False and relies on row locks."""
-        with self._lock:
+        with self._turn():
             conn = self._conn
             sqlite_durable = durable and isinstance(conn, SqliteConnection)
             try:
@@ -344,11 +360,18 @@ class StoreBase:
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Connection]:
         """The connection for reads outside a transaction (each statement on its own)."""
-        with self._lock:
+        with self._turn():
             try:
                 yield self._conn
             except OperationalError as exc:
                 raise self._db_error(exc) from None
+
+    def _turn(self) -> contextlib.AbstractContextManager[object]:
+        """Threads take turns on the store's one connection; a pool (``serve`` on
+        PostgreSQL) lends each thread a connection of its own, so they need not."""
+        if isinstance(self._conn, PooledConnection):
+            return contextlib.nullcontext()
+        return self._lock
 
     def _clear_old_copies(self) -> bool:
         """Try to remove old copies of changed rows from the engine's files; True if some

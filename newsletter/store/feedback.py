@@ -114,12 +114,6 @@ class FeedbackMixin(StoreBase):
             is not None
         )
 
-    def _bounce_record(self, conn: Connection, bounce_id: int) -> BounceRecord:
-        row = conn.execute(
-            f"SELECT {self._BOUNCE_COLUMNS} FROM bounces WHERE id = ?", (bounce_id,)
-        ).fetchone()
-        return self._to_bounce_record(row)
-
     def bounces_for_issue(self, issue_key: str) -> list[BounceRecord]:
         """The bounces matched to ``issue_key``, in the order they were recorded."""
         rows = self._all(

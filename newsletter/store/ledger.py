@@ -431,7 +431,7 @@ class LedgerMixin(StoreBase):
         naming it. With nobody to send to, the first call records nothing.
         """
         now = _now()
-        where, params = _recipient_filter(segment)
+        where, params = _recipient_filter(segment, self._conn.dialect)
         with self._transaction() as conn:
             known = conn.execute(
                 "SELECT segment FROM issue_sends WHERE issue_key = ?", (issue_key,)
@@ -714,7 +714,7 @@ class LedgerMixin(StoreBase):
         """Recipients (active, not paused, in ``segment``) with no ledger row for
         ``issue_key``: all of them before its first send; afterwards, those a send adds
         only with ``include_new``."""
-        where, params = _recipient_filter(segment)
+        where, params = _recipient_filter(segment, self._conn.dialect)
         row = self._one(
             f"SELECT count(*) FROM subscribers s WHERE {where} AND NOT EXISTS"
             " (SELECT 1 FROM deliveries d WHERE d.issue_key = ? AND d.subscriber_id = s.id)",

@@ -69,7 +69,7 @@ class PrivacyMixin(StoreBase):
                     "   m.imported_at, coalesce(s.signed_up, ''), s.import_confirmed_at, 0"
                     "   FROM subscribers s JOIN imports m ON m.id = s.import_id WHERE s.id = ?1"
                     " UNION ALL SELECT source, origin, recorded_at, signed_up, confirmed_at, id"
-                    "   FROM consents WHERE subscriber_id = ?1)"
+                    "   FROM consents WHERE subscriber_id = ?1) AS c"
                     " ORDER BY 3, 6",
                     (sid,),
                 )
@@ -131,10 +131,12 @@ class PrivacyMixin(StoreBase):
         (the ledger rows leave counts per issue and state, see :meth:`erased_counts`);
         bounce records, theirs and any recorded for the address alone, lose the address and
         the server's text but stay counted. The suppression entry, a keyed hash, stays (or
-        is made, reason ``erased``) so that no import adds them back. Deleted content is
-        overwritten (secure_delete) and the write-ahead log emptied, so no copy of it stays
-        in the database files (unless another process, e.g. `serve`, is reading it: then
-        ``Erasure.copies_cleared`` is False and the log is emptied at a later checkpoint).
+        is made, reason ``erased``) so that no import adds them back. On SQLite deleted
+        content is overwritten (secure_delete) and the write-ahead log emptied, so no copy
+        of it stays in the database files (unless another process, e.g. `serve`, is reading
+        it: then ``Erasure.copies_cleared`` is False and the log is emptied at a later
+        checkpoint). PostgreSQL cannot be made to do that from here (see
+        ``Erasure.server_keeps_copies``).
         """
         key = email_key(address)
         now = _now()
@@ -190,4 +192,5 @@ class PrivacyMixin(StoreBase):
             consents=consents,
             suppression=suppressed,
             copies_cleared=not busy,
+            server_keeps_copies=self.is_postgres,
         )

@@ -86,8 +86,8 @@ class SchedulesMixin(StoreBase):
     def next_schedule_at(self) -> datetime | None:
         """When the next unfinished schedule becomes due, or None."""
         row = self._one(
-            "SELECT min(max(send_at, coalesce(not_before, send_at))) FROM schedules"
-            " WHERE state IN ('scheduled', 'sending')"
+            "SELECT min(CASE WHEN not_before > send_at THEN not_before ELSE send_at END)"
+            " FROM schedules WHERE state IN ('scheduled', 'sending')"
         )
         return _opt_dt(row[0])
 

@@ -107,7 +107,7 @@ class ServiceMixin(StoreBase):
                 conn.execute(
                     "INSERT INTO confirmations (subscriber_id, requested_at, sent_at)"
                     " VALUES (?1, ?2, ?2) ON CONFLICT (subscriber_id) DO UPDATE SET"
-                    " sent_at = excluded.sent_at, sends = sends + 1",
+                    " sent_at = excluded.sent_at, sends = confirmations.sends + 1",
                     (subscriber_id, stamp),
                 )
             return ConfirmationRequest(self._get(conn, subscriber_id), due, created, previous)
@@ -123,7 +123,8 @@ class ServiceMixin(StoreBase):
                 )
             else:
                 conn.execute(
-                    "UPDATE confirmations SET sent_at = ?, sends = max(sends - 1, 0)"
+                    "UPDATE confirmations SET sent_at = ?,"
+                    " sends = CASE WHEN sends > 0 THEN sends - 1 ELSE 0 END"
                     " WHERE subscriber_id = ?",
                     (_iso(request.previous_sent_at), request.subscriber.id),
                 )

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from ..addresses import email_key, normalize_email
+from ..db import Dialect
 from ..errors import StoreError
 from ..models import Status, Subscriber, SubscriberEvent, Suppression
 from ..segments import Segment, TagError, join_tags, normalize_tag
@@ -23,6 +24,7 @@ from .base import (
     _recipient_filter,
     _record_consent,
     _record_event,
+    _refuse_nul,
     _subscriber,
     _suppress,
     _suppression,
@@ -40,7 +42,7 @@ def _suppressed_error(address: str, found: Suppression, where: str) -> StoreErro
 
 
 def _audience_filter(
-    status: Status | None, tag: str | None, segment: Segment | None
+    status: Status | None, tag: str | None, segment: Segment | None, dialect: Dialect
 ) -> tuple[str, list[Any]]:
     """`` AND ...`` conditions on ``s`` for a status, a tag and a segment (bound values)."""
     where = ""
@@ -56,7 +58,7 @@ def _audience_filter(
         where += " AND s.id IN (SELECT t.subscriber_id FROM subscriber_tags t WHERE t.tag = ?)"
         params.append(normalized)
     if segment is not None:
-        sql, values = segment.sql()
+        sql, values = segment.sql(dialect)
         where += f" AND ({sql})"
         params.extend(values)
     return where, params
@@ -77,6 +79,14 @@ class SubscribersMixin(StoreBase):
         """Add a new subscriber; an address already in the list (any status) or suppressed
         (see :meth:`suppression`) is refused."""
         normalized = normalize_email(email)
+        _refuse_nul(
+            {
+                "name": name,
+                **{f"field name {key!r}": key for key in fields or {}},
+                **{f"field {key!r}": value for key, value in (fields or {}).items()},
+            },
+            self._where,
+        )
         now = _now()
         with self._transaction() as conn:
             existing = conn.execute(
@@ -166,7 +176,7 @@ class SubscribersMixin(StoreBase):
     ) -> Iterator[Subscriber]:
         """All subscribers (or those with ``status``, ``tag`` and in ``segment``) by id,
         fetched a page at a time."""
-        where, params = _audience_filter(status, tag, segment)
+        where, params = _audience_filter(status, tag, segment, self._conn.dialect)
         return self._pages(where, params)
 
     def count(
@@ -177,17 +187,17 @@ class SubscribersMixin(StoreBase):
         segment: Segment | None = None,
     ) -> int:
         """How many subscribers (with ``status``, ``tag`` and in ``segment``, or all)."""
-        where, params = _audience_filter(status, tag, segment)
-        return int(self._one(f"SELECT count(*) FROM subscribers s WHERE 1{where}", params)[0])
+        where, params = _audience_filter(status, tag, segment, self._conn.dialect)
+        return int(self._one(f"SELECT count(*) FROM subscribers s WHERE TRUE{where}", params)[0])
 
     def count_recipients(self, segment: Segment | None = None) -> int:
         """Who a send would go to now: active, not paused, in ``segment`` (when given)."""
-        where, params = _recipient_filter(segment)
+        where, params = _recipient_filter(segment, self._conn.dialect)
         return int(self._one(f"SELECT count(*) FROM subscribers s WHERE {where}", params)[0])
 
     def list_recipients(self, segment: Segment | None = None) -> Iterator[Subscriber]:
         """The subscribers :meth:`count_recipients` counts, by id (a dry run builds theirs)."""
-        where, params = _recipient_filter(segment)
+        where, params = _recipient_filter(segment, self._conn.dialect)
         return self._pages(f" AND {where}", params)
 
     def _pages(self, where: str, params: Sequence[Any]) -> Iterator[Subscriber]:

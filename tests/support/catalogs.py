@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 THEME = REPO / "templates"
 LOCALES = ("de", "fr")
 # Python modules whose words readers see (the service's pages, the archive, the email).
-PYTHON = ("server.py", "publish.py", "render.py", "message.py")
+PYTHON = ("server.py", "publish.py", "render.py", "message.py", "welcome.py")
 _JINJA = {"extensions": "jinja2.ext.i18n", "trim_blocks": "true", "lstrip_blocks": "true"}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -83,6 +84,10 @@ class PostgresServer:
                 conn.execute(f'CREATE DATABASE "{name}" TEMPLATE {TEMPLATE}')
             else:
                 conn.execute(f'CREATE DATABASE "{name}"')
+        if migrated:
+            # A clone has the template's suppression key; a migrated database has its own.
+            with psycopg.connect(self.url(name), autocommit=True) as conn:
+                conn.execute("UPDATE suppression_key SET key = %s", (secrets.token_bytes(32),))
         return Database.parse(self.url(name))
 
     def clone(self, database: Database) -> Database:

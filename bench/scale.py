@@ -1,0 +1,198 @@
+"""A large list on PostgreSQL and on SQLite: import, send with 1-4 senders, claim cost, RSS.
+
+    PYTHONPATH=. python bench/scale.py [--subscribers 1000000] [--messages 40000]
+                                       [--senders 1 2 4] [--rss-lists 100000 1000000]
+
+What it does, on one machine (the sink, the database server and the senders share it):
+- starts a temporary PostgreSQL cluster with the server's defaults (fsync on), the same
+  way the tests do (Debian's package; see tests/support/postgres.py);
+- imports N generated subscribers (example.com/.org/.net) into PostgreSQL and into a
+  SQLite file: rows/s;
+- claim cost: in one process, claims batches of 100 and records them sent, on a ledger
+  of N rows, without any SMTP: microseconds per message for the claim and the record;
+- sends: K `newsletter send` processes on one issue of the N-row ledger, each with
+  `--limit messages/K`, against `newsletter smtp-sink --count-only`: messages/s from the
+  first process start to the last exit, and each sender's peak RSS (VmHWM); SQLite runs
+  the 1-process case (its send lock admits one sender per issue);
+- peak RSS of one sender as the list grows (the `--rss-lists` sizes), on PostgreSQL.
+Prints one line per figure; docs/scaling.md reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.send import Sink, make_workspace  # noqa: E402
+from newsletter.db import Database  # noqa: E402
+from newsletter.models import DeliveryResult, DeliveryState  # noqa: E402
+from newsletter.store import Store  # noqa: E402
+from tests.support.postgres import postgres_server  # noqa: E402
+
+SECRET = "bench-secret-key-0123456789abcdef"
+ISSUE = "1"
+DOMAINS = ("example.com", "example.org", "example.net")
+
+
+def write_list(path: Path, count: int) -> Path:
+    with path.open("w", encoding="utf-8") as out:
+        out.write("email,name,city\n")
+        out.writelines(
+            f"reader{i}@{DOMAINS[i % 3]},Reader {i},Port Example\n" for i in range(count)
+        )
+    return path
+
+
+def timed_import(database: Database, csv: Path) -> float:
+    start = time.perf_counter()
+    with Store.open(database) as store:
+        report = store.import_csv(csv)
+    elapsed = time.perf_counter() - start
+    return report.rows / elapsed
+
+
+def claim_cost(database: Database, count: int) -> tuple[float, float]:
+    """(µs per message claimed, µs per message recorded) over ``count`` messages."""
+    key = "claim-bench"
+    with Store.open(database) as store, store.acquire_send_lock(key):
+        store.snapshot_recipients(key)
+        claiming = recording = 0.0
+        done = 0
+        while done < count:
+            start = time.perf_counter()
+            batch = store.claim_batch(key, "bench", 100)
+            claiming += time.perf_counter() - start
+            if not batch:
+                break
+            start = time.perf_counter()
+            store.record_results(
+                DeliveryResult(key, row.subscriber.id, DeliveryState.SENT, "250 ok", "<m@x>")
+                for row in batch
+            )
+            recording += time.perf_counter() - start
+            done += len(batch)
+    return claiming / done * 1e6, recording / done * 1e6
+
+
+def reset_ledger(database: Database) -> None:
+    """Forget every send, so the next run starts a fresh issue of the whole list."""
+    with Store.open(database) as store, store._transaction() as conn:
+        for table in ("deliveries", "issue_sends", "erased_deliveries"):
+            conn.execute(f"DELETE FROM {table}")
+        if store.is_postgres:
+            conn.execute("DELETE FROM senders") if _has_table(conn, "senders") else None
+
+
+def _has_table(conn: object, name: str) -> bool:
+    try:
+        conn.execute(f"SELECT 1 FROM {name} LIMIT 1")  # type: ignore[attr-defined]
+    except Exception:
+        return False
+    return True
+
+
+def peak_rss_mib(pid: int) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    match = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def send_run(ws: Path, database: Database, senders: int, messages: int, sink: Sink) -> str:
+    """K send processes with --limit; messages/s overall and each one's peak RSS."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NEWSLETTER_SECRET_KEY": SECRET}
+    env["NEWSLETTER_DB"] = str(database)
+    share = messages // senders
+    command = [sys.executable, "-m", "newsletter", "-C", str(ws), "send", ISSUE, "--yes"]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [*command, "--limit", str(share)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(senders)
+    ]
+    rss: list[float] = []
+    for proc in procs:
+        # VmHWM is gone once the process is reaped: poll it while it runs.
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, peak_rss_mib(proc.pid))
+            time.sleep(0.2)
+        rss.append(peak)
+        if proc.returncode not in (0,):
+            assert proc.stderr is not None
+            raise SystemExit(f"a sender failed ({proc.returncode}): {proc.stderr.read()[-500:]}")
+    elapsed = time.perf_counter() - start
+    with Store.open(database) as store:
+        sent = sum(store.ledger_counts(key)[DeliveryState.SENT] for key in _issue_keys(store))
+    return (
+        f"{sent:,} sent in {elapsed:.1f} s = {sent / elapsed:,.0f} msgs/s;"
+        f" sender peak RSS {', '.join(f'{r:.0f}' for r in rss)} MiB"
+    )
+
+
+def _issue_keys(store: Store) -> list[str]:
+    return [snapshot.issue_key for snapshot in store.issues_with_deliveries()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subscribers", type=int, default=1_000_000)
+    parser.add_argument("--messages", type=int, default=40_000, help="sent per send run")
+    parser.add_argument("--claims", type=int, default=20_000, help="messages in the claim test")
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rss-lists", type=int, nargs="*", default=[100_000])
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="newsletter-scale-"))
+    try:
+        csv = write_list(folder / "list.csv", args.subscribers)
+        print(f"list: {args.subscribers:,} subscribers; {os.cpu_count()} CPUs shared by all")
+        with postgres_server(fsync=True) as server:
+            pg = server.new_database()
+            lite = Database.parse(folder / "scale.db")
+            print(f"import, PostgreSQL: {timed_import(pg, csv):,.0f} rows/s")
+            print(f"import, SQLite:     {timed_import(lite, csv):,.0f} rows/s")
+            for name, database in (("PostgreSQL", pg), ("SQLite", lite)):
+                claim, record = claim_cost(database, args.claims)
+                print(f"claim cost, {name}: {claim:.0f} µs/msg claimed, {record:.0f} µs recorded")
+                reset_ledger(database)
+            sink = Sink(folder)
+            try:
+                ws = make_workspace(folder / "ws", sink.port)
+                for count in args.senders:
+                    result = send_run(ws, pg, count, args.messages, sink)
+                    print(f"send, PostgreSQL, {count} sender(s): {result}")
+                    reset_ledger(pg)
+                result = send_run(ws, lite, 1, args.messages, sink)
+                print(f"send, SQLite, 1 sender: {result}")
+                for size in args.rss_lists:
+                    small = server.new_database()
+                    timed_import(small, write_list(folder / f"list-{size}.csv", size))
+                    result = send_run(ws, small, 1, args.messages, sink)
+                    print(f"send, PostgreSQL, {size:,}-row list, 1 sender: {result}")
+            finally:
+                received, _ = sink.stop()
+                print(f"sink: received {received:,} messages")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
