@@ -11,9 +11,9 @@ What it does, on one machine (the sink, the database server and the senders shar
 - claim cost: in one process, claims batches of 100 and records them sent, on a ledger
   of N rows, without any SMTP: microseconds per message for the claim and the record;
 - sends: K `newsletter send` processes on one issue of the N-row ledger, each with
-  `--limit messages/K`, against `newsletter smtp-sink --count-only`: messages/s from the
-  first process start to the last exit, and each sender's peak RSS (VmHWM); SQLite runs
-  the 1-process case (its send lock admits one sender per issue);
+  `--limit messages/K`, against `newsletter smtp-sink --count-only`: messages/s over the
+  span the senders table records (first registration to last finish), each one's share
+  and peak RSS (VmHWM); SQLite runs the 1-process case (its send lock admits one sender);
 - peak RSS of one sender as the list grows (the `--rss-lists` sizes), on PostgreSQL.
 Prints one line per figure; docs/scaling.md reads them.
 """
@@ -33,7 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.send import Sink, make_workspace  # noqa: E402
+sys.path.insert(0, str(REPO / "bench"))
+
+from send import Sink, make_workspace  # noqa: E402
+
 from newsletter.db import Database  # noqa: E402
 from newsletter.models import DeliveryResult, DeliveryState  # noqa: E402
 from newsletter.store import Store  # noqa: E402
@@ -87,18 +90,8 @@ def claim_cost(database: Database, count: int) -> tuple[float, float]:
 def reset_ledger(database: Database) -> None:
     """Forget every send, so the next run starts a fresh issue of the whole list."""
     with Store.open(database) as store, store._transaction() as conn:
-        for table in ("deliveries", "issue_sends", "erased_deliveries"):
+        for table in ("deliveries", "issue_sends", "erased_deliveries", "senders"):
             conn.execute(f"DELETE FROM {table}")
-        if store.is_postgres:
-            conn.execute("DELETE FROM senders") if _has_table(conn, "senders") else None
-
-
-def _has_table(conn: object, name: str) -> bool:
-    try:
-        conn.execute(f"SELECT 1 FROM {name} LIMIT 1")  # type: ignore[attr-defined]
-    except Exception:
-        return False
-    return True
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -110,13 +103,14 @@ def peak_rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def send_run(ws: Path, database: Database, senders: int, messages: int, sink: Sink) -> str:
-    """K send processes with --limit; messages/s overall and each one's peak RSS."""
+def send_run(ws: Path, database: Database, senders: int, messages: int) -> str:
+    """K send processes with --limit: msgs/s over the span the senders table records (first
+    registration to last finish, so Python's start and the rendering are not counted),
+    each process's share and peak RSS (VmHWM, read while it runs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "NEWSLETTER_SECRET_KEY": SECRET}
     env["NEWSLETTER_DB"] = str(database)
     share = messages // senders
     command = [sys.executable, "-m", "newsletter", "-C", str(ws), "send", ISSUE, "--yes"]
-    start = time.perf_counter()
     procs = [
         subprocess.Popen(
             [*command, "--limit", str(share)],
@@ -127,23 +121,25 @@ def send_run(ws: Path, database: Database, senders: int, messages: int, sink: Si
         )
         for _ in range(senders)
     ]
-    rss: list[float] = []
+    rss = dict.fromkeys((proc.pid for proc in procs), 0.0)
+    while any(proc.poll() is None for proc in procs):
+        for proc in procs:
+            rss[proc.pid] = max(rss[proc.pid], peak_rss_mib(proc.pid))
+        time.sleep(0.2)  # sampling, not synchronising
     for proc in procs:
-        # VmHWM is gone once the process is reaped: poll it while it runs.
-        peak = 0.0
-        while proc.poll() is None:
-            peak = max(peak, peak_rss_mib(proc.pid))
-            time.sleep(0.2)
-        rss.append(peak)
-        if proc.returncode not in (0,):
+        if proc.returncode != 0:
             assert proc.stderr is not None
             raise SystemExit(f"a sender failed ({proc.returncode}): {proc.stderr.read()[-500:]}")
-    elapsed = time.perf_counter() - start
     with Store.open(database) as store:
-        sent = sum(store.ledger_counts(key)[DeliveryState.SENT] for key in _issue_keys(store))
+        (key,) = _issue_keys(store)
+        runs = store.senders(key, finished=True)
+    sent = sum(run.sent for run in runs)
+    ends = [run.finished_at or run.heartbeat_at for run in runs]
+    span = (max(ends) - min(run.started_at for run in runs)).total_seconds()
+    shares = ", ".join(f"{run.sent:,}" for run in runs)
     return (
-        f"{sent:,} sent in {elapsed:.1f} s = {sent / elapsed:,.0f} msgs/s;"
-        f" sender peak RSS {', '.join(f'{r:.0f}' for r in rss)} MiB"
+        f"{sent:,} sent in {span:.1f} s = {sent / span:,.0f} msgs/s (shares {shares});"
+        f" sender peak RSS {', '.join(f'{r:.0f}' for r in rss.values())} MiB"
     )
 
 
@@ -177,15 +173,15 @@ def main() -> None:
             try:
                 ws = make_workspace(folder / "ws", sink.port)
                 for count in args.senders:
-                    result = send_run(ws, pg, count, args.messages, sink)
+                    result = send_run(ws, pg, count, args.messages)
                     print(f"send, PostgreSQL, {count} sender(s): {result}")
                     reset_ledger(pg)
-                result = send_run(ws, lite, 1, args.messages, sink)
+                result = send_run(ws, lite, 1, args.messages)
                 print(f"send, SQLite, 1 sender: {result}")
                 for size in args.rss_lists:
                     small = server.new_database()
                     timed_import(small, write_list(folder / f"list-{size}.csv", size))
-                    result = send_run(ws, small, 1, args.messages, sink)
+                    result = send_run(ws, small, 1, args.messages)
                     print(f"send, PostgreSQL, {size:,}-row list, 1 sender: {result}")
             finally:
                 received, _ = sink.stop()
