@@ -64,11 +64,14 @@ def timed_import(database: Database, csv: Path) -> float:
     return report.rows / elapsed
 
 
-def claim_cost(database: Database, count: int) -> tuple[float, float]:
-    """(µs per message claimed, µs per message recorded) over ``count`` messages."""
+def claim_cost(database: Database, count: int) -> tuple[float, float, float]:
+    """(µs per message claimed, µs per message recorded) over ``count`` messages, and the
+    seconds the first send's snapshot of the whole list took (one ledger row each)."""
     key = "claim-bench"
     with Store.open(database) as store, store.acquire_send_lock(key):
+        start = time.perf_counter()
         store.snapshot_recipients(key)
+        snapshot = time.perf_counter() - start
         claiming = recording = 0.0
         done = 0
         while done < count:
@@ -84,7 +87,7 @@ def claim_cost(database: Database, count: int) -> tuple[float, float]:
             )
             recording += time.perf_counter() - start
             done += len(batch)
-    return claiming / done * 1e6, recording / done * 1e6
+    return claiming / done * 1e6, recording / done * 1e6, snapshot
 
 
 def reset_ledger(database: Database) -> None:
@@ -92,6 +95,15 @@ def reset_ledger(database: Database) -> None:
     with Store.open(database) as store, store._transaction() as conn:
         for table in ("deliveries", "issue_sends", "erased_deliveries", "senders"):
             conn.execute(f"DELETE FROM {table}")
+
+
+def size_mib(database: Database) -> float:
+    """The database's size on disk (PostgreSQL: pg_database_size; SQLite: file + WAL)."""
+    if database.path is not None:
+        files = (database.path, database.path.with_name(database.path.name + "-wal"))
+        return sum(f.stat().st_size for f in files if f.exists()) / 2**20
+    with Store.open(database) as store:
+        return float(store._one("SELECT pg_database_size(current_database())")[0]) / 2**20
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -166,8 +178,13 @@ def main() -> None:
             print(f"import, PostgreSQL: {timed_import(pg, csv):,.0f} rows/s")
             print(f"import, SQLite:     {timed_import(lite, csv):,.0f} rows/s")
             for name, database in (("PostgreSQL", pg), ("SQLite", lite)):
-                claim, record = claim_cost(database, args.claims)
-                print(f"claim cost, {name}: {claim:.0f} µs/msg claimed, {record:.0f} µs recorded")
+                print(f"size with the list, {name}: {size_mib(database):,.0f} MiB")
+                claim, record, snapshot = claim_cost(database, args.claims)
+                print(
+                    f"claim cost, {name}: {claim:.0f} µs/msg claimed, {record:.0f} µs recorded;"
+                    f" snapshot of the list {snapshot:.1f} s;"
+                    f" size with one issue's ledger {size_mib(database):,.0f} MiB"
+                )
                 reset_ledger(database)
             sink = Sink(folder)
             try:
