@@ -122,6 +122,7 @@ def send_run(ws: Path, database: Database, senders: int, messages: int) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "NEWSLETTER_SECRET_KEY": SECRET}
     env["NEWSLETTER_DB"] = str(database)
     share = messages // senders
+    wal_before = _wal_position(database)
     command = [sys.executable, "-m", "newsletter", "-C", str(ws), "send", ISSUE, "--yes"]
     procs = [
         subprocess.Popen(
@@ -149,10 +150,23 @@ def send_run(ws: Path, database: Database, senders: int, messages: int) -> str:
     ends = [run.finished_at or run.heartbeat_at for run in runs]
     span = (max(ends) - min(run.started_at for run in runs)).total_seconds()
     shares = ", ".join(f"{run.sent:,}" for run in runs)
+    wal = ""
+    if wal_before is not None:
+        with Store.open(database) as store:
+            written = store._one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), ?)", (wal_before,))
+        wal = f"; WAL {float(written[0]) / sent:,.0f} bytes/msg (snapshot included)"
     return (
         f"{sent:,} sent in {span:.1f} s = {sent / span:,.0f} msgs/s (shares {shares});"
-        f" sender peak RSS {', '.join(f'{r:.0f}' for r in rss.values())} MiB"
+        f" sender peak RSS {', '.join(f'{r:.0f}' for r in rss.values())} MiB{wal}"
     )
+
+
+def _wal_position(database: Database) -> str | None:
+    """PostgreSQL's WAL position now (None on SQLite), to measure what a send writes."""
+    if not database.is_postgres:
+        return None
+    with Store.open(database) as store:
+        return str(store._one("SELECT pg_current_wal_lsn()::text")[0])
 
 
 def _issue_keys(store: Store) -> list[str]:
