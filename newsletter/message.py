@@ -242,6 +242,20 @@ def header_safe_name(name: str) -> str:
     return cleaned[:MAX_NAME_IN_HEADER].rstrip()
 
 
+_HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
+
+
+def with_to_line(data: bytes, name: str, address: str) -> bytes:
+    """``data`` (a message whose first header is From) with a To line after From, written
+    by :func:`to_field`: the email package's folder can split a quoted name at its commas,
+    and a stranger may type this name (the subscribe form)."""
+    after_from = _HEADER_END.search(data)
+    if after_from is None:
+        raise ValueError("a message without a header line")
+    end = after_from.end()
+    return b"".join((data[:end], b"To:", to_field(name, address), b"\r\n", data[end:]))
+
+
 # A display name of plain words (RFC 5322 atoms) needs no quoting or encoding.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _FOLD_AT = 78  # RFC 5322's recommended line length

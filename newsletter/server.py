@@ -55,7 +55,7 @@ from .errors import (
 )
 from .hooks import enabled_providers, webhook_blueprint
 from .mailqueue import MailQueue
-from .message import first_name_of, rfc5322_date, to_field
+from .message import first_name_of, rfc5322_date, with_to_line
 from .models import Status, Subscriber
 from .ratelimit import DatabaseStorage, SubscribeLimiter, client_address, trusted_networks
 from .segments import PAUSED
@@ -215,9 +215,6 @@ class PublicPrefix:
         return self.app(environ, start_response)
 
 
-_HEADER_END = re.compile(rb"\r\n(?![ \t])")  # the end of a header field, folds included
-
-
 def confirmation_message(
     config: Config,
     address: str,
@@ -256,20 +253,7 @@ def confirmation_message(
         subtype="html",
         cte="quoted-printable",
     )
-    # The To line is written by hand, after From: the email package's folder can split a
-    # quoted name at its commas, and a stranger types this name.
-    data = msg.as_bytes()
-    after_from = _HEADER_END.search(data)
-    assert after_from is not None
-    data = b"".join(
-        (
-            data[: after_from.end()],
-            b"To:",
-            to_field(name, address),
-            b"\r\n",
-            data[after_from.end() :],
-        )
-    )
+    data = with_to_line(msg.as_bytes(), name, address)
     return sign(data) if sign is not None else data
 
 

@@ -8,7 +8,6 @@ message catalogs and Babel, as the confirmation's and the issues' are."""
 from __future__ import annotations
 
 import email.policy
-import re
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -16,14 +15,13 @@ from urllib.parse import quote
 
 from . import render
 from .config import Config
-from .message import first_name_of, rfc5322_date, to_field
+from .message import first_name_of, rfc5322_date, with_to_line
 from .models import Subscriber
 from .publish import ArchiveEntry
 from .tokens import UNSUBSCRIBE_PURPOSE, TokenSigner, address_fingerprint
 
 TEXT_TEMPLATE = "welcome_email.txt"
 HTML_TEMPLATE = "welcome_email.html"
-_HEADER_END = re.compile(rb"\r\n(?![ \t])")
 
 
 def welcome_message(
@@ -84,19 +82,7 @@ def welcome_message(
         subtype="html",
         cte="quoted-printable",
     )
-    data = msg.as_bytes()
-    after_from = _HEADER_END.search(data)
-    assert after_from is not None
-    # The To line by hand, as the confirmation's: a name from a form may hold commas.
-    data = b"".join(
-        (
-            data[: after_from.end()],
-            b"To:",
-            to_field(subscriber.name, subscriber.email),
-            b"\r\n",
-            data[after_from.end() :],
-        )
-    )
+    data = with_to_line(msg.as_bytes(), subscriber.name, subscriber.email)
     return sign(data) if sign is not None else data
 
 
