@@ -131,6 +131,8 @@ class Newsletter(click.Group):
 @click.pass_context
 def main(ctx: click.Context, workspace: Path | None, db: str | None) -> None:
     """Compose, render, preview and send a curated newsletter."""
+    if ctx.get_parameter_source("db") == click.core.ParameterSource.ENVIRONMENT:
+        db = None  # the config reads NEWSLETTER_DB itself, so its errors name the variable
     ctx.obj = Context(workspace, db)
 
 

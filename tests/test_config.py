@@ -384,3 +384,12 @@ def test_a_password_in_the_database_url_is_refused_without_echoing_it(
     assert result.exit_code == 1
     assert result.output.startswith("Error: --db: the database URL holds a password")
     assert "hunter2" not in result.output and "NEWSLETTER_DB_PASSWORD" in result.output
+
+
+def test_a_bad_database_in_the_environment_names_the_variable(
+    workspace: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_DB", "postgresql://news@db.example.org:5432")
+    result = runner.invoke(cli.main, ["-C", str(workspace), "subscribers", "list"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: NEWSLETTER_DB: no database name")
