@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import StoreError
 
@@ -40,6 +40,7 @@ ENV_PASSWORD = "NEWSLETTER_DB_PASSWORD"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT_MS = 30_000
+_SECRET_KEYS = frozenset({"password", "sslpassword"})  # libpq URL keys that hold secrets
 
 Engine = Literal["sqlite", "postgresql"]
 
@@ -94,7 +95,10 @@ class Database:
                 hint="give a file path, sqlite:///path or postgresql://user@host:5432/name",
             )
         parts = urlsplit(raw)
-        if parts.password is not None:
+        # libpq takes a password from the URL's query too (``?password=``, its keys
+        # percent-decoded), and ``sslpassword`` unlocks the client's key: secrets both.
+        query_keys = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        if parts.password is not None or query_keys & _SECRET_KEYS:
             raise StoreError(
                 "the database URL holds a password, which would show in process lists and logs",
                 where=where,

@@ -50,6 +50,11 @@ def test_parse_tells_the_engine(text: str, engine: str, shown: str | None) -> No
     ("text", "fragment"),
     [
         ("postgresql://news:hunter2@db.example.org/news", "holds a password"),
+        # libpq also reads a password from the query (its keys may be percent-encoded)
+        ("postgresql://news@db.example.org/news?password=hunter2", "holds a password"),
+        ("postgresql://news@db.example.org/news?sslmode=require&pass%77ord=hunter2", "password"),
+        ("postgresql://news@db.example.org/news?sslpassword=hunter2", "holds a password"),
+        ("postgresql://news@db.example.org:99999/news?password=hunter2", "holds a password"),
         ("mysql://news@db.example.org/news", "unknown database scheme"),
         ("postgresql://news@db.example.org:99999/news", "bad port"),
         ("postgresql://news@db.example.org", "no database name"),
