@@ -53,6 +53,22 @@ class OperationalError(DatabaseError):
     """The database could not do it now: locked, busy, gone, out of space."""
 
 
+class PrivilegeError(OperationalError):
+    """The database's role may not do it (PostgreSQL: a GRANT is missing)."""
+
+    def hint(self, *, creating: bool = False) -> str:
+        """What an operator does about it: ``creating`` when the schema was being made."""
+        if creating:
+            return (
+                "GRANT this role CREATE on schema public, or run `newsletter db migrate`"
+                " as a role that may"
+            )
+        return (
+            "GRANT this role SELECT, INSERT, UPDATE, DELETE on the newsletter tables (and"
+            " USAGE on their sequences), or connect as their owner"
+        )
+
+
 class IntegrityError(DatabaseError):
     """A constraint refused the change (a unique key, a foreign key, a check)."""
 
@@ -397,6 +413,8 @@ def _postgres_error(exc: Exception) -> DatabaseError:
 
     if isinstance(exc, psycopg.errors.IntegrityError):
         return IntegrityError(str(exc).strip())
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return PrivilegeError(str(exc).strip())
     if isinstance(exc, psycopg.OperationalError):
         return OperationalError(str(exc).strip())
     return DatabaseError(str(exc).strip())

@@ -41,6 +41,7 @@ from .db import (
     Database,
     DatabaseError,
     PostgresConnection,
+    PrivilegeError,
     SqliteConnection,
     connect,
 )
@@ -581,7 +582,9 @@ def _version_now(database: Database) -> int:
         raise StoreError(
             f"cannot read the schema version: {_first_line(exc)}",
             where=str(database),
-            hint="is this a newsletter database? Point --db elsewhere",
+            hint=exc.hint()
+            if isinstance(exc, PrivilegeError)
+            else "is this a newsletter database? Point --db elsewhere",
         ) from None
     finally:
         conn.close()

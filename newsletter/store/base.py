@@ -25,6 +25,7 @@ from ..db import (
     Dialect,
     OperationalError,
     PooledConnection,
+    PrivilegeError,
     SqliteConnection,
     connect,
     connect_sqlite,
@@ -289,7 +290,9 @@ class StoreBase:
                 raise StoreError(
                     f"cannot use the database: {exc}",
                     where=str(database),
-                    hint="is this a newsletter database? Point --db elsewhere",
+                    hint=exc.hint(creating=True)
+                    if isinstance(exc, PrivilegeError)
+                    else "is this a newsletter database? Point --db elsewhere",
                 ) from None
             except BaseException:
                 conn.close()
@@ -326,7 +329,9 @@ class StoreBase:
         return StoreError(
             f"database error: {exc}",
             where=self._where,
-            hint="check the disk and that no other program holds the database"
+            hint=exc.hint()
+            if isinstance(exc, PrivilegeError)
+            else "check the disk and that no other program holds the database"
             if not self.is_postgres
             else "check that the PostgreSQL server runs and accepts this user",
         )
