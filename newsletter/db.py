@@ -501,7 +501,7 @@ def connect_postgres(database: Database) -> PostgresConnection:
         raw = psycopg.connect(database.url, **postgres_options())
     except psycopg.Error as exc:
         raise StoreError(
-            f"cannot connect to PostgreSQL: {_first_line(exc)}",
+            f"cannot connect to PostgreSQL: {first_line(exc)}",
             where=_server_of(database),
             hint=f"check that the server runs and the URL (--db); the password comes from "
             f"{ENV_PASSWORD}, PGPASSWORD or ~/.pgpass",
@@ -515,7 +515,9 @@ def connect(database: Database, *, busy_timeout_ms: int = 30_000) -> Connection:
     return connect_sqlite(database, busy_timeout_ms=busy_timeout_ms)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line: PostgreSQL's own add the statement (``LINE 1: ...``) and
+    the values that clashed (``DETAIL: Key ...``), which an error line must not show."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -323,6 +323,7 @@ def test_a_role_without_create_on_a_new_database_is_one_line_saying_so(
     line = _cli_error(runner, workspace, url, "subscribers", "list")
     assert "permission denied for schema public" in line
     assert "GRANT" in line and "is this a newsletter database" not in line
+    assert "LINE 1" not in line and "CREATE TABLE" not in line  # not the statement
 
 
 def test_a_server_that_goes_away_mid_command_is_one_line_naming_it(

@@ -29,6 +29,7 @@ from ..db import (
     SqliteConnection,
     connect,
     connect_sqlite,
+    first_line,
 )
 from ..errors import StoreError
 from ..migrations import migrate_database, schema_version
@@ -288,7 +289,7 @@ class StoreBase:
             except DatabaseError as exc:
                 conn.close()
                 raise StoreError(
-                    f"cannot use the database: {exc}",
+                    f"cannot use the database: {first_line(exc)}",
                     where=str(database),
                     hint=exc.hint(creating=True)
                     if isinstance(exc, PrivilegeError)
@@ -327,7 +328,7 @@ class StoreBase:
 
     def _db_error(self, exc: DatabaseError) -> StoreError:
         return StoreError(
-            f"database error: {exc}",
+            f"database error: {first_line(exc)}",
             where=self._where,
             hint=exc.hint()
             if isinstance(exc, PrivilegeError)
@@ -530,7 +531,7 @@ def _open_sqlite(database: Database) -> SqliteConnection:
     except DatabaseError as exc:
         conn.close()
         raise StoreError(
-            f"cannot use the database: {exc}",
+            f"cannot use the database: {first_line(exc)}",
             where=where,
             hint="is this a newsletter database? Point --db elsewhere",
         ) from None
