@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from newsletter.render import render_issue
 from newsletter.store import Store
 from tests.support import copy_example, example_issue, load_config
 from tests.support.delivery import copies, for_server, nonzero
+from tests.support.postgres import PostgresServer
 from tests.support.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
 
 S = DeliveryState
@@ -248,3 +250,57 @@ def test_the_warm_up_plan_caps_a_day_and_leaves_the_rest_queued(
         again = prepared.run()
         assert again.sent == 0 and again.warmup_left == 0
     assert len(server.messages) == 4
+
+
+@pytest.mark.server
+def test_senders_on_postgresql_share_the_warm_up_cap(
+    cfg: Config, tmp_path: Path, smtp_server: ServerFactory, postgres_server: PostgresServer
+) -> None:
+    """Two sends of one issue at once on PostgreSQL send the day's cap between them, not
+    each the whole of it (one send on SQLite cannot exceed it either)."""
+    server = smtp_server()
+    database = postgres_server.new_database()
+    today = dt.datetime.now(dt.UTC).date()
+    wired = for_server(
+        cfg,
+        server,
+        database,
+        warmup_start=(today - dt.timedelta(days=1)).isoformat(),
+        warmup_days=5,
+        warmup_initial=2,
+        warmup_growth=2.0,  # today: 4
+    )
+    csv = tmp_path / "list.csv"
+    csv.write_text("email\n" + "".join(f"r{i}@example.org\n" for i in range(20)), "utf-8")
+    stores = [Store.open(database) for _ in range(2)]
+    stores[0].import_csv(csv)
+    gate = threading.Event()
+
+    def hold_the_first(message: Received) -> None:
+        if len(server.messages) == 1:  # until both senders have registered
+            assert gate.wait(30)
+
+    server.handler.on_message = hold_the_first
+    issue = render_issue(example_issue(wired), wired)
+    reports: list[delivery.DeliveryReport] = []
+    threads = [
+        threading.Thread(
+            target=lambda s=store: reports.append(delivery.prepare_send(wired, issue, s).run())
+        )
+        for store in stores
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        while len(stores[0].senders(KEY)) < 2 and any(t.is_alive() for t in threads):
+            gate.wait(0.01)
+        gate.set()
+        for thread in threads:
+            thread.join(60)
+        assert len(reports) == 2
+        assert len(server.messages) == 4
+        assert nonzero(stores[0].ledger_counts(KEY)) == {"sent": 4, "queued": 16}
+    finally:
+        gate.set()
+        for store in stores:
+            store.close()

@@ -509,7 +509,13 @@ class LedgerMixin(StoreBase):
         return [IssueSnapshot(r[0], _dt(r[1]), r[2]) for r in rows]
 
     def claim_batch(
-        self, issue_key: str, worker_id: str, n: int, *, skip_domains: Sequence[str] = ()
+        self,
+        issue_key: str,
+        worker_id: str,
+        n: int,
+        *,
+        skip_domains: Sequence[str] = (),
+        cap: tuple[int, datetime] | None = None,
     ) -> list[ClaimedRecipient]:
         """Move up to ``n`` due rows (queued, then deferred whose retry time has come) to
         ``sending``, durably committed before returning; send only what this returns.
@@ -523,6 +529,10 @@ class LedgerMixin(StoreBase):
         run's lease (DeliveryError if the run lost it: its rows are someone else's now),
         and on PostgreSQL first expires the runs whose lease ran out. Rows another run
         holds are skipped, never waited for (``FOR UPDATE SKIP LOCKED``).
+
+        ``cap`` (a number and a moment: the warm-up plan's day) claims no more than leaves
+        that many messages sent or being sent since then, by every run of every issue; such
+        claims take the writer lock, so that senders sharing the cap count in turn.
         """
         if n <= 0:
             return []
@@ -549,7 +559,10 @@ class LedgerMixin(StoreBase):
         locking = " FOR UPDATE OF d SKIP LOCKED" if self.is_postgres else ""
         claimed: list[ClaimedRecipient] = []
         # On PostgreSQL the claim needs no table-wide writer lock: its rows' locks suffice.
-        with self._transaction(durable=self.durable_claims, exclusive=not self.is_postgres) as conn:
+        exclusive = cap is not None or not self.is_postgres
+        with self._transaction(durable=self.durable_claims, exclusive=exclusive) as conn:
+            if cap is not None:
+                n = min(n, cap[0] - self._sent_or_sending(conn, cap[1]))
             while len(claimed) < n:
                 want = n - len(claimed)
                 rows = conn.execute(
@@ -598,6 +611,22 @@ class LedgerMixin(StoreBase):
         if lease is not None:
             lease.claimed += len(claimed)
         return claimed
+
+    @staticmethod
+    def _sent_or_sending(conn: Connection, since: datetime) -> int:
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM deliveries WHERE state = 'sending'"
+                " OR (state = 'sent' AND sent_at >= ?)",
+                (_iso(since),),
+            ).fetchone()[0]
+        )
+
+    def sent_or_sending_since(self, moment: datetime) -> int:
+        """Messages sent at or after ``moment`` or being sent now, by every run (what a
+        warm-up cap counts while several senders share it)."""
+        with self._reading() as conn:
+            return self._sent_or_sending(conn, moment)
 
     def record_results(
         self, results: Iterable[DeliveryResult], *, run_id: str | None = None
