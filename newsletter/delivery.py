@@ -770,6 +770,15 @@ class _Run:
 
     def loop(self) -> None:
         while not self.stop.is_set():
+            if self.store.lease_lost(self.key):
+                # Its rows are another sender's to call uncertain now (PostgreSQL): hand
+                # back the ones not yet sent, rather than send what a resend would repeat.
+                raise DeliveryError(
+                    f"this send of issue {self.key} (run {self.run_id}) lost its lease:"
+                    " another sender may take its unrecorded rows as uncertain",
+                    hint="the database was out of reach longer than [delivery] lease_seconds;"
+                    " send again to carry on (see `newsletter status`)",
+                )
             self.share_rates()
             left = None if self.limit is None else self.limit - self.claimed_total
             claimed: list[ClaimedRecipient] = []

@@ -9,11 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from newsletter import config, delivery
 from newsletter.config import Config
-from newsletter.errors import ConfigError
+from newsletter.errors import ConfigError, DeliveryError
 from newsletter.models import DeliveryState
 from newsletter.pacing import (
     MIN_RATE,
@@ -304,3 +305,41 @@ def test_senders_on_postgresql_share_the_warm_up_cap(
         gate.set()
         for store in stores:
             store.close()
+
+
+@pytest.mark.server
+def test_a_sender_that_lost_its_lease_stops_sending_the_rows_it_still_holds(
+    cfg: Config, tmp_path: Path, smtp_server: ServerFactory, postgres_server: PostgresServer
+) -> None:
+    """Once another sender has taken its rows as uncertain (its lease ran out while the
+    database was out of reach), a run sends none of them: a resend of the uncertain
+    would send those twice."""
+    server = smtp_server()
+    database = postgres_server.new_database()
+    wired = for_server(cfg, server, database, connections=1, lease_seconds=1.5)
+    csv = tmp_path / "list.csv"
+    csv.write_text("email\n" + "".join(f"r{i}@example.org\n" for i in range(60)), "utf-8")
+    store = Store.open(database)
+    store.import_csv(csv)
+
+    def expire_at_the_fifth(message: Received) -> None:
+        if len(server.messages) != 5:
+            return
+        # What another sender does to a run whose lease ran out (store.ledger._expire_runs).
+        with psycopg.connect(database.url, autocommit=True) as conn:
+            conn.execute("UPDATE senders SET state = 'expired' WHERE state = 'running'")
+            conn.execute("UPDATE deliveries SET state = 'uncertain' WHERE state = 'sending'")
+        deadline = time.monotonic() + 10  # the heartbeat's next renewal finds it out
+        while not store.lease_lost(KEY) and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+
+    server.handler.on_message = expire_at_the_fifth
+    try:
+        issue = render_issue(example_issue(wired), wired)
+        with pytest.raises(DeliveryError, match="lost its lease"):
+            delivery.prepare_send(wired, issue, store).run(delivery.SendOptions(batch_size=40))
+        # The fifth's reply was on its way; at most the one after it had been handed over.
+        assert len(server.messages) <= 6, len(server.messages)
+        assert store.ledger_counts(KEY)[S.SENT] == 0  # its results came too late to count
+    finally:
+        store.close()
