@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import StoreError
 
@@ -40,6 +40,7 @@ ENV_PASSWORD = "NEWSLETTER_DB_PASSWORD"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT_MS = 30_000
+_SECRET_KEYS = frozenset({"password", "sslpassword"})  # libpq URL keys that hold secrets
 
 Engine = Literal["sqlite", "postgresql"]
 
@@ -50,6 +51,22 @@ class DatabaseError(Exception):
 
 class OperationalError(DatabaseError):
     """The database could not do it now: locked, busy, gone, out of space."""
+
+
+class PrivilegeError(OperationalError):
+    """The database's role may not do it (PostgreSQL: a GRANT is missing)."""
+
+    def hint(self, *, creating: bool = False) -> str:
+        """What an operator does about it: ``creating`` when the schema was being made."""
+        if creating:
+            return (
+                "GRANT this role CREATE on schema public, or run `newsletter db migrate`"
+                " as a role that may"
+            )
+        return (
+            "GRANT this role SELECT, INSERT, UPDATE, DELETE on the newsletter tables (and"
+            " USAGE on their sequences), or connect as their owner"
+        )
 
 
 class IntegrityError(DatabaseError):
@@ -94,7 +111,10 @@ class Database:
                 hint="give a file path, sqlite:///path or postgresql://user@host:5432/name",
             )
         parts = urlsplit(raw)
-        if parts.password is not None:
+        # libpq takes a password from the URL's query too (``?password=``, its keys
+        # percent-decoded), and ``sslpassword`` unlocks the client's key: secrets both.
+        query_keys = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        if parts.password is not None or query_keys & _SECRET_KEYS:
             raise StoreError(
                 "the database URL holds a password, which would show in process lists and logs",
                 where=where,
@@ -393,6 +413,8 @@ def _postgres_error(exc: Exception) -> DatabaseError:
 
     if isinstance(exc, psycopg.errors.IntegrityError):
         return IntegrityError(str(exc).strip())
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return PrivilegeError(str(exc).strip())
     if isinstance(exc, psycopg.OperationalError):
         return OperationalError(str(exc).strip())
     return DatabaseError(str(exc).strip())
@@ -479,7 +501,7 @@ def connect_postgres(database: Database) -> PostgresConnection:
         raw = psycopg.connect(database.url, **postgres_options())
     except psycopg.Error as exc:
         raise StoreError(
-            f"cannot connect to PostgreSQL: {_first_line(exc)}",
+            f"cannot connect to PostgreSQL: {first_line(exc)}",
             where=_server_of(database),
             hint=f"check that the server runs and the URL (--db); the password comes from "
             f"{ENV_PASSWORD}, PGPASSWORD or ~/.pgpass",
@@ -493,7 +515,9 @@ def connect(database: Database, *, busy_timeout_ms: int = 30_000) -> Connection:
     return connect_sqlite(database, busy_timeout_ms=busy_timeout_ms)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line: PostgreSQL's own add the statement (``LINE 1: ...``) and
+    the values that clashed (``DETAIL: Key ...``), which an error line must not show."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -41,8 +41,10 @@ from .db import (
     Database,
     DatabaseError,
     PostgresConnection,
+    PrivilegeError,
     SqliteConnection,
     connect,
+    first_line,
 )
 from .errors import StoreError
 from .migrations import schema_target, schema_version
@@ -445,11 +447,6 @@ def _move_sequences(conn: Connection, tables: Sequence[Table]) -> None:
         )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def copy_database(
     source: Database,
     target: Database,
@@ -544,7 +541,7 @@ def _copy(
             raise
     except (DatabaseError, sqlite3.Error, psycopg.Error) as exc:
         raise CopyError(
-            f"cannot copy {doing}: {_first_line(exc)}",
+            f"cannot copy {doing}: {first_line(exc)}",
             where=where,
             hint="nothing was written to DST",
         ) from None
@@ -579,9 +576,11 @@ def _version_now(database: Database) -> int:
         return schema_version(conn)
     except DatabaseError as exc:
         raise StoreError(
-            f"cannot read the schema version: {_first_line(exc)}",
+            f"cannot read the schema version: {first_line(exc)}",
             where=str(database),
-            hint="is this a newsletter database? Point --db elsewhere",
+            hint=exc.hint()
+            if isinstance(exc, PrivilegeError)
+            else "is this a newsletter database? Point --db elsewhere",
         ) from None
     finally:
         conn.close()
@@ -616,7 +615,7 @@ def status(database: Database) -> DatabaseStatus:
             rows = tuple(_counts(conn, sorted(describe(conn))).items())
         except DatabaseError as exc:
             raise StoreError(
-                f"cannot read the tables: {_first_line(exc)}", where=str(database)
+                f"cannot read the tables: {first_line(exc)}", where=str(database)
             ) from None
         finally:
             conn.close()

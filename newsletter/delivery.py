@@ -573,6 +573,10 @@ def _send(
     batch = _batch_size(options, connections, rate)
     started = time.monotonic()
     warmup = warmup_left(config, store)
+    # Every claim counts against the day's cap afresh: other senders (PostgreSQL) share it.
+    today = datetime.now(UTC)
+    day_cap = warmup_cap(config, today.date())
+    cap = None if day_cap is None else (day_cap, start_of_day(today))
     if warmup is not None:
         options = dataclasses.replace(
             options, limit=warmup if options.limit is None else min(options.limit, warmup)
@@ -610,6 +614,7 @@ def _send(
         due = counts[DeliveryState.QUEUED] + counts[DeliveryState.DEFERRED]
         total = min(due, options.limit) if options.limit is not None else due
         run = _Run(config, store, key, lock.run_id, total, batch, options.limit, stop, progress)
+        run.cap = cap
         if due == 0 or (options.limit is not None and options.limit <= 0):
             if first is not None:
                 with contextlib.suppress(Exception):
@@ -683,6 +688,7 @@ class _Run:
         self.slowed = 0  # rate-limit replies that slowed a domain down
         self.limiter: RateLimiter | None = None
         self.shared_at = -math.inf  # when the senders sharing the rates were last counted
+        self.cap: tuple[int, datetime] | None = None  # the warm-up plan's cap and its day
 
     @property
     def done(self) -> int:
@@ -764,6 +770,15 @@ class _Run:
 
     def loop(self) -> None:
         while not self.stop.is_set():
+            if self.store.lease_lost(self.key):
+                # Its rows are another sender's to call uncertain now (PostgreSQL): hand
+                # back the ones not yet sent, rather than send what a resend would repeat.
+                raise DeliveryError(
+                    f"this send of issue {self.key} (run {self.run_id}) lost its lease:"
+                    " another sender may take its unrecorded rows as uncertain",
+                    hint="the database was out of reach longer than [delivery] lease_seconds;"
+                    " send again to carry on (see `newsletter status`)",
+                )
             self.share_rates()
             left = None if self.limit is None else self.limit - self.claimed_total
             claimed: list[ClaimedRecipient] = []
@@ -779,7 +794,7 @@ class _Run:
                 self.flush()
                 want = self.batch if left is None else min(self.batch, left)
                 claimed = self.store.claim_batch(
-                    self.key, self.run_id, want, skip_domains=sorted(skip)
+                    self.key, self.run_id, want, skip_domains=sorted(skip), cap=self.cap
                 )
                 # Nothing but held domains' rows left: claim again once one of them drains.
                 self.skipped_dry = skip if skip and len(claimed) < want else None
@@ -801,6 +816,11 @@ class _Run:
             self.flush()
             if self.limit is not None and self.claimed_total >= self.limit:
                 return
+            if (
+                self.cap is not None
+                and self.store.sent_or_sending_since(self.cap[1]) >= self.cap[0]
+            ):
+                return  # other senders took the rest of the day's cap
             due_at = self.store.next_retry_at(self.key)
             if due_at is None:
                 if not self.store.rows_in_flight(self.key, besides=self.run_id):

@@ -8,10 +8,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from newsletter.cli import main
 from newsletter.db import (
     Connection,
     Database,
@@ -27,6 +30,8 @@ from newsletter.migrations import (
     schema_target,
     schema_version,
 )
+from newsletter.store import Store
+from tests.support import postgres as pg
 from tests.support.postgres import PostgresServer
 
 
@@ -50,6 +55,11 @@ def test_parse_tells_the_engine(text: str, engine: str, shown: str | None) -> No
     ("text", "fragment"),
     [
         ("postgresql://news:hunter2@db.example.org/news", "holds a password"),
+        # libpq also reads a password from the query (its keys may be percent-encoded)
+        ("postgresql://news@db.example.org/news?password=hunter2", "holds a password"),
+        ("postgresql://news@db.example.org/news?sslmode=require&pass%77ord=hunter2", "password"),
+        ("postgresql://news@db.example.org/news?sslpassword=hunter2", "holds a password"),
+        ("postgresql://news@db.example.org:99999/news?password=hunter2", "holds a password"),
         ("mysql://news@db.example.org/news", "unknown database scheme"),
         ("postgresql://news@db.example.org:99999/news", "bad port"),
         ("postgresql://news@db.example.org", "no database name"),
@@ -266,3 +276,71 @@ def test_a_percent_sign_means_modulo_with_and_without_parameters(database: Datab
     assert conn.execute("SELECT 7 % 3, '100%'").fetchone() == (1, "100%")
     assert conn.execute("SELECT ? % 3, '100%'", (8,)).fetchone() == (2, "100%")
     conn.close()
+
+
+# --- what an operator sees when the server says no -------------------------------------------
+
+
+def _cli_error(runner: CliRunner, workspace: Path, url: str, *args: str) -> str:
+    """The one error line of a CLI run on ``url`` that must fail (exit 1, no traceback)."""
+    result = runner.invoke(main, ["-C", str(workspace), "--db", url, *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def _role(server: PostgresServer, database: Database, name: str) -> str:
+    """A login role that may connect to ``database`` and do nothing else; its URL."""
+    with server.admin() as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {name}")
+        conn.execute(f"CREATE ROLE {name} LOGIN")
+    with psycopg.connect(database.url, autocommit=True) as conn:
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {name}")
+    return database.url.replace(f"{pg.SUPERUSER}@", f"{name}@", 1)
+
+
+def test_a_role_without_privileges_on_the_tables_is_one_line_saying_so(
+    runner: CliRunner, workspace: Path, postgres_server: PostgresServer
+) -> None:
+    database = postgres_server.new_database()
+    url = _role(postgres_server, database, "nl_reader")
+    assert "GRANT" in _cli_error(runner, workspace, url, "db", "status")
+    with psycopg.connect(database.url, autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON schema_version TO nl_reader")
+    for args in (["subscribers", "list"], ["subscribers", "add", "a@example.org"]):
+        line = _cli_error(runner, workspace, url, *args)
+        assert "permission denied" in line
+        assert "127.0.0.1" in line and "GRANT" in line  # where, and the next step
+
+
+def test_a_role_without_create_on_a_new_database_is_one_line_saying_so(
+    runner: CliRunner, workspace: Path, postgres_server: PostgresServer
+) -> None:
+    database = postgres_server.new_database(migrated=False)
+    url = _role(postgres_server, database, "nl_nocreate")
+    line = _cli_error(runner, workspace, url, "subscribers", "list")
+    assert "permission denied for schema public" in line
+    assert "GRANT" in line and "is this a newsletter database" not in line
+    assert "LINE 1" not in line and "CREATE TABLE" not in line  # not the statement
+
+
+def test_a_server_that_goes_away_mid_command_is_one_line_naming_it(
+    runner: CliRunner, workspace: Path, postgres_server: PostgresServer
+) -> None:
+    database = postgres_server.new_database()
+    store = Store.open(database)
+    try:
+        with postgres_server.admin() as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database.url.rsplit("/", 1)[1],),
+            )
+        with pytest.raises(StoreError) as caught:
+            store.count()
+        assert "127.0.0.1" in caught.value.where
+        assert "\n" not in str(caught.value)
+    finally:
+        store.close()

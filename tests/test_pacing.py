@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from newsletter import config, delivery
 from newsletter.config import Config
-from newsletter.errors import ConfigError
+from newsletter.errors import ConfigError, DeliveryError
 from newsletter.models import DeliveryState
 from newsletter.pacing import (
     MIN_RATE,
@@ -26,6 +28,7 @@ from newsletter.render import render_issue
 from newsletter.store import Store
 from tests.support import copy_example, example_issue, load_config
 from tests.support.delivery import copies, for_server, nonzero
+from tests.support.postgres import PostgresServer
 from tests.support.smtp_server import Faults, Received, ServerFactory, SmtpTestServer
 
 S = DeliveryState
@@ -248,3 +251,95 @@ def test_the_warm_up_plan_caps_a_day_and_leaves_the_rest_queued(
         again = prepared.run()
         assert again.sent == 0 and again.warmup_left == 0
     assert len(server.messages) == 4
+
+
+@pytest.mark.server
+def test_senders_on_postgresql_share_the_warm_up_cap(
+    cfg: Config, tmp_path: Path, smtp_server: ServerFactory, postgres_server: PostgresServer
+) -> None:
+    """Two sends of one issue at once on PostgreSQL send the day's cap between them, not
+    each the whole of it (one send on SQLite cannot exceed it either)."""
+    server = smtp_server()
+    database = postgres_server.new_database()
+    today = dt.datetime.now(dt.UTC).date()
+    wired = for_server(
+        cfg,
+        server,
+        database,
+        warmup_start=(today - dt.timedelta(days=1)).isoformat(),
+        warmup_days=5,
+        warmup_initial=2,
+        warmup_growth=2.0,  # today: 4
+    )
+    csv = tmp_path / "list.csv"
+    csv.write_text("email\n" + "".join(f"r{i}@example.org\n" for i in range(20)), "utf-8")
+    stores = [Store.open(database) for _ in range(2)]
+    stores[0].import_csv(csv)
+    gate = threading.Event()
+
+    def hold_the_first(message: Received) -> None:
+        if len(server.messages) == 1:  # until both senders have registered
+            assert gate.wait(30)
+
+    server.handler.on_message = hold_the_first
+    issue = render_issue(example_issue(wired), wired)
+    reports: list[delivery.DeliveryReport] = []
+    threads = [
+        threading.Thread(
+            target=lambda s=store: reports.append(delivery.prepare_send(wired, issue, s).run())
+        )
+        for store in stores
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        while len(stores[0].senders(KEY)) < 2 and any(t.is_alive() for t in threads):
+            gate.wait(0.01)
+        gate.set()
+        for thread in threads:
+            thread.join(60)
+        assert len(reports) == 2
+        assert len(server.messages) == 4
+        assert nonzero(stores[0].ledger_counts(KEY)) == {"sent": 4, "queued": 16}
+    finally:
+        gate.set()
+        for store in stores:
+            store.close()
+
+
+@pytest.mark.server
+def test_a_sender_that_lost_its_lease_stops_sending_the_rows_it_still_holds(
+    cfg: Config, tmp_path: Path, smtp_server: ServerFactory, postgres_server: PostgresServer
+) -> None:
+    """Once another sender has taken its rows as uncertain (its lease ran out while the
+    database was out of reach), a run sends none of them: a resend of the uncertain
+    would send those twice."""
+    server = smtp_server()
+    database = postgres_server.new_database()
+    wired = for_server(cfg, server, database, connections=1, lease_seconds=1.5)
+    csv = tmp_path / "list.csv"
+    csv.write_text("email\n" + "".join(f"r{i}@example.org\n" for i in range(60)), "utf-8")
+    store = Store.open(database)
+    store.import_csv(csv)
+
+    def expire_at_the_fifth(message: Received) -> None:
+        if len(server.messages) != 5:
+            return
+        # What another sender does to a run whose lease ran out (store.ledger._expire_runs).
+        with psycopg.connect(database.url, autocommit=True) as conn:
+            conn.execute("UPDATE senders SET state = 'expired' WHERE state = 'running'")
+            conn.execute("UPDATE deliveries SET state = 'uncertain' WHERE state = 'sending'")
+        deadline = time.monotonic() + 10  # the heartbeat's next renewal finds it out
+        while not store.lease_lost(KEY) and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+
+    server.handler.on_message = expire_at_the_fifth
+    try:
+        issue = render_issue(example_issue(wired), wired)
+        with pytest.raises(DeliveryError, match="lost its lease"):
+            delivery.prepare_send(wired, issue, store).run(delivery.SendOptions(batch_size=40))
+        # The fifth's reply was on its way; at most the one after it had been handed over.
+        assert len(server.messages) <= 6, len(server.messages)
+        assert store.ledger_counts(KEY)[S.SENT] == 0  # its results came too late to count
+    finally:
+        store.close()

@@ -25,9 +25,11 @@ from ..db import (
     Dialect,
     OperationalError,
     PooledConnection,
+    PrivilegeError,
     SqliteConnection,
     connect,
     connect_sqlite,
+    first_line,
 )
 from ..errors import StoreError
 from ..migrations import migrate_database, schema_version
@@ -287,9 +289,11 @@ class StoreBase:
             except DatabaseError as exc:
                 conn.close()
                 raise StoreError(
-                    f"cannot use the database: {exc}",
+                    f"cannot use the database: {first_line(exc)}",
                     where=str(database),
-                    hint="is this a newsletter database? Point --db elsewhere",
+                    hint=exc.hint(creating=True)
+                    if isinstance(exc, PrivilegeError)
+                    else "is this a newsletter database? Point --db elsewhere",
                 ) from None
             except BaseException:
                 conn.close()
@@ -324,9 +328,11 @@ class StoreBase:
 
     def _db_error(self, exc: DatabaseError) -> StoreError:
         return StoreError(
-            f"database error: {exc}",
+            f"database error: {first_line(exc)}",
             where=self._where,
-            hint="check the disk and that no other program holds the database"
+            hint=exc.hint()
+            if isinstance(exc, PrivilegeError)
+            else "check the disk and that no other program holds the database"
             if not self.is_postgres
             else "check that the PostgreSQL server runs and accepts this user",
         )
@@ -525,7 +531,7 @@ def _open_sqlite(database: Database) -> SqliteConnection:
     except DatabaseError as exc:
         conn.close()
         raise StoreError(
-            f"cannot use the database: {exc}",
+            f"cannot use the database: {first_line(exc)}",
             where=where,
             hint="is this a newsletter database? Point --db elsewhere",
         ) from None

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import re
 import socket
@@ -102,6 +103,10 @@ class _Lease:
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    # Set once the run knows its rows are no longer its own: another sender expired it,
+    # or (monotonic ``deadline``) its last renewed lease ran out without a renewal since.
+    lost: threading.Event = field(default_factory=threading.Event)
+    deadline: float = math.inf
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.skew
@@ -110,6 +115,11 @@ class _Lease:
         """Now and the end of a lease starting now, on the database's clock."""
         now = self.now()
         return _iso(now), _iso(now + timedelta(seconds=self.seconds))
+
+    def renewed(self, started: float) -> None:
+        """A renewal that began at monotonic time ``started`` committed: the lease lasts
+        till ``seconds`` after it, whatever the database's clock says meanwhile."""
+        self.deadline = max(self.deadline, started + self.seconds)
 
     def count_sent(self, sent: int) -> None:
         self.sent += sent
@@ -211,6 +221,7 @@ class LedgerMixin(StoreBase):
             self._held[issue_key] = lease
         try:
             lease.skew = self._clock_skew()
+            started = time.monotonic()
             now, until = lease.times()
             with self._transaction() as conn:
                 conn.execute(
@@ -218,6 +229,7 @@ class LedgerMixin(StoreBase):
                     " heartbeat_at, lease_until) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
                     (run_id, issue_key, host, pid, now, now, until),
                 )
+            lease.renewed(started)
             lease.count_sent(0)
             uncertain = self.mark_crashed_as_uncertain(issue_key)
             with self._transaction() as conn:
@@ -273,6 +285,7 @@ class LedgerMixin(StoreBase):
         """
         while not lease.stop.wait(lease.seconds / 3):
             try:
+                started = time.monotonic()
                 with self._transaction(exclusive=not self.is_postgres) as conn:
                     self._relaxed_commit(conn)
                     if not self._renew(conn, lease):
@@ -280,6 +293,7 @@ class LedgerMixin(StoreBase):
                             "run %s lost its lease on issue %s", lease.run_id, lease.issue_key
                         )
                         return
+                lease.renewed(started)
             except (StoreError, DatabaseError) as exc:
                 LOG.warning("run %s could not renew its lease: %s", lease.run_id, exc)
 
@@ -295,7 +309,7 @@ class LedgerMixin(StoreBase):
         """Extend the run's lease (and lock its row till commit), counting ``claimed`` more
         rows; False if the run lost it."""
         now, until = lease.times()
-        return (
+        held = (
             conn.execute(
                 "UPDATE senders SET heartbeat_at = ?, lease_until = ?, rate = ?, claimed = ?"
                 " WHERE run_id = ? AND state = 'running'",
@@ -303,6 +317,27 @@ class LedgerMixin(StoreBase):
             ).rowcount
             == 1
         )
+        if not held:
+            lease.lost.set()
+        return held
+
+    def lease_lost(self, issue_key: str) -> bool:
+        """Whether this store's run on ``issue_key`` may no longer send the rows it
+        claimed, because another sender expired it (PostgreSQL; on SQLite the send lock
+        is the lease). No query while the lease lasts; once it ran out unrenewed (the
+        database slow or out of reach), one renewal decides, and a StoreError if the
+        database cannot answer: the rows may be another sender's any moment."""
+        lease: _Lease | None = self._held.get(issue_key)
+        if lease is None or not self.is_postgres:
+            return False
+        if lease.lost.is_set() or time.monotonic() <= lease.deadline:
+            return lease.lost.is_set()
+        started = time.monotonic()
+        with self._transaction(exclusive=False) as conn:
+            held = self._renew(conn, lease)
+        if held:
+            lease.renewed(started)
+        return not held
 
     def _expire_runs(self, conn: Connection, issue_key: str, now: str) -> int:
         """Runs of ``issue_key`` whose lease ran out become ``expired``, and their
@@ -509,7 +544,13 @@ class LedgerMixin(StoreBase):
         return [IssueSnapshot(r[0], _dt(r[1]), r[2]) for r in rows]
 
     def claim_batch(
-        self, issue_key: str, worker_id: str, n: int, *, skip_domains: Sequence[str] = ()
+        self,
+        issue_key: str,
+        worker_id: str,
+        n: int,
+        *,
+        skip_domains: Sequence[str] = (),
+        cap: tuple[int, datetime] | None = None,
     ) -> list[ClaimedRecipient]:
         """Move up to ``n`` due rows (queued, then deferred whose retry time has come) to
         ``sending``, durably committed before returning; send only what this returns.
@@ -523,6 +564,10 @@ class LedgerMixin(StoreBase):
         run's lease (DeliveryError if the run lost it: its rows are someone else's now),
         and on PostgreSQL first expires the runs whose lease ran out. Rows another run
         holds are skipped, never waited for (``FOR UPDATE SKIP LOCKED``).
+
+        ``cap`` (a number and a moment: the warm-up plan's day) claims no more than leaves
+        that many messages sent or being sent since then, by every run of every issue; such
+        claims take the writer lock, so that senders sharing the cap count in turn.
         """
         if n <= 0:
             return []
@@ -548,8 +593,12 @@ class LedgerMixin(StoreBase):
         # claim took is seen as it now is (no longer queued). SQLite has one writer.
         locking = " FOR UPDATE OF d SKIP LOCKED" if self.is_postgres else ""
         claimed: list[ClaimedRecipient] = []
+        started = time.monotonic()
         # On PostgreSQL the claim needs no table-wide writer lock: its rows' locks suffice.
-        with self._transaction(durable=self.durable_claims, exclusive=not self.is_postgres) as conn:
+        exclusive = cap is not None or not self.is_postgres
+        with self._transaction(durable=self.durable_claims, exclusive=exclusive) as conn:
+            if cap is not None:
+                n = min(n, cap[0] - self._sent_or_sending(conn, cap[1]))
             while len(claimed) < n:
                 want = n - len(claimed)
                 rows = conn.execute(
@@ -597,7 +646,24 @@ class LedgerMixin(StoreBase):
                 )
         if lease is not None:
             lease.claimed += len(claimed)
+            lease.renewed(started)
         return claimed
+
+    @staticmethod
+    def _sent_or_sending(conn: Connection, since: datetime) -> int:
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM deliveries WHERE state = 'sending'"
+                " OR (state = 'sent' AND sent_at >= ?)",
+                (_iso(since),),
+            ).fetchone()[0]
+        )
+
+    def sent_or_sending_since(self, moment: datetime) -> int:
+        """Messages sent at or after ``moment`` or being sent now, by every run (what a
+        warm-up cap counts while several senders share it)."""
+        with self._reading() as conn:
+            return self._sent_or_sending(conn, moment)
 
     def record_results(
         self, results: Iterable[DeliveryResult], *, run_id: str | None = None
@@ -645,6 +711,7 @@ class LedgerMixin(StoreBase):
         )
         # Status changes read then write: with bounces, the writer lock (as every status
         # change takes); otherwise, on PostgreSQL, row locks suffice.
+        started = time.monotonic()
         with self._transaction(exclusive=bool(bounces) or not self.is_postgres) as conn:
             self._relaxed_commit(conn)
             # The run's row first: an expiring sender locks it before the run's rows too.
@@ -680,6 +747,8 @@ class LedgerMixin(StoreBase):
                         lease.run_id,
                     ),
                 )
+        if renewed and lease is not None:
+            lease.renewed(started)
         return sum(counts.values())
 
     def next_retry_at(self, issue_key: str) -> datetime | None:
