@@ -995,7 +995,7 @@ class _ServerLoop:
         self.server = server
         self.timeout = 5.0  # for the requests running when it stops
         self._stopping = threading.Event()
-        self._lock = threading.Lock()  # stop()'s wake-up against the trigger's closing
+        self._lock = threading.Lock()  # pulls from other threads against the trigger's closing
         self._closed = False
 
     def run(self) -> None:
@@ -1041,8 +1041,11 @@ class _ServerLoop:
                 server.task_dispatcher.shutdown(
                     cancel_pending=True, timeout=max(deadline - time.monotonic(), 0.0)
                 )
-            finally:  # set on the loop's thread, so the trigger is still open for this
-                server.trigger.pull_trigger(finished.set)
+            finally:
+                # Under the lock the trigger closes under: the loop may run this thunk
+                # (woken by a worker) before this write, and go on to close it.
+                with self._lock:
+                    server.trigger.pull_trigger(finished.set)
 
         threading.Thread(target=finish_requests, name="newsletter-serve-stop", daemon=True).start()
         while not finished.is_set():
