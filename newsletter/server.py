@@ -963,6 +963,99 @@ def close_app(app: Flask, timeout: float = 5.0) -> int:
 # --- serving ----------------------------------------------------------------------------
 
 
+class _ServerLoop:
+    """Runs a waitress server's loop on one thread and stops it in an order that loses no
+    answer and leaves no worker writing to a closed pipe.
+
+    waitress's workers wake the loop through a pipe (its trigger) each time they finish
+    a request. Closing it under a running worker makes that write fail ("Bad file
+    descriptor") or, worse, land in whatever file took the pipe's number meanwhile (the
+    SQLite database). So: stop accepting, let the requests running finish and cancel the
+    queued ones (waitress's ``task_dispatcher.shutdown``) while the loop keeps sending,
+    close each connection once its answer has gone out, and only then the trigger.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.timeout = 5.0  # for the requests running when it stops
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # pulls from other threads against the trigger's closing
+        self._closed = False
+
+    def run(self) -> None:
+        """Answer until :meth:`stop` (or Ctrl-C on the main thread), then wind down."""
+        try:
+            while not self._stopping.is_set():
+                self._turn(self.server.adj.asyncore_loop_timeout)
+        finally:
+            self._wind_down(time.monotonic() + self.timeout)
+
+    def stop(self, timeout: float) -> None:
+        """From another thread: end :meth:`run`, giving running requests ``timeout`` s."""
+        with self._lock:
+            if not self._closed:
+                self.timeout = timeout
+                self._stopping.set()
+                self.server.trigger.pull_trigger()  # wakes the loop now
+
+    def _turn(self, timeout: float) -> None:
+        from waitress import wasyncore
+
+        server = self.server
+        wasyncore.loop(
+            timeout=max(timeout, 0.0),
+            map=server._map,
+            use_poll=server.adj.asyncore_use_poll,
+            count=1,
+        )
+
+    def _wind_down(self, deadline: float) -> None:
+        from waitress import wasyncore
+
+        server = self.server
+        # server.close() would close the trigger as well: the listening socket only.
+        wasyncore.dispatcher.close(server)
+
+        # Running requests finish (their answers go out through this loop); queued ones
+        # are cancelled, their connections closed unanswered (nothing of them ran).
+        finished = threading.Event()
+
+        def finish_requests() -> None:
+            try:
+                server.task_dispatcher.shutdown(
+                    cancel_pending=True, timeout=max(deadline - time.monotonic(), 0.0)
+                )
+            finally:
+                # Under the lock the trigger closes under: the loop may run this thunk
+                # (woken by a worker) before this write, and go on to close it.
+                with self._lock:
+                    server.trigger.pull_trigger(finished.set)
+
+        threading.Thread(target=finish_requests, name="newsletter-serve-stop", daemon=True).start()
+        while not finished.is_set():
+            self._turn(self.server.adj.asyncore_loop_timeout)
+        running = len(server.task_dispatcher.threads)  # still busy after the timeout
+
+        # Each connection closes once what it was sent has gone out (or at the deadline).
+        for channel in list(server.active_channels.values()):
+            channel.close_when_flushed = True
+        while server.active_channels:
+            self._turn(min(deadline - time.monotonic(), 0.2))
+            if time.monotonic() >= deadline:
+                break
+
+        with self._lock:
+            self._closed = True
+            for dispatcher in list(server._map.values()):
+                if dispatcher is server.trigger and running:
+                    # A worker still busy may yet pull it: left open (two descriptors).
+                    dispatcher.del_channel()
+                    continue
+                with contextlib.suppress(OSError):
+                    dispatcher.close()
+            server._map.clear()
+
+
 @dataclass
 class RunningService:
     """A waitress server answering in a background thread: ``.url``, ``.stop()``."""
@@ -971,6 +1064,7 @@ class RunningService:
     thread: threading.Thread
     host: str
     port: int
+    loop: _ServerLoop
 
     @property
     def url(self) -> str:
@@ -983,17 +1077,11 @@ class RunningService:
         return app
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Close the listening socket and every connection, end the thread, then the
-        app's background work (see :func:`close_app`; ``timeout`` for running emails).
-
-        The closing runs on the server's own thread (through its trigger): closing
-        sockets under a running select() from here would break it.
-        """
-        from waitress import wasyncore
-
-        if self.thread.is_alive():
-            self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
-            self.thread.join(5)
+        """Stop listening, let the requests being answered finish (``timeout`` seconds),
+        close every connection, end the thread, then the app's background work (see
+        :func:`close_app`; ``timeout`` again for running emails)."""
+        self.loop.stop(timeout)
+        self.thread.join(timeout + 5)
         close_app(self.app, timeout)
 
     def __enter__(self) -> RunningService:
@@ -1039,7 +1127,7 @@ def make_server(app: Flask, host: str, port: int, *, threads: int = 8) -> Any:
             port=port,
             threads=threads,
             ident="newsletter",
-            asyncore_loop_timeout=0.2,  # how soon stop() is noticed
+            asyncore_loop_timeout=0.2,  # a turn of the loop at most (stop() wakes it)
             **limits,
         )
     except OSError as exc:
@@ -1115,18 +1203,17 @@ def start_server(
 ) -> RunningService:
     """Serve ``app`` from a background thread (tests, benchmarks); returns once it listens."""
     server = make_server(app, host, port, threads=threads)
-    thread = threading.Thread(target=server.run, name="newsletter-serve", daemon=True)
+    loop = _ServerLoop(server)
+    thread = threading.Thread(target=loop.run, name="newsletter-serve", daemon=True)
     thread.start()
-    return RunningService(server, thread, host, int(server.effective_port))
+    return RunningService(server, thread, host, int(server.effective_port), loop)
 
 
 def serve_forever(server: Any) -> None:
-    """Run a server from :func:`make_server` until Ctrl-C, then stop its app's background
-    work (confirmation emails being sent get a few seconds)."""
-    from waitress import wasyncore
-
+    """Run a server from :func:`make_server` until Ctrl-C (or SIGTERM made one), letting
+    the requests being answered finish (a few seconds), then stop its app's background
+    work (confirmation emails being sent get a few seconds too)."""
     try:
-        server.run()
+        _ServerLoop(server).run()
     finally:
-        wasyncore.close_all(server._map)
         close_app(server.newsletter_app)
