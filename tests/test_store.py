@@ -1314,7 +1314,8 @@ def test_senders_on_postgresql_share_an_issue_and_pass_over_rows_another_holds(
             holder.close()
             assert got == ids[5:8]
             rest = second.claim_batch(ISSUE, two.run_id, 10)
-            assert [c.subscriber.id for c in rest] == [ids[3], ids[4], *ids[8:]]
+            # The rows ahead of this store's last claim first, then those passed over.
+            assert [c.subscriber.id for c in rest] == [*ids[8:], ids[3], ids[4]]
             assert first.rows_in_flight(ISSUE, besides=one.run_id) == 7
             assert first.rows_in_flight(ISSUE) == 10
             # Neither run's rows are the other's to record.

@@ -267,6 +267,8 @@ class StoreBase:
         self._lock = threading.RLock()
         # issue_key -> the run this store sends it with (store.ledger._Lease)
         self._held: dict[str, Any] = {}
+        # issue_key -> the subscriber id the last claim reached (PostgreSQL; see claim_batch)
+        self._claim_from: dict[str, int] = {}
 
     # -- opening ---------------------------------------------------------------------------
 

@@ -601,11 +601,33 @@ class LedgerMixin(StoreBase):
                 n = min(n, cap[0] - self._sent_or_sending(conn, cap[1]))
             while len(claimed) < n:
                 want = n - len(claimed)
+                # PostgreSQL: a row a claim took off 'queued' leaves a dead entry in the
+                # state index until VACUUM, and while other senders' transactions are
+                # open the scan cannot skip them cheaply: from the start of the queue each
+                # claim would walk every row claimed so far. So the scan starts after the
+                # last row this store reached; only when too few are there does it look
+                # below (rows passed over while another claim held them), so nobody is
+                # left behind. The two ranges are disjoint: no row is read twice.
+                # A claim that skips paced domains leaves their rows behind it: the next
+                # one starts from the beginning again.
+                if skip_domains:
+                    self._claim_from.pop(issue_key, None)
+                cursor = self._claim_from.get(issue_key, 0) if self.is_postgres else 0
                 rows = conn.execute(
                     f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'queued'"
-                    f"{skip_sql} ORDER BY d.subscriber_id LIMIT ?{locking}",
-                    (PAUSED, issue_key, *skip_params, want),
+                    f" AND d.subscriber_id > ?{skip_sql} ORDER BY d.subscriber_id LIMIT ?"
+                    f"{locking}",
+                    (PAUSED, issue_key, cursor, *skip_params, want),
                 ).fetchall()
+                if rows and self.is_postgres and not skip_domains:
+                    self._claim_from[issue_key] = max(cursor, rows[-1][1])
+                if len(rows) < want and cursor:
+                    rows += conn.execute(
+                        f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'queued'"
+                        f" AND d.subscriber_id <= ?{skip_sql} ORDER BY d.subscriber_id LIMIT ?"
+                        f"{locking}",
+                        (PAUSED, issue_key, cursor, *skip_params, want - len(rows)),
+                    ).fetchall()
                 if len(rows) < want:
                     rows += conn.execute(
                         f"SELECT {columns} {joined} WHERE d.issue_key = ? AND d.state = 'deferred'"
