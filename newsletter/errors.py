@@ -24,7 +24,7 @@ class NewsletterError(Exception):
             text = f"{text.rstrip('.')}; {self.hint}"
         # One line, always: the CLI prints this as-is. Messages quote what servers and
         # files said: a control character in them is shown, never sent to the terminal.
-        return _CONTROL.sub(_shown, " ".join(text.split()))
+        return printable(" ".join(text.split()))
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -32,6 +32,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 def _shown(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as ``\\xNN``: safe on one line of a
+    terminal or a log, whoever wrote it (a server's reply, a request's path)."""
+    return _CONTROL.sub(_shown, text)
 
 
 class ConfigError(NewsletterError):

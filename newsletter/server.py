@@ -52,6 +52,7 @@ from .errors import (
     ServiceError,
     StoreError,
     TransportError,
+    printable,
 )
 from .hooks import enabled_providers, webhook_blueprint
 from .mailqueue import MailQueue
@@ -89,15 +90,22 @@ ACCESS = logging.getLogger("newsletter.access")
 _TOKEN_PATH = re.compile(r"(^|/)(u|confirm)/[^/]+|(^|/)(hooks|webhooks)/([^/]+)/.+")
 
 
+MAX_LOGGED_PATH = 300  # characters of a request's path in the access log
+
+
 def redact_path(path: str, query: str = "") -> str:
-    """A request's path for the access log, without the tokens in it (or its query)."""
+    """A request's path for the access log, without the tokens in it (or its query), on
+    one line whatever the client sent (a decoded %0A must not start a forged log line)."""
 
     def hide(match: re.Match[str]) -> str:
         if match.group(2):
             return f"{match.group(1)}{match.group(2)}/[redacted]"
         return f"{match.group(3)}{match.group(4)}/{match.group(5)}/[redacted]"
 
-    return _TOKEN_PATH.sub(hide, path) + ("?[redacted]" if query else "")
+    shown = printable(_TOKEN_PATH.sub(hide, path))
+    if len(shown) > MAX_LOGGED_PATH:
+        shown = shown[:MAX_LOGGED_PATH] + "…"
+    return shown + ("?[redacted]" if query else "")
 
 
 # Our own pages load nothing from anywhere and post only to themselves.

@@ -156,6 +156,24 @@ def test_the_access_log_has_no_tokens(
     assert redact_path("/2026-01-issue/") == "/2026-01-issue/"
 
 
+def test_a_request_path_cannot_forge_a_line_of_the_access_log(
+    cfg: config.Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's %0A decodes to a line break in the path: logged as \\x0a, on one line,
+    and a long path is cut."""
+    app = create_app(cfg)
+    try:
+        with caplog.at_level(logging.INFO, logger="newsletter.access"):
+            app.test_client().get("/a%0A2026-12-01 03:42:17 INFO access: GET /forged 200")
+            app.test_client().get("/" + "x" * 5000)
+    finally:
+        close_app(app)
+    lines = [r.getMessage() for r in caplog.records if r.name == "newsletter.access"]
+    assert len(lines) == 2 and all("\n" not in line for line in lines), lines
+    assert lines[0].startswith("GET /a\\x0a2026-12-01 03:42:17 INFO access: GET /forged 200 404 ")
+    assert len(lines[1]) < 400
+
+
 def test_json_log_lines_carry_the_extra_fields() -> None:
     stream = io.StringIO()
     with logsetup.logging_to(json_lines=True, stream=stream):
@@ -261,7 +279,9 @@ def test_the_systemd_units_run_real_commands(tmp_path: Path) -> None:
     context = main.make_context("newsletter", serve_cmd[1:])
     serve = main.get_command(context, serve_cmd[3])
     assert serve is not None
-    assert serve.make_context("serve", serve_cmd[4:]).params["log_json"] is True
+    # With its parent: click caches a command's help option from the first context made
+    # for it, and one made without the parent's `-h` would break `serve -h` afterwards.
+    assert serve.make_context("serve", serve_cmd[4:], parent=context).params["log_json"] is True
 
 
 def test_the_container_image_runs_serve_and_can_run_the_worker() -> None:
@@ -272,7 +292,7 @@ def test_the_container_image_runs_serve_and_can_run_the_worker() -> None:
     context = main.make_context("newsletter", [*entry[1:], *cmd])
     serve = main.get_command(context, cmd[0])
     assert serve is not None
-    params = serve.make_context(cmd[0], cmd[1:]).params
+    params = serve.make_context(cmd[0], cmd[1:], parent=context).params
     assert params["host"] == "0.0.0.0" and params["port"] == 8080
     assert "STOPSIGNAL SIGTERM" in text
 
