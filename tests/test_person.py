@@ -86,21 +86,25 @@ def populate(workspace: Path) -> Path:
     )
     assert cli(workspace, "subscribers", "import", str(csv_file)).exit_code == 0
     with db(workspace) as store:
-        send(store, ISSUE)
-        ann = store.get_subscriber(ADDRESS)
-        assert ann is not None
-        record_bounce(
-            store,
-            ADDRESS,
-            BounceKind.SOFT,
-            "4.2.2",
-            f"smtp; 452 4.2.2 <{ADDRESS}>: mailbox full",
-            key="<dsn-1@mx.example.net>",
-            issue_key=ISSUE,
-        )
-        send(store, LATER)
-        store.unsubscribe(ADDRESS, "one-click", f"issue {LATER}")
+        ann_history(store)
     return csv_file
+
+
+def ann_history(store: Store) -> None:
+    """Ann's history in both populations: sent two issues, bounced softly once between
+    them, then unsubscribed by the one-click link of the second."""
+    send(store, ISSUE)
+    record_bounce(
+        store,
+        ADDRESS,
+        BounceKind.SOFT,
+        "4.2.2",
+        f"smtp; 452 4.2.2 <{ADDRESS}>: mailbox full",
+        key="<dsn-1@mx.example.net>",
+        issue_key=ISSUE,
+    )
+    send(store, LATER)
+    store.unsubscribe(ADDRESS, "one-click", f"issue {LATER}")
 
 
 # --- show -----------------------------------------------------------------------------------
@@ -452,18 +456,7 @@ def populate_store(store: Store) -> None:
     a hard bounce that names her address in other letters."""
     store.add_subscriber("bob@example.com", "Bob", {"city": "Oslo"})
     store.add_subscriber(ADDRESS, NAME, {"city": CITY})
-    send(store, ISSUE)
-    record_bounce(
-        store,
-        ADDRESS,
-        BounceKind.SOFT,
-        "4.2.2",
-        f"smtp; 452 4.2.2 <{ADDRESS}>: mailbox full",
-        key="<dsn-1@mx.example.net>",
-        issue_key=ISSUE,
-    )
-    send(store, LATER)
-    store.unsubscribe(ADDRESS, "one-click", f"issue {LATER}")
+    ann_history(store)
     store.request_confirmation(ADDRESS, resend_after=timedelta(0), page="/join")  # open
     record_bounce(
         store, ADDRESS.upper(), BounceKind.HARD, "5.1.1", f"550 <{ADDRESS}> unknown",

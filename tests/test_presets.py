@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from newsletter.cli import main
 from newsletter.db import Database
 from newsletter.errors import StoreError
 from newsletter.models import Consent, ImportReport, Status
 from newsletter.presets import parse_map, parse_moment, preset
 from newsletter.store import Store
+from tests.support.cli import minimal_workspace, subscribers_cli
 
 SAMPLES = Path(__file__).parent / "presets"
 
@@ -300,14 +300,11 @@ def test_moments_from_every_tool() -> None:
 
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
-    root = tmp_path / "ws"
-    root.mkdir()
-    (root / "newsletter.toml").write_text('[newsletter]\nname = "Test"\n', encoding="utf-8")
-    return root
+    return minimal_workspace(tmp_path)
 
 
 def run(workspace: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["-C", str(workspace), "subscribers", *args])
+    return subscribers_cli(workspace, *args)
 
 
 def test_dry_run_prints_mapping_counts_and_bad_lines_and_writes_nothing(workspace: Path) -> None:

@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from newsletter.cli import main
 from newsletter.errors import StoreError
 from newsletter.models import Status
 from newsletter.segments import TagError, make_segment, normalize_tag, split_tags
 from newsletter.store import Store
+from tests.support.cli import minimal_workspace, subscribers_cli
 
 
 def write(path: Path, text: str) -> Path:
@@ -160,14 +160,11 @@ def test_import_honours_sign_up_and_consent_dates(store: Store, tmp_path: Path) 
 
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
-    root = tmp_path / "ws"
-    root.mkdir()
-    (root / "newsletter.toml").write_text('[newsletter]\nname = "Test"\n', encoding="utf-8")
-    return root
+    return minimal_workspace(tmp_path)
 
 
 def run(workspace: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["-C", str(workspace), "subscribers", *args])
+    return subscribers_cli(workspace, *args)
 
 
 def test_cli_tag_untag_list_and_tags(workspace: Path) -> None:
